@@ -1,0 +1,14 @@
+//! What the XDP data plane and the controller must agree on, written once.
+//!
+//! Everything here is `no_std` and free of kernel specifics so that it runs in
+//! host unit tests unchanged; the eBPF crate only supplies packet access
+//! ([`packet::PacketBytes`]) and map glue.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+
+pub mod packet;
+pub mod parse;
+pub mod stats;
+pub mod wire;
+pub mod csum;
+#[cfg(any(test, feature = "std"))]
+pub mod testframe;

@@ -1,0 +1,185 @@
+//! Builds well-formed test frames (valid checksums) for host, kernel and
+//! end-to-end tests, so each test states only what differs.
+
+use std::vec::Vec;
+
+use crate::csum;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0xc6, 0x12, 0x00, 0x01];
+pub const LB_MAC: [u8; 6] = [0x02, 0x00, 0xc6, 0x12, 0x00, 0x02];
+
+#[derive(Clone, Debug)]
+pub enum L4 {
+    Tcp { src_port: u16, dst_port: u16, flags: u8 },
+    Udp { src_port: u16, dst_port: u16 },
+    Raw { proto: u8, payload_len: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct FrameSpec {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    /// 4 bytes for IPv4, 16 for IPv6.
+    pub src_ip: Vec<u8>,
+    pub dst_ip: Vec<u8>,
+    pub ttl: u8,
+    pub tos: u8,
+    /// IPv4 option bytes (multiple of 4, filled with NOPs).
+    pub ipv4_options: usize,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+impl FrameSpec {
+    fn base(src: &[u8], dst: &[u8], l4: L4) -> Self {
+        FrameSpec {
+            src_mac: CLIENT_MAC,
+            dst_mac: LB_MAC,
+            vlan: None,
+            src_ip: src.to_vec(),
+            dst_ip: dst.to_vec(),
+            ttl: 64,
+            tos: 0,
+            ipv4_options: 0,
+            l4,
+            payload: b"hello".to_vec(),
+        }
+    }
+    pub fn v4_tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Self {
+        Self::base(&src, &dst, L4::Tcp { src_port: sport, dst_port: dport, flags: crate::wire::tcp::TCP_SYN })
+    }
+    pub fn v4_udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Self {
+        Self::base(&src, &dst, L4::Udp { src_port: sport, dst_port: dport })
+    }
+    pub fn v6_tcp(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Self {
+        Self::base(&src, &dst, L4::Tcp { src_port: sport, dst_port: dport, flags: crate::wire::tcp::TCP_SYN })
+    }
+    pub fn v6_udp(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Self {
+        Self::base(&src, &dst, L4::Udp { src_port: sport, dst_port: dport })
+    }
+    pub fn is_ipv6(&self) -> bool {
+        self.src_ip.len() == 16
+    }
+}
+
+/// `fd00:198:18::<n>`, the test topology's IPv6 host range.
+pub fn v6(n: u16) -> [u8; 16] {
+    let mut a = [0xfd, 0x00, 0x01, 0x98, 0x00, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    a[14..].copy_from_slice(&n.to_be_bytes());
+    a
+}
+
+/// `fd00:198:18:100::<n>`, the test topology's IPv6 VIP range.
+pub fn v6_vip(n: u16) -> [u8; 16] {
+    let mut a = v6(n);
+    a[6..8].copy_from_slice(&0x0100u16.to_be_bytes());
+    a
+}
+
+fn pseudo_header_sum(spec: &FrameSpec, proto: u8, l4_len: usize) -> u32 {
+    let mut acc = csum::sum_words(&spec.src_ip, 0);
+    acc = csum::sum_words(&spec.dst_ip, acc);
+    acc = acc.wrapping_add(proto as u32);
+    acc.wrapping_add(l4_len as u32)
+}
+
+/// Serialises `spec` into an Ethernet frame with correct lengths and checksums.
+pub fn build(spec: &FrameSpec) -> Vec<u8> {
+    let (proto, mut l4) = match spec.l4 {
+        L4::Tcp { src_port, dst_port, flags } => {
+            let mut h = Vec::with_capacity(20);
+            h.extend_from_slice(&src_port.to_be_bytes());
+            h.extend_from_slice(&dst_port.to_be_bytes());
+            h.extend_from_slice(&1u32.to_be_bytes());
+            h.extend_from_slice(&0u32.to_be_bytes());
+            h.push(5 << 4);
+            h.push(flags);
+            h.extend_from_slice(&64240u16.to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0, 0]);
+            (crate::parse::IPPROTO_TCP, h)
+        }
+        L4::Udp { src_port, dst_port } => {
+            let mut h = Vec::with_capacity(8);
+            h.extend_from_slice(&src_port.to_be_bytes());
+            h.extend_from_slice(&dst_port.to_be_bytes());
+            h.extend_from_slice(&((8 + spec.payload.len()) as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0]);
+            (crate::parse::IPPROTO_UDP, h)
+        }
+        L4::Raw { proto, payload_len } => (proto, vec![0xab; payload_len]),
+    };
+    if !matches!(spec.l4, L4::Raw { .. }) {
+        l4.extend_from_slice(&spec.payload);
+    }
+    let check_at = match spec.l4 {
+        L4::Tcp { .. } => Some(16),
+        L4::Udp { .. } => Some(6),
+        L4::Raw { .. } => None,
+    };
+    if let Some(at) = check_at {
+        let acc = csum::sum_words(&l4, pseudo_header_sum(spec, proto, l4.len()));
+        let mut c = csum::fold(acc);
+        if c == 0 && matches!(spec.l4, L4::Udp { .. }) {
+            c = 0xffff;
+        }
+        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+
+    let mut f = Vec::with_capacity(64 + l4.len());
+    f.extend_from_slice(&spec.dst_mac);
+    f.extend_from_slice(&spec.src_mac);
+    let ether_type: u16 = if spec.is_ipv6() { 0x86dd } else { 0x0800 };
+    if let Some(vid) = spec.vlan {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&ether_type.to_be_bytes());
+    if spec.is_ipv6() {
+        f.push(0x60 | (spec.tos >> 4));
+        f.push(spec.tos << 4);
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        f.push(proto);
+        f.push(spec.ttl);
+        f.extend_from_slice(&spec.src_ip);
+        f.extend_from_slice(&spec.dst_ip);
+    } else {
+        assert!(spec.ipv4_options % 4 == 0 && spec.ipv4_options <= 40);
+        let hl = 20 + spec.ipv4_options;
+        let start = f.len();
+        f.push(0x40 | (hl / 4) as u8);
+        f.push(spec.tos);
+        f.extend_from_slice(&((hl + l4.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00]);
+        f.push(spec.ttl);
+        f.push(proto);
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&spec.src_ip);
+        f.extend_from_slice(&spec.dst_ip);
+        f.extend(std::iter::repeat_n(1u8, spec.ipv4_options));
+        let c = csum::checksum(&f[start..start + hl]);
+        f[start + 10..start + 12].copy_from_slice(&c.to_be_bytes());
+    }
+    f.extend_from_slice(&l4);
+    f
+}
+
+/// Cuts a built frame down so that its IP datagram carries only `l4_len`
+/// bytes of L4, fixing the IP length fields (checksum included) so that only
+/// the L4 header is short.
+pub fn truncate_datagram(frame: &[u8], l4_len: usize) -> Vec<u8> {
+    let parsed = crate::parse::parse(frame).expect("truncate_datagram needs a valid frame");
+    let mut f = frame[..parsed.l4_offset + l4_len].to_vec();
+    let l3 = parsed.l3_offset;
+    if parsed.is_ipv6 {
+        f[l3 + 4..l3 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    } else {
+        let hl = parsed.l4_offset - l3;
+        f[l3 + 2..l3 + 4].copy_from_slice(&((hl + l4_len) as u16).to_be_bytes());
+        f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let c = csum::checksum(&f[l3..l3 + hl]);
+        f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    }
+    f
+}

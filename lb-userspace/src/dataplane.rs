@@ -1,0 +1,105 @@
+//! Loading the XDP object and attaching it to an interface.
+
+use std::{fmt, str::FromStr};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+
+/// The balancer object built by `build.rs`, aligned for the ELF parser.
+pub static BALANCER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+pub const BALANCER_PROGRAM: &str = "balancer";
+
+/// How the program is attached. `Auto` tries native first and falls back to
+/// generic, so a NIC without driver support still balances (slower).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Native,
+    Generic,
+    Auto,
+}
+
+impl FromStr for AttachMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "native" | "driver" => Ok(Self::Native),
+            "generic" | "skb" => Ok(Self::Generic),
+            "auto" => Ok(Self::Auto),
+            other => bail!("unknown XDP mode {other:?}: expected native, generic or auto"),
+        }
+    }
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Auto => "auto",
+        })
+    }
+}
+
+/// Loads the balancer object (maps created, program verified but not attached).
+pub fn load_balancer() -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .load(BALANCER_OBJECT)
+        .context("loading the XDP object into the kernel")?;
+    let prog: &mut Xdp = program_mut(&mut ebpf, BALANCER_PROGRAM)?;
+    prog.load().context("verifying the balancer program")?;
+    Ok(ebpf)
+}
+
+pub fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not XDP"))
+}
+
+/// An attached program; dropping it (or [`Attached::detach`]) detaches.
+pub struct Attached {
+    pub interface: String,
+    pub mode: AttachMode,
+    link: Option<XdpLinkId>,
+}
+
+pub fn attach(ebpf: &mut Ebpf, interface: &str, mode: AttachMode) -> Result<Attached> {
+    let prog = program_mut(ebpf, BALANCER_PROGRAM)?;
+    let try_mode = |prog: &mut Xdp, m: XdpMode| prog.attach(interface, m);
+    let (link, used) = match mode {
+        AttachMode::Native => (try_mode(prog, XdpMode::Driver), AttachMode::Native),
+        AttachMode::Generic => (try_mode(prog, XdpMode::Skb), AttachMode::Generic),
+        AttachMode::Auto => match try_mode(prog, XdpMode::Driver) {
+            Ok(l) => (Ok(l), AttachMode::Native),
+            Err(e) => {
+                tracing::warn!(interface, error = %e, "native XDP refused, falling back to generic");
+                (try_mode(prog, XdpMode::Skb), AttachMode::Generic)
+            }
+        },
+    };
+    let link =
+        link.with_context(|| format!("attaching XDP to {interface} in {used} mode"))?;
+    tracing::info!(interface, mode = %used, "XDP program attached");
+    Ok(Attached {
+        interface: interface.to_owned(),
+        mode: used,
+        link: Some(link),
+    })
+}
+
+impl Attached {
+    pub fn detach(mut self, ebpf: &mut Ebpf) -> Result<()> {
+        if let Some(link) = self.link.take() {
+            program_mut(ebpf, BALANCER_PROGRAM)?
+                .detach(link)
+                .with_context(|| format!("detaching XDP from {}", self.interface))?;
+            tracing::info!(interface = %self.interface, "XDP program detached");
+        }
+        Ok(())
+    }
+}

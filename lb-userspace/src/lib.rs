@@ -1,0 +1,4 @@
+//! Controller library: everything `lbd` and `lbctl` do, behind thin binaries.
+
+pub mod dataplane;
+pub mod stats;
