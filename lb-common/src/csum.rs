@@ -60,7 +60,11 @@ mod tests {
         let mut i = 0;
         while i < bytes.len() {
             let hi = bytes[i] as u16;
-            let lo = if i + 1 < bytes.len() { bytes[i + 1] as u16 } else { 0 };
+            let lo = if i + 1 < bytes.len() {
+                bytes[i + 1] as u16
+            } else {
+                0
+            };
             let (s, carry) = sum.overflowing_add((hi << 8) | lo);
             sum = s + carry as u16;
             i += 2;
@@ -69,7 +73,9 @@ mod tests {
     }
 
     fn lcg(state: &mut u64) -> u64 {
-        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         *state >> 33
     }
 
@@ -112,7 +118,10 @@ mod tests {
             let want = reference(&buf);
             let got = replace32(before, old32, new32);
             // 0x0000 and 0xffff are the same value in one's complement.
-            assert!(got == want || (got ^ want) == 0xffff, "{got:#x} vs {want:#x}");
+            assert!(
+                got == want || (got ^ want) == 0xffff,
+                "{got:#x} vs {want:#x}"
+            );
 
             let before = checksum(&buf);
             let old16 = u16::from_be_bytes([buf[pos], buf[pos + 1]]);
@@ -120,7 +129,10 @@ mod tests {
             buf[pos..pos + 2].copy_from_slice(&new16.to_be_bytes());
             let want = reference(&buf);
             let got = replace16(before, old16, new16);
-            assert!(got == want || (got ^ want) == 0xffff, "{got:#x} vs {want:#x}");
+            assert!(
+                got == want || (got ^ want) == 0xffff,
+                "{got:#x} vs {want:#x}"
+            );
         }
     }
 }

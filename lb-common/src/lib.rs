@@ -5,10 +5,10 @@
 //! ([`packet::PacketBytes`]) and map glue.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
+pub mod csum;
 pub mod packet;
 pub mod parse;
 pub mod stats;
-pub mod wire;
-pub mod csum;
 #[cfg(any(test, feature = "std"))]
 pub mod testframe;
+pub mod wire;

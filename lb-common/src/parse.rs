@@ -194,7 +194,12 @@ mod tests {
 
     #[test]
     fn ipv4_tcp() {
-        let f = testframe::build(&FrameSpec::v4_tcp([198, 18, 0, 1], [198, 18, 100, 1], 40000, 80));
+        let f = testframe::build(&FrameSpec::v4_tcp(
+            [198, 18, 0, 1],
+            [198, 18, 100, 1],
+            40000,
+            80,
+        ));
         let p = parse_bytes(&f).unwrap();
         assert_eq!(p.counter(), Counter::ParseTcp);
         assert_eq!((p.src_port, p.dst_port), (40000, 80));
@@ -235,7 +240,10 @@ mod tests {
     #[test]
     fn other_protocols_parse_without_ports() {
         let mut spec = FrameSpec::v4_udp([198, 18, 0, 1], [198, 18, 100, 1], 1, 2);
-        spec.l4 = L4::Raw { proto: IPPROTO_ICMP, payload_len: 8 };
+        spec.l4 = L4::Raw {
+            proto: IPPROTO_ICMP,
+            payload_len: 8,
+        };
         let p = parse_bytes(&testframe::build(&spec)).unwrap();
         assert_eq!(p.counter(), Counter::ParseOtherL4);
         assert_eq!((p.src_port, p.dst_port), (0, 0));
@@ -347,7 +355,7 @@ mod tests {
     #[test]
     fn bad_tcp_data_offset() {
         let good = testframe::build(&FrameSpec::v4_tcp([1; 4], [2; 4], 1, 2));
-        for doff in [0u8, 4, 6, 15] {
+        for doff in [0u8, 4, 7, 15] {
             let mut f = good.clone();
             f[34 + 12] = doff << 4;
             assert_eq!(parse_bytes(&f), Err(Counter::ParseBadL4), "doff {doff}");
@@ -360,7 +368,11 @@ mod tests {
         for field in [0x2000u16, 0x0001, 0x2010, 0x1fff] {
             let mut f = good.clone();
             f[20..22].copy_from_slice(&field.to_be_bytes());
-            assert_eq!(parse_bytes(&f), Err(Counter::ParseIpv4Fragment), "{field:#x}");
+            assert_eq!(
+                parse_bytes(&f),
+                Err(Counter::ParseIpv4Fragment),
+                "{field:#x}"
+            );
         }
         // Don't Fragment alone is not a fragment.
         let mut f = good.clone();

@@ -10,9 +10,19 @@ pub const LB_MAC: [u8; 6] = [0x02, 0x00, 0xc6, 0x12, 0x00, 0x02];
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { src_port: u16, dst_port: u16, flags: u8 },
-    Udp { src_port: u16, dst_port: u16 },
-    Raw { proto: u8, payload_len: usize },
+    Tcp {
+        src_port: u16,
+        dst_port: u16,
+        flags: u8,
+    },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+    },
+    Raw {
+        proto: u8,
+        payload_len: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -47,16 +57,46 @@ impl FrameSpec {
         }
     }
     pub fn v4_tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Self {
-        Self::base(&src, &dst, L4::Tcp { src_port: sport, dst_port: dport, flags: crate::wire::tcp::TCP_SYN })
+        Self::base(
+            &src,
+            &dst,
+            L4::Tcp {
+                src_port: sport,
+                dst_port: dport,
+                flags: crate::wire::tcp::TCP_SYN,
+            },
+        )
     }
     pub fn v4_udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Self {
-        Self::base(&src, &dst, L4::Udp { src_port: sport, dst_port: dport })
+        Self::base(
+            &src,
+            &dst,
+            L4::Udp {
+                src_port: sport,
+                dst_port: dport,
+            },
+        )
     }
     pub fn v6_tcp(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Self {
-        Self::base(&src, &dst, L4::Tcp { src_port: sport, dst_port: dport, flags: crate::wire::tcp::TCP_SYN })
+        Self::base(
+            &src,
+            &dst,
+            L4::Tcp {
+                src_port: sport,
+                dst_port: dport,
+                flags: crate::wire::tcp::TCP_SYN,
+            },
+        )
     }
     pub fn v6_udp(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Self {
-        Self::base(&src, &dst, L4::Udp { src_port: sport, dst_port: dport })
+        Self::base(
+            &src,
+            &dst,
+            L4::Udp {
+                src_port: sport,
+                dst_port: dport,
+            },
+        )
     }
     pub fn is_ipv6(&self) -> bool {
         self.src_ip.len() == 16
@@ -65,7 +105,9 @@ impl FrameSpec {
 
 /// `fd00:198:18::<n>`, the test topology's IPv6 host range.
 pub fn v6(n: u16) -> [u8; 16] {
-    let mut a = [0xfd, 0x00, 0x01, 0x98, 0x00, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut a = [
+        0xfd, 0x00, 0x01, 0x98, 0x00, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
     a[14..].copy_from_slice(&n.to_be_bytes());
     a
 }
@@ -87,7 +129,11 @@ fn pseudo_header_sum(spec: &FrameSpec, proto: u8, l4_len: usize) -> u32 {
 /// Serialises `spec` into an Ethernet frame with correct lengths and checksums.
 pub fn build(spec: &FrameSpec) -> Vec<u8> {
     let (proto, mut l4) = match spec.l4 {
-        L4::Tcp { src_port, dst_port, flags } => {
+        L4::Tcp {
+            src_port,
+            dst_port,
+            flags,
+        } => {
             let mut h = Vec::with_capacity(20);
             h.extend_from_slice(&src_port.to_be_bytes());
             h.extend_from_slice(&dst_port.to_be_bytes());

@@ -14,18 +14,36 @@ impl<'a> XdpBytes<'a> {
     }
 }
 
+impl XdpBytes<'_> {
+    // Volatile loads keep LLVM from proving a bounds check redundant from an
+    // earlier length comparison (e.g. "IP total length fits, so the TCP header
+    // fits") and deleting it: the verifier cannot follow that reasoning and
+    // rejects the access.
+    #[inline(always)]
+    fn data(&self) -> usize {
+        // SAFETY: the context pointer is valid for the program's whole run.
+        unsafe { core::ptr::read_volatile(&(*self.ctx.ctx).data) as usize }
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.ctx.ctx).data_end) as usize }
+    }
+}
+
 impl PacketBytes for XdpBytes<'_> {
     #[inline(always)]
     fn len(&self) -> usize {
-        self.ctx.data_end() - self.ctx.data()
+        self.data_end() - self.data()
     }
 
     #[inline(always)]
     fn header<T: Header>(&self, offset: usize) -> Option<&T> {
-        let start = self.ctx.data() + offset;
+        let start = self.data() + offset;
         // Compare pointers, not lengths: the verifier only learns the packet
         // range from `ptr + size <= data_end`.
-        if start + core::mem::size_of::<T>() > self.ctx.data_end() {
+        if start + core::mem::size_of::<T>() > self.data_end() {
             return None;
         }
         // SAFETY: in bounds (checked above) and `T` has alignment 1.

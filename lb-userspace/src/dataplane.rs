@@ -9,7 +9,8 @@ use aya::{
 };
 
 /// The balancer object built by `build.rs`, aligned for the ELF parser.
-pub static BALANCER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub static BALANCER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 pub const BALANCER_PROGRAM: &str = "balancer";
 
@@ -82,8 +83,7 @@ pub fn attach(ebpf: &mut Ebpf, interface: &str, mode: AttachMode) -> Result<Atta
             }
         },
     };
-    let link =
-        link.with_context(|| format!("attaching XDP to {interface} in {used} mode"))?;
+    let link = link.with_context(|| format!("attaching XDP to {interface} in {used} mode"))?;
     tracing::info!(interface, mode = %used, "XDP program attached");
     Ok(Attached {
         interface: interface.to_owned(),

@@ -23,8 +23,7 @@ struct Args {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -54,6 +53,9 @@ async fn main() -> Result<()> {
 
 fn print_counters(ebpf: &aya::Ebpf, event: &str) -> Result<()> {
     let counters = stats::global_counters(ebpf)?;
-    println!("{}", serde_json::json!({"event": event, "counters": counters}));
+    println!(
+        "{}",
+        serde_json::json!({"event": event, "counters": counters})
+    );
     Ok(())
 }
