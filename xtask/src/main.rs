@@ -1,1 +1,111 @@
-fn main() {}
+//! Project automation: `cargo xtask <setup|build-ebpf|test>`.
+
+mod setup;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and set up the XDP load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and tests need (idempotent, fast when done).
+    Setup,
+    /// Build the eBPF object(s) for bpfel-unknown-none.
+    BuildEbpf {
+        /// Release profile (the one lbd embeds). Without it the dev profile is
+        /// used, still optimised: unoptimised BPF does not pass the verifier.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run all test tiers: lints, host unit, kernel (BPF_PROG_TEST_RUN), end-to-end (netns).
+    Test {
+        /// Run only these tiers (lint, unit, kernel, e2e); default all.
+        #[arg(long, value_delimiter = ',')]
+        tier: Vec<test::Tier>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::BuildEbpf { release } => {
+            setup::run()?;
+            build_ebpf(release)
+        }
+        Cmd::Test { tier } => {
+            setup::run()?;
+            test::run(&tier)
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn build_ebpf(release: bool) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args([
+        "+nightly",
+        "build",
+        "--package",
+        "lb-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ]);
+    if release {
+        cmd.arg("--release");
+    } else {
+        for c in [
+            "profile.dev.opt-level=3",
+            "profile.dev.debug-assertions=false",
+            "profile.dev.overflow-checks=false",
+        ] {
+            cmd.args(["--config", c]);
+        }
+    }
+    run_step(&mut cmd, "build-ebpf")?;
+    let profile = if release { "release" } else { "debug" };
+    let object = workspace_root()
+        .join("target/bpfel-unknown-none")
+        .join(profile)
+        .join("lb-ebpf");
+    if !object.exists() {
+        bail!(
+            "build-ebpf: expected object at {} is missing",
+            object.display()
+        );
+    }
+    println!("eBPF object: {}", object.display());
+    Ok(())
+}
+
+/// Runs `cmd`, failing with the step's name and the exact command to retry.
+pub fn run_step(cmd: &mut Command, step: &str) -> Result<()> {
+    let line = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("{step}: could not start `{line}`"))?;
+    if !status.success() {
+        bail!("{step} failed ({status}); retry by hand with:\n  {line}");
+    }
+    Ok(())
+}

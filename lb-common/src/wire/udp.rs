@@ -26,7 +26,7 @@ impl UdpHdr {
         be16(self.dst_port)
     }
     #[inline(always)]
-    pub const fn len(&self) -> u16 {
+    pub const fn length(&self) -> u16 {
         be16(self.len)
     }
 }
