@@ -12,3 +12,8 @@ pub mod stats;
 #[cfg(any(test, feature = "std"))]
 pub mod testframe;
 pub mod wire;
+pub mod maps;
+pub mod encap;
+pub mod icmp;
+pub mod hash;
+pub mod ring;

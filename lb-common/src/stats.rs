@@ -4,86 +4,89 @@
 //! exactly one verdict, so per outcome and per verdict the sums both equal the
 //! packets seen; tests rely on that.
 
-/// One slot in `STATS_GLOBAL`. Verdict slots equal the XDP action codes.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Counter {
-    VerdictAborted = 0,
-    VerdictDrop = 1,
-    VerdictPass = 2,
-    VerdictTx = 3,
-    VerdictRedirect = 4,
+macro_rules! counters {
+    ($($(#[$doc:meta])* $variant:ident = $idx:literal => $name:literal,)+) => {
+        /// One slot in `STATS_GLOBAL`. Verdict slots equal the XDP action codes.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Counter {
+            $($(#[$doc])* $variant = $idx,)+
+        }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)+];
+
+            /// Number of slots; the size of `STATS_GLOBAL`.
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            /// Stable name for logs and metrics labels.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    VerdictAborted = 0 => "verdict_aborted",
+    VerdictDrop = 1 => "verdict_drop",
+    VerdictPass = 2 => "verdict_pass",
+    VerdictTx = 3 => "verdict_tx",
+    VerdictRedirect = 4 => "verdict_redirect",
     /// Ether type is neither IPv4 nor IPv6 (ARP, LLDP, ...).
-    ParseNotIp = 5,
+    ParseNotIp = 5 => "parse_not_ip",
     /// Frame shorter than the Ethernet header or its VLAN tag.
-    ParseTruncatedL2 = 6,
+    ParseTruncatedL2 = 6 => "parse_truncated_l2",
     /// IP header, or the length it announces, runs past the frame.
-    ParseTruncatedL3 = 7,
+    ParseTruncatedL3 = 7 => "parse_truncated_l3",
     /// IP version that does not match the ether type, IHL below 5, or a total
     /// length shorter than the header.
-    ParseBadL3 = 8,
+    ParseBadL3 = 8 => "parse_bad_l3",
     /// Any IPv4 fragment (only unfragmented datagrams have a full 5-tuple).
-    ParseIpv4Fragment = 9,
+    ParseIpv4Fragment = 9 => "parse_ipv4_fragment",
     /// IPv6 with an extension header (fragment header included): not followed.
-    ParseIpv6ExtHeader = 10,
+    ParseIpv6ExtHeader = 10 => "parse_ipv6_ext_header",
     /// TCP or UDP header runs past the frame.
-    ParseTruncatedL4 = 11,
+    ParseTruncatedL4 = 11 => "parse_truncated_l4",
     /// TCP data offset below 5 words or past the frame.
-    ParseBadL4 = 12,
-    ParseTcp = 13,
-    ParseUdp = 14,
+    ParseBadL4 = 12 => "parse_bad_l4",
+    ParseTcp = 13 => "parse_tcp",
+    ParseUdp = 14 => "parse_udp",
     /// A well-formed IP packet of another protocol (ICMP, GRE, ...).
-    ParseOtherL4 = 15,
+    ParseOtherL4 = 15 => "parse_other_l4",
+    /// Well-formed, but not addressed to a VIP: passed to the kernel.
+    LbNotVip = 16 => "lb_not_vip",
+    /// Packet of a flow found in the connection table.
+    LbConntrackHit = 17 => "lb_conntrack_hit",
+    /// Packet to a VIP with no connection-table entry.
+    LbConntrackMiss = 18 => "lb_conntrack_miss",
+    /// Non-SYN TCP without an entry kept its backend via the previous ring.
+    LbSecondChanceHit = 19 => "lb_second_chance_hit",
+    /// A known flow's backend was down: picked again from the ring.
+    LbRepickDown = 20 => "lb_repick_down",
+    /// A UDP entry older than the timeout: treated as a new flow.
+    LbUdpExpired = 21 => "lb_udp_expired",
+    /// A flow recorded in the connection table for the first time.
+    LbNewFlow = 22 => "lb_new_flow",
+    /// The VIP has no usable backend: dropped.
+    LbNoBackend = 23 => "lb_no_backend",
+    /// Growing the head for encapsulation failed: dropped.
+    LbEncapFailed = 24 => "lb_encap_failed",
+    /// The connection table refused an insert (the packet is still forwarded).
+    LbConntrackInsertFailed = 25 => "lb_conntrack_insert_failed",
+    /// ICMP fragmentation-needed / packet-too-big quoting a VIP flow, sent to
+    /// that flow's backend.
+    LbIcmpTooBig = 26 => "lb_icmp_too_big",
+    /// IPv4 VIP over an IPv6 backend in ipip mode is not a supported tunnel.
+    LbUnsupportedEncap = 27 => "lb_unsupported_encap",
 }
 
 impl Counter {
-    /// Number of slots; the size of `STATS_GLOBAL`.
-    pub const COUNT: u32 = 16;
-
-    pub const ALL: [Counter; Self::COUNT as usize] = [
-        Counter::VerdictAborted,
-        Counter::VerdictDrop,
-        Counter::VerdictPass,
-        Counter::VerdictTx,
-        Counter::VerdictRedirect,
-        Counter::ParseNotIp,
-        Counter::ParseTruncatedL2,
-        Counter::ParseTruncatedL3,
-        Counter::ParseBadL3,
-        Counter::ParseIpv4Fragment,
-        Counter::ParseIpv6ExtHeader,
-        Counter::ParseTruncatedL4,
-        Counter::ParseBadL4,
-        Counter::ParseTcp,
-        Counter::ParseUdp,
-        Counter::ParseOtherL4,
-    ];
-
     #[inline(always)]
     pub const fn index(self) -> u32 {
         self as u32
-    }
-
-    /// Stable name for logs and metrics labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::VerdictAborted => "verdict_aborted",
-            Counter::VerdictDrop => "verdict_drop",
-            Counter::VerdictPass => "verdict_pass",
-            Counter::VerdictTx => "verdict_tx",
-            Counter::VerdictRedirect => "verdict_redirect",
-            Counter::ParseNotIp => "parse_not_ip",
-            Counter::ParseTruncatedL2 => "parse_truncated_l2",
-            Counter::ParseTruncatedL3 => "parse_truncated_l3",
-            Counter::ParseBadL3 => "parse_bad_l3",
-            Counter::ParseIpv4Fragment => "parse_ipv4_fragment",
-            Counter::ParseIpv6ExtHeader => "parse_ipv6_ext_header",
-            Counter::ParseTruncatedL4 => "parse_truncated_l4",
-            Counter::ParseBadL4 => "parse_bad_l4",
-            Counter::ParseTcp => "parse_tcp",
-            Counter::ParseUdp => "parse_udp",
-            Counter::ParseOtherL4 => "parse_other_l4",
-        }
     }
 
     pub const fn is_verdict(self) -> bool {

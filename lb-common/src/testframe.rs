@@ -229,3 +229,59 @@ pub fn truncate_datagram(frame: &[u8], l4_len: usize) -> Vec<u8> {
     }
     f
 }
+
+/// An ICMPv4 fragmentation-needed error from `router` to `to`, quoting the
+/// IP header and first 8 L4 bytes of `offending` (an Ethernet frame).
+pub fn icmp_too_big(offending: &[u8], router: [u8; 4], to: [u8; 4], mtu: u16) -> Vec<u8> {
+    let p = crate::parse::parse(offending).expect("offending frame must parse");
+    let quoted = &offending[p.l3_offset..(p.l4_offset + 8).min(offending.len())];
+    let mut icmp = vec![3u8, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let c = csum::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut spec = FrameSpec::base(&router, &to, L4::Raw { proto: crate::parse::IPPROTO_ICMP, payload_len: 0 });
+    spec.payload = Vec::new();
+    let mut f = build(&spec);
+    let parsed = p_of(&f);
+    append_l4(&mut f, &parsed, &icmp);
+    f
+}
+
+/// An ICMPv6 packet-too-big error from `router` to `to` quoting `offending`.
+pub fn icmp6_too_big(offending: &[u8], router: [u8; 16], to: [u8; 16], mtu: u32) -> Vec<u8> {
+    let p = crate::parse::parse(offending).expect("offending frame must parse");
+    let quoted = &offending[p.l3_offset..(p.l4_offset + 8).min(offending.len())];
+    let mut icmp = vec![2u8, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let mut acc = csum::sum_words(&router, 0);
+    acc = csum::sum_words(&to, acc);
+    acc = acc.wrapping_add(icmp.len() as u32).wrapping_add(58);
+    let c = csum::fold(csum::sum_words(&icmp, acc));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let spec = FrameSpec::base(&router, &to, L4::Raw { proto: crate::parse::IPPROTO_ICMPV6, payload_len: 0 });
+    let mut f = build(&spec);
+    let parsed = p_of(&f);
+    append_l4(&mut f, &parsed, &icmp);
+    f
+}
+
+fn p_of(f: &[u8]) -> crate::parse::Parsed {
+    crate::parse::parse(f).expect("built frame parses")
+}
+
+/// Appends `l4` to a frame whose IP payload is empty, fixing IP lengths.
+fn append_l4(f: &mut Vec<u8>, p: &crate::parse::Parsed, l4: &[u8]) {
+    f.extend_from_slice(l4);
+    let l3 = p.l3_offset;
+    if p.is_ipv6 {
+        f[l3 + 4..l3 + 6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+    } else {
+        let hl = p.l4_offset - l3;
+        f[l3 + 2..l3 + 4].copy_from_slice(&((hl + l4.len()) as u16).to_be_bytes());
+        f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let c = csum::checksum(&f[l3..l3 + hl]);
+        f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    }
+}

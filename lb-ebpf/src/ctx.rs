@@ -1,6 +1,6 @@
 //! Packet access over an XDP context, in the shape the verifier accepts.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{packet::PacketBytes, wire::Header};
 
 pub struct XdpBytes<'a> {
@@ -12,9 +12,7 @@ impl<'a> XdpBytes<'a> {
     pub fn new(ctx: &'a XdpContext) -> Self {
         Self { ctx }
     }
-}
 
-impl XdpBytes<'_> {
     // Volatile loads keep LLVM from proving a bounds check redundant from an
     // earlier length comparison (e.g. "IP total length fits, so the TCP header
     // fits") and deleting it: the verifier cannot follow that reasoning and
@@ -29,6 +27,30 @@ impl XdpBytes<'_> {
     fn data_end(&self) -> usize {
         // SAFETY: as above.
         unsafe { core::ptr::read_volatile(&(*self.ctx.ctx).data_end) as usize }
+    }
+
+    #[inline(always)]
+    pub fn header_mut<T: Header>(&self, offset: usize) -> Option<&mut T> {
+        let start = self.data() + offset;
+        if start + core::mem::size_of::<T>() > self.data_end() {
+            return None;
+        }
+        // SAFETY: in bounds (checked above), alignment 1, and XDP owns the
+        // packet exclusively while it runs.
+        Some(unsafe { &mut *(start as *mut T) })
+    }
+
+    /// Moves the packet start by `delta` bytes (negative grows the head).
+    /// Every pointer taken before is invalid afterwards.
+    #[inline(always)]
+    pub fn adjust_head(&self, delta: i32) -> bool {
+        // SAFETY: the helper validates the delta against the headroom.
+        unsafe { bpf_xdp_adjust_head(self.ctx.ctx, delta) == 0 }
+    }
+
+    #[inline(always)]
+    pub fn ingress_ifindex(&self) -> u32 {
+        self.ctx.ingress_ifindex() as u32
     }
 }
 

@@ -1,16 +1,65 @@
-//! Map definitions. Sizes here are the compiled defaults; `lbd` overrides the
-//! ones its configuration sets before loading.
+//! Map definitions (DESIGN.md §3). Sizes here are compiled defaults; `lbd`
+//! sets the configured ones at load time (`EbpfLoader::set_max_entries`).
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use lb_common::stats::Counter;
+use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    maps::{BackendInfo, ConnEntry, FlowKey, LbConfig, Traffic, VipInfo, VipKey},
+    stats::Counter,
+};
+
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(256, 0);
+
+/// vip_id * 2 * M + generation * M + slot -> backend id.
+#[map(name = "RINGS")]
+pub static RINGS: Array<u32> = Array::with_max_entries(16 * 2 * 65537, 0);
+
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);
+
+/// Per-CPU LRU lists: no cross-CPU lock on the insert path.
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "STATS_BACKEND")]
+pub static STATS_BACKEND: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(4096, 0);
+
+#[map(name = "STATS_VIP")]
+pub static STATS_VIP: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(256, 0);
 
 #[map(name = "STATS_GLOBAL")]
 pub static STATS_GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+
+/// ifindex -> ifindex, for next hops on another interface (XDP_REDIRECT).
+#[map(name = "TX_PORTS")]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
 
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = STATS_GLOBAL.get_ptr_mut(counter.index()) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn account(map: &PerCpuArray<Traffic>, id: u32, bytes: u64, new_flow: bool) {
+    if let Some(t) = map.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            (*t).packets += 1;
+            (*t).bytes += bytes;
+            if new_flow {
+                (*t).new_flows += 1;
+            }
+        }
     }
 }

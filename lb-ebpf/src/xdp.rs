@@ -1,18 +1,126 @@
-//! The XDP entry point.
+//! The XDP entry points: the balancer and the backends' decapsulator.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{parse::parse, stats::Counter};
+use lb_common::{
+    icmp::too_big_quote,
+    maps::{FAMILY_V4, FAMILY_V6, FlowKey, VipInfo, VipKey},
+    packet::PacketBytes,
+    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, parse},
+    stats::Counter,
+    wire::tcp::{TCP_ACK, TCP_SYN},
+};
 
-use crate::{ctx::XdpBytes, maps::count};
+use crate::{
+    ctx::XdpBytes,
+    forward::forward,
+    lb::choose,
+    maps::{CONFIG, STATS_BACKEND, STATS_VIP, VIPS, account, count},
+};
+
+#[inline(always)]
+fn verdict(action: u32) -> u32 {
+    let c = match action {
+        xdp_action::XDP_DROP => Counter::VerdictDrop,
+        xdp_action::XDP_PASS => Counter::VerdictPass,
+        xdp_action::XDP_TX => Counter::VerdictTx,
+        xdp_action::XDP_REDIRECT => Counter::VerdictRedirect,
+        _ => Counter::VerdictAborted,
+    };
+    count(c);
+    action
+}
+
+#[inline(always)]
+fn lookup_vip(addr: &[u8; 16], port: u16, proto: u8, is_ipv6: bool) -> Option<VipInfo> {
+    let family = if is_ipv6 { FAMILY_V6 } else { FAMILY_V4 };
+    let mut key = VipKey { addr: *addr, port, proto, family };
+    // SAFETY: the map value is copied out at once.
+    if let Some(v) = unsafe { VIPS.get(&key) } {
+        return Some(*v);
+    }
+    key.port = 0;
+    // SAFETY: as above.
+    unsafe { VIPS.get(&key) }.copied()
+}
 
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
     let pkt = XdpBytes::new(&ctx);
-    let outcome = match parse(&pkt) {
-        Ok(parsed) => parsed.counter(),
-        Err(reason) => reason,
+    let parsed = match parse(&pkt) {
+        Ok(p) => p,
+        Err(reason) => {
+            // Not understood: the kernel decides (and drops what is broken).
+            count(reason);
+            return verdict(xdp_action::XDP_PASS);
+        }
     };
-    count(outcome);
-    count(Counter::VerdictPass);
-    xdp_action::XDP_PASS
+    count(parsed.counter());
+    verdict(balance(&pkt, &parsed))
+}
+
+#[inline(always)]
+fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let family = if parsed.is_ipv6 { FAMILY_V6 } else { FAMILY_V4 };
+    let (key, vip, syn, allow_new) = match parsed.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let Some(vip) = lookup_vip(&parsed.dst_addr, parsed.dst_port, parsed.proto, parsed.is_ipv6) else {
+                count(Counter::LbNotVip);
+                return xdp_action::XDP_PASS;
+            };
+            let key = FlowKey {
+                src: parsed.src_addr,
+                dst: parsed.dst_addr,
+                src_port: parsed.src_port,
+                dst_port: parsed.dst_port,
+                proto: parsed.proto,
+                family,
+                _pad: [0; 2],
+            };
+            let syn = parsed.proto == IPPROTO_TCP && parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            (key, vip, syn, true)
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let Some(q) = too_big_quote(pkt, parsed) else {
+                count(Counter::LbNotVip);
+                return xdp_action::XDP_PASS;
+            };
+            let Some(vip) = lookup_vip(&q.vip, q.vip_port, q.proto, parsed.is_ipv6) else {
+                count(Counter::LbNotVip);
+                return xdp_action::XDP_PASS;
+            };
+            count(Counter::LbIcmpTooBig);
+            let key = FlowKey {
+                src: q.client,
+                dst: q.vip,
+                src_port: q.client_port,
+                dst_port: q.vip_port,
+                proto: q.proto,
+                family,
+                _pad: [0; 2],
+            };
+            // An error is no reason to start a flow; mid-stream rules apply.
+            (key, vip, false, false)
+        }
+        _ => {
+            count(Counter::LbNotVip);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let bytes = pkt.len() as u64;
+    let Some(choice) = choose(&key, &vip, cfg, syn, allow_new) else {
+        count(Counter::LbNoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    account(&STATS_VIP, vip.vip_id, bytes, choice.new_flow);
+    account(&STATS_BACKEND, choice.backend_id, bytes, choice.new_flow);
+    match forward(pkt, parsed, vip.mode, &choice.backend, cfg) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
 }

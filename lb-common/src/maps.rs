@@ -1,0 +1,139 @@
+//! Keys and values of the BPF maps (DESIGN.md §3). `#[repr(C)]` with explicit
+//! padding so the kernel and userspace agree on every byte, and so that hash
+//! keys never carry uninitialised padding.
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Forwarding modes (`VipInfo::mode`).
+pub const MODE_IPIP: u8 = 1;
+pub const MODE_L2DSR: u8 = 2;
+
+/// Backend states (`BackendInfo::state`).
+pub const BACKEND_UNUSED: u8 = 0;
+pub const BACKEND_UP: u8 = 1;
+/// Failed health checks: existing flows are re-picked.
+pub const BACKEND_DOWN: u8 = 2;
+/// Out of the ring, existing flows stay until they end.
+pub const BACKEND_DRAINING: u8 = 3;
+
+/// `VIPS` key. `port` 0 matches every port of the address and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index into `RINGS` and `STATS_VIP`.
+    pub vip_id: u32,
+    pub flags: u32,
+    pub mode: u8,
+    /// Which of the two ring generations is live (0 or 1); the other is the
+    /// previous one, kept for the second chance.
+    pub ring_gen: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub state: u8,
+    /// Next hop's MAC (the backend itself on a shared segment, else a router).
+    pub next_hop_mac: [u8; 6],
+    /// MAC of the interface the packet leaves through.
+    pub src_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Egress interface; equal to the ingress one means XDP_TX, otherwise
+    /// XDP_REDIRECT through `TX_PORTS`.
+    pub ifindex: u32,
+}
+
+/// `CONNTRACK` key: the client-to-VIP 5-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last packet; UDP entries expire on it.
+    pub last_seen_ns: u64,
+}
+
+/// `STATS_BACKEND` and `STATS_VIP` value (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    /// Frame bytes as received at the LB, before encapsulation.
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Outer source address for IPv4 encapsulation.
+    pub encap_src_v4: [u8; 4],
+    /// Outer source address for IPv6 encapsulation.
+    pub encap_src_v6: [u8; 16],
+    pub hash_seed: u32,
+    /// Maglev table size M (prime).
+    pub ring_size: u32,
+    pub flags: u32,
+    /// UDP connection entries older than this are treated as new flows.
+    pub udp_timeout_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are #[repr(C)] plain-old-data with explicit padding.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ConnEntry {}
+    unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for LbConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    /// Sizes are part of the kernel/userspace contract; a change here is a
+    /// map layout change (bump the pin directory version).
+    #[test]
+    fn layout_is_stable() {
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<VipInfo>(), 12);
+        assert_eq!(size_of::<BackendInfo>(), 36);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<ConnEntry>(), 16);
+        assert_eq!(size_of::<Traffic>(), 24);
+        assert_eq!(size_of::<LbConfig>(), 40);
+    }
+}

@@ -1,0 +1,83 @@
+//! Sending the packet to its backend: L2 DSR (MAC rewrite) or IPIP
+//! encapsulation (4in4, 6in6, 6in4), then XDP_TX or XDP_REDIRECT.
+
+use aya_ebpf::bindings::xdp_action;
+use lb_common::{
+    encap::{IPPROTO_IPIP, IPPROTO_IPV6, outer_ipv4, outer_ipv6},
+    maps::{BackendInfo, FAMILY_V6, LbConfig, MODE_L2DSR},
+    packet::PacketBytes,
+    parse::Parsed,
+    stats::Counter,
+    wire::{
+        ethernet::{ETH_HDR_LEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, EthHdr},
+        ipv4::Ipv4Hdr,
+        ipv6::Ipv6Hdr,
+    },
+};
+
+use crate::{
+    ctx::XdpBytes,
+    maps::TX_PORTS,
+};
+
+/// Rewrites (and maybe encapsulates) the packet for `backend` and returns the
+/// verdict; `Err` carries the drop reason.
+#[inline(always)]
+pub fn forward(pkt: &XdpBytes, parsed: &Parsed, mode: u8, backend: &BackendInfo, cfg: &LbConfig) -> Result<u32, Counter> {
+    if mode != MODE_L2DSR {
+        encapsulate(pkt, parsed, backend, cfg)?;
+    }
+    let eth: &mut EthHdr = pkt.header_mut(0).ok_or(Counter::LbEncapFailed)?;
+    eth.dst = backend.next_hop_mac;
+    eth.src = backend.src_mac;
+    Ok(transmit(pkt, backend))
+}
+
+#[inline(always)]
+fn transmit(pkt: &XdpBytes, backend: &BackendInfo) -> u32 {
+    if backend.ifindex == 0 || backend.ifindex == pkt.ingress_ifindex() {
+        return xdp_action::XDP_TX;
+    }
+    match TX_PORTS.redirect(backend.ifindex, 0) {
+        Ok(action) => action,
+        Err(action) => action,
+    }
+}
+
+/// Puts `[Ethernet][outer IP]` in front of the inner IP datagram. The inner
+/// L2 header (and any VLAN tag) is replaced, so the head grows by the outer
+/// IP header minus what the VLAN tag gave back.
+#[inline(always)]
+fn encapsulate(pkt: &XdpBytes, parsed: &Parsed, backend: &BackendInfo, cfg: &LbConfig) -> Result<(), Counter> {
+    // Inner length and TTL/hop limit before the head moves.
+    let (inner_len, ttl) = if parsed.is_ipv6 {
+        let ip: &Ipv6Hdr = pkt.header(parsed.l3_offset).ok_or(Counter::LbEncapFailed)?;
+        (ip.payload_len().wrapping_add(40), ip.hop_limit)
+    } else {
+        let ip: &Ipv4Hdr = pkt.header(parsed.l3_offset).ok_or(Counter::LbEncapFailed)?;
+        (ip.total_len(), ip.ttl)
+    };
+    let outer_v6 = backend.family == FAMILY_V6;
+    if outer_v6 && !parsed.is_ipv6 {
+        return Err(Counter::LbUnsupportedEncap);
+    }
+    let inner_proto = if parsed.is_ipv6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+    let outer_len: usize = if outer_v6 { 40 } else { 20 };
+    // l3_offset is 14 or 18 (VLAN), so the delta is 16..40 and never shrinks.
+    let grow = (ETH_HDR_LEN + outer_len - parsed.l3_offset) as i32;
+    if !pkt.adjust_head(-grow) {
+        return Err(Counter::LbEncapFailed);
+    }
+    let eth: &mut EthHdr = pkt.header_mut(0).ok_or(Counter::LbEncapFailed)?;
+    if outer_v6 {
+        eth.ether_type = ETHERTYPE_IPV6.to_be_bytes();
+        let ip: &mut Ipv6Hdr = pkt.header_mut(ETH_HDR_LEN).ok_or(Counter::LbEncapFailed)?;
+        *ip = outer_ipv6(cfg.encap_src_v6, backend.addr, inner_len, parsed.tos, ttl, inner_proto);
+    } else {
+        eth.ether_type = ETHERTYPE_IPV4.to_be_bytes();
+        let ip: &mut Ipv4Hdr = pkt.header_mut(ETH_HDR_LEN).ok_or(Counter::LbEncapFailed)?;
+        let dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+        *ip = outer_ipv4(cfg.encap_src_v4, dst, inner_len, parsed.tos, ttl, inner_proto);
+    }
+    Ok(())
+}
