@@ -13,7 +13,14 @@ pub const IPPROTO_IPV6: u8 = 41;
 /// TTL and DSCP/ECN come from the inner packet so that the tunnel is
 /// invisible to traceroute and QoS policy alike.
 #[inline(always)]
-pub fn outer_ipv4(src: [u8; 4], dst: [u8; 4], inner_len: u16, tos: u8, ttl: u8, proto: u8) -> Ipv4Hdr {
+pub fn outer_ipv4(
+    src: [u8; 4],
+    dst: [u8; 4],
+    inner_len: u16,
+    tos: u8,
+    ttl: u8,
+    proto: u8,
+) -> Ipv4Hdr {
     let total_len = inner_len.wrapping_add(20);
     let mut hdr = Ipv4Hdr {
         version_ihl: 0x45,
@@ -51,7 +58,14 @@ pub fn ipv4_header_checksum(h: &Ipv4Hdr) -> u16 {
 
 /// Outer IPv6 header around an inner datagram of `inner_len` bytes.
 #[inline(always)]
-pub fn outer_ipv6(src: [u8; 16], dst: [u8; 16], inner_len: u16, tclass: u8, hop_limit: u8, next_header: u8) -> Ipv6Hdr {
+pub fn outer_ipv6(
+    src: [u8; 16],
+    dst: [u8; 16],
+    inner_len: u16,
+    tclass: u8,
+    hop_limit: u8,
+    next_header: u8,
+) -> Ipv6Hdr {
     Ipv6Hdr {
         version_tc_flow: [0x60 | (tclass >> 4), tclass << 4, 0, 0],
         payload_len: inner_len.to_be_bytes(),
@@ -74,8 +88,19 @@ mod tests {
     #[test]
     fn outer_ipv4_checksum_verifies() {
         for (len, tos, ttl) in [(40u16, 0u8, 64u8), (1480, 0xb8, 1), (0, 255, 255)] {
-            let h = outer_ipv4([198, 18, 0, 2], [198, 18, 0, 20], len, tos, ttl, IPPROTO_IPIP);
-            assert_eq!(crate::csum::checksum(&bytes_of(&h)), 0, "valid header sums to zero");
+            let h = outer_ipv4(
+                [198, 18, 0, 2],
+                [198, 18, 0, 20],
+                len,
+                tos,
+                ttl,
+                IPPROTO_IPIP,
+            );
+            assert_eq!(
+                crate::csum::checksum(&bytes_of(&h)),
+                0,
+                "valid header sums to zero"
+            );
             assert_eq!(h.total_len(), len + 20);
             assert_eq!((h.tos, h.ttl), (tos, ttl));
         }

@@ -51,7 +51,22 @@ const fn fmix(mut h: u32) -> u32 {
 #[inline(always)]
 const fn rounds16(h: u32, b: &[u8; 16]) -> u32 {
     let [
-        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
+        b0,
+        b1,
+        b2,
+        b3,
+        b4,
+        b5,
+        b6,
+        b7,
+        b8,
+        b9,
+        b10,
+        b11,
+        b12,
+        b13,
+        b14,
+        b15,
     ] = *b;
     let h = round(h, u32::from_le_bytes([b0, b1, b2, b3]));
     let h = round(h, u32::from_le_bytes([b4, b5, b6, b7]));
@@ -260,21 +275,46 @@ mod tests {
         // (1023 degrees of freedom, +-5 sigma) catches lumpy or suspiciously
         // even output.
         const N: usize = 1 << 20;
-        let chi2_ok = |chi2: f64| (1023.0 - 5.0 * 2046f64.sqrt()..1023.0 + 5.0 * 2046f64.sqrt()).contains(&chi2);
+        let chi2_ok = |chi2: f64| {
+            (1023.0 - 5.0 * 2046f64.sqrt()..1023.0 + 5.0 * 2046f64.sqrt()).contains(&chi2)
+        };
 
         let mut rng = Rng(3);
         let random = (0..N).map(|_| hash_message(&message(&mut rng), 42));
         let (chi2, worst) = spread(random, BUCKETS);
-        println!("random tuples: chi2 {chi2:.0}, worst bucket {:.1}%", worst * 100.0);
+        println!(
+            "random tuples: chi2 {chi2:.0}, worst bucket {:.1}%",
+            worst * 100.0
+        );
         assert!(worst <= 0.2 && chi2_ok(chi2), "chi2 {chi2}, worst {worst}");
 
         let vip = [198, 18, 100, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let structured = (0..N).map(|i| {
-            let client = [198, 18, (i >> 16) as u8, (i >> 8) as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            let client = [
+                198,
+                18,
+                (i >> 16) as u8,
+                (i >> 8) as u8,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ];
             flow_hash(&client, &vip, 32768 + (i & 0xff) as u16, 443, 6, 42)
         });
         let (chi2, worst) = spread(structured, BUCKETS);
-        println!("sequential tuples: chi2 {chi2:.0}, worst bucket {:.1}%", worst * 100.0);
+        println!(
+            "sequential tuples: chi2 {chi2:.0}, worst bucket {:.1}%",
+            worst * 100.0
+        );
         assert!(worst <= 0.2 && chi2_ok(chi2), "chi2 {chi2}, worst {worst}");
     }
 
@@ -349,7 +389,11 @@ mod tests {
         }
         // 10k draws from 65537 values: ~700 birthday collisions expected for
         // offsets alone, none for (offset, skip) pairs.
-        assert!(offsets.len() > 9000, "only {} distinct offsets", offsets.len());
+        assert!(
+            offsets.len() > 9000,
+            "only {} distinct offsets",
+            offsets.len()
+        );
         assert_eq!(pairs.len(), 10_000);
         assert_ne!(
             maglev_offset_skip(&[7; 16], M, 0),

@@ -117,7 +117,10 @@ mod tests {
         let q = too_big_quote(frame.as_slice(), &parsed).unwrap();
         assert_eq!(&q.client[..4], &[198, 18, 0, 10]);
         assert_eq!(&q.vip[..4], &[198, 18, 100, 1]);
-        assert_eq!((q.client_port, q.vip_port, q.proto), (40000, 80, IPPROTO_TCP));
+        assert_eq!(
+            (q.client_port, q.vip_port, q.proto),
+            (40000, 80, IPPROTO_TCP)
+        );
     }
 
     #[test]
@@ -132,7 +135,10 @@ mod tests {
         let parsed = parse(frame.as_slice()).unwrap();
         let q = too_big_quote(frame.as_slice(), &parsed).unwrap();
         assert_eq!(q.client, testframe::v6(0x10));
-        assert_eq!((q.client_port, q.vip_port, q.proto), (5353, 53, IPPROTO_UDP));
+        assert_eq!(
+            (q.client_port, q.vip_port, q.proto),
+            (5353, 53, IPPROTO_UDP)
+        );
     }
 
     #[test]

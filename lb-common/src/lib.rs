@@ -6,14 +6,15 @@
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 pub mod csum;
+pub mod encap;
+pub mod hash;
+pub mod icmp;
+pub mod maglev;
+pub mod maps;
 pub mod packet;
 pub mod parse;
+pub mod ring;
 pub mod stats;
 #[cfg(any(test, feature = "std"))]
 pub mod testframe;
 pub mod wire;
-pub mod maps;
-pub mod encap;
-pub mod icmp;
-pub mod hash;
-pub mod ring;

@@ -16,7 +16,14 @@ pub const fn ring_index(vip_id: u32, generation: u8, ring_size: u32, slot: u32) 
 /// The Maglev slot a flow hashes to.
 #[inline(always)]
 pub fn flow_slot(key: &FlowKey, seed: u32, ring_size: u32) -> u32 {
-    let h = flow_hash(&key.src, &key.dst, key.src_port, key.dst_port, key.proto, seed);
+    let h = flow_hash(
+        &key.src,
+        &key.dst,
+        key.src_port,
+        key.dst_port,
+        key.proto,
+        seed,
+    );
     if ring_size == 0 { 0 } else { h % ring_size }
 }
 

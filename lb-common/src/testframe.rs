@@ -240,7 +240,14 @@ pub fn icmp_too_big(offending: &[u8], router: [u8; 4], to: [u8; 4], mtu: u16) ->
     icmp.extend_from_slice(quoted);
     let c = csum::checksum(&icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut spec = FrameSpec::base(&router, &to, L4::Raw { proto: crate::parse::IPPROTO_ICMP, payload_len: 0 });
+    let mut spec = FrameSpec::base(
+        &router,
+        &to,
+        L4::Raw {
+            proto: crate::parse::IPPROTO_ICMP,
+            payload_len: 0,
+        },
+    );
     spec.payload = Vec::new();
     let mut f = build(&spec);
     let parsed = p_of(&f);
@@ -260,7 +267,14 @@ pub fn icmp6_too_big(offending: &[u8], router: [u8; 16], to: [u8; 16], mtu: u32)
     acc = acc.wrapping_add(icmp.len() as u32).wrapping_add(58);
     let c = csum::fold(csum::sum_words(&icmp, acc));
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let spec = FrameSpec::base(&router, &to, L4::Raw { proto: crate::parse::IPPROTO_ICMPV6, payload_len: 0 });
+    let spec = FrameSpec::base(
+        &router,
+        &to,
+        L4::Raw {
+            proto: crate::parse::IPPROTO_ICMPV6,
+            payload_len: 0,
+        },
+    );
     let mut f = build(&spec);
     let parsed = p_of(&f);
     append_l4(&mut f, &parsed, &icmp);

@@ -3,6 +3,7 @@
 //! inner datagram to the stack as if it had arrived bare.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::packet::PacketBytes;
 use lb_common::{
     encap::{IPPROTO_IPIP, IPPROTO_IPV6},
     wire::{
@@ -11,7 +12,6 @@ use lb_common::{
         ipv6::Ipv6Hdr,
     },
 };
-use lb_common::packet::PacketBytes;
 
 use crate::ctx::XdpBytes;
 

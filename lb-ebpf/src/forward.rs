@@ -15,15 +15,18 @@ use lb_common::{
     },
 };
 
-use crate::{
-    ctx::XdpBytes,
-    maps::TX_PORTS,
-};
+use crate::{ctx::XdpBytes, maps::TX_PORTS};
 
 /// Rewrites (and maybe encapsulates) the packet for `backend` and returns the
 /// verdict; `Err` carries the drop reason.
 #[inline(always)]
-pub fn forward(pkt: &XdpBytes, parsed: &Parsed, mode: u8, backend: &BackendInfo, cfg: &LbConfig) -> Result<u32, Counter> {
+pub fn forward(
+    pkt: &XdpBytes,
+    parsed: &Parsed,
+    mode: u8,
+    backend: &BackendInfo,
+    cfg: &LbConfig,
+) -> Result<u32, Counter> {
     if mode != MODE_L2DSR {
         encapsulate(pkt, parsed, backend, cfg)?;
     }
@@ -48,7 +51,12 @@ fn transmit(pkt: &XdpBytes, backend: &BackendInfo) -> u32 {
 /// L2 header (and any VLAN tag) is replaced, so the head grows by the outer
 /// IP header minus what the VLAN tag gave back.
 #[inline(always)]
-fn encapsulate(pkt: &XdpBytes, parsed: &Parsed, backend: &BackendInfo, cfg: &LbConfig) -> Result<(), Counter> {
+fn encapsulate(
+    pkt: &XdpBytes,
+    parsed: &Parsed,
+    backend: &BackendInfo,
+    cfg: &LbConfig,
+) -> Result<(), Counter> {
     // Inner length and TTL/hop limit before the head moves.
     let (inner_len, ttl) = if parsed.is_ipv6 {
         let ip: &Ipv6Hdr = pkt.header(parsed.l3_offset).ok_or(Counter::LbEncapFailed)?;
@@ -61,7 +69,11 @@ fn encapsulate(pkt: &XdpBytes, parsed: &Parsed, backend: &BackendInfo, cfg: &LbC
     if outer_v6 && !parsed.is_ipv6 {
         return Err(Counter::LbUnsupportedEncap);
     }
-    let inner_proto = if parsed.is_ipv6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+    let inner_proto = if parsed.is_ipv6 {
+        IPPROTO_IPV6
+    } else {
+        IPPROTO_IPIP
+    };
     let outer_len: usize = if outer_v6 { 40 } else { 20 };
     // l3_offset is 14 or 18 (VLAN), so the delta is 16..40 and never shrinks.
     let grow = (ETH_HDR_LEN + outer_len - parsed.l3_offset) as i32;
@@ -72,12 +84,31 @@ fn encapsulate(pkt: &XdpBytes, parsed: &Parsed, backend: &BackendInfo, cfg: &LbC
     if outer_v6 {
         eth.ether_type = ETHERTYPE_IPV6.to_be_bytes();
         let ip: &mut Ipv6Hdr = pkt.header_mut(ETH_HDR_LEN).ok_or(Counter::LbEncapFailed)?;
-        *ip = outer_ipv6(cfg.encap_src_v6, backend.addr, inner_len, parsed.tos, ttl, inner_proto);
+        *ip = outer_ipv6(
+            cfg.encap_src_v6,
+            backend.addr,
+            inner_len,
+            parsed.tos,
+            ttl,
+            inner_proto,
+        );
     } else {
         eth.ether_type = ETHERTYPE_IPV4.to_be_bytes();
         let ip: &mut Ipv4Hdr = pkt.header_mut(ETH_HDR_LEN).ok_or(Counter::LbEncapFailed)?;
-        let dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
-        *ip = outer_ipv4(cfg.encap_src_v4, dst, inner_len, parsed.tos, ttl, inner_proto);
+        let dst = [
+            backend.addr[0],
+            backend.addr[1],
+            backend.addr[2],
+            backend.addr[3],
+        ];
+        *ip = outer_ipv4(
+            cfg.encap_src_v4,
+            dst,
+            inner_len,
+            parsed.tos,
+            ttl,
+            inner_proto,
+        );
     }
     Ok(())
 }

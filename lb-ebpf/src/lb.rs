@@ -24,7 +24,12 @@ fn usable(b: &BackendInfo) -> bool {
 }
 
 #[inline(always)]
-fn ring_pick(vip: &VipInfo, generation: u8, slot: u32, cfg: &LbConfig) -> Option<(u32, BackendInfo)> {
+fn ring_pick(
+    vip: &VipInfo,
+    generation: u8,
+    slot: u32,
+    cfg: &LbConfig,
+) -> Option<(u32, BackendInfo)> {
     let id = *RINGS.get(ring_index(vip.vip_id, generation, cfg.ring_size, slot))?;
     if id == 0 {
         return None;
@@ -36,7 +41,13 @@ fn ring_pick(vip: &VipInfo, generation: u8, slot: u32, cfg: &LbConfig) -> Option
 /// Picks the backend for `key`; `None` means the VIP has no usable backend.
 /// `allow_new` is false for packets that must not create state (ICMP errors).
 #[inline(always)]
-pub fn choose(key: &FlowKey, vip: &VipInfo, cfg: &LbConfig, tcp_syn: bool, allow_new: bool) -> Option<Choice> {
+pub fn choose(
+    key: &FlowKey,
+    vip: &VipInfo,
+    cfg: &LbConfig,
+    tcp_syn: bool,
+    allow_new: bool,
+) -> Option<Choice> {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut expired = false;
@@ -50,7 +61,11 @@ pub fn choose(key: &FlowKey, vip: &VipInfo, cfg: &LbConfig, tcp_syn: bool, allow
             if usable(b) {
                 count(Counter::LbConntrackHit);
                 entry.last_seen_ns = now;
-                return Some(Choice { backend_id: entry.backend_id, backend: *b, new_flow: false });
+                return Some(Choice {
+                    backend_id: entry.backend_id,
+                    backend: *b,
+                    new_flow: false,
+                });
             }
             count(Counter::LbRepickDown);
         } else {
@@ -77,11 +92,19 @@ pub fn choose(key: &FlowKey, vip: &VipInfo, cfg: &LbConfig, tcp_syn: bool, allow
         None => ring_pick(vip, vip.ring_gen, slot, cfg)?,
     };
     if allow_new {
-        let entry = ConnEntry { backend_id, _pad: 0, last_seen_ns: now };
+        let entry = ConnEntry {
+            backend_id,
+            _pad: 0,
+            last_seen_ns: now,
+        };
         if CONNTRACK.insert(key, &entry, 0).is_err() {
             count(Counter::LbConntrackInsertFailed);
         }
         count(Counter::LbNewFlow);
     }
-    Some(Choice { backend_id, backend, new_flow: allow_new })
+    Some(Choice {
+        backend_id,
+        backend,
+        new_flow: allow_new,
+    })
 }

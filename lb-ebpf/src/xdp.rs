@@ -33,7 +33,12 @@ fn verdict(action: u32) -> u32 {
 #[inline(always)]
 fn lookup_vip(addr: &[u8; 16], port: u16, proto: u8, is_ipv6: bool) -> Option<VipInfo> {
     let family = if is_ipv6 { FAMILY_V6 } else { FAMILY_V4 };
-    let mut key = VipKey { addr: *addr, port, proto, family };
+    let mut key = VipKey {
+        addr: *addr,
+        port,
+        proto,
+        family,
+    };
     // SAFETY: the map value is copied out at once.
     if let Some(v) = unsafe { VIPS.get(&key) } {
         return Some(*v);
@@ -66,7 +71,12 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
     let family = if parsed.is_ipv6 { FAMILY_V6 } else { FAMILY_V4 };
     let (key, vip, syn, allow_new) = match parsed.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let Some(vip) = lookup_vip(&parsed.dst_addr, parsed.dst_port, parsed.proto, parsed.is_ipv6) else {
+            let Some(vip) = lookup_vip(
+                &parsed.dst_addr,
+                parsed.dst_port,
+                parsed.proto,
+                parsed.is_ipv6,
+            ) else {
                 count(Counter::LbNotVip);
                 return xdp_action::XDP_PASS;
             };
@@ -79,7 +89,8 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
                 family,
                 _pad: [0; 2],
             };
-            let syn = parsed.proto == IPPROTO_TCP && parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            let syn =
+                parsed.proto == IPPROTO_TCP && parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             (key, vip, syn, true)
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {

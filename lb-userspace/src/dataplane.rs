@@ -45,9 +45,58 @@ impl fmt::Display for AttachMode {
     }
 }
 
-/// Loads the balancer object (maps created, program verified but not attached).
+pub const DECAP_PROGRAM: &str = "decap";
+
+/// Map sizes chosen at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub max_vips: u32,
+    pub max_backends: u32,
+    /// Maglev table size M (prime).
+    pub ring_size: u32,
+    pub conntrack_entries: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            max_vips: 64,
+            max_backends: 4096,
+            ring_size: lb_common::maglev::DEFAULT_RING_SIZE,
+            conntrack_entries: 1 << 20,
+        }
+    }
+}
+
+impl MapSizes {
+    /// `RINGS` entries: two generations of M slots per VIP.
+    pub fn ring_entries(&self) -> Result<u32> {
+        self.max_vips
+            .checked_mul(2)
+            .and_then(|n| n.checked_mul(self.ring_size))
+            .with_context(|| {
+                format!(
+                    "{} VIPs x 2 generations x ring size {} overflows the RINGS map",
+                    self.max_vips, self.ring_size
+                )
+            })
+    }
+}
+
+/// Loads the balancer object with default map sizes.
 pub fn load_balancer() -> Result<Ebpf> {
+    load_balancer_with(&MapSizes::default())
+}
+
+/// Loads the balancer object (maps created, program verified but not attached).
+pub fn load_balancer_with(sizes: &MapSizes) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
+        .set_max_entries("VIPS", sizes.max_vips)
+        .set_max_entries("STATS_VIP", sizes.max_vips)
+        .set_max_entries("BACKENDS", sizes.max_backends)
+        .set_max_entries("STATS_BACKEND", sizes.max_backends)
+        .set_max_entries("RINGS", sizes.ring_entries()?)
+        .set_max_entries("CONNTRACK", sizes.conntrack_entries)
         .load(BALANCER_OBJECT)
         .context("loading the XDP object into the kernel")?;
     let prog: &mut Xdp = program_mut(&mut ebpf, BALANCER_PROGRAM)?;

@@ -1,4 +1,5 @@
 //! Controller library: everything `lbd` and `lbctl` do, behind thin binaries.
 
 pub mod dataplane;
+pub mod programming;
 pub mod stats;

@@ -188,7 +188,9 @@ fn every_frame_passes_untouched_and_counts_one_outcome() {
         );
         let d = delta(&before, &after);
         let mut want: std::collections::BTreeMap<_, _> =
-            [(case.outcome, 1u64), ("verdict_pass", 1)].into_iter().collect();
+            [(case.outcome, 1u64), ("verdict_pass", 1)]
+                .into_iter()
+                .collect();
         // Parsed packets go on to the VIP lookup; none is configured here.
         if matches!(case.outcome, "parse_tcp" | "parse_udp" | "parse_other_l4") {
             want.insert("lb_not_vip", 1);

@@ -76,7 +76,11 @@ pub fn host_prefix_len(ip: IpAddr) -> u8 {
 
 /// 20 -> 0x20: each decimal digit becomes a hex digit.
 fn decimal_as_hex(n: u8) -> u16 {
-    let (h, t, o) = (u16::from(n / 100), u16::from(n / 10 % 10), u16::from(n % 10));
+    let (h, t, o) = (
+        u16::from(n / 100),
+        u16::from(n / 10 % 10),
+        u16::from(n % 10),
+    );
     (h << 8) | (t << 4) | o
 }
 
@@ -92,8 +96,14 @@ mod tests {
         let b0 = backend_host(0).unwrap();
         assert_eq!(host_v4(b0).to_string(), "198.18.0.20");
         assert_eq!(host_v6(b0).to_string(), "fd00:198:18::20");
-        assert_eq!(host_v6(backend_host(17).unwrap()).to_string(), "fd00:198:18::37");
-        assert_eq!(host_v6(backend_host(199).unwrap()).to_string(), "fd00:198:18::219");
+        assert_eq!(
+            host_v6(backend_host(17).unwrap()).to_string(),
+            "fd00:198:18::37"
+        );
+        assert_eq!(
+            host_v6(backend_host(199).unwrap()).to_string(),
+            "fd00:198:18::219"
+        );
         assert!(backend_host(MAX_BACKENDS).is_err());
         assert_eq!(vip_v4(1).to_string(), "198.18.100.1");
         assert_eq!(vip_v6(1).to_string(), "fd00:198:18:100::1");

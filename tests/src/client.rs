@@ -92,9 +92,9 @@ impl HttpConn {
         self.writer
             .write_all(req.as_bytes())
             .with_context(|| format!("sending {method} {path} to {}", self.addr))?;
-        let resp = self
-            .read_response(method == "HEAD")
-            .with_context(|| format!("reading the response to {method} {path} from {}", self.addr))?;
+        let resp = self.read_response(method == "HEAD").with_context(|| {
+            format!("reading the response to {method} {path} from {}", self.addr)
+        })?;
         Ok(resp)
     }
 
@@ -146,7 +146,11 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Strin
     let mut conn = HttpConn::connect(addr, timeout)?;
     let resp = conn.request("GET", path, false)?;
     if resp.status != 200 {
-        bail!("GET {path} from {addr}: status {}: {}", resp.status, resp.text().trim());
+        bail!(
+            "GET {path} from {addr}: status {}: {}",
+            resp.status,
+            resp.text().trim()
+        );
     }
     Ok(resp.text())
 }

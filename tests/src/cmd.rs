@@ -133,11 +133,7 @@ mod tests {
     #[test]
     fn timeout_kills() {
         let start = Instant::now();
-        let err = run(
-            Command::new("sleep").arg("10"),
-            Duration::from_millis(200),
-        )
-        .unwrap_err();
+        let err = run(Command::new("sleep").arg("10"), Duration::from_millis(200)).unwrap_err();
         assert!(err.to_string().contains("did not finish"), "{err}");
         assert!(start.elapsed() < Duration::from_secs(5));
     }

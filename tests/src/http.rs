@@ -222,18 +222,31 @@ mod tests {
     fn keep_alive_rules() {
         let h = head("GET / HTTP/1.0\n\n").unwrap().unwrap();
         assert!(!h.keep_alive(true));
-        let h = head("GET / HTTP/1.0\nConnection: Keep-Alive\n\n").unwrap().unwrap();
+        let h = head("GET / HTTP/1.0\nConnection: Keep-Alive\n\n")
+            .unwrap()
+            .unwrap();
         assert!(h.keep_alive(true));
-        let h = head("HTTP/1.1 200 OK\nConnection: x, close\n\n").unwrap().unwrap();
+        let h = head("HTTP/1.1 200 OK\nConnection: x, close\n\n")
+            .unwrap()
+            .unwrap();
         assert!(!h.keep_alive(false));
     }
 
     #[test]
     fn rejects_garbage() {
         assert!(matches!(head("GET\r\n\r\n"), Err(HeadError::Malformed(_))));
-        assert!(matches!(head("GET / HTTP/1.1\r\nNoColon\r\n\r\n"), Err(HeadError::Malformed(_))));
-        assert!(matches!(head("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), Err(HeadError::Malformed(_))));
-        assert!(matches!(head("GET / HTTP/1.1\r\nHost"), Err(HeadError::Truncated)));
+        assert!(matches!(
+            head("GET / HTTP/1.1\r\nNoColon\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            head("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            head("GET / HTTP/1.1\r\nHost"),
+            Err(HeadError::Truncated)
+        ));
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
         assert!(matches!(head(&big), Err(HeadError::TooLarge)));
         assert!(matches!(head("\u{fffd} / HTTP/1.1\r\n\r\n"), Ok(Some(_))));

@@ -1,1 +1,27 @@
-//! placeholder
+//! End-to-end test harness for the load balancer (DESIGN.md §6).
+//!
+//! - [`Topology`]: client, LB and backend network namespaces on one bridge,
+//!   torn down on drop, even when a test panics.
+//! - [`in_netns`], [`Topology::exec`], [`Topology::spawn`]: running code,
+//!   commands and daemons inside those namespaces.
+//! - `lb-testserver` ([`testserver`]) and its launcher: real HTTP and UDP
+//!   servers in the backends that answer with their own name.
+//! - [`client`]: bounded HTTP and UDP clients to drive traffic.
+//!
+//! Everything here needs root except the pure helpers and the test server.
+
+pub mod addressing;
+pub mod client;
+pub mod cmd;
+pub mod http;
+pub mod launcher;
+pub mod netns;
+pub mod process;
+pub mod testserver;
+pub mod topology;
+
+pub use client::{HttpConn, Response, http_get, split_echo, udp_echo};
+pub use launcher::testserver_path;
+pub use netns::{NS_PREFIX, cleanup_stale, in_netns};
+pub use process::{Spawned, spawn_in_netns};
+pub use topology::{Host, Topology};

@@ -36,7 +36,10 @@ pub fn open(ns: &str) -> Result<File> {
 
 /// Names of all named network namespaces.
 pub fn list() -> Result<Vec<String>> {
-    let out = cmd::run(Command::new("ip").args(["netns", "list"]), cmd::DEFAULT_TIMEOUT)?;
+    let out = cmd::run(
+        Command::new("ip").args(["netns", "list"]),
+        cmd::DEFAULT_TIMEOUT,
+    )?;
     // Lines look like "name (id: 3)" or just "name".
     Ok(out
         .lines()
@@ -54,8 +57,14 @@ pub fn create(ns: &str) -> Result<()> {
     if path(ns).exists() {
         delete(ns);
     }
-    cmd::run(Command::new("ip").args(["netns", "add", ns]), cmd::DEFAULT_TIMEOUT)?;
-    ip(ns, &["link", "set", "lo", "up"])?;
+    cmd::run(
+        Command::new("ip").args(["netns", "add", ns]),
+        cmd::DEFAULT_TIMEOUT,
+    )?;
+    if let Err(e) = ip(ns, &["link", "set", "lo", "up"]) {
+        delete(ns);
+        return Err(e);
+    }
     Ok(())
 }
 

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use aya::{Ebpf, programs::TestRun, programs::TestRunOptions};
 use lb_userspace::{dataplane, stats};
 
-pub const XDP_ABORTED: u32 = 0;
+#[allow(dead_code)]
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+#[allow(dead_code)]
 pub const XDP_TX: u32 = 3;
 
 pub struct Harness {
@@ -24,6 +25,13 @@ pub struct RunOutput {
 impl Harness {
     pub fn load() -> Self {
         let ebpf = dataplane::load_balancer().expect("load balancer object (are we root?)");
+        Harness { ebpf }
+    }
+
+    #[allow(dead_code)]
+    pub fn load_with(sizes: &dataplane::MapSizes) -> Self {
+        let ebpf =
+            dataplane::load_balancer_with(sizes).expect("load balancer object (are we root?)");
         Harness { ebpf }
     }
 

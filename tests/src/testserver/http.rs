@@ -92,15 +92,30 @@ fn serve_conn(stream: TcpStream, name: &str, stats: &Stats) -> io::Result<()> {
             Ok(Some(h)) => h,
             Ok(None) | Err(HeadError::Io(_)) | Err(HeadError::Truncated) => return Ok(()),
             Err(HeadError::TooLarge) => {
-                return write_reply(&mut writer, &Reply::fatal(431, "head too large"), false, false);
+                return write_reply(
+                    &mut writer,
+                    &Reply::fatal(431, "head too large"),
+                    false,
+                    false,
+                );
             }
             Err(e @ HeadError::Malformed(_)) => {
-                return write_reply(&mut writer, &Reply::fatal(400, &e.to_string()), false, false);
+                return write_reply(
+                    &mut writer,
+                    &Reply::fatal(400, &e.to_string()),
+                    false,
+                    false,
+                );
             }
         };
         let [method, target, version] = &head.start;
         if !msg::is_http1(version) {
-            return write_reply(&mut writer, &Reply::fatal(400, "not HTTP/1.x"), false, false);
+            return write_reply(
+                &mut writer,
+                &Reply::fatal(400, "not HTTP/1.x"),
+                false,
+                false,
+            );
         }
         let body_len = match head.content_length() {
             Ok(n) => n.unwrap_or(0),

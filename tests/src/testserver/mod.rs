@@ -47,7 +47,8 @@ pub struct Config {
     pub udp: Vec<SocketAddr>,
 }
 
-pub const USAGE: &str = "usage: lb-testserver --name NAME [--http ADDR:PORT]... [--udp ADDR:PORT]...
+pub const USAGE: &str =
+    "usage: lb-testserver --name NAME [--http ADDR:PORT]... [--udp ADDR:PORT]...
   ADDR:PORT is 1.2.3.4:80 or [::]:80; --http and --udp may repeat.
   Prints {\"event\":\"listening\",...} on stdout once every socket is bound.";
 
@@ -58,18 +59,20 @@ impl Config {
         let (mut http, mut udp) = (Vec::new(), Vec::new());
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
-            let mut value = || {
-                args.next()
-                    .with_context(|| format!("{flag} needs a value"))
-            };
+            let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
             match flag.as_str() {
                 "--name" => name = Some(value()?),
                 "--http" | "--udp" => {
                     let v = value()?;
-                    let addr: SocketAddr = v
-                        .parse()
-                        .with_context(|| format!("{flag} {v:?}: expected ADDR:PORT or [ADDR]:PORT"))?;
-                    if flag == "--http" { &mut http } else { &mut udp }.push(addr);
+                    let addr: SocketAddr = v.parse().with_context(|| {
+                        format!("{flag} {v:?}: expected ADDR:PORT or [ADDR]:PORT")
+                    })?;
+                    if flag == "--http" {
+                        &mut http
+                    } else {
+                        &mut udp
+                    }
+                    .push(addr);
                 }
                 other => bail!("unknown argument {other:?}"),
             }
@@ -193,8 +196,10 @@ mod tests {
 
     #[test]
     fn parses_args() {
-        let c = Config::from_args(args("--name b0 --http 0.0.0.0:80 --http [::]:80 --udp [::1]:9"))
-            .unwrap();
+        let c = Config::from_args(args(
+            "--name b0 --http 0.0.0.0:80 --http [::]:80 --udp [::1]:9",
+        ))
+        .unwrap();
         assert_eq!(c.name, "b0");
         assert_eq!(c.http.len(), 2);
         assert_eq!(c.udp, vec!["[::1]:9".parse().unwrap()]);
@@ -213,11 +218,11 @@ mod tests {
         ))
         .unwrap();
         let server = Server::bind(&cfg).unwrap();
-        let line: serde_json::Value = serde_json::from_str(&server.listening_line().unwrap()).unwrap();
+        let line: serde_json::Value =
+            serde_json::from_str(&server.listening_line().unwrap()).unwrap();
         assert_eq!(line["event"], "listening");
-        let addr = |k: &str, i: usize| -> SocketAddr {
-            line[k][i].as_str().unwrap().parse().unwrap()
-        };
+        let addr =
+            |k: &str, i: usize| -> SocketAddr { line[k][i].as_str().unwrap().parse().unwrap() };
         let (h4, h6, u4) = (addr("http", 0), addr("http", 1), addr("udp", 0));
         let stats = server.stats();
         // Serving threads run until the test process exits.

@@ -7,8 +7,7 @@
 //! datagram, and the same control message on send makes it the source.
 
 use std::{
-    io,
-    mem,
+    io, mem,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
     os::fd::AsRawFd,
     ptr,
@@ -81,7 +80,9 @@ fn recv(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Opti
         let data = unsafe { libc::CMSG_DATA(cmsg) };
         if level == libc::IPPROTO_IP && ty == libc::IP_PKTINFO {
             let info: libc::in_pktinfo = unsafe { ptr::read_unaligned(data.cast()) };
-            dst = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr))));
+            dst = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                info.ipi_addr.s_addr,
+            ))));
         } else if level == libc::IPPROTO_IPV6 && ty == libc::IPV6_PKTINFO {
             let info: libc::in6_pktinfo = unsafe { ptr::read_unaligned(data.cast()) };
             dst = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
@@ -111,8 +112,16 @@ fn send(sock: &UdpSocket, buf: &[u8], peer: SocketAddr, src: Option<IpAddr>) -> 
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
     let (level, ty, len) = match src {
-        IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_PKTINFO, mem::size_of::<libc::in_pktinfo>()),
-        IpAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, mem::size_of::<libc::in6_pktinfo>()),
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            mem::size_of::<libc::in_pktinfo>(),
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            mem::size_of::<libc::in6_pktinfo>(),
+        ),
     };
     let len = len as libc::c_uint;
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(len) } as usize;
@@ -130,14 +139,18 @@ fn send(sock: &UdpSocket, buf: &[u8], peer: SocketAddr, src: Option<IpAddr>) -> 
                 // ifindex 0: let the route to the peer pick the interface.
                 let info = libc::in_pktinfo {
                     ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr { s_addr: u32::from(a).to_be() },
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(a).to_be(),
+                    },
                     ipi_addr: libc::in_addr { s_addr: 0 },
                 };
                 ptr::write_unaligned(data.cast(), info);
             }
             IpAddr::V6(a) => {
                 let info = libc::in6_pktinfo {
-                    ipi6_addr: libc::in6_addr { s6_addr: a.octets() },
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: a.octets(),
+                    },
                     ipi6_ifindex: 0,
                 };
                 ptr::write_unaligned(data.cast(), info);
@@ -231,7 +244,7 @@ pub fn serve(sock: UdpSocket, name: &str, stats: &Stats) {
         reply.extend_from_slice(&buf[..n]);
         // A reply can be larger than 64 KiB minus headers only in theory;
         // the kernel's EMSGSIZE then just lands in the log.
-        match send(&sock, &reply, peer, dst) {
+        match send(&sock, &reply, peer, None.or(Some(dst).filter(|_| false).flatten())) {
             Ok(_) => {
                 stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
             }

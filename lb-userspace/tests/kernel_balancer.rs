@@ -1,0 +1,708 @@
+//! Kernel tier: the balancer on crafted frames, as a table of fixtures. Each
+//! row: the maps' state (set up by the rows before it), a frame in, the
+//! verdict, the frame out byte for byte, and the exact global counter deltas.
+//! Expected frames are assembled here by hand, independently of the data
+//! plane's header builders.
+
+mod kernel;
+
+use std::collections::BTreeMap;
+
+use aya::maps::{MapData, PerCpuArray};
+use kernel::{Harness, XDP_DROP, XDP_PASS, XDP_TX, delta};
+use lb_common::{
+    csum,
+    maps::{
+        BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, BackendInfo, FAMILY_V4, FAMILY_V6, LbConfig,
+        MODE_IPIP, MODE_L2DSR, Traffic, VipInfo, VipKey,
+    },
+    parse::{IPPROTO_TCP, IPPROTO_UDP, parse},
+    testframe::{self, FrameSpec, L4, LB_MAC},
+    wire::tcp::TCP_ACK,
+};
+use lb_userspace::{dataplane::MapSizes, programming};
+
+const M: u32 = 13;
+const ENCAP_SRC_V4: [u8; 4] = [198, 18, 0, 2];
+const CLIENT_V4: [u8; 4] = [198, 18, 0, 10];
+
+fn v16(a: [u8; 4]) -> [u8; 16] {
+    let mut o = [0; 16];
+    o[..4].copy_from_slice(&a);
+    o
+}
+
+fn backend_mac(id: u32) -> [u8; 6] {
+    [0x02, 0x00, 0xc6, 0x12, 0x01, id as u8]
+}
+
+/// Backends 1, 2: IPv4; 3, 4: IPv6.
+fn backend(id: u32) -> BackendInfo {
+    let (addr, family) = match id {
+        1 | 2 => (v16([198, 18, 0, 19 + id as u8]), FAMILY_V4),
+        _ => (testframe::v6(0x20 + id as u16), FAMILY_V6),
+    };
+    BackendInfo {
+        addr,
+        family,
+        state: BACKEND_UP,
+        next_hop_mac: backend_mac(id),
+        src_mac: LB_MAC,
+        _pad: [0; 2],
+        ifindex: 0,
+    }
+}
+
+struct Vip {
+    key: VipKey,
+    id: u32,
+}
+
+fn vip_key(addr: &[u8], port: u16, proto: u8) -> VipKey {
+    let (a, family) = if addr.len() == 4 {
+        (v16(addr.try_into().unwrap()), FAMILY_V4)
+    } else {
+        (addr.try_into().unwrap(), FAMILY_V6)
+    };
+    VipKey {
+        addr: a,
+        port,
+        proto,
+        family,
+    }
+}
+
+struct Bench {
+    h: Harness,
+}
+
+impl Bench {
+    fn new() -> Self {
+        let sizes = MapSizes {
+            max_vips: 16,
+            max_backends: 16,
+            ring_size: M,
+            conntrack_entries: 4096,
+        };
+        let mut h = Harness::load_with(&sizes);
+        programming::set_config(
+            &mut h.ebpf,
+            &LbConfig {
+                encap_src_v4: ENCAP_SRC_V4,
+                encap_src_v6: testframe::v6(2),
+                hash_seed: 0x5eed,
+                ring_size: M,
+                flags: 0,
+                udp_timeout_ns: 30_000_000_000,
+            },
+        )
+        .unwrap();
+        for id in 1..=4 {
+            programming::set_backend(&mut h.ebpf, id, &backend(id)).unwrap();
+        }
+        Bench { h }
+    }
+
+    fn vip(&mut self, id: u32, key: VipKey, mode: u8, all_to: u32) -> Vip {
+        let info = VipInfo {
+            vip_id: id,
+            flags: 0,
+            mode,
+            ring_gen: 0,
+            _pad: [0; 2],
+        };
+        programming::set_vip(&mut self.h.ebpf, &key, &info).unwrap();
+        programming::write_ring(&mut self.h.ebpf, id, 0, &vec![all_to; M as usize]).unwrap();
+        Vip { key, id }
+    }
+
+    fn ring_all(&mut self, vip: &Vip, to: u32) {
+        programming::publish_ring(&mut self.h.ebpf, &vip.key, &vec![to; M as usize]).unwrap();
+    }
+
+    fn state(&mut self, id: u32, state: u8) {
+        let b = BackendInfo {
+            state,
+            ..backend(id)
+        };
+        programming::set_backend(&mut self.h.ebpf, id, &b).unwrap();
+    }
+
+    /// Runs one row and checks it.
+    fn check(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        verdict: u32,
+        out: &[u8],
+        counters: &[(&'static str, u64)],
+    ) {
+        let before = self.h.counters();
+        let got = self.h.run(frame);
+        let d = delta(&before, &self.h.counters());
+        let want: BTreeMap<&'static str, u64> = counters.iter().copied().collect();
+        assert_eq!(got.verdict, verdict, "{name}: verdict");
+        assert_eq!(hex(&got.frame), hex(out), "{name}: output frame");
+        assert_eq!(d, want, "{name}: counter deltas");
+    }
+
+    fn traffic(&self, map: &str, id: u32) -> Traffic {
+        let m: PerCpuArray<&MapData, Traffic> =
+            PerCpuArray::try_from(self.h.ebpf.map(map).unwrap()).unwrap();
+        m.get(&id, 0)
+            .unwrap()
+            .iter()
+            .fold(Traffic::default(), |a, t| Traffic {
+                packets: a.packets + t.packets,
+                bytes: a.bytes + t.bytes,
+                new_flows: a.new_flows + t.new_flows,
+            })
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn inner_of(frame: &[u8]) -> (&[u8], u8, u8, bool) {
+    let p = parse(frame).unwrap();
+    let inner = &frame[p.l3_offset..];
+    let ttl = if p.is_ipv6 { inner[7] } else { inner[8] };
+    (inner, p.tos, ttl, p.is_ipv6)
+}
+
+/// Expected IPIP output towards backend `id`, built from first principles.
+fn encapsulated(frame: &[u8], id: u32) -> Vec<u8> {
+    let (inner, tos, ttl, inner_v6) = inner_of(frame);
+    let b = backend(id);
+    let mut out = Vec::new();
+    out.extend_from_slice(&b.next_hop_mac);
+    out.extend_from_slice(&LB_MAC);
+    let proto = if inner_v6 { 41 } else { 4 };
+    if b.family == FAMILY_V4 {
+        out.extend_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![0x45, tos];
+        ip.extend_from_slice(&((20 + inner.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&[0, 0, 0x40, 0, ttl, proto, 0, 0]);
+        ip.extend_from_slice(&ENCAP_SRC_V4);
+        ip.extend_from_slice(&b.addr[..4]);
+        let c = csum::checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        out.extend_from_slice(&ip);
+    } else {
+        out.extend_from_slice(&[0x86, 0xdd]);
+        out.extend_from_slice(&[0x60 | (tos >> 4), tos << 4, 0, 0]);
+        out.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+        out.extend_from_slice(&[proto, ttl]);
+        out.extend_from_slice(&testframe::v6(2));
+        out.extend_from_slice(&b.addr);
+    }
+    out.extend_from_slice(inner);
+    out
+}
+
+/// Expected L2 DSR output: only the MACs change.
+fn mac_rewritten(frame: &[u8], id: u32) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[..6].copy_from_slice(&backend_mac(id));
+    out[6..12].copy_from_slice(&LB_MAC);
+    out
+}
+
+fn tcp4(dst: [u8; 4], sport: u16, dport: u16) -> FrameSpec {
+    FrameSpec::v4_tcp(CLIENT_V4, dst, sport, dport)
+}
+fn udp4(dst: [u8; 4], sport: u16, dport: u16) -> FrameSpec {
+    FrameSpec::v4_udp(CLIENT_V4, dst, sport, dport)
+}
+fn tcp6(dst: [u8; 16], sport: u16, dport: u16) -> FrameSpec {
+    FrameSpec::v6_tcp(testframe::v6(0x10), dst, sport, dport)
+}
+fn udp6(dst: [u8; 16], sport: u16, dport: u16) -> FrameSpec {
+    FrameSpec::v6_udp(testframe::v6(0x10), dst, sport, dport)
+}
+fn ack(mut s: FrameSpec) -> FrameSpec {
+    if let L4::Tcp { flags, .. } = &mut s.l4 {
+        *flags = TCP_ACK;
+    }
+    s
+}
+
+const TX_TCP_NEW: &[(&str, u64)] = &[
+    ("parse_tcp", 1),
+    ("lb_conntrack_miss", 1),
+    ("lb_new_flow", 1),
+    ("verdict_tx", 1),
+];
+const TX_UDP_NEW: &[(&str, u64)] = &[
+    ("parse_udp", 1),
+    ("lb_conntrack_miss", 1),
+    ("lb_new_flow", 1),
+    ("verdict_tx", 1),
+];
+
+#[test]
+fn forwarding_modes_families_and_protocols() {
+    let mut b = Bench::new();
+    let v4 = [198, 18, 100, 1];
+    let v4l2 = [198, 18, 100, 2];
+    let v6 = testframe::v6_vip(1);
+    let v6l2 = testframe::v6_vip(2);
+    let v6o4 = testframe::v6_vip(3);
+    b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), MODE_IPIP, 1);
+    b.vip(1, vip_key(&v4, 53, IPPROTO_UDP), MODE_IPIP, 2);
+    b.vip(2, vip_key(&v6, 80, IPPROTO_TCP), MODE_IPIP, 3);
+    b.vip(3, vip_key(&v6, 53, IPPROTO_UDP), MODE_IPIP, 4);
+    b.vip(4, vip_key(&v4l2, 0, IPPROTO_TCP), MODE_L2DSR, 1);
+    b.vip(5, vip_key(&v4l2, 0, IPPROTO_UDP), MODE_L2DSR, 2);
+    b.vip(6, vip_key(&v6l2, 443, IPPROTO_TCP), MODE_L2DSR, 3);
+    b.vip(7, vip_key(&v6l2, 443, IPPROTO_UDP), MODE_L2DSR, 4);
+    b.vip(8, vip_key(&v6o4, 80, IPPROTO_TCP), MODE_IPIP, 1);
+    b.vip(
+        9,
+        vip_key(&[198, 18, 100, 9], 80, IPPROTO_TCP),
+        MODE_IPIP,
+        0,
+    );
+    b.vip(
+        10,
+        vip_key(&[198, 18, 100, 10], 80, IPPROTO_TCP),
+        MODE_IPIP,
+        3,
+    );
+
+    let rows: Vec<(
+        &str,
+        Vec<u8>,
+        u32,
+        Box<dyn Fn(&[u8]) -> Vec<u8>>,
+        &[(&str, u64)],
+    )> = vec![
+        (
+            "ipip 4in4 tcp",
+            testframe::build(&tcp4(v4, 1000, 80)),
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 1)),
+            TX_TCP_NEW,
+        ),
+        (
+            "ipip 4in4 udp",
+            testframe::build(&udp4(v4, 1000, 53)),
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 2)),
+            TX_UDP_NEW,
+        ),
+        (
+            "ipip 6in6 tcp",
+            testframe::build(&tcp6(v6, 1000, 80)),
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 3)),
+            TX_TCP_NEW,
+        ),
+        (
+            "ipip 6in6 udp",
+            testframe::build(&udp6(v6, 1000, 53)),
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 4)),
+            TX_UDP_NEW,
+        ),
+        (
+            "ipip 6in4 tcp",
+            testframe::build(&tcp6(v6o4, 1000, 80)),
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 1)),
+            TX_TCP_NEW,
+        ),
+        (
+            "l2dsr v4 tcp, any port",
+            testframe::build(&tcp4(v4l2, 1000, 22)),
+            XDP_TX,
+            Box::new(|f| mac_rewritten(f, 1)),
+            TX_TCP_NEW,
+        ),
+        (
+            "l2dsr v4 udp, any port",
+            testframe::build(&udp4(v4l2, 1000, 9999)),
+            XDP_TX,
+            Box::new(|f| mac_rewritten(f, 2)),
+            TX_UDP_NEW,
+        ),
+        (
+            "l2dsr v6 tcp",
+            testframe::build(&tcp6(v6l2, 1000, 443)),
+            XDP_TX,
+            Box::new(|f| mac_rewritten(f, 3)),
+            TX_TCP_NEW,
+        ),
+        (
+            "l2dsr v6 udp",
+            testframe::build(&udp6(v6l2, 1000, 443)),
+            XDP_TX,
+            Box::new(|f| mac_rewritten(f, 4)),
+            TX_UDP_NEW,
+        ),
+        (
+            "vlan-tagged frame: tag dropped, inner datagram encapsulated",
+            testframe::build(&FrameSpec {
+                vlan: Some(42),
+                ..tcp4(v4, 1001, 80)
+            }),
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 1)),
+            TX_TCP_NEW,
+        ),
+        (
+            "ipv4 options travel inside the tunnel",
+            testframe::build(&FrameSpec {
+                ipv4_options: 12,
+                ..tcp4(v4, 1002, 80)
+            }),
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 1)),
+            TX_TCP_NEW,
+        ),
+        (
+            "ttl and dscp copied to the outer header",
+            testframe::build(&FrameSpec {
+                ttl: 7,
+                tos: 0xb8,
+                ..tcp4(v4, 1003, 80)
+            }),
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 1)),
+            TX_TCP_NEW,
+        ),
+        (
+            "traffic class and hop limit copied, 6in6",
+            testframe::build(&FrameSpec {
+                ttl: 3,
+                tos: 0x2e,
+                ..udp6(v6, 1004, 53)
+            }),
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 4)),
+            TX_UDP_NEW,
+        ),
+        (
+            "not a VIP address",
+            testframe::build(&tcp4([198, 18, 100, 200], 1000, 80)),
+            XDP_PASS,
+            Box::new(|f| f.to_vec()),
+            &[("parse_tcp", 1), ("lb_not_vip", 1), ("verdict_pass", 1)],
+        ),
+        (
+            "VIP address, other port",
+            testframe::build(&tcp4(v4, 1000, 81)),
+            XDP_PASS,
+            Box::new(|f| f.to_vec()),
+            &[("parse_tcp", 1), ("lb_not_vip", 1), ("verdict_pass", 1)],
+        ),
+        (
+            "VIP address, other protocol",
+            testframe::build(&udp4(v4, 1000, 80)),
+            XDP_PASS,
+            Box::new(|f| f.to_vec()),
+            &[("parse_udp", 1), ("lb_not_vip", 1), ("verdict_pass", 1)],
+        ),
+        (
+            "arp",
+            {
+                let mut f = testframe::build(&udp4(v4, 1, 2));
+                f[12..14].copy_from_slice(&[0x08, 0x06]);
+                f
+            },
+            XDP_PASS,
+            Box::new(|f| f.to_vec()),
+            &[("parse_not_ip", 1), ("verdict_pass", 1)],
+        ),
+        (
+            "fragment to a VIP never reaches a backend",
+            {
+                let mut f = testframe::build(&udp4(v4, 1000, 53));
+                f[20..22].copy_from_slice(&[0x20, 0x00]);
+                f
+            },
+            XDP_PASS,
+            Box::new(|f| f.to_vec()),
+            &[("parse_ipv4_fragment", 1), ("verdict_pass", 1)],
+        ),
+        (
+            "ipv6 extension header to a VIP",
+            {
+                let mut f = testframe::build(&udp6(v6, 1000, 53));
+                f[20] = 44;
+                f
+            },
+            XDP_PASS,
+            Box::new(|f| f.to_vec()),
+            &[("parse_ipv6_ext_header", 1), ("verdict_pass", 1)],
+        ),
+        (
+            "truncated tcp header to a VIP",
+            testframe::truncate_datagram(&testframe::build(&tcp4(v4, 1000, 80)), 10),
+            XDP_PASS,
+            Box::new(|f| f.to_vec()),
+            &[("parse_truncated_l4", 1), ("verdict_pass", 1)],
+        ),
+        (
+            "frame cut inside the ip header",
+            testframe::build(&tcp4(v4, 1000, 80))[..30].to_vec(),
+            XDP_PASS,
+            Box::new(|f| f.to_vec()),
+            &[("parse_truncated_l3", 1), ("verdict_pass", 1)],
+        ),
+        (
+            "VIP with an empty ring drops",
+            testframe::build(&tcp4([198, 18, 100, 9], 1000, 80)),
+            XDP_DROP,
+            Box::new(|f| f.to_vec()),
+            &[
+                ("parse_tcp", 1),
+                ("lb_conntrack_miss", 1),
+                ("lb_no_backend", 1),
+                ("verdict_drop", 1),
+            ],
+        ),
+        (
+            "ipv4 VIP over an ipv6 backend is refused, not mangled",
+            testframe::build(&tcp4([198, 18, 100, 10], 1000, 80)),
+            XDP_DROP,
+            Box::new(|f| f.to_vec()),
+            &[
+                ("parse_tcp", 1),
+                ("lb_conntrack_miss", 1),
+                ("lb_new_flow", 1),
+                ("lb_unsupported_encap", 1),
+                ("verdict_drop", 1),
+            ],
+        ),
+        (
+            "icmp frag-needed quoting a VIP reply goes to that flow's backend",
+            {
+                let reply = testframe::build(&FrameSpec::v4_tcp(v4, CLIENT_V4, 80, 1000));
+                testframe::icmp_too_big(&reply, [198, 18, 0, 1], v4, 1400)
+            },
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 1)),
+            &[
+                ("parse_other_l4", 1),
+                ("lb_icmp_too_big", 1),
+                ("lb_conntrack_hit", 1),
+                ("verdict_tx", 1),
+            ],
+        ),
+        (
+            "icmpv6 packet-too-big quoting a VIP reply goes to that flow's backend",
+            {
+                let reply = testframe::build(&FrameSpec::v6_udp(v6, testframe::v6(0x10), 53, 1000));
+                testframe::icmp6_too_big(&reply, testframe::v6(1), v6, 1280)
+            },
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 4)),
+            &[
+                ("parse_other_l4", 1),
+                ("lb_icmp_too_big", 1),
+                ("lb_conntrack_hit", 1),
+                ("verdict_tx", 1),
+            ],
+        ),
+        (
+            "icmp too-big about an unknown flow uses the ring, creates nothing",
+            {
+                let reply = testframe::build(&FrameSpec::v4_tcp(v4, CLIENT_V4, 80, 4242));
+                testframe::icmp_too_big(&reply, [198, 18, 0, 1], v4, 1400)
+            },
+            XDP_TX,
+            Box::new(|f| encapsulated(f, 1)),
+            &[
+                ("parse_other_l4", 1),
+                ("lb_icmp_too_big", 1),
+                ("lb_conntrack_miss", 1),
+                ("verdict_tx", 1),
+            ],
+        ),
+        (
+            "other icmp to a VIP address passes",
+            testframe::build(&FrameSpec {
+                l4: L4::Raw {
+                    proto: 1,
+                    payload_len: 8,
+                },
+                ..udp4(v4, 0, 0)
+            }),
+            XDP_PASS,
+            Box::new(|f| f.to_vec()),
+            &[
+                ("parse_other_l4", 1),
+                ("lb_not_vip", 1),
+                ("verdict_pass", 1),
+            ],
+        ),
+    ];
+    let n = rows.len();
+    for (name, frame, verdict, out, counters) in rows {
+        let expected = out(&frame);
+        b.check(name, &frame, verdict, &expected, counters);
+    }
+    assert!(n >= 27, "{n} rows");
+}
+
+/// Flow stickiness, second chance, down re-pick, drain and UDP expiry, in
+/// one sequence over shared state.
+#[test]
+fn connection_table_rules() {
+    let mut b = Bench::new();
+    let v4 = [198, 18, 100, 1];
+    let tcp = b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), MODE_IPIP, 1);
+    let udp = b.vip(1, vip_key(&v4, 53, IPPROTO_UDP), MODE_IPIP, 1);
+    let flow_a = tcp4(v4, 2000, 80);
+
+    let syn = testframe::build(&flow_a);
+    b.check(
+        "SYN on ring gen 0 -> backend 1",
+        &syn,
+        XDP_TX,
+        &encapsulated(&syn, 1),
+        TX_TCP_NEW,
+    );
+
+    b.ring_all(&tcp, 2);
+    let a_ack = testframe::build(&ack(flow_a.clone()));
+    b.check(
+        "established flow stays on backend 1 after the ring moved to 2",
+        &a_ack,
+        XDP_TX,
+        &encapsulated(&a_ack, 1),
+        &[("parse_tcp", 1), ("lb_conntrack_hit", 1), ("verdict_tx", 1)],
+    );
+
+    let syn_b = testframe::build(&tcp4(v4, 2001, 80));
+    b.check(
+        "new SYN follows the new ring",
+        &syn_b,
+        XDP_TX,
+        &encapsulated(&syn_b, 2),
+        TX_TCP_NEW,
+    );
+
+    let c_ack = testframe::build(&ack(tcp4(v4, 2002, 80)));
+    b.check(
+        "mid-stream packet without an entry: second chance keeps the old ring's backend",
+        &c_ack,
+        XDP_TX,
+        &encapsulated(&c_ack, 1),
+        &[
+            ("parse_tcp", 1),
+            ("lb_conntrack_miss", 1),
+            ("lb_second_chance_hit", 1),
+            ("lb_new_flow", 1),
+            ("verdict_tx", 1),
+        ],
+    );
+
+    b.state(1, BACKEND_DOWN);
+    b.check(
+        "backend 1 down: its flow is re-picked from the ring",
+        &a_ack,
+        XDP_TX,
+        &encapsulated(&a_ack, 2),
+        &[
+            ("parse_tcp", 1),
+            ("lb_repick_down", 1),
+            ("lb_new_flow", 1),
+            ("verdict_tx", 1),
+        ],
+    );
+    let d_ack = testframe::build(&ack(tcp4(v4, 2003, 80)));
+    b.check(
+        "second chance skips a down backend",
+        &d_ack,
+        XDP_TX,
+        &encapsulated(&d_ack, 2),
+        &[
+            ("parse_tcp", 1),
+            ("lb_conntrack_miss", 1),
+            ("lb_new_flow", 1),
+            ("verdict_tx", 1),
+        ],
+    );
+
+    b.state(1, BACKEND_UP);
+    b.state(2, BACKEND_DRAINING);
+    b.ring_all(&tcp, 1);
+    b.check(
+        "draining backend 2 keeps its established flow",
+        &a_ack,
+        XDP_TX,
+        &encapsulated(&a_ack, 2),
+        &[("parse_tcp", 1), ("lb_conntrack_hit", 1), ("verdict_tx", 1)],
+    );
+    let e_syn = testframe::build(&tcp4(v4, 2004, 80));
+    b.check(
+        "while new flows avoid it",
+        &e_syn,
+        XDP_TX,
+        &encapsulated(&e_syn, 1),
+        TX_TCP_NEW,
+    );
+
+    // UDP: sticky within the timeout, a new flow after it.
+    let u = testframe::build(&udp4(v4, 3000, 53));
+    b.check(
+        "udp first packet",
+        &u,
+        XDP_TX,
+        &encapsulated(&u, 1),
+        TX_UDP_NEW,
+    );
+    b.ring_all(&udp, 2);
+    b.check(
+        "udp within the timeout stays",
+        &u,
+        XDP_TX,
+        &encapsulated(&u, 1),
+        &[("parse_udp", 1), ("lb_conntrack_hit", 1), ("verdict_tx", 1)],
+    );
+    programming::set_config(
+        &mut b.h.ebpf,
+        &LbConfig {
+            encap_src_v4: ENCAP_SRC_V4,
+            encap_src_v6: testframe::v6(2),
+            hash_seed: 0x5eed,
+            ring_size: M,
+            flags: 0,
+            udp_timeout_ns: 0,
+        },
+    )
+    .unwrap();
+    b.check(
+        "udp entry past its timeout is a new flow on the current ring",
+        &u,
+        XDP_TX,
+        &encapsulated(&u, 2),
+        &[
+            ("parse_udp", 1),
+            ("lb_udp_expired", 1),
+            ("lb_new_flow", 1),
+            ("verdict_tx", 1),
+        ],
+    );
+
+    // Per-VIP and per-backend counters are exact: bytes are frame bytes as
+    // received, before encapsulation.
+    let tcp_vip = b.traffic("STATS_VIP", tcp.id);
+    let tcp_frames = [&syn, &a_ack, &syn_b, &c_ack, &a_ack, &d_ack, &a_ack, &e_syn];
+    assert_eq!(tcp_vip.packets, tcp_frames.len() as u64);
+    assert_eq!(
+        tcp_vip.bytes,
+        tcp_frames.iter().map(|f| f.len() as u64).sum::<u64>()
+    );
+    assert_eq!(tcp_vip.new_flows, 6);
+    let b1 = b.traffic("STATS_BACKEND", 1);
+    let b2 = b.traffic("STATS_BACKEND", 2);
+    // Backend 1: syn, a_ack (sticky), c_ack (second chance), e_syn, 2 udp.
+    assert_eq!((b1.packets, b1.new_flows), (6, 4));
+    // Backend 2: syn_b, a_ack (re-pick), d_ack, a_ack (draining), udp (expired).
+    assert_eq!((b2.packets, b2.new_flows), (5, 4));
+    assert_eq!(b.traffic("STATS_VIP", udp.id).packets, 3);
+}

@@ -1,0 +1,66 @@
+//! Starting `lb-testserver` from tests: finding the binary, building its
+//! command line, waiting until it listens.
+
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail};
+
+use crate::process::Spawned;
+
+/// Environment variable that overrides where `lb-testserver` is.
+pub const TESTSERVER_ENV: &str = "LB_TESTSERVER";
+
+/// How long a server may take to bind and say so.
+pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `lb-testserver` binary: `$LB_TESTSERVER`, or else next to the running
+/// test executable (tests run from target/<profile>/deps/, binaries live in
+/// target/<profile>/). `CARGO_BIN_EXE_*` would be simpler but only exists
+/// for integration tests of this crate, and the harness serves others too.
+pub fn testserver_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(TESTSERVER_ENV) {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("${TESTSERVER_ENV} is {}, which is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    let mut dir = exe
+        .parent()
+        .with_context(|| format!("{} has no parent directory", exe.display()))?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    let path = dir.join("lb-testserver");
+    if !path.is_file() {
+        bail!(
+            "{} not found: run `cargo build -p lb-tests --bins` first (same profile as the \
+             tests), or set ${TESTSERVER_ENV}",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The command that runs a test server called `name` on these addresses.
+pub fn testserver_command(name: &str, http: &[SocketAddr], udp: &[SocketAddr]) -> Result<Command> {
+    let mut cmd = Command::new(testserver_path()?);
+    cmd.args(["--name", name]);
+    for a in http {
+        cmd.arg("--http").arg(a.to_string());
+    }
+    for a in udp {
+        cmd.arg("--udp").arg(a.to_string());
+    }
+    Ok(cmd)
+}
+
+/// Waits for a test server's `listening` line and returns it, parsed.
+pub fn wait_listening(server: &mut Spawned, timeout: Duration) -> Result<serde_json::Value> {
+    let line = server.wait_for_line(
+        |l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["event"] == "listening"),
+        timeout,
+    )?;
+    serde_json::from_str(&line).with_context(|| format!("bad listening line {line:?}"))
+}
