@@ -23,8 +23,8 @@ use std::{cmp::Reverse, collections::BTreeMap, collections::BinaryHeap, vec, vec
 #[cfg(any(test, feature = "std"))]
 use crate::hash::maglev_offset_skip;
 
-/// The paper's recommended size: prime, and over 100 slots per backend for
-/// up to 655 backends, which keeps imbalance under about 1%.
+/// The size the paper evaluates and Katran defaults to: prime, and over the
+/// paper's 100 slots per backend for up to 655 backends.
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 
 /// The smallest size for which a permutation exists (skip must lie in

@@ -191,7 +191,7 @@ pub fn build(spec: &FrameSpec) -> Vec<u8> {
         f.extend_from_slice(&spec.src_ip);
         f.extend_from_slice(&spec.dst_ip);
     } else {
-        assert!(spec.ipv4_options % 4 == 0 && spec.ipv4_options <= 40);
+        assert!(spec.ipv4_options.is_multiple_of(4) && spec.ipv4_options <= 40);
         let hl = 20 + spec.ipv4_options;
         let start = f.len();
         f.push(0x40 | (hl / 4) as u8);

@@ -706,3 +706,95 @@ fn connection_table_rules() {
     assert_eq!((b2.packets, b2.new_flows), (5, 4));
     assert_eq!(b.traffic("STATS_VIP", udp.id).packets, 3);
 }
+
+/// For 10,000 random flows the backend the kernel picks is the one userspace
+/// computes from the same Maglev table and the shared flow hash.
+#[test]
+fn kernel_and_userspace_agree_on_10000_random_flows() {
+    use lb_common::{
+        maglev::{self, MaglevBackend},
+        maps::FlowKey,
+        ring::flow_slot,
+    };
+    const RING: u32 = 1009;
+    const SEED: u32 = 0xc0ffee;
+    let sizes = MapSizes {
+        max_vips: 2,
+        max_backends: 16,
+        ring_size: RING,
+        conntrack_entries: 16384,
+    };
+    let mut h = Harness::load_with(&sizes);
+    let cfg = LbConfig {
+        encap_src_v4: ENCAP_SRC_V4,
+        encap_src_v6: testframe::v6(2),
+        hash_seed: SEED,
+        ring_size: RING,
+        flags: 0,
+        udp_timeout_ns: 30_000_000_000,
+    };
+    programming::set_config(&mut h.ebpf, &cfg).unwrap();
+    let backends: Vec<MaglevBackend> = (1..=10u32)
+        .map(|id| MaglevBackend {
+            id,
+            identity: v16([198, 18, 0, 20 + id as u8]),
+            weight: 1 + id % 3,
+        })
+        .collect();
+    for mb in &backends {
+        let info = BackendInfo {
+            addr: mb.identity,
+            family: FAMILY_V4,
+            ..backend(1)
+        };
+        programming::set_backend(&mut h.ebpf, mb.id, &info).unwrap();
+    }
+    let table = maglev::build(&backends, RING, SEED).unwrap();
+    let vip = [198, 18, 100, 1];
+    let key = vip_key(&vip, 0, IPPROTO_UDP);
+    let info = VipInfo {
+        vip_id: 1,
+        flags: 0,
+        mode: MODE_IPIP,
+        ring_gen: 0,
+        _pad: [0; 2],
+    };
+    programming::set_vip(&mut h.ebpf, &key, &info).unwrap();
+    programming::publish_ring(&mut h.ebpf, &key, &table).unwrap();
+
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut per_backend = BTreeMap::new();
+    for _ in 0..10_000 {
+        let r = next();
+        let src = [198, 18, (r >> 8) as u8 & 1, (r >> 16) as u8];
+        let (sport, dport) = ((r >> 24) as u16, (r >> 40) as u16);
+        let frame = testframe::build(&FrameSpec::v4_udp(src, vip, sport, dport));
+        let flow = FlowKey {
+            src: v16(src),
+            dst: v16(vip),
+            src_port: sport,
+            dst_port: dport,
+            proto: IPPROTO_UDP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let want = table[flow_slot(&flow, SEED, RING) as usize];
+        let out = h.run(&frame);
+        assert_eq!(out.verdict, XDP_TX);
+        // Outer IPv4 destination = the chosen backend.
+        let got = out.frame[33] - 20;
+        assert_eq!(got as u32, want, "flow {src:?}:{sport} -> {dport}");
+        *per_backend.entry(want).or_insert(0u32) += 1;
+    }
+    assert_eq!(
+        per_backend.len(),
+        10,
+        "every backend got flows: {per_backend:?}"
+    );
+}

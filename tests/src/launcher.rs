@@ -14,8 +14,8 @@ pub const TESTSERVER_ENV: &str = "LB_TESTSERVER";
 pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `lb-testserver` binary: `$LB_TESTSERVER`, or else next to the running
-/// test executable (tests run from target/<profile>/deps/, binaries live in
-/// target/<profile>/). `CARGO_BIN_EXE_*` would be simpler but only exists
+/// test executable (tests run from `target/<profile>/deps/`, binaries live in
+/// `target/<profile>/`). `CARGO_BIN_EXE_*` would be simpler but only exists
 /// for integration tests of this crate, and the harness serves others too.
 pub fn testserver_path() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(TESTSERVER_ENV) {

@@ -49,7 +49,7 @@ pub struct Host {
 }
 
 impl Host {
-    /// "client", "lb" or "backend<i>".
+    /// `client`, `lb` or `backend<i>`.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -339,7 +339,7 @@ impl Topology {
     }
 
     /// Starts one test server per backend, named `backend<i>`, with HTTP on
-    /// `port_http` and UDP echo on `port_udp`, both on 0.0.0.0 and [::] (so
+    /// `port_http` and UDP echo on `port_udp`, both on `0.0.0.0` and `[::]` (so
     /// also on any VIP), and waits until all listen.
     pub fn start_servers(&self, port_http: u16, port_udp: u16) -> Result<Vec<Spawned>> {
         let any4 = IpAddr::from(Ipv4Addr::UNSPECIFIED);

@@ -40,7 +40,14 @@ impl Harness {
     }
 
     pub fn run(&mut self, frame: &[u8]) -> RunOutput {
-        let prog = dataplane::program_mut(&mut self.ebpf, dataplane::BALANCER_PROGRAM).unwrap();
+        self.run_program(dataplane::BALANCER_PROGRAM, frame)
+    }
+
+    pub fn run_program(&mut self, name: &str, frame: &[u8]) -> RunOutput {
+        let prog = dataplane::program_mut(&mut self.ebpf, name).unwrap();
+        if prog.fd().is_err() {
+            prog.load().expect("verify program");
+        }
         // Room for encapsulation headers added in front of the frame.
         let mut out = vec![0u8; frame.len() + 256];
         let res = prog

@@ -244,7 +244,7 @@ pub fn serve(sock: UdpSocket, name: &str, stats: &Stats) {
         reply.extend_from_slice(&buf[..n]);
         // A reply can be larger than 64 KiB minus headers only in theory;
         // the kernel's EMSGSIZE then just lands in the log.
-        match send(&sock, &reply, peer, None.or(Some(dst).filter(|_| false).flatten())) {
+        match send(&sock, &reply, peer, dst) {
             Ok(_) => {
                 stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
             }
