@@ -7,6 +7,10 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = format!("{manifest_dir}/../lb-ebpf");
     // aya-build watches lb-ebpf; the shared logic it compiles in lives here.
     println!("cargo:rerun-if-changed={manifest_dir}/../lb-common/src");
+    // aya-build relays every line the nested cargo prints as a build warning;
+    // keep only the ones that matter (errors and real warnings).
+    // SAFETY: build scripts are single-threaded at this point.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "lb-ebpf",

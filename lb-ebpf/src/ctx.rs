@@ -29,6 +29,10 @@ impl<'a> XdpBytes<'a> {
         unsafe { core::ptr::read_volatile(&(*self.ctx.ctx).data_end) as usize }
     }
 
+    /// Writable view of a header. Packet memory is not owned by this view, so
+    /// a shared receiver is honest; callers never keep two overlapping
+    /// headers alive at once.
+    #[allow(clippy::mut_from_ref)]
     #[inline(always)]
     pub fn header_mut<T: Header>(&self, offset: usize) -> Option<&mut T> {
         let start = self.data() + offset;

@@ -79,13 +79,14 @@ pub fn choose(
     // Second chance: a mid-stream TCP packet we have no entry for belongs to
     // a flow another node (or an evicted entry) placed, most likely on the
     // ring before the last change. Keep it there while that backend lives.
-    if !tcp_syn && key.proto != IPPROTO_UDP && !expired {
-        if let Some((id, b)) = ring_pick(vip, vip.ring_gen ^ 1, slot, cfg) {
-            if usable(&b) {
-                count(Counter::LbSecondChanceHit);
-                picked = Some((id, b));
-            }
-        }
+    if !tcp_syn
+        && key.proto != IPPROTO_UDP
+        && !expired
+        && let Some((id, b)) = ring_pick(vip, vip.ring_gen ^ 1, slot, cfg)
+        && usable(&b)
+    {
+        count(Counter::LbSecondChanceHit);
+        picked = Some((id, b));
     }
     let (backend_id, backend) = match picked {
         Some(p) => p,
@@ -97,7 +98,7 @@ pub fn choose(
             _pad: 0,
             last_seen_ns: now,
         };
-        if CONNTRACK.insert(key, &entry, 0).is_err() {
+        if CONNTRACK.insert(key, entry, 0).is_err() {
             count(Counter::LbConntrackInsertFailed);
         }
         count(Counter::LbNewFlow);

@@ -40,12 +40,12 @@ fn lookup_vip(addr: &[u8; 16], port: u16, proto: u8, is_ipv6: bool) -> Option<Vi
         family,
     };
     // SAFETY: the map value is copied out at once.
-    if let Some(v) = unsafe { VIPS.get(&key) } {
+    if let Some(v) = unsafe { VIPS.get(key) } {
         return Some(*v);
     }
     key.port = 0;
     // SAFETY: as above.
-    unsafe { VIPS.get(&key) }.copied()
+    unsafe { VIPS.get(key) }.copied()
 }
 
 #[xdp]

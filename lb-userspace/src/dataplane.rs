@@ -91,12 +91,12 @@ pub fn load_balancer() -> Result<Ebpf> {
 /// Loads the balancer object (maps created, program verified but not attached).
 pub fn load_balancer_with(sizes: &MapSizes) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
-        .set_max_entries("VIPS", sizes.max_vips)
-        .set_max_entries("STATS_VIP", sizes.max_vips)
-        .set_max_entries("BACKENDS", sizes.max_backends)
-        .set_max_entries("STATS_BACKEND", sizes.max_backends)
-        .set_max_entries("RINGS", sizes.ring_entries()?)
-        .set_max_entries("CONNTRACK", sizes.conntrack_entries)
+        .map_max_entries("VIPS", sizes.max_vips)
+        .map_max_entries("STATS_VIP", sizes.max_vips)
+        .map_max_entries("BACKENDS", sizes.max_backends)
+        .map_max_entries("STATS_BACKEND", sizes.max_backends)
+        .map_max_entries("RINGS", sizes.ring_entries()?)
+        .map_max_entries("CONNTRACK", sizes.conntrack_entries)
         .load(BALANCER_OBJECT)
         .context("loading the XDP object into the kernel")?;
     let prog: &mut Xdp = program_mut(&mut ebpf, BALANCER_PROGRAM)?;

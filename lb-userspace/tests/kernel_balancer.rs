@@ -228,6 +228,17 @@ fn ack(mut s: FrameSpec) -> FrameSpec {
     s
 }
 
+/// Expected output frame, computed from the input frame.
+type Expect = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+/// name, input frame, verdict, expected output, counter deltas.
+type Row = (
+    &'static str,
+    Vec<u8>,
+    u32,
+    Expect,
+    &'static [(&'static str, u64)],
+);
+
 const TX_TCP_NEW: &[(&str, u64)] = &[
     ("parse_tcp", 1),
     ("lb_conntrack_miss", 1),
@@ -271,13 +282,7 @@ fn forwarding_modes_families_and_protocols() {
         3,
     );
 
-    let rows: Vec<(
-        &str,
-        Vec<u8>,
-        u32,
-        Box<dyn Fn(&[u8]) -> Vec<u8>>,
-        &[(&str, u64)],
-    )> = vec![
+    let rows: Vec<Row> = vec![
         (
             "ipip 4in4 tcp",
             testframe::build(&tcp4(v4, 1000, 80)),

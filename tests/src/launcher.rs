@@ -14,14 +14,28 @@ pub const TESTSERVER_ENV: &str = "LB_TESTSERVER";
 pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `lb-testserver` binary: `$LB_TESTSERVER`, or else next to the running
-/// test executable (tests run from `target/<profile>/deps/`, binaries live in
-/// `target/<profile>/`). `CARGO_BIN_EXE_*` would be simpler but only exists
-/// for integration tests of this crate, and the harness serves others too.
+/// test executable.
 pub fn testserver_path() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os(TESTSERVER_ENV) {
+    workspace_binary("lb-testserver", TESTSERVER_ENV, "lb-tests")
+}
+
+/// Environment variable that overrides where `lbd` is.
+pub const LBD_ENV: &str = "LB_LBD";
+
+/// The `lbd` binary: `$LB_LBD`, or else next to the running test executable.
+pub fn lbd_path() -> Result<PathBuf> {
+    workspace_binary("lbd", LBD_ENV, "lb-userspace")
+}
+
+/// A binary of this workspace: `$env`, or else next to the running test
+/// executable (tests run from `target/<profile>/deps/`, binaries live in
+/// `target/<profile>/`). `CARGO_BIN_EXE_*` would be simpler but only exists
+/// for integration tests of the binary's own crate.
+fn workspace_binary(name: &str, env: &str, package: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            bail!("${TESTSERVER_ENV} is {}, which is not a file", p.display());
+            bail!("${env} is {}, which is not a file", p.display());
         }
         return Ok(p);
     }
@@ -32,11 +46,11 @@ pub fn testserver_path() -> Result<PathBuf> {
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir = dir.parent().unwrap_or(dir);
     }
-    let path = dir.join("lb-testserver");
+    let path = dir.join(name);
     if !path.is_file() {
         bail!(
-            "{} not found: run `cargo build -p lb-tests --bins` first (same profile as the \
-             tests), or set ${TESTSERVER_ENV}",
+            "{} not found: run `cargo build -p {package} --bins` first (same profile as the \
+             tests), or set ${env}",
             path.display()
         );
     }

@@ -37,8 +37,15 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    // Report the failing step and how to retry it, without a backtrace.
+    if let Err(e) = dispatch(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Setup => setup::run(),
         Cmd::BuildEbpf { release } => {

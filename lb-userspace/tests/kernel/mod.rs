@@ -1,16 +1,16 @@
 //! Kernel-test support: the real object, run with BPF_PROG_TEST_RUN on
 //! crafted frames. Each case is a row: frame in, verdict, frame out, counter
 //! deltas.
+// Each kernel test binary includes this module and uses a different subset.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 
 use aya::{Ebpf, programs::TestRun, programs::TestRunOptions};
 use lb_userspace::{dataplane, stats};
 
-#[allow(dead_code)]
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
-#[allow(dead_code)]
 pub const XDP_TX: u32 = 3;
 
 pub struct Harness {
@@ -28,7 +28,6 @@ impl Harness {
         Harness { ebpf }
     }
 
-    #[allow(dead_code)]
     pub fn load_with(sizes: &dataplane::MapSizes) -> Self {
         let ebpf =
             dataplane::load_balancer_with(sizes).expect("load balancer object (are we root?)");
