@@ -41,7 +41,9 @@ fn transmit(pkt: &XdpBytes, backend: &BackendInfo) -> u32 {
     if backend.ifindex == 0 || backend.ifindex == pkt.ingress_ifindex() {
         return xdp_action::XDP_TX;
     }
-    match TX_PORTS.redirect(backend.ifindex, 0) {
+    // A next hop whose interface is missing from TX_PORTS is dropped, not
+    // aborted: the verdict counters show it either way.
+    match TX_PORTS.redirect(backend.ifindex, xdp_action::XDP_DROP as u64) {
         Ok(action) => action,
         Err(action) => action,
     }

@@ -111,15 +111,35 @@ pub fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
         .with_context(|| format!("program {name} is not XDP"))
 }
 
-/// An attached program; dropping it (or [`Attached::detach`]) detaches.
+/// An attached program. [`Attached::detach`] detaches it; so does dropping
+/// the `Ebpf` that owns the program.
 pub struct Attached {
+    pub program: String,
     pub interface: String,
     pub mode: AttachMode,
     link: Option<XdpLinkId>,
 }
 
+pub const PASS_PROGRAM: &str = "pass";
+pub const MAC_SWAP_PROGRAM: &str = "mac_swap_tx";
+
+/// Attaches the balancer.
 pub fn attach(ebpf: &mut Ebpf, interface: &str, mode: AttachMode) -> Result<Attached> {
-    let prog = program_mut(ebpf, BALANCER_PROGRAM)?;
+    attach_program(ebpf, BALANCER_PROGRAM, interface, mode)
+}
+
+/// Loads (if needed) and attaches one of the object's programs.
+pub fn attach_program(
+    ebpf: &mut Ebpf,
+    program: &str,
+    interface: &str,
+    mode: AttachMode,
+) -> Result<Attached> {
+    let prog = program_mut(ebpf, program)?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("verifying program {program}"))?;
+    }
     let try_mode = |prog: &mut Xdp, m: XdpMode| prog.attach(interface, m);
     let (link, used) = match mode {
         AttachMode::Native => (try_mode(prog, XdpMode::Driver), AttachMode::Native),
@@ -133,8 +153,9 @@ pub fn attach(ebpf: &mut Ebpf, interface: &str, mode: AttachMode) -> Result<Atta
         },
     };
     let link = link.with_context(|| format!("attaching XDP to {interface} in {used} mode"))?;
-    tracing::info!(interface, mode = %used, "XDP program attached");
+    tracing::info!(program, interface, mode = %used, "XDP program attached");
     Ok(Attached {
+        program: program.to_owned(),
         interface: interface.to_owned(),
         mode: used,
         link: Some(link),
@@ -144,7 +165,7 @@ pub fn attach(ebpf: &mut Ebpf, interface: &str, mode: AttachMode) -> Result<Atta
 impl Attached {
     pub fn detach(mut self, ebpf: &mut Ebpf) -> Result<()> {
         if let Some(link) = self.link.take() {
-            program_mut(ebpf, BALANCER_PROGRAM)?
+            program_mut(ebpf, &self.program)?
                 .detach(link)
                 .with_context(|| format!("detaching XDP from {}", self.interface))?;
             tracing::info!(interface = %self.interface, "XDP program detached");
