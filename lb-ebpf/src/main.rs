@@ -5,6 +5,8 @@
 #[cfg(target_arch = "bpf")]
 mod aux;
 #[cfg(target_arch = "bpf")]
+mod bench;
+#[cfg(target_arch = "bpf")]
 mod ctx;
 #[cfg(target_arch = "bpf")]
 mod decap;

@@ -29,6 +29,12 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Benchmarks (not tests): `--xdp` for the data plane's cost per packet.
+    Bench {
+        /// Arguments for the benchmark binary (e.g. --xdp, --repeat N, --rounds N).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run all test tiers: lints, host unit, kernel (BPF_PROG_TEST_RUN), end-to-end (netns).
     Test {
         /// Run only these tiers (lint, unit, kernel, e2e); default all.
@@ -51,6 +57,16 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::BuildEbpf { release } => {
             setup::run()?;
             build_ebpf(release)
+        }
+        Cmd::Bench { args } => {
+            setup::run()?;
+            run_step(
+                Command::new("cargo")
+                    .current_dir(workspace_root())
+                    .args(["run", "--release", "--quiet", "-p", "lb-bench", "--"])
+                    .args(&args),
+                "bench",
+            )
         }
         Cmd::Test { tier } => {
             setup::run()?;

@@ -1,0 +1,36 @@
+//! `cargo xtask bench`: performance numbers, measured side by side in one run.
+//!
+//! `--xdp`: nanoseconds per packet of each data-plane path, timed by
+//! BPF_PROG_TEST_RUN over a large repeat count, next to a trivial program that
+//! swaps MACs and returns XDP_TX. Rewriting paths run behind `bench_restore`
+//! (see lb-ebpf/src/bench.rs); its own cost, measured with the same frame and
+//! a do-nothing target, is subtracted.
+
+mod xdp;
+
+use anyhow::Result;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Load balancer benchmarks")]
+struct Args {
+    /// Data-plane cost per packet (BPF_PROG_TEST_RUN).
+    #[arg(long)]
+    xdp: bool,
+    /// Repeat count per measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    repeat: u32,
+    /// Measurements per path (interleaved); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // Only one section exists so far; no flag means all of them.
+    let all = !args.xdp;
+    if args.xdp || all {
+        xdp::run(args.repeat, args.rounds)?;
+    }
+    Ok(())
+}

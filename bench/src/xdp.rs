@@ -1,0 +1,321 @@
+//! Data-plane cost per packet, per path.
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, ProgramArray},
+    programs::{TestRun, TestRunOptions},
+};
+use lb_common::{
+    maglev::{self, MaglevBackend},
+    maps::{
+        BACKEND_UP, BENCH_FRAME_MAX, BackendInfo, BenchFrame, FAMILY_V4, FAMILY_V6, LbConfig,
+        MODE_IPIP, MODE_L2DSR, VipInfo, VipKey,
+    },
+    parse::IPPROTO_TCP,
+    testframe::{self, FrameSpec, L4},
+    wire::tcp::{TCP_ACK, TCP_SYN},
+};
+use lb_userspace::{
+    dataplane::{self, MapSizes},
+    programming,
+};
+
+const RING: u32 = 65537;
+const XDP_TX: u32 = 3;
+const XDP_PASS: u32 = 2;
+
+struct Path {
+    name: &'static str,
+    frame: Vec<u8>,
+    /// Offset of the 4 bytes the wrapper varies per run (new-flow paths).
+    vary: Option<u32>,
+    /// Runs behind the restoring wrapper (it rewrites the frame).
+    wrapped: bool,
+    expect: u32,
+}
+
+fn v16(a: [u8; 4]) -> [u8; 16] {
+    let mut o = [0; 16];
+    o[..4].copy_from_slice(&a);
+    o
+}
+
+/// A frame padded to a multiple of 8 bytes: 64 bytes for IPv4 TCP (the
+/// minimum Ethernet frame less FCS... rounded), 80 for IPv6.
+fn frame(mut spec: FrameSpec, flags: u8, pad_to: usize) -> Vec<u8> {
+    if let L4::Tcp { flags: f, .. } = &mut spec.l4 {
+        *f = flags;
+    }
+    let bare = testframe::build(&FrameSpec {
+        payload: Vec::new(),
+        ..spec.clone()
+    })
+    .len();
+    spec.payload = vec![0x5a; pad_to.saturating_sub(bare)];
+    let f = testframe::build(&spec);
+    assert_eq!(f.len(), pad_to);
+    f
+}
+
+fn setup() -> Result<Ebpf> {
+    let mut ebpf = dataplane::load_balancer_with(&MapSizes {
+        max_vips: 8,
+        max_backends: 64,
+        ring_size: RING,
+        conntrack_entries: 1 << 21,
+    })?;
+    for name in [
+        dataplane::MAC_SWAP_PROGRAM,
+        dataplane::PASS_PROGRAM,
+        "bench_restore",
+    ] {
+        dataplane::program_mut(&mut ebpf, name)?
+            .load()
+            .with_context(|| format!("verifying {name}"))?;
+    }
+    programming::set_config(
+        &mut ebpf,
+        &LbConfig {
+            encap_src_v4: [198, 18, 0, 2],
+            encap_src_v6: testframe::v6(2),
+            hash_seed: 7,
+            ring_size: RING,
+            flags: 0,
+            udp_timeout_ns: 30_000_000_000,
+        },
+    )?;
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for i in 0..10u32 {
+        let b4 = BackendInfo {
+            addr: v16([198, 18, 0, 20 + i as u8]),
+            family: FAMILY_V4,
+            state: BACKEND_UP,
+            next_hop_mac: [2, 0, 0, 0, 0, 0x20 + i as u8],
+            src_mac: testframe::LB_MAC,
+            _pad: [0; 2],
+            ifindex: 0,
+        };
+        programming::set_backend(&mut ebpf, 1 + i, &b4)?;
+        v4.push(MaglevBackend {
+            id: 1 + i,
+            identity: b4.addr,
+            weight: 1,
+        });
+        let b6 = BackendInfo {
+            addr: testframe::v6(0x20 + i as u16),
+            family: FAMILY_V6,
+            ..b4
+        };
+        programming::set_backend(&mut ebpf, 21 + i, &b6)?;
+        v6.push(MaglevBackend {
+            id: 21 + i,
+            identity: b6.addr,
+            weight: 1,
+        });
+    }
+    let t4 = maglev::build(&v4, RING, 7)?;
+    let t6 = maglev::build(&v6, RING, 7)?;
+    let vips = [
+        (v16([198, 18, 100, 1]), FAMILY_V4, MODE_IPIP, &t4),
+        (testframe::v6_vip(1), FAMILY_V6, MODE_IPIP, &t6),
+        (v16([198, 18, 100, 2]), FAMILY_V4, MODE_L2DSR, &t4),
+    ];
+    for (id, (addr, family, mode, table)) in vips.into_iter().enumerate() {
+        let key = VipKey {
+            addr,
+            port: 80,
+            proto: IPPROTO_TCP,
+            family,
+        };
+        let info = VipInfo {
+            vip_id: id as u32,
+            flags: 0,
+            mode,
+            ring_gen: 0,
+            _pad: [0; 2],
+        };
+        programming::set_vip(&mut ebpf, &key, &info)?;
+        programming::publish_ring(&mut ebpf, &key, table)?;
+    }
+    Ok(ebpf)
+}
+
+fn set_target(ebpf: &mut Ebpf, program: &str) -> Result<()> {
+    let fd = dataplane::program_mut(ebpf, program)?.fd()?.try_clone()?;
+    let mut jump: ProgramArray<_> =
+        ProgramArray::try_from(ebpf.map_mut("BENCH_TARGET").context("BENCH_TARGET")?)?;
+    jump.set(0, &fd, 0)?;
+    Ok(())
+}
+
+fn set_frame(ebpf: &mut Ebpf, frame: &[u8], vary: Option<u32>) -> Result<()> {
+    if frame.len() > BENCH_FRAME_MAX || frame.len() % 8 != 0 {
+        bail!("bench frame must be a multiple of 8 bytes up to {BENCH_FRAME_MAX}");
+    }
+    let mut bytes = [0u8; BENCH_FRAME_MAX];
+    bytes[..frame.len()].copy_from_slice(frame);
+    let f = BenchFrame {
+        len: frame.len() as u32,
+        vary_offset: vary.unwrap_or(0),
+        bytes,
+    };
+    let mut m: Array<_, BenchFrame> =
+        Array::try_from(ebpf.map_mut("BENCH_FRAME").context("BENCH_FRAME")?)?;
+    m.set(0, f, 0)?;
+    Ok(())
+}
+
+/// Average ns per run of `program` on `frame`, `repeat` times.
+fn time(ebpf: &mut Ebpf, program: &str, frame: &[u8], repeat: u32, expect: u32) -> Result<f64> {
+    let prog = dataplane::program_mut(ebpf, program)?;
+    let mut out = vec![0u8; frame.len() + 128];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })?;
+    if r.return_value != expect {
+        bail!(
+            "{program}: verdict {} where {expect} was expected",
+            r.return_value
+        );
+    }
+    Ok(r.duration.as_nanos() as f64)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run(repeat: u32, rounds: usize) -> Result<()> {
+    let mut ebpf = setup()?;
+    let v4 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 1], 40000, 80);
+    let v6 = FrameSpec::v6_tcp(testframe::v6(0x10), testframe::v6_vip(1), 40000, 80);
+    let l2 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 2], 40000, 80);
+    let other = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 0, 2], 40000, 22);
+    // Source address offsets: IPv4 14+12, IPv6 14+8 (+12 for its last 4 bytes).
+    let paths = [
+        Path {
+            name: "not a VIP (XDP_PASS)",
+            frame: frame(other, TCP_ACK, 64),
+            vary: None,
+            wrapped: false,
+            expect: XDP_PASS,
+        },
+        Path {
+            name: "IPv4 ipip, established",
+            frame: frame(v4.clone(), TCP_ACK, 64),
+            vary: None,
+            wrapped: true,
+            expect: XDP_TX,
+        },
+        Path {
+            name: "IPv4 ipip, new flow + conntrack insert",
+            frame: frame(v4, TCP_SYN, 64),
+            vary: Some(26),
+            wrapped: true,
+            expect: XDP_TX,
+        },
+        Path {
+            name: "IPv6 ipip, established",
+            frame: frame(v6.clone(), TCP_ACK, 80),
+            vary: None,
+            wrapped: true,
+            expect: XDP_TX,
+        },
+        Path {
+            name: "IPv6 ipip, new flow + conntrack insert",
+            frame: frame(v6, TCP_SYN, 80),
+            vary: Some(34),
+            wrapped: true,
+            expect: XDP_TX,
+        },
+        Path {
+            name: "IPv4 l2dsr, established",
+            frame: frame(l2.clone(), TCP_ACK, 64),
+            vary: None,
+            wrapped: true,
+            expect: XDP_TX,
+        },
+        Path {
+            name: "IPv4 l2dsr, new flow + conntrack insert",
+            frame: frame(l2, TCP_SYN, 64),
+            vary: Some(26),
+            wrapped: true,
+            expect: XDP_TX,
+        },
+    ];
+    let trivial_frame = paths[1].frame.clone();
+    let mut trivial = Vec::new();
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut overhead: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    // Interleave everything so drift on this shared machine hits all alike.
+    for _ in 0..rounds {
+        trivial.push(time(
+            &mut ebpf,
+            dataplane::MAC_SWAP_PROGRAM,
+            &trivial_frame,
+            repeat,
+            XDP_TX,
+        )?);
+        for (i, p) in paths.iter().enumerate() {
+            if !p.wrapped {
+                results[i].push(time(
+                    &mut ebpf,
+                    dataplane::BALANCER_PROGRAM,
+                    &p.frame,
+                    repeat,
+                    p.expect,
+                )?);
+                continue;
+            }
+            set_frame(&mut ebpf, &p.frame, p.vary)?;
+            set_target(&mut ebpf, dataplane::PASS_PROGRAM)?;
+            overhead[i].push(time(
+                &mut ebpf,
+                "bench_restore",
+                &p.frame,
+                repeat,
+                XDP_PASS,
+            )?);
+            set_target(&mut ebpf, dataplane::BALANCER_PROGRAM)?;
+            results[i].push(time(
+                &mut ebpf,
+                "bench_restore",
+                &p.frame,
+                repeat,
+                p.expect,
+            )?);
+        }
+    }
+    let base = median(trivial);
+    println!(
+        "\nXDP data-plane cost per packet (BPF_PROG_TEST_RUN, repeat {repeat}, median of {rounds} interleaved rounds)\n"
+    );
+    println!("| path | ns/packet | x trivial |");
+    println!("|---|---:|---:|");
+    println!("| trivial: swap MACs, XDP_TX | {base:.1} | 1.00 |");
+    for (i, p) in paths.iter().enumerate() {
+        let ns = if p.wrapped {
+            median(results[i].clone()) - median(overhead[i].clone())
+        } else {
+            median(results[i].clone())
+        };
+        println!("| {} | {ns:.1} | {:.2} |", p.name, ns / base);
+    }
+    let w: Vec<String> = paths
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.wrapped)
+        .map(|(i, p)| format!("{}: {:.1}", p.name, median(overhead[i].clone())))
+        .collect();
+    println!(
+        "\nrestoring wrapper's own cost, subtracted above (ns): {}",
+        w.join("; ")
+    );
+    Ok(())
+}
