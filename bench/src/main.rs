@@ -20,6 +20,9 @@ struct Args {
     /// Repeat count per measurement.
     #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
+    /// Connection-table entries (the new-flow paths fill and then evict).
+    #[arg(long, default_value_t = 1 << 20)]
+    conntrack: u32,
     /// Measurements per path (interleaved); the median is reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -30,7 +33,7 @@ fn main() -> Result<()> {
     // Only one section exists so far; no flag means all of them.
     let all = !args.xdp;
     if args.xdp || all {
-        xdp::run(args.repeat, args.rounds)?;
+        xdp::run(args.repeat, args.rounds, args.conntrack)?;
     }
     Ok(())
 }

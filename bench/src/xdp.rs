@@ -58,12 +58,12 @@ fn frame(mut spec: FrameSpec, flags: u8, pad_to: usize) -> Vec<u8> {
     f
 }
 
-fn setup() -> Result<Ebpf> {
+fn setup(conntrack_entries: u32) -> Result<Ebpf> {
     let mut ebpf = dataplane::load_balancer_with(&MapSizes {
         max_vips: 8,
         max_backends: 64,
         ring_size: RING,
-        conntrack_entries: 1 << 21,
+        conntrack_entries,
     })?;
     for name in [
         dataplane::MAC_SWAP_PROGRAM,
@@ -151,7 +151,7 @@ fn set_target(ebpf: &mut Ebpf, program: &str) -> Result<()> {
 }
 
 fn set_frame(ebpf: &mut Ebpf, frame: &[u8], vary: Option<u32>) -> Result<()> {
-    if frame.len() > BENCH_FRAME_MAX || frame.len() % 8 != 0 {
+    if frame.len() > BENCH_FRAME_MAX || !frame.len().is_multiple_of(8) {
         bail!("bench frame must be a multiple of 8 bytes up to {BENCH_FRAME_MAX}");
     }
     let mut bytes = [0u8; BENCH_FRAME_MAX];
@@ -191,8 +191,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(repeat: u32, rounds: usize) -> Result<()> {
-    let mut ebpf = setup()?;
+pub fn run(repeat: u32, rounds: usize, conntrack_entries: u32) -> Result<()> {
+    let mut ebpf = setup(conntrack_entries)?;
     let v4 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 1], 40000, 80);
     let v6 = FrameSpec::v6_tcp(testframe::v6(0x10), testframe::v6_vip(1), 40000, 80);
     let l2 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 2], 40000, 80);

@@ -8,7 +8,7 @@
 
 use crate::{
     packet::PacketBytes,
-    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed},
+    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, v4_in_16},
     wire::{Header, ipv4::Ipv4Hdr, ipv6::Ipv6Hdr},
 };
 
@@ -56,22 +56,19 @@ pub struct QuotedFlow {
 pub fn too_big_quote<P: PacketBytes + ?Sized>(pkt: &P, parsed: &Parsed) -> Option<QuotedFlow> {
     let icmp: &IcmpHdr = pkt.header(parsed.l4_offset)?;
     let inner = parsed.l4_offset + ICMP_HDR_LEN;
-    let mut flow = QuotedFlow {
-        client: [0; 16],
-        vip: [0; 16],
-        client_port: 0,
-        vip_port: 0,
-        proto: 0,
-    };
-    let ports_at = if parsed.is_ipv6 {
+    let (mut flow, ports_at) = if parsed.is_ipv6 {
         if parsed.proto != IPPROTO_ICMPV6 || icmp.icmp_type != ICMPV6_PKT_TOOBIG {
             return None;
         }
         let ip: &Ipv6Hdr = pkt.header(inner)?;
-        flow.vip = ip.src;
-        flow.client = ip.dst;
-        flow.proto = ip.next_header;
-        inner + 40
+        let flow = QuotedFlow {
+            client: ip.dst,
+            vip: ip.src,
+            client_port: 0,
+            vip_port: 0,
+            proto: ip.next_header,
+        };
+        (flow, inner + 40)
     } else {
         if parsed.proto != IPPROTO_ICMP
             || icmp.icmp_type != ICMP_DEST_UNREACH
@@ -84,10 +81,14 @@ pub fn too_big_quote<P: PacketBytes + ?Sized>(pkt: &P, parsed: &Parsed) -> Optio
         if hl < 20 {
             return None;
         }
-        flow.vip[..4].copy_from_slice(&ip.src);
-        flow.client[..4].copy_from_slice(&ip.dst);
-        flow.proto = ip.proto;
-        inner + hl
+        let flow = QuotedFlow {
+            client: v4_in_16(ip.dst),
+            vip: v4_in_16(ip.src),
+            client_port: 0,
+            vip_port: 0,
+            proto: ip.proto,
+        };
+        (flow, inner + hl)
     };
     if flow.proto != IPPROTO_TCP && flow.proto != IPPROTO_UDP {
         return None;

@@ -25,6 +25,14 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
+/// An IPv4 address in the 16-byte form used throughout (first 4 bytes).
+/// Spelled out element by element: a zero-filled array plus a copy makes
+/// LLVM call `memset`, which in BPF is a slow byte loop.
+#[inline(always)]
+pub const fn v4_in_16(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parsed {
     pub l3_offset: usize,
@@ -96,21 +104,19 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
     if ip.is_fragment() {
         return Err(Counter::ParseIpv4Fragment);
     }
-    let mut parsed = Parsed {
+    let parsed = Parsed {
         l3_offset,
         l4_offset: l3_offset + header_len,
         is_ipv6: false,
         proto: ip.proto,
-        src_addr: [0; 16],
-        dst_addr: [0; 16],
+        src_addr: v4_in_16(ip.src),
+        dst_addr: v4_in_16(ip.dst),
         src_port: 0,
         dst_port: 0,
         tcp_flags: 0,
         has_ip_options: header_len > IPV4_MIN_HDR_LEN,
         tos: ip.tos,
     };
-    parsed.src_addr[..4].copy_from_slice(&ip.src);
-    parsed.dst_addr[..4].copy_from_slice(&ip.dst);
     let l4_len = total_len - header_len;
     parse_l4(pkt, parsed, l4_len)
 }

@@ -48,19 +48,28 @@ pub fn choose(
     tcp_syn: bool,
     allow_new: bool,
 ) -> Option<Choice> {
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Only UDP entries age by time: TCP ones live until the LRU evicts them,
+    // and reading the clock is a measurable share of a packet's budget.
+    let is_udp = key.proto == IPPROTO_UDP;
+    let now = if is_udp {
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     let mut expired = false;
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: map value pointer valid for this program run.
         let entry = unsafe { &mut *entry };
-        if key.proto == IPPROTO_UDP && now.wrapping_sub(entry.last_seen_ns) > cfg.udp_timeout_ns {
+        if is_udp && now.wrapping_sub(entry.last_seen_ns) > cfg.udp_timeout_ns {
             count(Counter::LbUdpExpired);
             expired = true;
         } else if let Some(b) = BACKENDS.get(entry.backend_id) {
             if usable(b) {
                 count(Counter::LbConntrackHit);
-                entry.last_seen_ns = now;
+                if is_udp {
+                    entry.last_seen_ns = now;
+                }
                 return Some(Choice {
                     backend_id: entry.backend_id,
                     backend: *b,
@@ -80,7 +89,7 @@ pub fn choose(
     // a flow another node (or an evicted entry) placed, most likely on the
     // ring before the last change. Keep it there while that backend lives.
     if !tcp_syn
-        && key.proto != IPPROTO_UDP
+        && !is_udp
         && !expired
         && let Some((id, b)) = ring_pick(vip, vip.ring_gen ^ 1, slot, cfg)
         && usable(&b)
