@@ -23,6 +23,9 @@ struct Args {
     /// Connection-table entries (the new-flow paths fill and then evict).
     #[arg(long, default_value_t = 1 << 20)]
     conntrack: u32,
+    /// Only the paths whose name contains this text (and the trivial baseline).
+    #[arg(long)]
+    only: Option<String>,
     /// Measurements per path (interleaved); the median is reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -33,7 +36,7 @@ fn main() -> Result<()> {
     // Only one section exists so far; no flag means all of them.
     let all = !args.xdp;
     if args.xdp || all {
-        xdp::run(args.repeat, args.rounds, args.conntrack)?;
+        xdp::run(args.repeat, args.rounds, args.conntrack, args.only.as_deref())?;
     }
     Ok(())
 }

@@ -191,7 +191,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(repeat: u32, rounds: usize, conntrack_entries: u32) -> Result<()> {
+pub fn run(repeat: u32, rounds: usize, conntrack_entries: u32, only: Option<&str>) -> Result<()> {
     let mut ebpf = setup(conntrack_entries)?;
     let v4 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 1], 40000, 80);
     let v6 = FrameSpec::v6_tcp(testframe::v6(0x10), testframe::v6_vip(1), 40000, 80);
@@ -250,6 +250,10 @@ pub fn run(repeat: u32, rounds: usize, conntrack_entries: u32) -> Result<()> {
         },
     ];
     let trivial_frame = paths[1].frame.clone();
+    let paths: Vec<Path> = paths
+        .into_iter()
+        .filter(|p| only.is_none_or(|o| p.name.contains(o)))
+        .collect();
     let mut trivial = Vec::new();
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     let mut overhead: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
