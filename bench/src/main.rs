@@ -36,7 +36,12 @@ fn main() -> Result<()> {
     // Only one section exists so far; no flag means all of them.
     let all = !args.xdp;
     if args.xdp || all {
-        xdp::run(args.repeat, args.rounds, args.conntrack, args.only.as_deref())?;
+        xdp::run(
+            args.repeat,
+            args.rounds,
+            args.conntrack,
+            args.only.as_deref(),
+        )?;
     }
     Ok(())
 }
