@@ -1,5 +1,6 @@
 //! Controller library: everything `lbd` and `lbctl` do, behind thin binaries.
 
+pub mod config;
 pub mod dataplane;
 pub mod programming;
 pub mod stats;
