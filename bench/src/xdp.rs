@@ -10,7 +10,7 @@ use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
         BACKEND_UP, BENCH_FRAME_MAX, BackendInfo, BenchFrame, FAMILY_V4, FAMILY_V6, LbConfig,
-        MODE_IPIP, MODE_L2DSR, VipInfo, VipKey,
+        MODE_IPIP, MODE_L2DSR, VipKey,
     },
     parse::IPPROTO_TCP,
     testframe::{self, FrameSpec, L4},
@@ -83,6 +83,7 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
             ring_size: RING,
             flags: 0,
             udp_timeout_ns: 30_000_000_000,
+            ..Default::default()
         },
     )?;
     let mut v4 = Vec::new();
@@ -129,15 +130,7 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
             proto: IPPROTO_TCP,
             family,
         };
-        let info = VipInfo {
-            vip_id: id as u32,
-            flags: 0,
-            mode,
-            ring_gen: 0,
-            _pad: [0; 2],
-        };
-        programming::set_vip(&mut ebpf, &key, &info)?;
-        programming::publish_ring(&mut ebpf, &key, table)?;
+        programming::install_vip(&mut ebpf, &key, id as u32, mode, table)?;
     }
     Ok(ebpf)
 }

@@ -38,7 +38,26 @@ pub struct VipInfo {
     /// Which of the two ring generations is live (0 or 1); the other is the
     /// previous one, kept for the second chance.
     pub ring_gen: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 6],
+    /// `CLOCK_MONOTONIC` ns until which the previous generation may serve a
+    /// second chance. Bounded so that a flow placed after the flip and later
+    /// evicted is not sent to the old table's backend; 0 while the idle
+    /// generation is being rewritten.
+    pub second_chance_until_ns: u64,
+}
+
+impl VipInfo {
+    /// A VIP whose live ring is generation 0, with no second chance yet.
+    pub const fn new(vip_id: u32, mode: u8) -> Self {
+        VipInfo {
+            vip_id,
+            flags: 0,
+            mode,
+            ring_gen: 0,
+            _pad: [0; 6],
+            second_chance_until_ns: 0,
+        }
+    }
 }
 
 #[repr(C)]
@@ -104,6 +123,11 @@ pub struct LbConfig {
     pub flags: u32,
     /// UDP connection entries older than this are treated as new flows.
     pub udp_timeout_ns: u64,
+    /// Largest frame the egress path carries (interface MTU + Ethernet
+    /// header); an encapsulated packet that would exceed it is dropped and
+    /// counted instead of vanishing in the driver. 0: unchecked.
+    pub max_frame_len: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -129,12 +153,12 @@ mod tests {
     #[test]
     fn layout_is_stable() {
         assert_eq!(size_of::<VipKey>(), 20);
-        assert_eq!(size_of::<VipInfo>(), 12);
+        assert_eq!(size_of::<VipInfo>(), 24);
         assert_eq!(size_of::<BackendInfo>(), 36);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<ConnEntry>(), 16);
         assert_eq!(size_of::<Traffic>(), 24);
-        assert_eq!(size_of::<LbConfig>(), 40);
+        assert_eq!(size_of::<LbConfig>(), 48);
     }
 }
 

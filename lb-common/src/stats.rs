@@ -81,6 +81,12 @@ counters! {
     LbIcmpTooBig = 26 => "lb_icmp_too_big",
     /// IPv4 VIP over an IPv6 backend in ipip mode is not a supported tunnel.
     LbUnsupportedEncap = 27 => "lb_unsupported_encap",
+    /// No configuration written yet (ring size 0): passed to the kernel.
+    LbNotConfigured = 28 => "lb_not_configured",
+    /// The next hop's interface is missing from TX_PORTS: dropped.
+    LbRedirectFailed = 29 => "lb_redirect_failed",
+    /// The encapsulated frame would exceed the egress MTU: dropped.
+    LbFrameTooBig = 30 => "lb_frame_too_big",
 }
 
 impl Counter {

@@ -33,20 +33,17 @@ pub fn forward(
     let eth: &mut EthHdr = pkt.header_mut(0).ok_or(Counter::LbEncapFailed)?;
     eth.dst = backend.next_hop_mac;
     eth.src = backend.src_mac;
-    Ok(transmit(pkt, backend))
+    transmit(pkt, backend)
 }
 
 #[inline(always)]
-fn transmit(pkt: &XdpBytes, backend: &BackendInfo) -> u32 {
+fn transmit(pkt: &XdpBytes, backend: &BackendInfo) -> Result<u32, Counter> {
     if backend.ifindex == 0 || backend.ifindex == pkt.ingress_ifindex() {
-        return xdp_action::XDP_TX;
+        return Ok(xdp_action::XDP_TX);
     }
-    // A next hop whose interface is missing from TX_PORTS is dropped, not
-    // aborted: the verdict counters show it either way.
-    match TX_PORTS.redirect(backend.ifindex, xdp_action::XDP_DROP as u64) {
-        Ok(action) => action,
-        Err(action) => action,
-    }
+    TX_PORTS
+        .redirect(backend.ifindex, 0)
+        .map_err(|_| Counter::LbRedirectFailed)
 }
 
 /// Puts `[Ethernet][outer IP]` in front of the inner IP datagram. The inner
@@ -77,6 +74,11 @@ fn encapsulate(
         IPPROTO_IPIP
     };
     let outer_len: usize = if outer_v6 { 40 } else { 20 };
+    if cfg.max_frame_len != 0
+        && (ETH_HDR_LEN + outer_len + inner_len as usize) > cfg.max_frame_len as usize
+    {
+        return Err(Counter::LbFrameTooBig);
+    }
     // l3_offset is 14 or 18 (VLAN), so the delta is 16..40 and never shrinks.
     let grow = (ETH_HDR_LEN + outer_len - parsed.l3_offset) as i32;
     if !pkt.adjust_head(-grow) {

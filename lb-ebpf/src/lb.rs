@@ -13,8 +13,12 @@ use crate::maps::{BACKENDS, CONNTRACK, RINGS, count};
 
 pub struct Choice {
     pub backend_id: u32,
-    pub backend: BackendInfo,
+    /// Points into `BACKENDS`: copying it would cost stack the verifier
+    /// caps at 512 bytes.
+    pub backend: &'static BackendInfo,
+    /// A new flow, to record once the packet is on its way.
     pub new_flow: bool,
+    pub now_ns: u64,
 }
 
 /// Flows on a draining backend stay; a down (or removed) one loses them.
@@ -29,17 +33,23 @@ fn ring_pick(
     generation: u8,
     slot: u32,
     cfg: &LbConfig,
-) -> Option<(u32, BackendInfo)> {
+) -> Option<(u32, &'static BackendInfo)> {
     let id = *RINGS.get(ring_index(vip.vip_id, generation, cfg.ring_size, slot))?;
     if id == 0 {
         return None;
     }
-    let b = *BACKENDS.get(id)?;
-    Some((id, b))
+    Some((id, BACKENDS.get(id)?))
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Picks the backend for `key`; `None` means the VIP has no usable backend.
-/// `allow_new` is false for packets that must not create state (ICMP errors).
+/// `allow_new` is false for packets that must neither create nor refresh
+/// state (ICMP errors about a flow).
 #[inline(always)]
 pub fn choose(
     key: &FlowKey,
@@ -48,51 +58,57 @@ pub fn choose(
     tcp_syn: bool,
     allow_new: bool,
 ) -> Option<Choice> {
+    let is_udp = key.proto == IPPROTO_UDP;
     // Only UDP entries age by time: TCP ones live until the LRU evicts them,
     // and reading the clock is a measurable share of a packet's budget.
-    let is_udp = key.proto == IPPROTO_UDP;
-    let now = if is_udp {
-        // SAFETY: no preconditions.
-        unsafe { bpf_ktime_get_ns() }
-    } else {
-        0
-    };
-    let mut expired = false;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+    let now = if is_udp { now_ns() } else { 0 };
+    // A SYN starts a connection: it always follows the live ring, so a client
+    // reusing a port after a change (or after a drain began) lands on the
+    // current backends, and its entry is overwritten.
+    let mut missed = tcp_syn;
+    if tcp_syn {
+        count(Counter::LbConntrackMiss);
+    } else if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: map value pointer valid for this program run.
         let entry = unsafe { &mut *entry };
-        if is_udp && now.wrapping_sub(entry.last_seen_ns) > cfg.udp_timeout_ns {
+        let expired =
+            is_udp && allow_new && now.wrapping_sub(entry.last_seen_ns) > cfg.udp_timeout_ns;
+        if expired {
             count(Counter::LbUdpExpired);
-            expired = true;
-        } else if let Some(b) = BACKENDS.get(entry.backend_id) {
-            if usable(b) {
-                count(Counter::LbConntrackHit);
-                if is_udp {
-                    entry.last_seen_ns = now;
-                }
-                return Some(Choice {
-                    backend_id: entry.backend_id,
-                    backend: *b,
-                    new_flow: false,
-                });
+        } else if let Some(b) = BACKENDS.get(entry.backend_id)
+            && usable(b)
+        {
+            count(Counter::LbConntrackHit);
+            if is_udp && allow_new {
+                entry.last_seen_ns = now;
             }
-            count(Counter::LbRepickDown);
+            return Some(Choice {
+                backend_id: entry.backend_id,
+                backend: b,
+                new_flow: false,
+                now_ns: now,
+            });
         } else {
             count(Counter::LbRepickDown);
         }
     } else {
         count(Counter::LbConntrackMiss);
+        missed = true;
     }
     let slot = flow_slot(key, cfg.hash_seed, cfg.ring_size);
     let mut picked = None;
     // Second chance: a mid-stream TCP packet we have no entry for belongs to
     // a flow another node (or an evicted entry) placed, most likely on the
-    // ring before the last change. Keep it there while that backend lives.
-    if !tcp_syn
+    // ring before the last change. Keep it there while that backend lives,
+    // for a bounded time after the change (afterwards flows placed on the
+    // new ring are the likelier owners).
+    if missed
+        && !tcp_syn
         && !is_udp
-        && !expired
+        && vip.second_chance_until_ns != 0
+        && now_ns() < vip.second_chance_until_ns
         && let Some((id, b)) = ring_pick(vip, vip.ring_gen ^ 1, slot, cfg)
-        && usable(&b)
+        && usable(b)
     {
         count(Counter::LbSecondChanceHit);
         picked = Some((id, b));
@@ -101,20 +117,24 @@ pub fn choose(
         Some(p) => p,
         None => ring_pick(vip, vip.ring_gen, slot, cfg)?,
     };
-    if allow_new {
-        let entry = ConnEntry {
-            backend_id,
-            _pad: 0,
-            last_seen_ns: now,
-        };
-        if CONNTRACK.insert(key, entry, 0).is_err() {
-            count(Counter::LbConntrackInsertFailed);
-        }
-        count(Counter::LbNewFlow);
-    }
     Some(Choice {
         backend_id,
         backend,
         new_flow: allow_new,
+        now_ns: now,
     })
+}
+
+/// Records a new flow's entry; called once the packet was forwarded.
+#[inline(always)]
+pub fn record(key: &FlowKey, choice: &Choice) {
+    let entry = ConnEntry {
+        backend_id: choice.backend_id,
+        _pad: 0,
+        last_seen_ns: choice.now_ns,
+    };
+    if CONNTRACK.insert(key, entry, 0).is_err() {
+        count(Counter::LbConntrackInsertFailed);
+    }
+    count(Counter::LbNewFlow);
 }

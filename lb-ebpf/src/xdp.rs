@@ -13,7 +13,7 @@ use lb_common::{
 use crate::{
     ctx::XdpBytes,
     forward::forward,
-    lb::choose,
+    lb::{choose, record},
     maps::{CONFIG, STATS_BACKEND, STATS_VIP, VIPS, account, count},
 };
 
@@ -68,6 +68,11 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         return xdp_action::XDP_PASS;
     };
+    if cfg.ring_size == 0 {
+        // Loaded but not yet programmed: hands off.
+        count(Counter::LbNotConfigured);
+        return xdp_action::XDP_PASS;
+    }
     let family = if parsed.is_ipv6 { FAMILY_V6 } else { FAMILY_V4 };
     let (key, vip, syn, allow_new) = match parsed.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
@@ -125,10 +130,16 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
         count(Counter::LbNoBackend);
         return xdp_action::XDP_DROP;
     };
-    account(&STATS_VIP, vip.vip_id, bytes, choice.new_flow);
-    account(&STATS_BACKEND, choice.backend_id, bytes, choice.new_flow);
-    match forward(pkt, parsed, vip.mode, &choice.backend, cfg) {
-        Ok(action) => action,
+    match forward(pkt, parsed, vip.mode, choice.backend, cfg) {
+        Ok(action) => {
+            // State and stats only for packets that really left.
+            if choice.new_flow {
+                record(&key, &choice);
+            }
+            account(&STATS_VIP, vip.vip_id, bytes, choice.new_flow);
+            account(&STATS_BACKEND, choice.backend_id, bytes, choice.new_flow);
+            action
+        }
         Err(reason) => {
             count(reason);
             xdp_action::XDP_DROP

@@ -61,16 +61,41 @@ pub fn get_vip(ebpf: &mut Ebpf, key: &VipKey) -> Result<Option<VipInfo>> {
     }
 }
 
-/// Writes `table` (length = ring size) into generation `generation` of `vip_id`.
-pub fn write_ring(ebpf: &mut Ebpf, vip_id: u32, generation: u8, table: &[u32]) -> Result<()> {
-    let m = u32::try_from(table.len()).context("ring too large")?;
-    let mut rings = array::<u32>(ebpf, "RINGS")?;
-    if ring_index(vip_id, generation, m, m - 1) >= rings.len() {
+/// Index of the last slot of `vip_id`'s generation 1, checked against the
+/// map: ids past the map would wrap into another VIP's ring.
+fn check_ring_bounds(rings_len: u32, vip_id: u32, m: u32) -> Result<()> {
+    let last = (vip_id as u64 * 2 + 1) * m as u64 + (m as u64).saturating_sub(1);
+    if m == 0 || last >= rings_len as u64 {
         bail!(
-            "RINGS holds {} slots, too few for vip id {vip_id} with ring size {m}",
-            rings.len()
+            "RINGS holds {rings_len} slots, too few for vip id {vip_id} with ring size {m} \
+             (raise max_vips, or use a lower vip id)"
         );
     }
+    Ok(())
+}
+
+/// The ring size the data plane was configured with.
+pub fn configured_ring_size(ebpf: &mut Ebpf) -> Result<u32> {
+    let cfg = array::<LbConfig>(ebpf, "CONFIG")?
+        .get(&0, 0)
+        .context("reading CONFIG")?;
+    if cfg.ring_size == 0 {
+        bail!("CONFIG is not written yet: set the configuration before rings");
+    }
+    Ok(cfg.ring_size)
+}
+
+/// Writes `table` (length = ring size) into generation `generation` of `vip_id`.
+pub fn write_ring(ebpf: &mut Ebpf, vip_id: u32, generation: u8, table: &[u32]) -> Result<()> {
+    let m = configured_ring_size(ebpf)?;
+    if table.len() != m as usize {
+        bail!(
+            "ring table has {} slots, the data plane's ring size is {m}",
+            table.len()
+        );
+    }
+    let mut rings = array::<u32>(ebpf, "RINGS")?;
+    check_ring_bounds(rings.len(), vip_id, m)?;
     for (slot, id) in table.iter().enumerate() {
         rings
             .set(ring_index(vip_id, generation, m, slot as u32), id, 0)
@@ -79,14 +104,69 @@ pub fn write_ring(ebpf: &mut Ebpf, vip_id: u32, generation: u8, table: &[u32]) -
     Ok(())
 }
 
-/// Writes `table` into the idle generation and flips the VIP to it.
+/// Adds (or re-adds) a VIP: generation 0 gets `table`, generation 1 is
+/// cleared so a reused vip id cannot second-chance flows to a previous
+/// owner's backends, and only then does the VIP appear in `VIPS`.
+pub fn install_vip(
+    ebpf: &mut Ebpf,
+    key: &VipKey,
+    vip_id: u32,
+    mode: u8,
+    table: &[u32],
+) -> Result<()> {
+    write_ring(ebpf, vip_id, 1, &vec![0; table.len()])?;
+    write_ring(ebpf, vip_id, 0, table)?;
+    set_vip(ebpf, key, &VipInfo::new(vip_id, mode))
+}
+
+/// `CLOCK_MONOTONIC` in ns, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Writes `table` into the idle generation and flips the VIP to it; the old
+/// table then serves second chances for `second_chance` (see DESIGN §3).
 /// Returns the generation now live.
-pub fn publish_ring(ebpf: &mut Ebpf, key: &VipKey, table: &[u32]) -> Result<u8> {
+///
+/// Order matters: the idle generation is what second chance reads, so it is
+/// switched off before that generation is rewritten, and the flip (one map
+/// update) turns it back on over the table just replaced.
+pub fn publish_ring(
+    ebpf: &mut Ebpf,
+    key: &VipKey,
+    table: &[u32],
+    second_chance: std::time::Duration,
+) -> Result<u8> {
     let mut info =
         get_vip(ebpf, key)?.context("publishing a ring for a VIP that is not in VIPS")?;
+    info.second_chance_until_ns = 0;
+    set_vip(ebpf, key, &info)?;
     let idle = info.ring_gen ^ 1;
     write_ring(ebpf, info.vip_id, idle, table)?;
     info.ring_gen = idle;
+    info.second_chance_until_ns = monotonic_ns().saturating_add(second_chance.as_nanos() as u64);
     set_vip(ebpf, key, &info)?;
     Ok(idle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_bounds_catch_wrapping_ids() {
+        let m = 65537;
+        let len = 64 * 2 * m;
+        assert!(check_ring_bounds(len, 63, m).is_ok());
+        assert!(check_ring_bounds(len, 64, m).is_err());
+        // 32768 * 2 * 65537 wraps a u32 to a small index: must still fail.
+        assert!(check_ring_bounds(len, 32768, m).is_err());
+        assert!(check_ring_bounds(len, 0, 0).is_err());
+    }
 }

@@ -5,7 +5,7 @@ mod kernel;
 
 use kernel::{Harness, XDP_PASS, XDP_TX};
 use lb_common::{
-    maps::{BACKEND_UP, BackendInfo, FAMILY_V4, FAMILY_V6, LbConfig, MODE_IPIP, VipInfo, VipKey},
+    maps::{BACKEND_UP, BackendInfo, FAMILY_V4, FAMILY_V6, LbConfig, MODE_IPIP, VipKey},
     parse::{IPPROTO_TCP, IPPROTO_UDP, parse},
     testframe::{self, FrameSpec, LB_MAC},
 };
@@ -32,6 +32,7 @@ fn setup(backend_v6: bool) -> Harness {
             ring_size: M,
             flags: 0,
             udp_timeout_ns: u64::MAX,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -69,15 +70,8 @@ fn setup(backend_v6: bool) -> Harness {
                 family: fam,
             };
             let vip_id = id as u32 * 2 + (proto == IPPROTO_UDP) as u32;
-            let info = VipInfo {
-                vip_id,
-                flags: 0,
-                mode: MODE_IPIP,
-                ring_gen: 0,
-                _pad: [0; 2],
-            };
-            programming::set_vip(&mut h.ebpf, &key, &info).unwrap();
-            programming::write_ring(&mut h.ebpf, vip_id, 0, &[1; M as usize]).unwrap();
+            programming::install_vip(&mut h.ebpf, &key, vip_id, MODE_IPIP, &[1; M as usize])
+                .unwrap();
         }
     }
     h

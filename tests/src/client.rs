@@ -160,9 +160,20 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Strin
 /// so a reply from any other address (say, a DSR backend answering from
 /// its own address instead of the VIP) is not taken as the answer.
 pub fn udp_echo(dst: SocketAddr, payload: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    udp_echo_from(0, dst, payload, timeout)
+}
+
+/// As [`udp_echo`], from local port `src_port` (0: any). A chosen port makes
+/// each exchange a distinct flow, which tests counting flows rely on.
+pub fn udp_echo_from(
+    src_port: u16,
+    dst: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
     let local: SocketAddr = match dst {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, src_port).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, src_port).into(),
     };
     let sock = UdpSocket::bind(local).context("binding a UDP socket")?;
     sock.connect(dst)

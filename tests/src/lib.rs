@@ -20,7 +20,7 @@ pub mod process;
 pub mod testserver;
 pub mod topology;
 
-pub use client::{HttpConn, Response, http_get, split_echo, udp_echo};
+pub use client::{HttpConn, Response, http_get, split_echo, udp_echo, udp_echo_from};
 pub use launcher::{lbd_path, testserver_path};
 pub use netns::{NS_PREFIX, cleanup_stale, in_netns};
 pub use process::{Spawned, spawn_in_netns};

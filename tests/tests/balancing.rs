@@ -17,12 +17,11 @@ use aya::Ebpf;
 use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
-        BACKEND_UP, BackendInfo, FAMILY_V4, FAMILY_V6, LbConfig, MODE_IPIP, MODE_L2DSR, VipInfo,
-        VipKey,
+        BACKEND_UP, BackendInfo, FAMILY_V4, FAMILY_V6, LbConfig, MODE_IPIP, MODE_L2DSR, VipKey,
     },
     parse::{IPPROTO_TCP, IPPROTO_UDP},
 };
-use lb_tests::{HttpConn, Topology, addressing, in_netns, udp_echo};
+use lb_tests::{HttpConn, Topology, addressing, in_netns, udp_echo_from};
 use lb_userspace::{
     dataplane::{self, AttachMode, MapSizes},
     programming, stats,
@@ -125,6 +124,7 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
             ring_size: RING,
             flags: 0,
             udp_timeout_ns: 30_000_000_000,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -173,20 +173,12 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
                 proto,
                 family,
             };
-            let info = VipInfo {
-                vip_id,
-                flags: 0,
-                mode: fwd,
-                ring_gen: 0,
-                _pad: [0; 2],
-            };
-            programming::set_vip(&mut balancer, &key, &info).unwrap();
             let table = if family == FAMILY_V4 {
                 &table4
             } else {
                 &table6
             };
-            programming::publish_ring(&mut balancer, &key, table).unwrap();
+            programming::install_vip(&mut balancer, &key, vip_id, fwd, table).unwrap();
             vip_id += 1;
         }
     }
@@ -218,7 +210,8 @@ fn run(mode: AttachMode) {
                     let body = conn.get("/").unwrap().text();
                     *http.entry(body.trim().to_owned()).or_default() += 1;
                     let payload = format!("datagram {i}");
-                    let reply = udp_echo(
+                    let reply = udp_echo_from(
+                        30000 + i as u16,
                         SocketAddr::new(vip, UDP_PORT),
                         payload.as_bytes(),
                         Duration::from_secs(3),

@@ -119,6 +119,8 @@ pub struct Config {
     pub sizes: MapSizes,
     pub hash_seed: u32,
     pub udp_timeout: Duration,
+    /// How long after a ring change the previous ring serves second chances.
+    pub second_chance_window: Duration,
     pub encap_source_v4: Option<Ipv4Addr>,
     pub encap_source_v6: Option<Ipv6Addr>,
     pub sysctl_apply: bool,
@@ -165,6 +167,7 @@ struct RawDataplane {
     conntrack_entries: Option<Spanned<u32>>,
     hash_seed: Option<u32>,
     udp_timeout: Option<Spanned<String>>,
+    second_chance_window: Option<Spanned<String>>,
     encap_source_v4: Option<Spanned<String>>,
     encap_source_v6: Option<Spanned<String>>,
 }
@@ -405,6 +408,12 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         "dataplane.udp_timeout",
         Duration::from_secs(30),
     )?;
+    let second_chance_window = duration_field(
+        src,
+        &dp.second_chance_window,
+        "dataplane.second_chance_window",
+        Duration::from_secs(120),
+    )?;
     let encap_source_v4 = match &dp.encap_source_v4 {
         None => None,
         Some(s) => Some(s.get_ref().parse::<Ipv4Addr>().map_err(|_| {
@@ -559,6 +568,7 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         sizes,
         hash_seed: dp.hash_seed.unwrap_or(0),
         udp_timeout,
+        second_chance_window,
         encap_source_v4,
         encap_source_v6,
         sysctl_apply: raw.sysctl.unwrap_or_default().apply,

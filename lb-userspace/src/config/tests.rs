@@ -40,6 +40,7 @@ fn example_config_is_valid() {
     assert_eq!(c.vips[1].health_check.timeout, Duration::from_millis(500));
     assert_eq!(c.vips[1].backends[0].weight, 100, "default weight");
     assert_eq!(c.udp_timeout, Duration::from_secs(30));
+    assert_eq!(c.second_chance_window, Duration::from_secs(120));
 }
 
 #[test]
