@@ -17,4 +17,5 @@ pub mod ring;
 pub mod stats;
 #[cfg(any(test, feature = "std"))]
 pub mod testframe;
+pub mod viptable;
 pub mod wire;

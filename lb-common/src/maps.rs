@@ -127,7 +127,9 @@ pub struct LbConfig {
     /// header); an encapsulated packet that would exceed it is dropped and
     /// counted instead of vanishing in the driver. 0: unchecked.
     pub max_frame_len: u32,
-    pub _pad: u32,
+    /// Slots per generation of `VIP_TABLE` (a power of two); set by
+    /// userspace from the map\'s size.
+    pub vip_slots: u32,
 }
 
 #[cfg(feature = "user")]

@@ -31,9 +31,20 @@ pub fn forward(
         encapsulate(pkt, parsed, backend, cfg)?;
     }
     let eth: &mut EthHdr = pkt.header_mut(0).ok_or(Counter::LbEncapFailed)?;
-    eth.dst = backend.next_hop_mac;
-    eth.src = backend.src_mac;
+    set_mac(&mut eth.dst, &backend.next_hop_mac);
+    set_mac(&mut eth.src, &backend.src_mac);
     transmit(pkt, backend)
+}
+
+/// Byte stores LLVM cannot merge into a `memmove` call (from a map value
+/// into the packet it cannot rule out overlap, and in BPF `memmove` is a
+/// slow byte-loop subprogram).
+#[inline(always)]
+fn set_mac(to: &mut [u8; 6], from: &[u8; 6]) {
+    for (i, byte) in from.iter().enumerate() {
+        // SAFETY: `i` < 6, inside `to`.
+        unsafe { core::ptr::write_volatile(to.as_mut_ptr().add(i), *byte) };
+    }
 }
 
 #[inline(always)]

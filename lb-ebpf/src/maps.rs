@@ -4,15 +4,21 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    maps::{BackendInfo, ConnEntry, FlowKey, LbConfig, Traffic, VipInfo, VipKey},
+    maps::{BackendInfo, ConnEntry, FlowKey, LbConfig, Traffic},
     stats::Counter,
+    viptable::VipSlot,
 };
 
-#[map(name = "VIPS")]
-pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(256, 0);
+/// Two generations of `CONFIG.vip_slots` slots (see `lb_common::viptable`).
+#[map(name = "VIP_TABLE")]
+pub static VIP_TABLE: Array<VipSlot> = Array::with_max_entries(2 * 512, 0);
+
+/// The live `VIP_TABLE` generation (0 or 1).
+#[map(name = "VIP_TABLE_GEN")]
+pub static VIP_TABLE_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
 /// vip_id * 2 * M + generation * M + slot -> backend id.
 #[map(name = "RINGS")]

@@ -3,10 +3,11 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     icmp::too_big_quote,
-    maps::{FAMILY_V4, FAMILY_V6, FlowKey, VipInfo, VipKey},
+    maps::{FAMILY_V4, FAMILY_V6, FlowKey, LbConfig, VipInfo, VipKey},
     packet::PacketBytes,
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, parse},
     stats::Counter,
+    viptable::{MAX_PROBES, key_words, slot_hash, words_eq},
     wire::tcp::{TCP_ACK, TCP_SYN},
 };
 
@@ -14,7 +15,7 @@ use crate::{
     ctx::XdpBytes,
     forward::forward,
     lb::{choose, record},
-    maps::{CONFIG, STATS_BACKEND, STATS_VIP, VIPS, account, count},
+    maps::{CONFIG, STATS_BACKEND, STATS_VIP, VIP_TABLE, VIP_TABLE_GEN, account, count},
 };
 
 #[inline(always)]
@@ -30,8 +31,40 @@ fn verdict(action: u32) -> u32 {
     action
 }
 
+/// Index in `VIP_TABLE` of the slot holding `words`, if any. Returns a
+/// plain index rather than the entry so that every way out of the probe
+/// loop leaves the verifier the same kind of state, and it can prune them.
 #[inline(always)]
-fn lookup_vip(addr: &[u8; 16], port: u16, proto: u8, is_ipv6: bool) -> Option<VipInfo> {
+fn probe(words: &[u32; 5], base: u32, mask: u32) -> Option<u32> {
+    let h = slot_hash(words);
+    let mut i = 0;
+    while i < MAX_PROBES {
+        let idx = base + (h.wrapping_add(i) & mask);
+        let slot = VIP_TABLE.get(idx)?;
+        if slot.key.family == 0 {
+            return None;
+        }
+        if words_eq(&key_words(&slot.key), words) {
+            return Some(idx);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The VIP for this destination: the exact port first, then port 0 (all
+/// ports of that address and protocol).
+#[inline(always)]
+fn lookup_vip(
+    addr: &[u8; 16],
+    port: u16,
+    proto: u8,
+    is_ipv6: bool,
+    cfg: &LbConfig,
+) -> Option<VipInfo> {
+    let generation = *VIP_TABLE_GEN.get(0)? & 1;
+    let mask = cfg.vip_slots.wrapping_sub(1);
+    let base = generation * cfg.vip_slots;
     let family = if is_ipv6 { FAMILY_V6 } else { FAMILY_V4 };
     let mut key = VipKey {
         addr: *addr,
@@ -39,13 +72,14 @@ fn lookup_vip(addr: &[u8; 16], port: u16, proto: u8, is_ipv6: bool) -> Option<Vi
         proto,
         family,
     };
-    // SAFETY: the map value is copied out at once.
-    if let Some(v) = unsafe { VIPS.get(key) } {
-        return Some(*v);
-    }
-    key.port = 0;
-    // SAFETY: as above.
-    unsafe { VIPS.get(key) }.copied()
+    let idx = match probe(&key_words(&key), base, mask) {
+        Some(idx) => idx,
+        None => {
+            key.port = 0;
+            probe(&key_words(&key), base, mask)?
+        }
+    };
+    Some(VIP_TABLE.get(idx)?.info)
 }
 
 #[xdp]
@@ -81,6 +115,7 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
                 parsed.dst_port,
                 parsed.proto,
                 parsed.is_ipv6,
+                cfg,
             ) else {
                 count(Counter::LbNotVip);
                 return xdp_action::XDP_PASS;
@@ -103,7 +138,7 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
                 count(Counter::LbNotVip);
                 return xdp_action::XDP_PASS;
             };
-            let Some(vip) = lookup_vip(&q.vip, q.vip_port, q.proto, parsed.is_ipv6) else {
+            let Some(vip) = lookup_vip(&q.vip, q.vip_port, q.proto, parsed.is_ipv6, cfg) else {
                 count(Counter::LbNotVip);
                 return xdp_action::XDP_PASS;
             };

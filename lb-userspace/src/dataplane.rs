@@ -91,7 +91,10 @@ pub fn load_balancer() -> Result<Ebpf> {
 /// Loads the balancer object (maps created, program verified but not attached).
 pub fn load_balancer_with(sizes: &MapSizes) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries("VIPS", sizes.max_vips)
+        .map_max_entries(
+            "VIP_TABLE",
+            2 * lb_common::viptable::slots_for(sizes.max_vips),
+        )
         .map_max_entries("STATS_VIP", sizes.max_vips)
         .map_max_entries("BACKENDS", sizes.max_backends)
         .map_max_entries("STATS_BACKEND", sizes.max_backends)

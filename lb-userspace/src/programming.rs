@@ -1,18 +1,20 @@
 //! Writing desired state into the data plane's maps.
 //!
 //! Rings have two generations per VIP: a new table is written into the idle
-//! generation, then one `VIPS` update flips the VIP to it, so the data plane
-//! never sees a half-written ring, and the old generation stays readable for
-//! the second chance.
+//! generation, then one VIP-table flip points the VIP at it, so the data
+//! plane never sees a half-written ring, and the old generation stays
+//! readable for the second chance. The VIP table itself is double-buffered
+//! the same way (see `lb_common::viptable`).
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, MapData},
 };
 use lb_common::{
     maps::{BackendInfo, LbConfig, VipInfo, VipKey},
     ring::ring_index,
+    viptable::{self, VipSlot},
 };
 
 fn array<'a, T: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> Result<Array<&'a mut MapData, T>> {
@@ -23,12 +25,62 @@ fn array<'a, T: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> Result<Array<&'a mu
     .with_context(|| format!("map {name} has an unexpected type"))
 }
 
-fn vips(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, VipKey, VipInfo>> {
-    HashMap::try_from(ebpf.map_mut("VIPS").context("map VIPS missing")?)
-        .context("map VIPS has an unexpected type")
+/// Slots per generation of `VIP_TABLE`, from the map's size.
+pub fn vip_slots(ebpf: &mut Ebpf) -> Result<u32> {
+    Ok(array::<VipSlot>(ebpf, "VIP_TABLE")?.len() / 2)
 }
 
+fn live_generation(ebpf: &mut Ebpf) -> Result<u32> {
+    Ok(array::<u32>(ebpf, "VIP_TABLE_GEN")?
+        .get(&0, 0)
+        .context("reading VIP_TABLE_GEN")?
+        & 1)
+}
+
+/// The live generation of the VIP table.
+fn live_table(ebpf: &mut Ebpf) -> Result<Vec<VipSlot>> {
+    let slots = vip_slots(ebpf)?;
+    let base = live_generation(ebpf)? * slots;
+    let table = array::<VipSlot>(ebpf, "VIP_TABLE")?;
+    (0..slots)
+        .map(|i| table.get(&(base + i), 0).context("reading VIP_TABLE"))
+        .collect()
+}
+
+/// Every configured VIP.
+pub fn list_vips(ebpf: &mut Ebpf) -> Result<Vec<(VipKey, VipInfo)>> {
+    Ok(live_table(ebpf)?
+        .into_iter()
+        .filter(|s| s.key.family != 0)
+        .map(|s| (s.key, s.info))
+        .collect())
+}
+
+/// Replaces the VIP set: the idle generation is written whole, then one
+/// aligned u32 store makes it live.
+fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
+    let slots = vip_slots(ebpf)?;
+    let built = viptable::build(vips, slots).context("building the VIP table")?;
+    let idle = live_generation(ebpf)? ^ 1;
+    {
+        let mut table = array::<VipSlot>(ebpf, "VIP_TABLE")?;
+        for (i, slot) in built.iter().enumerate() {
+            table
+                .set(idle * slots + i as u32, slot, 0)
+                .context("writing VIP_TABLE")?;
+        }
+    }
+    array::<u32>(ebpf, "VIP_TABLE_GEN")?
+        .set(0, idle, 0)
+        .context("flipping VIP_TABLE_GEN")
+}
+
+/// Writes the configuration; `vip_slots` always comes from the map itself.
 pub fn set_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<()> {
+    let cfg = LbConfig {
+        vip_slots: vip_slots(ebpf)?,
+        ..*cfg
+    };
     array::<LbConfig>(ebpf, "CONFIG")?
         .set(0, cfg, 0)
         .context("writing CONFIG")
@@ -43,22 +95,26 @@ pub fn set_backend(ebpf: &mut Ebpf, id: u32, b: &BackendInfo) -> Result<()> {
         .with_context(|| format!("writing BACKENDS[{id}]"))
 }
 
+/// Adds or replaces one VIP.
 pub fn set_vip(ebpf: &mut Ebpf, key: &VipKey, info: &VipInfo) -> Result<()> {
-    vips(ebpf)?
-        .insert(key, info, 0)
-        .with_context(|| format!("writing VIPS entry for vip id {}", info.vip_id))
+    let mut vips = list_vips(ebpf)?;
+    vips.retain(|(k, _)| k != key);
+    vips.push((*key, *info));
+    write_vips(ebpf, &vips)
 }
 
 pub fn remove_vip(ebpf: &mut Ebpf, key: &VipKey) -> Result<()> {
-    vips(ebpf)?.remove(key).context("removing VIPS entry")
+    let mut vips = list_vips(ebpf)?;
+    let before = vips.len();
+    vips.retain(|(k, _)| k != key);
+    if vips.len() == before {
+        bail!("no such VIP");
+    }
+    write_vips(ebpf, &vips)
 }
 
 pub fn get_vip(ebpf: &mut Ebpf, key: &VipKey) -> Result<Option<VipInfo>> {
-    match vips(ebpf)?.get(key, 0) {
-        Ok(v) => Ok(Some(v)),
-        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e).context("reading VIPS"),
-    }
+    Ok(viptable::lookup(&live_table(ebpf)?, key))
 }
 
 /// Index of the last slot of `vip_id`'s generation 1, checked against the
@@ -144,7 +200,7 @@ pub fn publish_ring(
     second_chance: std::time::Duration,
 ) -> Result<u8> {
     let mut info =
-        get_vip(ebpf, key)?.context("publishing a ring for a VIP that is not in VIPS")?;
+        get_vip(ebpf, key)?.context("publishing a ring for a VIP that is not configured")?;
     info.second_chance_until_ns = 0;
     set_vip(ebpf, key, &info)?;
     let idle = info.ring_gen ^ 1;

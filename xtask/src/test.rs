@@ -82,10 +82,17 @@ pub fn run(tiers: &[Tier]) -> Result<()> {
                     "lint: clippy (lb-ebpf for bpfel-unknown-none)",
                 )?;
             }
-            Tier::Unit => run_step(
-                &mut cargo(&["test", "--workspace", "--lib", "--bins"]),
-                "unit tests",
-            )?,
+            Tier::Unit => {
+                run_step(
+                    &mut cargo(&["test", "--workspace", "--lib", "--bins"]),
+                    "unit tests",
+                )?;
+                // Reads the built XDP object; needs no privileges.
+                run_step(
+                    &mut cargo(&["test", "-p", "lb-userspace", "--test", "object_hygiene"]),
+                    "unit tests: XDP object hygiene",
+                )?;
+            }
             Tier::Kernel => run_step(
                 &mut cargo(&["test", "-p", "lb-userspace", "--test", "kernel_*"]),
                 "kernel tests",
