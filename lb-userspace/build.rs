@@ -1,28 +1,69 @@
-//! Builds the XDP object with the nightly toolchain (aya-build) so that
+//! Builds the XDP object with the nightly toolchain so that
 //! `cargo build -p lb-userspace` on a fresh clone embeds a current object and
 //! never fails for lack of one. `cargo xtask setup` installs what this needs.
+//!
+//! This does what aya-build does (DESIGN.md §2) with one difference:
+//! aya-build fixes the nested build's RUSTFLAGS, and we need one more,
+//! `allows-misaligned-mem-access`. Without it LLVM splits every load and
+//! store of a header field into single bytes (header structs have alignment
+//! 1); x86-64 and arm64 handle misaligned access in hardware and the
+//! verifier permits it on packet memory there.
 
-fn main() -> anyhow::Result<()> {
-    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
-    let ebpf_dir = format!("{manifest_dir}/../lb-ebpf");
-    // aya-build watches lb-ebpf; the shared logic it compiles in lives here.
-    println!("cargo:rerun-if-changed={manifest_dir}/../lb-common/src");
-    // aya-build relays every line the nested cargo prints as a build warning;
-    // keep only the ones that matter (errors and real warnings).
-    // SAFETY: build scripts are single-threaded at this point.
-    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "lb-ebpf",
-            root_dir: &ebpf_dir,
-            ..Default::default()
-        }],
-        aya_build::Toolchain::default(),
-    )
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "building the XDP object failed: {e:#}\n\
-             (the eBPF toolchain may be missing: run `cargo xtask setup`)"
-        )
-    })
+use std::{env, path::PathBuf, process::Command};
+
+fn main() -> Result<(), String> {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
+    let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
+    let workspace = manifest_dir.join("..");
+    for dir in ["lb-ebpf", "lb-common/src"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
+    }
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").map_err(|e| e.to_string())?;
+    let flags = [
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".to_owned(),
+        "-Clink-arg=--btf".to_owned(),
+        "-Ctarget-feature=+allows-misaligned-mem-access".to_owned(),
+    ]
+    .join("\x1f");
+    let target_dir = out_dir.join("ebpf-target");
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(&workspace)
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--quiet",
+            "--package",
+            "lb-ebpf",
+            "--bins",
+        ])
+        .args([
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", flags)
+        // The outer cargo's compiler settings are for the host toolchain.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTFLAGS");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {cmd:?}: {e} (run `cargo xtask setup`)"))?;
+    if !status.success() {
+        return Err(format!(
+            "building the XDP object failed ({status}); the eBPF toolchain may be missing: \
+             run `cargo xtask setup`, or retry by hand with:\n  {cmd:?}"
+        ));
+    }
+    let built = target_dir.join("bpfel-unknown-none/release/lb-ebpf");
+    std::fs::copy(&built, out_dir.join("lb-ebpf"))
+        .map_err(|e| format!("copying {}: {e}", built.display()))?;
+    Ok(())
 }
