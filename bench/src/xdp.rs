@@ -64,6 +64,7 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
         max_backends: 64,
         ring_size: RING,
         conntrack_entries,
+        ..Default::default()
     })?;
     for name in [
         dataplane::MAC_SWAP_PROGRAM,

@@ -7,6 +7,7 @@
 
 pub mod csum;
 pub mod encap;
+pub mod flowcache;
 pub mod hash;
 pub mod icmp;
 pub mod maglev;

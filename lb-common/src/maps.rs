@@ -128,8 +128,12 @@ pub struct LbConfig {
     /// counted instead of vanishing in the driver. 0: unchecked.
     pub max_frame_len: u32,
     /// Slots per generation of `VIP_TABLE` (a power of two); set by
-    /// userspace from the map\'s size.
+    /// userspace from the map's size.
     pub vip_slots: u32,
+    /// Slots of the per-CPU `FLOW_CACHE` (a power of two); set by userspace
+    /// from the map's size.
+    pub flow_cache_slots: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -160,7 +164,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<ConnEntry>(), 16);
         assert_eq!(size_of::<Traffic>(), 24);
-        assert_eq!(size_of::<LbConfig>(), 48);
+        assert_eq!(size_of::<LbConfig>(), 56);
     }
 }
 

@@ -87,6 +87,8 @@ counters! {
     LbRedirectFailed = 29 => "lb_redirect_failed",
     /// The encapsulated frame would exceed the egress MTU: dropped.
     LbFrameTooBig = 30 => "lb_frame_too_big",
+    /// Of the connection-table hits, those served by the per-CPU flow cache.
+    LbFlowCacheHit = 31 => "lb_flow_cache_hit",
 }
 
 impl Counter {

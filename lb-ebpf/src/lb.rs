@@ -3,13 +3,14 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
+    flowcache::{CachedFlow, REFRESH_EVERY, same_flow, slot_of},
     maps::{BACKEND_DRAINING, BACKEND_UP, BackendInfo, ConnEntry, FlowKey, LbConfig, VipInfo},
     parse::IPPROTO_UDP,
     ring::{flow_slot, ring_index},
     stats::Counter,
 };
 
-use crate::maps::{BACKENDS, CONNTRACK, RINGS, count};
+use crate::maps::{BACKENDS, CONNTRACK, FLOW_CACHE, RINGS, count};
 
 pub struct Choice {
     pub backend_id: u32,
@@ -41,6 +42,29 @@ fn ring_pick(
     Some((id, BACKENDS.get(id)?))
 }
 
+/// This CPU's cache slot for `key`.
+#[inline(always)]
+fn cache_slot(key: &FlowKey, cfg: &LbConfig) -> Option<&'static mut CachedFlow> {
+    if cfg.flow_cache_slots == 0 {
+        return None;
+    }
+    let p = FLOW_CACHE.get_ptr_mut(slot_of(key) & (cfg.flow_cache_slots - 1))?;
+    // SAFETY: per-CPU slot; XDP runs with preemption off, so nothing else
+    // touches it while this program holds it.
+    Some(unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn cache_fill(key: &FlowKey, backend_id: u32, cfg: &LbConfig) {
+    if key.proto != IPPROTO_UDP
+        && let Some(c) = cache_slot(key, cfg)
+    {
+        c.key = *key;
+        c.backend_id = backend_id;
+        c.hits = 0;
+    }
+}
+
 #[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: no preconditions.
@@ -66,6 +90,28 @@ pub fn choose(
     // reusing a port after a change (or after a drain began) lands on the
     // current backends, and its entry is overwritten.
     let mut missed = tcp_syn;
+    if !tcp_syn
+        && !is_udp
+        && let Some(c) = cache_slot(key, cfg)
+        && c.backend_id != 0
+        && same_flow(&c.key, key)
+        && let Some(b) = BACKENDS.get(c.backend_id)
+        && usable(b)
+    {
+        c.hits = c.hits.wrapping_add(1);
+        // Most hits end here; every REFRESH_EVERY-th one also touches the
+        // table below, so the LRU keeps seeing the flow as alive.
+        if c.hits % REFRESH_EVERY != 0 {
+            count(Counter::LbConntrackHit);
+            count(Counter::LbFlowCacheHit);
+            return Some(Choice {
+                backend_id: c.backend_id,
+                backend: b,
+                new_flow: false,
+                now_ns: 0,
+            });
+        }
+    }
     if tcp_syn {
         count(Counter::LbConntrackMiss);
     } else if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
@@ -82,6 +128,7 @@ pub fn choose(
             if is_udp && allow_new {
                 entry.last_seen_ns = now;
             }
+            cache_fill(key, entry.backend_id, cfg);
             return Some(Choice {
                 backend_id: entry.backend_id,
                 backend: b,
@@ -127,7 +174,8 @@ pub fn choose(
 
 /// Records a new flow's entry; called once the packet was forwarded.
 #[inline(always)]
-pub fn record(key: &FlowKey, choice: &Choice) {
+pub fn record(key: &FlowKey, choice: &Choice, cfg: &LbConfig) {
+    cache_fill(key, choice.backend_id, cfg);
     let entry = ConnEntry {
         backend_id: choice.backend_id,
         _pad: 0,

@@ -7,6 +7,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, LruHashMap, PerCpuArray},
 };
 use lb_common::{
+    flowcache::CachedFlow,
     maps::{BackendInfo, ConnEntry, FlowKey, LbConfig, Traffic},
     stats::Counter,
     viptable::VipSlot,
@@ -31,6 +32,10 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
     LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+
+/// Per-CPU cache of established TCP flows (see `lb_common::flowcache`).
+#[map(name = "FLOW_CACHE")]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(65536, 0);
 
 #[map(name = "STATS_BACKEND")]
 pub static STATS_BACKEND: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(4096, 0);

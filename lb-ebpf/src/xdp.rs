@@ -169,7 +169,7 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
         Ok(action) => {
             // State and stats only for packets that really left.
             if choice.new_flow {
-                record(&key, &choice);
+                record(&key, &choice, cfg);
             }
             account(&STATS_VIP, vip.vip_id, bytes, choice.new_flow);
             account(&STATS_BACKEND, choice.backend_id, bytes, choice.new_flow);

@@ -55,6 +55,8 @@ pub struct MapSizes {
     /// Maglev table size M (prime).
     pub ring_size: u32,
     pub conntrack_entries: u32,
+    /// Per-CPU flow cache slots (a power of two).
+    pub flow_cache_slots: u32,
 }
 
 impl Default for MapSizes {
@@ -64,6 +66,7 @@ impl Default for MapSizes {
             max_backends: 4096,
             ring_size: lb_common::maglev::DEFAULT_RING_SIZE,
             conntrack_entries: 1 << 20,
+            flow_cache_slots: 1 << 16,
         }
     }
 }
@@ -100,6 +103,7 @@ pub fn load_balancer_with(sizes: &MapSizes) -> Result<Ebpf> {
         .map_max_entries("STATS_BACKEND", sizes.max_backends)
         .map_max_entries("RINGS", sizes.ring_entries()?)
         .map_max_entries("CONNTRACK", sizes.conntrack_entries)
+        .map_max_entries("FLOW_CACHE", sizes.flow_cache_slots.next_power_of_two())
         .load(BALANCER_OBJECT)
         .context("loading the XDP object into the kernel")?;
     let prog: &mut Xdp = program_mut(&mut ebpf, BALANCER_PROGRAM)?;

@@ -75,10 +75,17 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
         .context("flipping VIP_TABLE_GEN")
 }
 
-/// Writes the configuration; `vip_slots` always comes from the map itself.
+/// Writes the configuration; `vip_slots` and `flow_cache_slots` always come
+/// from the maps themselves.
 pub fn set_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<()> {
+    let flow_cache_slots = aya::maps::PerCpuArray::<_, lb_common::flowcache::CachedFlow>::try_from(
+        ebpf.map("FLOW_CACHE").context("map FLOW_CACHE missing")?,
+    )
+    .context("map FLOW_CACHE has an unexpected type")?
+    .len();
     let cfg = LbConfig {
         vip_slots: vip_slots(ebpf)?,
+        flow_cache_slots,
         ..*cfg
     };
     array::<LbConfig>(ebpf, "CONFIG")?

@@ -84,6 +84,7 @@ impl Bench {
             max_backends: 16,
             ring_size: M,
             conntrack_entries: 4096,
+            ..Default::default()
         };
         let mut h = Harness::load_with(&sizes);
         programming::set_config(
@@ -497,6 +498,7 @@ fn forwarding_modes_families_and_protocols() {
                 ("parse_other_l4", 1),
                 ("lb_icmp_too_big", 1),
                 ("lb_conntrack_hit", 1),
+                ("lb_flow_cache_hit", 1),
                 ("verdict_tx", 1),
             ],
         ),
@@ -580,7 +582,12 @@ fn connection_table_rules() {
         &a_ack,
         XDP_TX,
         &encapsulated(&a_ack, 1),
-        &[("parse_tcp", 1), ("lb_conntrack_hit", 1), ("verdict_tx", 1)],
+        &[
+            ("parse_tcp", 1),
+            ("lb_conntrack_hit", 1),
+            ("lb_flow_cache_hit", 1),
+            ("verdict_tx", 1),
+        ],
     );
 
     let syn_b = testframe::build(&tcp4(v4, 2001, 80));
@@ -642,7 +649,12 @@ fn connection_table_rules() {
         &a_ack,
         XDP_TX,
         &encapsulated(&a_ack, 2),
-        &[("parse_tcp", 1), ("lb_conntrack_hit", 1), ("verdict_tx", 1)],
+        &[
+            ("parse_tcp", 1),
+            ("lb_conntrack_hit", 1),
+            ("lb_flow_cache_hit", 1),
+            ("verdict_tx", 1),
+        ],
     );
     let e_syn = testframe::build(&tcp4(v4, 2004, 80));
     b.check(
@@ -982,6 +994,7 @@ fn kernel_and_userspace_agree_on_10000_random_flows_v4_udp_and_v6_tcp() {
         max_backends: 32,
         ring_size: RING,
         conntrack_entries: 16384,
+        ..Default::default()
     };
     let mut h = Harness::load_with(&sizes);
     let cfg = LbConfig {

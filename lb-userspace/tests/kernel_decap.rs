@@ -22,6 +22,7 @@ fn setup(backend_v6: bool) -> Harness {
         max_backends: 4,
         ring_size: M,
         conntrack_entries: 64,
+        ..Default::default()
     });
     programming::set_config(
         &mut h.ebpf,

@@ -107,6 +107,7 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
             max_backends: 16,
             ring_size: RING,
             conntrack_entries: 65536,
+            ..Default::default()
         })
         .unwrap();
         dataplane::attach(&mut e, &dev, mode).unwrap();

@@ -165,6 +165,7 @@ struct RawDataplane {
     max_backends: Option<Spanned<u32>>,
     ring_size: Option<Spanned<u32>>,
     conntrack_entries: Option<Spanned<u32>>,
+    flow_cache_slots: Option<Spanned<u32>>,
     hash_seed: Option<u32>,
     udp_timeout: Option<Spanned<String>>,
     second_chance_window: Option<Spanned<String>>,
@@ -368,7 +369,15 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         max_backends: get(&dp.max_backends, defaults.max_backends),
         ring_size: get(&dp.ring_size, defaults.ring_size),
         conntrack_entries: get(&dp.conntrack_entries, defaults.conntrack_entries),
+        flow_cache_slots: get(&dp.flow_cache_slots, defaults.flow_cache_slots),
     };
+    if !sizes.flow_cache_slots.is_power_of_two() || sizes.flow_cache_slots > 1 << 22 {
+        return Err(src.err(
+            span_of(&dp.flow_cache_slots),
+            "dataplane.flow_cache_slots",
+            "must be a power of two up to 4194304 (per CPU)",
+        ));
+    }
     maglev::check_ring_size(sizes.ring_size)
         .map_err(|e| src.err(span_of(&dp.ring_size), "dataplane.ring_size", e.to_string()))?;
     if sizes.max_vips == 0 || sizes.max_vips > 4096 {

@@ -22,13 +22,30 @@ pub struct RunOutput {
     pub frame: Vec<u8>,
 }
 
+/// Keeps this test thread on CPU 0: the flow cache and the LRU lists are
+/// per CPU, and BPF_PROG_TEST_RUN runs on the caller's CPU, so a thread that
+/// migrated between runs would see different per-CPU state.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0
+        );
+    }
+}
+
 impl Harness {
     pub fn load() -> Self {
+        pin_to_cpu0();
         let ebpf = dataplane::load_balancer().expect("load balancer object (are we root?)");
         Harness { ebpf }
     }
 
     pub fn load_with(sizes: &dataplane::MapSizes) -> Self {
+        pin_to_cpu0();
         let ebpf =
             dataplane::load_balancer_with(sizes).expect("load balancer object (are we root?)");
         Harness { ebpf }

@@ -1,0 +1,123 @@
+//! A per-CPU, direct-mapped cache in front of the connection table.
+//!
+//! `CONNTRACK` is an LRU hash map: every lookup is a helper call chain that
+//! costs about 45 ns here, nearly half an established packet's budget. The
+//! cache is a per-CPU ARRAY (lookups are inlined by the verifier) indexed by
+//! a cheap hash of the 5-tuple; RSS keeps a flow on one CPU, so hit rates are
+//! high. It holds only established TCP flows (UDP needs the table's
+//! timestamps). The table stays the source of truth: every `REFRESH_EVERY`-th
+//! hit goes to the table anyway, which keeps the flow's LRU recency current so
+//! the table does not evict flows the cache is serving.
+
+use crate::maps::FlowKey;
+
+/// One hit in this many is looked up in `CONNTRACK` too.
+pub const REFRESH_EVERY: u32 = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow {
+    pub key: FlowKey,
+    /// 0: empty slot.
+    pub backend_id: u32,
+    pub hits: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)] plain-old-data without padding.
+unsafe impl aya::Pod for CachedFlow {}
+
+#[inline(always)]
+fn words(k: &FlowKey) -> [u32; 10] {
+    let w = |b: &[u8; 16], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    [
+        w(&k.src, 0),
+        w(&k.src, 4),
+        w(&k.src, 8),
+        w(&k.src, 12),
+        w(&k.dst, 0),
+        w(&k.dst, 4),
+        w(&k.dst, 8),
+        w(&k.dst, 12),
+        k.src_port as u32 | (k.dst_port as u32) << 16,
+        k.proto as u32 | (k.family as u32) << 8,
+    ]
+}
+
+/// Slot of `key` (before masking). Cheaper than the flow hash: it only has
+/// to spread flows over the cache, not agree across LB nodes.
+#[inline(always)]
+pub fn slot_of(key: &FlowKey) -> u32 {
+    let w = words(key);
+    let mut h = w[0] ^ w[1] ^ w[2] ^ w[3];
+    h = h.rotate_left(11) ^ w[4] ^ w[5] ^ w[6] ^ w[7];
+    h = h.rotate_left(11) ^ w[8] ^ w[9].wrapping_mul(0x9e37_79b9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h
+}
+
+/// Field-wise equality (a derived `==` on the arrays would call `memcmp`,
+/// a slow byte loop in BPF).
+#[inline(always)]
+pub fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    let (x, y) = (words(a), words(b));
+    let mut d = 0;
+    let mut i = 0;
+    while i < 10 {
+        d |= x[i] ^ y[i];
+        i += 1;
+    }
+    d == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u32) -> FlowKey {
+        let mut src = [0u8; 16];
+        src[..4].copy_from_slice(&n.to_be_bytes());
+        FlowKey {
+            src,
+            dst: [7; 16],
+            src_port: (n % 60000) as u16,
+            dst_port: 443,
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn equality_sees_every_field() {
+        let a = key(1);
+        assert!(same_flow(&a, &a));
+        let mut b = a;
+        b.dst[15] ^= 1;
+        assert!(!same_flow(&a, &b));
+        let mut b = a;
+        b.dst_port = 80;
+        assert!(!same_flow(&a, &b));
+        let mut b = a;
+        b.family = 6;
+        assert!(!same_flow(&a, &b));
+    }
+
+    #[test]
+    fn slots_spread() {
+        const SLOTS: usize = 4096;
+        let mut hist = vec![0u32; SLOTS];
+        for n in 0..(SLOTS as u32 * 16) {
+            hist[(slot_of(&key(0xc612_0000 + n)) as usize) & (SLOTS - 1)] += 1;
+        }
+        let max = *hist.iter().max().unwrap();
+        assert!(max < 48, "busiest slot holds {max} of a mean 16");
+    }
+
+    #[test]
+    fn layout() {
+        assert_eq!(core::mem::size_of::<CachedFlow>(), 48);
+    }
+}
