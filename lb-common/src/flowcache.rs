@@ -14,6 +14,7 @@ use crate::maps::FlowKey;
 /// One hit in this many is looked up in `CONNTRACK` too.
 pub const REFRESH_EVERY: u32 = 32;
 
+/// 64 bytes: one cache line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedFlow {
@@ -21,6 +22,13 @@ pub struct CachedFlow {
     /// 0: empty slot.
     pub backend_id: u32,
     pub hits: u32,
+    /// `VIP_TABLE_GEN` when cached. The entry also carries what the VIP
+    /// lookup would have said (id and mode), so a hit skips that lookup; any
+    /// change to the VIP table bumps the counter and retires every entry.
+    pub vip_epoch: u32,
+    pub vip_id: u32,
+    pub mode: u8,
+    pub _pad: [u8; 7],
 }
 
 #[cfg(feature = "user")]
@@ -118,6 +126,6 @@ mod tests {
 
     #[test]
     fn layout() {
-        assert_eq!(core::mem::size_of::<CachedFlow>(), 48);
+        assert_eq!(core::mem::size_of::<CachedFlow>(), 64);
     }
 }

@@ -55,14 +55,46 @@ fn cache_slot(key: &FlowKey, cfg: &LbConfig) -> Option<&'static mut CachedFlow> 
 }
 
 #[inline(always)]
-fn cache_fill(key: &FlowKey, backend_id: u32, cfg: &LbConfig) {
+fn cache_fill(key: &FlowKey, backend_id: u32, vip: &VipInfo, epoch: u32, cfg: &LbConfig) {
     if key.proto != IPPROTO_UDP
         && let Some(c) = cache_slot(key, cfg)
     {
         c.key = *key;
         c.backend_id = backend_id;
         c.hits = 0;
+        c.vip_epoch = epoch;
+        c.vip_id = vip.vip_id;
+        c.mode = vip.mode;
     }
+}
+
+/// An established TCP flow served from this CPU's cache: its choice, VIP id
+/// and forwarding mode, without the VIP or connection-table lookups.
+#[inline(always)]
+pub fn cached(key: &FlowKey, epoch: u32, cfg: &LbConfig) -> Option<(Choice, u32, u8)> {
+    let c = cache_slot(key, cfg)?;
+    if c.backend_id == 0 || c.vip_epoch != epoch || !same_flow(&c.key, key) {
+        return None;
+    }
+    let b = BACKENDS.get(c.backend_id)?;
+    if !usable(b) {
+        return None;
+    }
+    c.hits = c.hits.wrapping_add(1);
+    // Every REFRESH_EVERY-th hit takes the full path, so the LRU keeps
+    // seeing the flow as alive (and refills this entry).
+    if c.hits % REFRESH_EVERY == 0 {
+        return None;
+    }
+    count(Counter::LbConntrackHit);
+    count(Counter::LbFlowCacheHit);
+    let choice = Choice {
+        backend_id: c.backend_id,
+        backend: b,
+        new_flow: false,
+        now_ns: 0,
+    };
+    Some((choice, c.vip_id, c.mode))
 }
 
 #[inline(always)]
@@ -78,6 +110,7 @@ fn now_ns() -> u64 {
 pub fn choose(
     key: &FlowKey,
     vip: &VipInfo,
+    epoch: u32,
     cfg: &LbConfig,
     tcp_syn: bool,
     allow_new: bool,
@@ -90,28 +123,6 @@ pub fn choose(
     // reusing a port after a change (or after a drain began) lands on the
     // current backends, and its entry is overwritten.
     let mut missed = tcp_syn;
-    if !tcp_syn
-        && !is_udp
-        && let Some(c) = cache_slot(key, cfg)
-        && c.backend_id != 0
-        && same_flow(&c.key, key)
-        && let Some(b) = BACKENDS.get(c.backend_id)
-        && usable(b)
-    {
-        c.hits = c.hits.wrapping_add(1);
-        // Most hits end here; every REFRESH_EVERY-th one also touches the
-        // table below, so the LRU keeps seeing the flow as alive.
-        if c.hits % REFRESH_EVERY != 0 {
-            count(Counter::LbConntrackHit);
-            count(Counter::LbFlowCacheHit);
-            return Some(Choice {
-                backend_id: c.backend_id,
-                backend: b,
-                new_flow: false,
-                now_ns: 0,
-            });
-        }
-    }
     if tcp_syn {
         count(Counter::LbConntrackMiss);
     } else if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
@@ -128,7 +139,7 @@ pub fn choose(
             if is_udp && allow_new {
                 entry.last_seen_ns = now;
             }
-            cache_fill(key, entry.backend_id, cfg);
+            cache_fill(key, entry.backend_id, vip, epoch, cfg);
             return Some(Choice {
                 backend_id: entry.backend_id,
                 backend: b,
@@ -174,8 +185,8 @@ pub fn choose(
 
 /// Records a new flow's entry; called once the packet was forwarded.
 #[inline(always)]
-pub fn record(key: &FlowKey, choice: &Choice, cfg: &LbConfig) {
-    cache_fill(key, choice.backend_id, cfg);
+pub fn record(key: &FlowKey, choice: &Choice, vip: &VipInfo, epoch: u32, cfg: &LbConfig) {
+    cache_fill(key, choice.backend_id, vip, epoch, cfg);
     let entry = ConnEntry {
         backend_id: choice.backend_id,
         _pad: 0,

@@ -14,7 +14,7 @@ use lb_common::{
 use crate::{
     ctx::XdpBytes,
     forward::forward,
-    lb::{choose, record},
+    lb::{cached, choose, record},
     maps::{CONFIG, STATS_BACKEND, STATS_VIP, VIP_TABLE, VIP_TABLE_GEN, account, count},
 };
 
@@ -60,9 +60,10 @@ fn lookup_vip(
     port: u16,
     proto: u8,
     is_ipv6: bool,
+    epoch: u32,
     cfg: &LbConfig,
 ) -> Option<VipInfo> {
-    let generation = *VIP_TABLE_GEN.get(0)? & 1;
+    let generation = epoch & 1;
     let mask = cfg.vip_slots.wrapping_sub(1);
     let base = generation * cfg.vip_slots;
     let family = if is_ipv6 { FAMILY_V6 } else { FAMILY_V4 };
@@ -107,19 +108,12 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
         count(Counter::LbNotConfigured);
         return xdp_action::XDP_PASS;
     }
+    let Some(&epoch) = VIP_TABLE_GEN.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
     let family = if parsed.is_ipv6 { FAMILY_V6 } else { FAMILY_V4 };
     let (key, vip, syn, allow_new) = match parsed.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let Some(vip) = lookup_vip(
-                &parsed.dst_addr,
-                parsed.dst_port,
-                parsed.proto,
-                parsed.is_ipv6,
-                cfg,
-            ) else {
-                count(Counter::LbNotVip);
-                return xdp_action::XDP_PASS;
-            };
             let key = FlowKey {
                 src: parsed.src_addr,
                 dst: parsed.dst_addr,
@@ -131,6 +125,35 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
             };
             let syn =
                 parsed.proto == IPPROTO_TCP && parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            // The fast path: an established TCP flow this CPU has seen.
+            if parsed.proto == IPPROTO_TCP
+                && !syn
+                && let Some((choice, vip_id, mode)) = cached(&key, epoch, cfg)
+            {
+                let bytes = pkt.len() as u64;
+                return match forward(pkt, parsed, mode, choice.backend, cfg) {
+                    Ok(action) => {
+                        account(&STATS_VIP, vip_id, bytes, false);
+                        account(&STATS_BACKEND, choice.backend_id, bytes, false);
+                        action
+                    }
+                    Err(reason) => {
+                        count(reason);
+                        xdp_action::XDP_DROP
+                    }
+                };
+            }
+            let Some(vip) = lookup_vip(
+                &parsed.dst_addr,
+                parsed.dst_port,
+                parsed.proto,
+                parsed.is_ipv6,
+                epoch,
+                cfg,
+            ) else {
+                count(Counter::LbNotVip);
+                return xdp_action::XDP_PASS;
+            };
             (key, vip, syn, true)
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
@@ -138,7 +161,8 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
                 count(Counter::LbNotVip);
                 return xdp_action::XDP_PASS;
             };
-            let Some(vip) = lookup_vip(&q.vip, q.vip_port, q.proto, parsed.is_ipv6, cfg) else {
+            let Some(vip) = lookup_vip(&q.vip, q.vip_port, q.proto, parsed.is_ipv6, epoch, cfg)
+            else {
                 count(Counter::LbNotVip);
                 return xdp_action::XDP_PASS;
             };
@@ -161,7 +185,7 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
         }
     };
     let bytes = pkt.len() as u64;
-    let Some(choice) = choose(&key, &vip, cfg, syn, allow_new) else {
+    let Some(choice) = choose(&key, &vip, epoch, cfg, syn, allow_new) else {
         count(Counter::LbNoBackend);
         return xdp_action::XDP_DROP;
     };
@@ -169,7 +193,7 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
         Ok(action) => {
             // State and stats only for packets that really left.
             if choice.new_flow {
-                record(&key, &choice, cfg);
+                record(&key, &choice, &vip, epoch, cfg);
             }
             account(&STATS_VIP, vip.vip_id, bytes, choice.new_flow);
             account(&STATS_BACKEND, choice.backend_id, bytes, choice.new_flow);

@@ -30,11 +30,15 @@ pub fn vip_slots(ebpf: &mut Ebpf) -> Result<u32> {
     Ok(array::<VipSlot>(ebpf, "VIP_TABLE")?.len() / 2)
 }
 
-fn live_generation(ebpf: &mut Ebpf) -> Result<u32> {
-    Ok(array::<u32>(ebpf, "VIP_TABLE_GEN")?
+/// `VIP_TABLE_GEN` counts table changes; its low bit is the live generation.
+fn vip_epoch(ebpf: &mut Ebpf) -> Result<u32> {
+    array::<u32>(ebpf, "VIP_TABLE_GEN")?
         .get(&0, 0)
-        .context("reading VIP_TABLE_GEN")?
-        & 1)
+        .context("reading VIP_TABLE_GEN")
+}
+
+fn live_generation(ebpf: &mut Ebpf) -> Result<u32> {
+    Ok(vip_epoch(ebpf)? & 1)
 }
 
 /// The live generation of the VIP table.
@@ -61,7 +65,8 @@ pub fn list_vips(ebpf: &mut Ebpf) -> Result<Vec<(VipKey, VipInfo)>> {
 fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
     let slots = vip_slots(ebpf)?;
     let built = viptable::build(vips, slots).context("building the VIP table")?;
-    let idle = live_generation(ebpf)? ^ 1;
+    let next_epoch = vip_epoch(ebpf)?.wrapping_add(1);
+    let idle = next_epoch & 1;
     {
         let mut table = array::<VipSlot>(ebpf, "VIP_TABLE")?;
         for (i, slot) in built.iter().enumerate() {
@@ -70,8 +75,9 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
                 .context("writing VIP_TABLE")?;
         }
     }
+    // Also retires every flow-cache entry made under the old table.
     array::<u32>(ebpf, "VIP_TABLE_GEN")?
-        .set(0, idle, 0)
+        .set(0, next_epoch, 0)
         .context("flipping VIP_TABLE_GEN")
 }
 

@@ -498,7 +498,6 @@ fn forwarding_modes_families_and_protocols() {
                 ("parse_other_l4", 1),
                 ("lb_icmp_too_big", 1),
                 ("lb_conntrack_hit", 1),
-                ("lb_flow_cache_hit", 1),
                 ("verdict_tx", 1),
             ],
         ),
@@ -582,12 +581,7 @@ fn connection_table_rules() {
         &a_ack,
         XDP_TX,
         &encapsulated(&a_ack, 1),
-        &[
-            ("parse_tcp", 1),
-            ("lb_conntrack_hit", 1),
-            ("lb_flow_cache_hit", 1),
-            ("verdict_tx", 1),
-        ],
+        &[("parse_tcp", 1), ("lb_conntrack_hit", 1), ("verdict_tx", 1)],
     );
 
     let syn_b = testframe::build(&tcp4(v4, 2001, 80));
@@ -649,12 +643,7 @@ fn connection_table_rules() {
         &a_ack,
         XDP_TX,
         &encapsulated(&a_ack, 2),
-        &[
-            ("parse_tcp", 1),
-            ("lb_conntrack_hit", 1),
-            ("lb_flow_cache_hit", 1),
-            ("verdict_tx", 1),
-        ],
+        &[("parse_tcp", 1), ("lb_conntrack_hit", 1), ("verdict_tx", 1)],
     );
     let e_syn = testframe::build(&tcp4(v4, 2004, 80));
     b.check(
