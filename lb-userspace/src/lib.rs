@@ -1,6 +1,9 @@
 //! Controller library: everything `lbd` and `lbctl` do, behind thin binaries.
 
 pub mod config;
+pub mod controller;
 pub mod dataplane;
+pub mod health;
+pub mod neigh;
 pub mod programming;
 pub mod stats;

@@ -13,6 +13,8 @@ use std::{
     time::Duration,
 };
 
+mod common;
+
 use aya::Ebpf;
 use lb_common::{
     maglev::{self, MaglevBackend},
@@ -53,52 +55,13 @@ fn ifindex(t: &Topology, ns: &str, dev: &str) -> u32 {
 
 struct Lb {
     balancer: Ebpf,
-    _decaps: Vec<Ebpf>,
-    _peer: Option<Ebpf>,
+    _fabric: common::Fabric,
 }
 
 /// Loads and attaches everything in `mode`, and programs four VIPs.
 fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
     let lb = t.lb();
-    if mode == AttachMode::Native {
-        // DESIGN.md §2: native XDP_TX out of a veth needs XDP on its peer,
-        // and senders must not leave checksums to an offload XDP cannot see.
-        t.disable_tx_checksum_offload(t.client().ns()).unwrap();
-    }
-    let peer = (mode == AttachMode::Native).then(|| {
-        let name = lb.peer_ifname().to_owned();
-        in_netns(t.fabric_ns(), move || {
-            let mut e = dataplane::load_balancer_with(&MapSizes {
-                ring_size: 7,
-                max_vips: 1,
-                ..Default::default()
-            })
-            .unwrap();
-            dataplane::attach_program(&mut e, dataplane::PASS_PROGRAM, &name, AttachMode::Native)
-                .unwrap();
-            e
-        })
-        .unwrap()
-    });
-    let decaps: Vec<Ebpf> = t
-        .backends()
-        .iter()
-        .map(|b| {
-            let dev = b.ifname().to_owned();
-            in_netns(b.ns(), move || {
-                let mut e = dataplane::load_balancer_with(&MapSizes {
-                    ring_size: 7,
-                    max_vips: 1,
-                    ..Default::default()
-                })
-                .unwrap();
-                dataplane::attach_program(&mut e, dataplane::DECAP_PROGRAM, &dev, mode).unwrap();
-                e
-            })
-            .unwrap()
-        })
-        .collect();
-
+    let fabric = common::prepare(t, mode);
     let lb_if = ifindex(t, lb.ns(), lb.ifname());
     let dev = lb.ifname().to_owned();
     let mut balancer = in_netns(lb.ns(), move || {
@@ -186,8 +149,7 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
     (
         Lb {
             balancer,
-            _decaps: decaps,
-            _peer: peer,
+            _fabric: fabric,
         },
         vips,
     )

@@ -1,26 +1,43 @@
-//! lbd: loads the XDP balancer, attaches it, and reports its counters.
+//! lbd: the load balancer's controller. Loads and attaches the XDP program,
+//! programs it from the configuration, keeps it in step with health checks.
+
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use lb_userspace::{
+    config::Config,
+    controller::Controller,
     dataplane::{self, AttachMode},
-    stats,
+    health, stats,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "XDP L4 load balancer daemon")]
 struct Args {
-    /// Interface to attach the XDP program to.
-    #[arg(long, short = 'i')]
-    interface: String,
-    /// XDP attach mode: native (driver), generic (skb) or auto (native, else generic).
+    /// Configuration file (TOML); see the README's configuration reference.
+    #[arg(long, short = 'c', conflicts_with_all = ["interface"])]
+    config: Option<PathBuf>,
+    /// Only validate the configuration and exit.
+    #[arg(long, requires = "config")]
+    check: bool,
+    /// Without a configuration: attach to this interface and only count.
+    #[arg(long, short = 'i', required_unless_present = "config")]
+    interface: Option<String>,
+    /// With --interface: native (driver), generic (skb) or auto.
     #[arg(long, default_value = "auto")]
     xdp_mode: AttachMode,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+fn event(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -28,34 +45,106 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-
-    let mut ebpf = dataplane::load_balancer()?;
-    let attached = dataplane::attach(&mut ebpf, &args.interface, args.xdp_mode)?;
-    // A line on stdout that supervisors and tests can wait for.
-    println!(
-        "{}",
-        serde_json::json!({"event": "attached", "interface": attached.interface, "mode": attached.mode.to_string()})
-    );
-
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = usr1.recv() => print_counters(&ebpf, "counters")?,
+    if let Some(path) = &args.config {
+        // Validation errors are for a person: file:line:col: field: why.
+        let config = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("lbd: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if args.check {
+            println!("{}: ok ({} VIPs)", path.display(), config.vips.len());
+            return ExitCode::SUCCESS;
         }
+        return report(run_config(config));
     }
-    attached.detach(&mut ebpf)?;
-    print_counters(&ebpf, "final_counters")
+    let interface = args.interface.clone().unwrap_or_default();
+    report(run_bare(interface, args.xdp_mode))
 }
 
-fn print_counters(ebpf: &aya::Ebpf, event: &str) -> Result<()> {
+fn report(r: Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run_config(config: Config) -> Result<()> {
+    runtime()?.block_on(async move {
+        let mut ctl = Controller::start(config).await?;
+        let attached = ctl.attached.as_ref().map(|a| (a.interface.clone(), a.mode.to_string()));
+        event(serde_json::json!({"event": "ready", "attached": attached}));
+        let (tx, mut rx) = mpsc::channel(256);
+        for (v, b, addr, check) in ctl.health_targets() {
+            tokio::spawn(health::run(v, b, addr, check, tx.clone()));
+        }
+        drop(tx);
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = usr1.recv() => print_counters(&ctl.ebpf, "counters")?,
+                Some(ev) = rx.recv() => {
+                    let b = ctl.backend(ev.vip, ev.backend).address;
+                    tracing::warn!(vip = %ctl.vip_name(ev.vip), backend = %b, health = ?ev.health, reason = %ev.reason, "backend health changed");
+                    if let Err(e) = ctl.on_health(&ev) {
+                        tracing::error!(error = %format!("{e:#}"), "applying a health change failed");
+                        continue;
+                    }
+                    event(serde_json::json!({
+                        "event": "backend",
+                        "vip": ctl.vip_name(ev.vip),
+                        "backend": b,
+                        "health": ev.health,
+                        "state": ctl.backend(ev.vip, ev.backend).state,
+                        "reason": ev.reason,
+                    }));
+                }
+            }
+        }
+        print_counters(&ctl.ebpf, "final_counters")?;
+        ctl.shutdown()
+    })
+}
+
+fn run_bare(interface: String, mode: AttachMode) -> Result<()> {
+    runtime()?.block_on(async move {
+        let mut ebpf = dataplane::load_balancer()?;
+        let attached = dataplane::attach(&mut ebpf, &interface, mode)?;
+        // A line on stdout that supervisors and tests can wait for.
+        event(serde_json::json!({"event": "attached", "interface": attached.interface, "mode": attached.mode.to_string()}));
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = usr1.recv() => print_counters(&ebpf, "counters")?,
+            }
+        }
+        attached.detach(&mut ebpf)?;
+        print_counters(&ebpf, "final_counters")
+    })
+}
+
+fn print_counters(ebpf: &aya::Ebpf, name: &str) -> Result<()> {
     let counters = stats::global_counters(ebpf)?;
-    println!(
-        "{}",
-        serde_json::json!({"event": event, "counters": counters})
-    );
+    event(serde_json::json!({"event": name, "counters": counters}));
     Ok(())
 }

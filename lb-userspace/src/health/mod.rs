@@ -1,0 +1,58 @@
+//! Active health checks: one task per backend, results to the controller.
+
+pub mod probe;
+pub mod state;
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::sync::mpsc;
+
+use crate::config::HealthCheck;
+pub use state::{Health, HealthState};
+
+/// A state change of backend `backend` of VIP `vip` (indexes in the config).
+#[derive(Clone, Debug)]
+pub struct HealthEvent {
+    pub vip: usize,
+    pub backend: usize,
+    pub health: Health,
+    pub reason: String,
+    pub latency: Duration,
+}
+
+/// Checks `addr` forever, sending an event on every state change. Stops
+/// when the receiver is gone.
+pub async fn run(
+    vip: usize,
+    backend: usize,
+    addr: SocketAddr,
+    check: HealthCheck,
+    events: mpsc::Sender<HealthEvent>,
+) {
+    let mut state = HealthState::new(check.rise, check.fall);
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = probe::probe(&check.kind, addr, check.timeout).await;
+        let latency = started.elapsed();
+        if let Some(health) = state.observe(result.is_ok()) {
+            let reason = match &result {
+                Ok(()) => format!("{} checks passed", check.rise),
+                Err(e) => format!("{} checks failed, last: {e}", check.fall),
+            };
+            let event = HealthEvent {
+                vip,
+                backend,
+                health,
+                reason,
+                latency,
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+        let wait = state
+            .next_interval(&check)
+            .saturating_sub(started.elapsed());
+        tokio::time::sleep(wait).await;
+    }
+}

@@ -1,0 +1,195 @@
+//! Next hops over rtnetlink: which interface a backend is reached through,
+//! that interface's MAC, and the MAC of the next hop (the backend itself on
+//! a shared segment, else the gateway).
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_route::{
+        AddressFamily,
+        link::LinkAttribute,
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        route::{RouteAddress, RouteAttribute},
+    },
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    /// The egress interface's own MAC (the frame's source).
+    pub src_mac: [u8; 6],
+    /// Where the frame goes on the wire.
+    pub mac: [u8; 6],
+    /// The address whose MAC that is (backend or gateway).
+    pub via: IpAddr,
+}
+
+pub struct Resolver {
+    handle: Handle,
+}
+
+impl Resolver {
+    /// Opens a netlink connection in the current network namespace. Must be
+    /// called inside a tokio runtime.
+    pub fn new() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+        tokio::spawn(conn);
+        Ok(Resolver { handle })
+    }
+
+    /// Interface index by name.
+    pub async fn ifindex(&self, name: &str) -> Result<u32> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link.header.index),
+            Ok(None) | Err(_) => bail!("interface {name:?} does not exist"),
+        }
+    }
+
+    async fn link_mac(&self, ifindex: u32) -> Result<[u8; 6]> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let link = links
+            .try_next()
+            .await
+            .context("reading link")?
+            .with_context(|| format!("no interface with index {ifindex}"))?;
+        for attr in link.attributes {
+            if let LinkAttribute::Address(a) = attr
+                && let Ok(mac) = <[u8; 6]>::try_from(a.as_slice())
+            {
+                return Ok(mac);
+            }
+        }
+        bail!("interface {ifindex} has no Ethernet address")
+    }
+
+    /// The kernel's route to `dst`: egress interface and gateway, if any.
+    async fn route(&self, dst: IpAddr) -> Result<(u32, Option<IpAddr>)> {
+        let len = if dst.is_ipv4() { 32 } else { 128 };
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, len)
+            .context("building a route request")?
+            .build();
+        let mut routes = self.handle.route().get(msg).execute();
+        let route = routes
+            .try_next()
+            .await
+            .with_context(|| format!("no route to {dst}"))?
+            .with_context(|| format!("no route to {dst}"))?;
+        let mut oif = None;
+        let mut gateway = None;
+        for attr in route.attributes {
+            match attr {
+                RouteAttribute::Oif(i) => oif = Some(i),
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(a)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(a)),
+                _ => {}
+            }
+        }
+        Ok((
+            oif.with_context(|| format!("route to {dst} has no interface"))?,
+            gateway,
+        ))
+    }
+
+    async fn neighbour(&self, ifindex: u32, addr: IpAddr) -> Result<Option<[u8; 6]>> {
+        let family = if addr.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let mut neighbours = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
+        while let Some(n) = neighbours.try_next().await.context("dumping neighbours")? {
+            if n.header.ifindex != ifindex
+                || matches!(
+                    n.header.state,
+                    NeighbourState::Incomplete | NeighbourState::Failed
+                )
+            {
+                continue;
+            }
+            let mut dst = None;
+            let mut mac = None;
+            for attr in n.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        dst = Some(IpAddr::V4(a))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        dst = Some(IpAddr::V6(a))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(l) => {
+                        mac = <[u8; 6]>::try_from(l.as_slice()).ok()
+                    }
+                    _ => {}
+                }
+            }
+            if dst == Some(addr) && mac.is_some() {
+                return Ok(mac);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resolves the next hop for `backend`, prompting neighbour discovery if
+    /// the kernel has no entry yet (a datagram to the discard port makes it
+    /// ARP / solicit), and waiting up to `timeout` for the answer.
+    pub async fn resolve(&self, backend: IpAddr, timeout: Duration) -> Result<NextHop> {
+        let (ifindex, gateway) = self.route(backend).await?;
+        let via = gateway.unwrap_or(backend);
+        let src_mac = self.link_mac(ifindex).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut prompted = false;
+        loop {
+            if let Some(mac) = self.neighbour(ifindex, via).await? {
+                return Ok(NextHop {
+                    ifindex,
+                    src_mac,
+                    mac,
+                    via,
+                });
+            }
+            if !prompted {
+                prompt_discovery(via);
+                prompted = true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "no neighbour entry (MAC) for {via}, next hop of backend {backend}, within {timeout:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Sends one empty datagram to `addr`'s discard port: the kernel resolves
+/// the neighbour to deliver it.
+fn prompt_discovery(addr: IpAddr) {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("literal socket address");
+    if let Ok(sock) = UdpSocket::bind(local) {
+        let _ = sock.send_to(&[], SocketAddr::new(addr, 9));
+    }
+}

@@ -1,0 +1,164 @@
+//! End-to-end with the real controller: `lbd --config` programs two VIPs
+//! (ipip with the decapsulator on the backends, and l2dsr) in front of three
+//! HTTP backends, health-checks them, and takes a dead one out.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{HttpConn, Topology, addressing, lbd_path};
+use lb_userspace::dataplane::AttachMode;
+
+const PORT: u16 = 80;
+const INTERVAL_MS: u64 = 300;
+const FALL: u64 = 2;
+
+fn config(t: &Topology, mode: &str) -> String {
+    let lb = t.lb();
+    let backends: String = t
+        .backends()
+        .iter()
+        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
+        .collect();
+    let check = format!(
+        "[vip.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval = \"{INTERVAL_MS}ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = {FALL}\n"
+    );
+    format!(
+        "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"{mode}\"\non_exit = \"detach\"\n\
+         [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+         [[vip]]\naddress = \"{v1}:{PORT}/tcp\"\nmode = \"ipip\"\n{check}{backends}\
+         [[vip]]\naddress = \"{v2}:{PORT}/tcp\"\nmode = \"l2dsr\"\n{check}{backends}",
+        name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
+        dev = lb.ifname(),
+        src = lb.ipv4(),
+        v1 = addressing::vip_v4(1),
+        v2 = addressing::vip_v4(2),
+    )
+}
+
+/// `n` new connections to `vip`, one request each; backend name -> count.
+fn spread(t: &Topology, vip: IpAddr, n: usize) -> BTreeMap<String, usize> {
+    t.in_client(move || {
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            let mut c = HttpConn::connect(SocketAddr::new(vip, PORT), Duration::from_secs(3))
+                .unwrap_or_else(|e| panic!("connect to {vip}: {e:#}"));
+            let body = c
+                .get("/")
+                .unwrap_or_else(|e| panic!("GET via {vip}: {e:#}"))
+                .text();
+            *seen.entry(body.trim().to_owned()).or_insert(0) += 1;
+        }
+        seen
+    })
+    .unwrap()
+}
+
+fn run(mode: AttachMode) {
+    let t = Topology::new(3).unwrap();
+    let mut servers = t.start_servers(PORT, 53).unwrap();
+    let _fabric = common::prepare(&t, mode);
+    let vips = [
+        IpAddr::from(addressing::vip_v4(1)),
+        IpAddr::from(addressing::vip_v4(2)),
+    ];
+    for v in vips {
+        t.add_vip_on_backends(v).unwrap();
+    }
+    let cfg_path = std::env::temp_dir().join(format!("{}-{mode}.toml", t.id()));
+    std::fs::write(&cfg_path, config(&t, &mode.to_string())).unwrap();
+    let mut cmd = Command::new(lbd_path().unwrap());
+    cmd.arg("--config").arg(&cfg_path);
+    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
+    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
+        .unwrap();
+    std::fs::remove_file(&cfg_path).ok();
+
+    // 300 new connections per VIP spread over all three backends.
+    for vip in vips {
+        let seen = spread(&t, vip, 300);
+        assert_eq!(seen.len(), 3, "{vip}: {seen:?}");
+        assert!(
+            seen.values().all(|&n| n >= 60),
+            "every backend serves at least 20%: {vip}: {seen:?}"
+        );
+    }
+
+    // Long-lived connections that landed on the survivors.
+    let vip1 = vips[0];
+    let mut keep: Vec<HttpConn> = t
+        .in_client(move || {
+            (0..12)
+                .filter_map(|_| {
+                    let mut c =
+                        HttpConn::connect(SocketAddr::new(vip1, PORT), Duration::from_secs(3))
+                            .ok()?;
+                    let who = c.get("/").ok()?.text();
+                    (who.trim() != "backend0").then_some(c)
+                })
+                .collect()
+        })
+        .unwrap();
+    assert!(
+        !keep.is_empty(),
+        "some connections land on backends 1 and 2"
+    );
+
+    // Kill backend0's server: both VIPs must mark it down in time.
+    let killed = Instant::now();
+    servers[0].stop();
+    let bound = Duration::from_millis(FALL * INTERVAL_MS) + Duration::from_secs(1);
+    let mut down = 0;
+    while down < 2 {
+        let line = lbd
+            .wait_for_line(
+                |l| l.contains("\"backend\"") && l.contains("\"down\""),
+                bound + Duration::from_secs(2),
+            )
+            .unwrap();
+        assert!(line.contains(&t.backend(0).ipv4().to_string()), "{line}");
+        down += 1;
+    }
+    let took = killed.elapsed();
+    assert!(took <= bound, "down after {took:?}, allowed {bound:?}");
+
+    // Every new connection now succeeds, on the survivors.
+    for vip in vips {
+        let seen = spread(&t, vip, 60);
+        assert!(!seen.contains_key("backend0"), "{vip}: {seen:?}");
+        assert_eq!(seen.values().sum::<usize>(), 60);
+    }
+    // And the long-lived ones kept working throughout.
+    let answers: Vec<String> = t
+        .in_client(move || {
+            keep.iter_mut()
+                .map(|c| c.get("/").unwrap().text())
+                .collect()
+        })
+        .unwrap();
+    assert!(
+        answers.iter().all(|a| a.trim() != "backend0"),
+        "{answers:?}"
+    );
+
+    // SAFETY: plain kill(2) on a child we own.
+    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
+    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
+        .unwrap();
+    assert!(lbd.stop().is_some_and(|s| s.success()));
+}
+
+#[test]
+fn spread_and_failover_generic_xdp() {
+    run(AttachMode::Generic);
+}
+
+#[test]
+fn spread_and_failover_native_xdp() {
+    run(AttachMode::Native);
+}
