@@ -1,30 +1,42 @@
 //! The desired state (configuration + health + admin actions) turned into
 //! map contents, and kept there as it changes.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
-use anyhow::{Context, Result, bail};
-use aya::Ebpf;
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+};
 use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
-        BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, BackendInfo, LbConfig, MODE_IPIP, MODE_L2DSR,
+        BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP, BackendInfo, ConnEntry,
+        FlowKey, LbConfig, MODE_IPIP, MODE_L2DSR,
     },
+    ring::flow_slot,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Config, ForwardMode, VipConfig, vip::addr16},
+    config::{
+        BackendConfig, CheckKind, Config, ForwardMode, HealthCheck, MAX_WEIGHT, VipConfig, VipSpec,
+        vip::addr16,
+    },
     dataplane::{self, Attached},
     health::{Health, HealthEvent},
     neigh::{NextHop, Resolver},
     programming,
 };
 
-/// How long next-hop resolution may take per backend at startup.
+/// How long next-hop resolution may take per backend.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
     Up,
@@ -32,9 +44,9 @@ pub enum BackendState {
     Draining,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendStatus {
-    pub address: std::net::IpAddr,
+    pub address: IpAddr,
     pub id: u32,
     pub weight: u32,
     pub health: Health,
@@ -43,6 +55,19 @@ pub struct BackendStatus {
 }
 
 impl BackendStatus {
+    fn new(address: IpAddr, id: u32, weight: u32) -> Self {
+        let mut s = BackendStatus {
+            address,
+            id,
+            weight,
+            health: Health::Up,
+            drained: false,
+            state: BackendState::Up,
+        };
+        s.refresh_state();
+        s
+    }
+
     fn refresh_state(&mut self) {
         self.state = if self.health == Health::Down {
             BackendState::Down
@@ -54,76 +79,150 @@ impl BackendStatus {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub vip: String,
+    pub mode: String,
+    pub backends: Vec<BackendStatus>,
+}
+
+/// Why `lbctl explain` says what it says.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Explanation {
+    pub vip: String,
+    pub client: SocketAddr,
+    pub backend: Option<IpAddr>,
+    pub backend_state: Option<BackendState>,
+    pub reason: String,
+}
+
+/// A health check to run: backend id, address and parameters.
+#[derive(Clone, Debug)]
+pub struct HealthTarget {
+    pub id: u32,
+    pub addr: SocketAddr,
+    pub check: HealthCheck,
+}
+
+/// Admin errors, each with the HTTP status the control API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no VIP {0} is configured")]
+    UnknownVip(String),
+    #[error("{backend} is not a backend of {vip}")]
+    UnknownBackend { vip: String, backend: IpAddr },
+    #[error("{backend} is already a backend of {vip}")]
+    DuplicateBackend { vip: String, backend: IpAddr },
+    #[error("weight {0} is out of range (0..={MAX_WEIGHT}; 0 drains)")]
+    Weight(u32),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl AdminError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AdminError::UnknownVip(_) | AdminError::UnknownBackend { .. } => 404,
+            AdminError::DuplicateBackend { .. } => 409,
+            AdminError::Weight(_) | AdminError::Invalid(_) => 400,
+            AdminError::Internal(_) => 500,
+        }
+    }
+}
+
+/// What survives a restart on top of the configuration file: each VIP's
+/// backend list as changed at runtime.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SavedState {
+    pub vips: std::collections::BTreeMap<String, Vec<SavedBackend>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedBackend {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub drained: bool,
+}
+
+struct BackendRt {
+    status: BackendStatus,
+    hop: NextHop,
+}
+
 struct VipRuntime {
     config: VipConfig,
     vip_id: u32,
-    backends: Vec<(BackendStatus, NextHop)>,
+    backends: Vec<BackendRt>,
 }
 
 pub struct Controller {
     pub ebpf: Ebpf,
     pub attached: Option<Attached>,
     config: Config,
+    resolver: Resolver,
+    ifindex: u32,
     vips: Vec<VipRuntime>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+}
+
+fn mode_of(m: ForwardMode) -> u8 {
+    match m {
+        ForwardMode::Ipip => MODE_IPIP,
+        ForwardMode::L2dsr => MODE_L2DSR,
+    }
+}
+
+/// Reads the state file; a missing file is an empty state.
+pub fn load_state(path: &PathBuf) -> Result<SavedState> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("state file {} is corrupt", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SavedState::default()),
+        Err(e) => Err(e).with_context(|| format!("reading state file {}", path.display())),
+    }
 }
 
 impl Controller {
     /// Loads and attaches the data plane and programs the whole
-    /// configuration; nothing is attached if any step fails.
-    pub async fn start(config: Config) -> Result<Controller> {
+    /// configuration (with the state file's runtime changes on top); nothing
+    /// is attached if any step fails.
+    pub async fn start(mut config: Config) -> Result<Controller> {
+        let saved = load_state(&config.state_file)?;
+        for v in &mut config.vips {
+            if let Some(list) = saved.vips.get(&v.spec.to_string()) {
+                v.backends = list
+                    .iter()
+                    .map(|b| BackendConfig {
+                        addr: b.address,
+                        weight: b.weight,
+                    })
+                    .collect();
+            }
+        }
         let resolver = Resolver::new()?;
         let ifindex = resolver
             .ifindex(&config.interface)
             .await
             .with_context(|| format!("instance.interface {:?}", config.interface))?;
-        // Resolve every next hop before touching the kernel: a backend we
-        // cannot reach is a configuration error, reported up front.
-        let mut vips = Vec::new();
-        let mut next_id = 1u32;
-        for (i, v) in config.vips.iter().enumerate() {
-            let mut backends = Vec::new();
-            for b in &v.backends {
-                let hop = resolver
-                    .resolve(b.addr, RESOLVE_TIMEOUT)
-                    .await
-                    .with_context(|| format!("vip {} backend {}", v.spec, b.addr))?;
-                let mut status = BackendStatus {
-                    address: b.addr,
-                    id: next_id,
-                    weight: b.weight,
-                    health: Health::Up,
-                    drained: false,
-                    state: BackendState::Up,
-                };
-                status.refresh_state();
-                next_id += 1;
-                backends.push((status, hop));
-            }
-            vips.push(VipRuntime {
-                config: v.clone(),
-                vip_id: i as u32,
-                backends,
-            });
-        }
+        let mut ebpf = dataplane::load_balancer_with(&config.sizes)?;
         let mtu: u32 = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", config.interface))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-
-        let mut ebpf = dataplane::load_balancer_with(&config.sizes)?;
-        let v4 = config
-            .encap_source_v4
-            .map(|a| a.octets())
-            .unwrap_or_default();
-        let v6 = config
-            .encap_source_v6
-            .map(|a| a.octets())
-            .unwrap_or_default();
         programming::set_config(
             &mut ebpf,
             &LbConfig {
-                encap_src_v4: v4,
-                encap_src_v6: v6,
+                encap_src_v4: config
+                    .encap_source_v4
+                    .map(|a| a.octets())
+                    .unwrap_or_default(),
+                encap_src_v6: config
+                    .encap_source_v6
+                    .map(|a| a.octets())
+                    .unwrap_or_default(),
                 hash_seed: config.hash_seed,
                 ring_size: config.sizes.ring_size,
                 udp_timeout_ns: config.udp_timeout.as_nanos() as u64,
@@ -135,18 +234,47 @@ impl Controller {
             ebpf,
             attached: None,
             config,
-            vips,
+            resolver,
+            ifindex,
+            vips: Vec::new(),
+            free_ids: Vec::new(),
+            next_id: 1,
         };
+        for (i, v) in ctl.config.vips.clone().into_iter().enumerate() {
+            let mut backends = Vec::new();
+            for b in &v.backends {
+                // A backend we cannot reach is a configuration error,
+                // reported before anything is attached.
+                let hop = ctl
+                    .resolver
+                    .resolve(b.addr, RESOLVE_TIMEOUT)
+                    .await
+                    .with_context(|| format!("vip {} backend {}", v.spec, b.addr))?;
+                let id = ctl.alloc_id()?;
+                let mut status = BackendStatus::new(b.addr, id, b.weight);
+                if let Some(saved) = saved
+                    .vips
+                    .get(&v.spec.to_string())
+                    .and_then(|l| l.iter().find(|s| s.address == b.addr))
+                {
+                    status.drained = saved.drained;
+                    status.refresh_state();
+                }
+                backends.push(BackendRt { status, hop });
+            }
+            ctl.vips.push(VipRuntime {
+                config: v,
+                vip_id: i as u32,
+                backends,
+            });
+        }
         for v in 0..ctl.vips.len() {
             for b in 0..ctl.vips[v].backends.len() {
-                ctl.write_backend(v, b, ifindex)?;
+                ctl.write_backend(v, b)?;
             }
             let table = ctl.ring(v)?;
             let key = ctl.vips[v].config.spec.key();
-            let mode = match ctl.vips[v].config.mode {
-                ForwardMode::Ipip => MODE_IPIP,
-                ForwardMode::L2dsr => MODE_L2DSR,
-            };
+            let mode = mode_of(ctl.vips[v].config.mode);
             programming::install_vip(&mut ctl.ebpf, &key, ctl.vips[v].vip_id, mode, &table)?;
         }
         let attached =
@@ -155,16 +283,24 @@ impl Controller {
         Ok(ctl)
     }
 
-    fn write_backend(&mut self, v: usize, b: usize, attached_ifindex: u32) -> Result<()> {
-        let (status, hop) = &self.vips[v].backends[b];
-        let (addr, family) = addr16(status.address);
-        let state = match status.state {
-            BackendState::Up => BACKEND_UP,
-            BackendState::Down => BACKEND_DOWN,
-            BackendState::Draining => BACKEND_DRAINING,
-        };
-        if hop.ifindex != attached_ifindex {
-            bail!(
+    fn alloc_id(&mut self) -> Result<u32> {
+        if let Some(id) = self.free_ids.pop() {
+            return Ok(id);
+        }
+        if self.next_id >= self.config.sizes.max_backends {
+            anyhow::bail!(
+                "all {} backend slots are in use (dataplane.max_backends)",
+                self.config.sizes.max_backends - 1
+            );
+        }
+        self.next_id += 1;
+        Ok(self.next_id - 1)
+    }
+
+    fn write_backend(&mut self, v: usize, b: usize) -> Result<()> {
+        let BackendRt { status, hop } = &self.vips[v].backends[b];
+        if hop.ifindex != self.ifindex {
+            anyhow::bail!(
                 "backend {} is reached through interface {}, not {}: forwarding to another \
                  interface is not supported yet",
                 status.address,
@@ -172,6 +308,12 @@ impl Controller {
                 self.config.interface
             );
         }
+        let (addr, family) = addr16(status.address);
+        let state = match status.state {
+            BackendState::Up => BACKEND_UP,
+            BackendState::Down => BACKEND_DOWN,
+            BackendState::Draining => BACKEND_DRAINING,
+        };
         let info = BackendInfo {
             addr,
             family,
@@ -181,7 +323,8 @@ impl Controller {
             _pad: [0; 2],
             ifindex: hop.ifindex,
         };
-        programming::set_backend(&mut self.ebpf, status.id, &info)
+        let id = status.id;
+        programming::set_backend(&mut self.ebpf, id, &info)
     }
 
     /// The VIP's Maglev table: backends that are up, by weight.
@@ -189,29 +332,21 @@ impl Controller {
         let members: Vec<MaglevBackend> = self.vips[v]
             .backends
             .iter()
-            .filter(|(s, _)| s.state == BackendState::Up)
-            .map(|(s, _)| MaglevBackend {
-                id: s.id,
-                identity: addr16(s.address).0,
-                weight: s.weight,
+            .filter(|b| b.status.state == BackendState::Up)
+            .map(|b| MaglevBackend {
+                id: b.status.id,
+                identity: addr16(b.status.address).0,
+                weight: b.status.weight,
             })
             .collect();
         maglev::build(&members, self.config.sizes.ring_size, self.config.hash_seed)
             .with_context(|| format!("building the ring of {}", self.vips[v].config.spec))
     }
 
-    /// Applies a health change: backend state, then the VIP's ring (only this
-    /// VIP's), written to the idle generation and flipped.
-    pub fn on_health(&mut self, ev: &HealthEvent) -> Result<()> {
-        let ifindex = self.vips[ev.vip].backends[ev.backend].1.ifindex;
-        {
-            let status = &mut self.vips[ev.vip].backends[ev.backend].0;
-            status.health = ev.health;
-            status.refresh_state();
-        }
-        self.write_backend(ev.vip, ev.backend, ifindex)?;
-        let table = self.ring(ev.vip)?;
-        let key = self.vips[ev.vip].config.spec.key();
+    /// Rebuilds and publishes one VIP's ring (idle generation, then flip).
+    fn republish(&mut self, v: usize) -> Result<()> {
+        let table = self.ring(v)?;
+        let key = self.vips[v].config.spec.key();
         programming::publish_ring(
             &mut self.ebpf,
             &key,
@@ -221,32 +356,313 @@ impl Controller {
         Ok(())
     }
 
-    /// What the health checker should check: (vip, backend, address, check).
-    pub fn health_targets(&self) -> Vec<(usize, usize, SocketAddr, crate::config::HealthCheck)> {
-        let mut out = Vec::new();
-        for (v, rt) in self.vips.iter().enumerate() {
-            if rt.config.health_check.kind == crate::config::CheckKind::None {
-                continue;
-            }
-            let port = rt.config.health_check.port.unwrap_or(rt.config.spec.port);
-            for (b, (s, _)) in rt.backends.iter().enumerate() {
-                out.push((
-                    v,
-                    b,
-                    SocketAddr::new(s.address, port),
-                    rt.config.health_check.clone(),
+    fn find(&self, id: u32) -> Option<(usize, usize)> {
+        self.vips.iter().enumerate().find_map(|(v, rt)| {
+            rt.backends
+                .iter()
+                .position(|b| b.status.id == id)
+                .map(|b| (v, b))
+        })
+    }
+
+    fn vip_index(&self, vip: &VipSpec) -> Result<usize, AdminError> {
+        self.vips
+            .iter()
+            .position(|v| v.config.spec == *vip)
+            .ok_or_else(|| AdminError::UnknownVip(vip.to_string()))
+    }
+
+    fn backend_index(&self, v: usize, addr: IpAddr) -> Result<usize, AdminError> {
+        self.vips[v]
+            .backends
+            .iter()
+            .position(|b| b.status.address == addr)
+            .ok_or_else(|| AdminError::UnknownBackend {
+                vip: self.vips[v].config.spec.to_string(),
+                backend: addr,
+            })
+    }
+
+    /// Applies a health change: backend state, then only that VIP's ring.
+    pub fn on_health(&mut self, ev: &HealthEvent) -> Result<Option<(String, BackendStatus)>> {
+        let Some((v, b)) = self.find(ev.id) else {
+            // The backend was removed while its last check ran.
+            return Ok(None);
+        };
+        let status = &mut self.vips[v].backends[b].status;
+        status.health = ev.health;
+        status.refresh_state();
+        let status = status.clone();
+        let out = (self.vips[v].config.spec.to_string(), status);
+        self.write_backend(v, b)?;
+        self.republish(v)?;
+        Ok(Some(out))
+    }
+
+    /// Every health check to run.
+    pub fn health_targets(&self) -> Vec<HealthTarget> {
+        (0..self.vips.len())
+            .flat_map(|v| self.targets_of(v))
+            .collect()
+    }
+
+    fn targets_of(&self, v: usize) -> Vec<HealthTarget> {
+        let rt = &self.vips[v];
+        if rt.config.health_check.kind == CheckKind::None {
+            return Vec::new();
+        }
+        let port = rt.config.health_check.port.unwrap_or(rt.config.spec.port);
+        rt.backends
+            .iter()
+            .map(|b| HealthTarget {
+                id: b.status.id,
+                addr: SocketAddr::new(b.status.address, port),
+                check: rt.config.health_check.clone(),
+            })
+            .collect()
+    }
+
+    pub fn list(&self) -> Vec<VipStatus> {
+        self.vips
+            .iter()
+            .map(|v| VipStatus {
+                vip: v.config.spec.to_string(),
+                mode: match v.config.mode {
+                    ForwardMode::Ipip => "ipip".into(),
+                    ForwardMode::L2dsr => "l2dsr".into(),
+                },
+                backends: v.backends.iter().map(|b| b.status.clone()).collect(),
+            })
+            .collect()
+    }
+
+    /// Adds a backend; returns its health check to start, if the VIP has one.
+    pub async fn add_backend(
+        &mut self,
+        vip: &VipSpec,
+        addr: IpAddr,
+        weight: u32,
+    ) -> Result<Option<HealthTarget>, AdminError> {
+        let v = self.vip_index(vip)?;
+        if weight > MAX_WEIGHT {
+            return Err(AdminError::Weight(weight));
+        }
+        if self.vips[v]
+            .backends
+            .iter()
+            .any(|b| b.status.address == addr)
+        {
+            return Err(AdminError::DuplicateBackend {
+                vip: vip.to_string(),
+                backend: addr,
+            });
+        }
+        if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+            return Err(AdminError::Invalid(format!(
+                "{addr} must be a unicast, non-loopback address"
+            )));
+        }
+        match (self.vips[v].config.mode, vip.is_ipv6(), addr.is_ipv6()) {
+            (ForwardMode::Ipip, false, true) => {
+                return Err(AdminError::Invalid(
+                    "an IPv4 VIP cannot be tunnelled to an IPv6 backend (4in6 is not supported)"
+                        .into(),
                 ));
             }
+            (ForwardMode::L2dsr, a, b) if a != b => {
+                return Err(AdminError::Invalid(
+                    "l2dsr backends must be of the VIP's address family".into(),
+                ));
+            }
+            (ForwardMode::Ipip, _, true) if self.config.encap_source_v6.is_none() => {
+                return Err(AdminError::Invalid(
+                    "ipip to an IPv6 backend needs dataplane.encap_source_v6".into(),
+                ));
+            }
+            (ForwardMode::Ipip, _, false) if self.config.encap_source_v4.is_none() => {
+                return Err(AdminError::Invalid(
+                    "ipip to an IPv4 backend needs dataplane.encap_source_v4".into(),
+                ));
+            }
+            _ => {}
         }
-        out
+        let hop = self
+            .resolver
+            .resolve(addr, RESOLVE_TIMEOUT)
+            .await
+            .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+        let id = self.alloc_id()?;
+        self.vips[v].backends.push(BackendRt {
+            status: BackendStatus::new(addr, id, weight),
+            hop,
+        });
+        let b = self.vips[v].backends.len() - 1;
+        if let Err(e) = self.write_backend(v, b).and_then(|()| self.republish(v)) {
+            self.vips[v].backends.pop();
+            self.free_ids.push(id);
+            return Err(e.into());
+        }
+        Ok(self.targets_of(v).into_iter().find(|t| t.id == id))
     }
 
-    pub fn backend(&self, v: usize, b: usize) -> &BackendStatus {
-        &self.vips[v].backends[b].0
+    /// Removes a backend: out of the ring, and its flows re-picked. Returns
+    /// its id (to stop its health check).
+    pub fn remove_backend(&mut self, vip: &VipSpec, addr: IpAddr) -> Result<u32, AdminError> {
+        let v = self.vip_index(vip)?;
+        let b = self.backend_index(v, addr)?;
+        let removed = self.vips[v].backends.remove(b);
+        self.republish(v)?;
+        // After the ring no longer names it: flows still pointing at the id
+        // see an unused backend and are re-picked.
+        let info = BackendInfo {
+            state: BACKEND_UNUSED,
+            ..Default::default()
+        };
+        programming::set_backend(&mut self.ebpf, removed.status.id, &info)?;
+        self.free_ids.push(removed.status.id);
+        Ok(removed.status.id)
     }
 
-    pub fn vip_name(&self, v: usize) -> String {
-        self.vips[v].config.spec.to_string()
+    pub fn set_drain(
+        &mut self,
+        vip: &VipSpec,
+        addr: IpAddr,
+        drained: bool,
+    ) -> Result<BackendStatus, AdminError> {
+        let v = self.vip_index(vip)?;
+        let b = self.backend_index(v, addr)?;
+        self.vips[v].backends[b].status.drained = drained;
+        self.vips[v].backends[b].status.refresh_state();
+        self.write_backend(v, b)?;
+        self.republish(v)?;
+        Ok(self.vips[v].backends[b].status.clone())
+    }
+
+    pub fn set_weight(
+        &mut self,
+        vip: &VipSpec,
+        addr: IpAddr,
+        weight: u32,
+    ) -> Result<BackendStatus, AdminError> {
+        if weight > MAX_WEIGHT {
+            return Err(AdminError::Weight(weight));
+        }
+        let v = self.vip_index(vip)?;
+        let b = self.backend_index(v, addr)?;
+        self.vips[v].backends[b].status.weight = weight;
+        self.vips[v].backends[b].status.refresh_state();
+        self.write_backend(v, b)?;
+        self.republish(v)?;
+        Ok(self.vips[v].backends[b].status.clone())
+    }
+
+    /// Which backend a client's flow goes to, and why.
+    pub fn explain(
+        &mut self,
+        vip: &VipSpec,
+        client: SocketAddr,
+    ) -> Result<Explanation, AdminError> {
+        let v = self.vip_index(vip)?;
+        if client.is_ipv6() != vip.is_ipv6() {
+            return Err(AdminError::Invalid(format!(
+                "client {client} and VIP {vip} are of different address families"
+            )));
+        }
+        let (src, family) = addr16(client.ip());
+        let key = FlowKey {
+            src,
+            dst: addr16(vip.addr).0,
+            src_port: client.port(),
+            dst_port: vip.port,
+            proto: vip.proto.number(),
+            family,
+            _pad: [0; 2],
+        };
+        let by_id = |id: u32| {
+            self.vips[v]
+                .backends
+                .iter()
+                .find(|b| b.status.id == id)
+                .map(|b| (b.status.address, b.status.state))
+        };
+        let table: HashMap<&MapData, FlowKey, ConnEntry> = HashMap::try_from(
+            self.ebpf
+                .map("CONNTRACK")
+                .context("map CONNTRACK missing")?,
+        )
+        .context("map CONNTRACK has an unexpected type")?;
+        if let Ok(entry) = table.get(&key, 0)
+            && let Some((addr, state)) = by_id(entry.backend_id)
+        {
+            let reason = match state {
+                BackendState::Down => "connection-table entry, but that backend is down: the next packet is re-picked from the ring".into(),
+                _ => format!("established flow: connection-table entry (backend is {state:?})"),
+            };
+            return Ok(Explanation {
+                vip: vip.to_string(),
+                client,
+                backend: Some(addr),
+                backend_state: Some(state),
+                reason,
+            });
+        }
+        let table = self.ring(v)?;
+        let slot = flow_slot(&key, self.config.hash_seed, self.config.sizes.ring_size);
+        let id = table[slot as usize];
+        let (backend, state) = match by_id(id) {
+            Some((a, s)) => (Some(a), Some(s)),
+            None => (None, None),
+        };
+        let reason = if backend.is_some() {
+            format!(
+                "new flow: Maglev slot {slot} of {} (flow hash of the 5-tuple)",
+                table.len()
+            )
+        } else {
+            "no backend is up: packets are dropped".into()
+        };
+        Ok(Explanation {
+            vip: vip.to_string(),
+            client,
+            backend,
+            backend_state: state,
+            reason,
+        })
+    }
+
+    /// Writes the runtime changes to the state file (atomically: temp file,
+    /// then rename), so a restart keeps them.
+    pub fn persist(&self) -> Result<()> {
+        let state = SavedState {
+            vips: self
+                .vips
+                .iter()
+                .map(|v| {
+                    let list = v
+                        .backends
+                        .iter()
+                        .map(|b| SavedBackend {
+                            address: b.status.address,
+                            weight: b.status.weight,
+                            drained: b.status.drained,
+                        })
+                        .collect();
+                    (v.config.spec.to_string(), list)
+                })
+                .collect(),
+        };
+        let path = &self.config.state_file;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Detaches the program (maps go with the process).

@@ -1,5 +1,6 @@
 //! Controller library: everything `lbd` and `lbctl` do, behind thin binaries.
 
+pub mod api;
 pub mod config;
 pub mod controller;
 pub mod dataplane;

@@ -27,6 +27,14 @@ pub fn lbd_path() -> Result<PathBuf> {
     workspace_binary("lbd", LBD_ENV, "lb-userspace")
 }
 
+/// Environment variable that overrides where `lbctl` is.
+pub const LBCTL_ENV: &str = "LB_LBCTL";
+
+/// The `lbctl` binary: `$LB_LBCTL`, or else next to the running test executable.
+pub fn lbctl_path() -> Result<PathBuf> {
+    workspace_binary("lbctl", LBCTL_ENV, "lb-userspace")
+}
+
 /// A binary of this workspace: `$env`, or else next to the running test
 /// executable (tests run from `target/<profile>/deps/`, binaries live in
 /// `target/<profile>/`). `CARGO_BIN_EXE_*` would be simpler but only exists

@@ -21,7 +21,7 @@ pub mod testserver;
 pub mod topology;
 
 pub use client::{HttpConn, Response, http_get, split_echo, udp_echo, udp_echo_from};
-pub use launcher::{lbd_path, testserver_path};
+pub use launcher::{lbctl_path, lbd_path, testserver_path};
 pub use netns::{NS_PREFIX, cleanup_stale, in_netns};
 pub use process::{Spawned, spawn_in_netns};
 pub use topology::{Host, Topology};

@@ -1,11 +1,12 @@
 //! lbd: the load balancer's controller. Loads and attaches the XDP program,
 //! programs it from the configuration, keeps it in step with health checks.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{collections::HashMap, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use lb_userspace::{
+    api,
     config::Config,
     controller::Controller,
     dataplane::{self, AttachMode},
@@ -83,14 +84,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run_config(config: Config) -> Result<()> {
     runtime()?.block_on(async move {
+        let listener = api::server::bind(&config.api_socket)?;
+        let socket = config.api_socket.clone();
         let mut ctl = Controller::start(config).await?;
-        let attached = ctl.attached.as_ref().map(|a| (a.interface.clone(), a.mode.to_string()));
-        event(serde_json::json!({"event": "ready", "attached": attached}));
+        let (api_tx, mut api_rx) = mpsc::channel(64);
+        tokio::spawn(api::server::serve(listener, api_tx));
         let (tx, mut rx) = mpsc::channel(256);
-        for (v, b, addr, check) in ctl.health_targets() {
-            tokio::spawn(health::run(v, b, addr, check, tx.clone()));
+        let mut checks: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
+        for t in ctl.health_targets() {
+            checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone())));
         }
-        drop(tx);
+        let attached = ctl.attached.as_ref().map(|a| (a.interface.clone(), a.mode.to_string()));
+        event(serde_json::json!({"event": "ready", "attached": attached, "api_socket": socket}));
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
@@ -99,25 +104,43 @@ fn run_config(config: Config) -> Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = usr1.recv() => print_counters(&ctl.ebpf, "counters")?,
-                Some(ev) = rx.recv() => {
-                    let b = ctl.backend(ev.vip, ev.backend).address;
-                    tracing::warn!(vip = %ctl.vip_name(ev.vip), backend = %b, health = ?ev.health, reason = %ev.reason, "backend health changed");
-                    if let Err(e) = ctl.on_health(&ev) {
-                        tracing::error!(error = %format!("{e:#}"), "applying a health change failed");
-                        continue;
+                Some(call) = api_rx.recv() => {
+                    let (answer, fx) = api::handler::handle(&mut ctl, &call.request).await;
+                    if let Some(id) = fx.stop_check && let Some(h) = checks.remove(&id) {
+                        h.abort();
                     }
-                    event(serde_json::json!({
-                        "event": "backend",
-                        "vip": ctl.vip_name(ev.vip),
-                        "backend": b,
-                        "health": ev.health,
-                        "state": ctl.backend(ev.vip, ev.backend).state,
-                        "reason": ev.reason,
-                    }));
+                    if let Some(t) = fx.start_check {
+                        checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone())));
+                    }
+                    if answer.0 == 200 && call.request.method == "POST" && call.request.path.starts_with("/v1/backends/") {
+                        event(serde_json::json!({"event": "admin", "path": call.request.path, "result": answer.1}));
+                    }
+                    let _ = call.reply.send(answer);
+                }
+                Some(ev) = rx.recv() => {
+                    match ctl.on_health(&ev) {
+                        Ok(Some((vip, status))) => {
+                            tracing::warn!(%vip, backend = %status.address, health = ?ev.health, reason = %ev.reason, "backend health changed");
+                            event(serde_json::json!({
+                                "event": "backend",
+                                "vip": vip,
+                                "backend": status.address,
+                                "health": ev.health,
+                                "state": status.state,
+                                "reason": ev.reason,
+                            }));
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "applying a health change failed"),
+                    }
                 }
             }
         }
+        for h in checks.into_values() {
+            h.abort();
+        }
         print_counters(&ctl.ebpf, "final_counters")?;
+        let _ = std::fs::remove_file(&ctl.config().api_socket);
         ctl.shutdown()
     })
 }

@@ -10,11 +10,10 @@ use tokio::sync::mpsc;
 use crate::config::HealthCheck;
 pub use state::{Health, HealthState};
 
-/// A state change of backend `backend` of VIP `vip` (indexes in the config).
+/// A state change of the backend with id `id`.
 #[derive(Clone, Debug)]
 pub struct HealthEvent {
-    pub vip: usize,
-    pub backend: usize,
+    pub id: u32,
     pub health: Health,
     pub reason: String,
     pub latency: Duration,
@@ -22,13 +21,7 @@ pub struct HealthEvent {
 
 /// Checks `addr` forever, sending an event on every state change. Stops
 /// when the receiver is gone.
-pub async fn run(
-    vip: usize,
-    backend: usize,
-    addr: SocketAddr,
-    check: HealthCheck,
-    events: mpsc::Sender<HealthEvent>,
-) {
+pub async fn run(id: u32, addr: SocketAddr, check: HealthCheck, events: mpsc::Sender<HealthEvent>) {
     let mut state = HealthState::new(check.rise, check.fall);
     loop {
         let started = tokio::time::Instant::now();
@@ -40,8 +33,7 @@ pub async fn run(
                 Err(e) => format!("{} checks failed, last: {e}", check.fall),
             };
             let event = HealthEvent {
-                vip,
-                backend,
+                id,
                 health,
                 reason,
                 latency,

@@ -1,0 +1,147 @@
+//! Control API requests, validated like the configuration, applied by the
+//! controller, persisted to the state file.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::{BackendRequest, ErrorBody, ExplainRequest, http::Request};
+use crate::{
+    config::VipSpec,
+    controller::{AdminError, Controller, HealthTarget},
+    stats,
+};
+
+/// What the main loop must do besides answering.
+#[derive(Default)]
+pub struct SideEffects {
+    pub start_check: Option<HealthTarget>,
+    pub stop_check: Option<u32>,
+}
+
+fn ok<T: Serialize>(v: T) -> (u16, Value) {
+    (200, serde_json::to_value(v).unwrap_or(Value::Null))
+}
+
+fn err(status: u16, msg: impl Into<String>) -> (u16, Value) {
+    (status, json!(ErrorBody { error: msg.into() }))
+}
+
+fn admin(e: AdminError) -> (u16, Value) {
+    err(e.http_status(), e.to_string())
+}
+
+fn parse_vip(s: &str) -> Result<VipSpec, (u16, Value)> {
+    s.parse::<VipSpec>().map_err(|e| err(400, e.to_string()))
+}
+
+fn parse_backend(s: &str) -> Result<IpAddr, (u16, Value)> {
+    s.parse::<IpAddr>().map_err(|_| {
+        err(
+            400,
+            format!(
+                "backend {s:?} is not an IP address (expected e.g. 198.18.0.20 or fd00:198:18::20)"
+            ),
+        )
+    })
+}
+
+fn body<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, (u16, Value)> {
+    serde_json::from_slice(&req.body).map_err(|e| err(400, format!("bad request body: {e}")))
+}
+
+/// Handles one request; mutating requests are persisted before answering.
+pub async fn handle(ctl: &mut Controller, req: &Request) -> ((u16, Value), SideEffects) {
+    let mut fx = SideEffects::default();
+    let answer = match route(ctl, req, &mut fx).await {
+        Ok(a) => a,
+        Err(a) => a,
+    };
+    let mutating = req.method == "POST" && req.path.starts_with("/v1/backends/");
+    // The change is live; if it cannot be saved it would not survive a
+    // restart, and the operator must know.
+    if mutating
+        && answer.0 == 200
+        && let Err(e) = ctl.persist()
+    {
+        return (
+            err(
+                500,
+                format!("applied, but saving the state file failed: {e:#}"),
+            ),
+            fx,
+        );
+    }
+    (answer, fx)
+}
+
+async fn route(
+    ctl: &mut Controller,
+    req: &Request,
+    fx: &mut SideEffects,
+) -> Result<(u16, Value), (u16, Value)> {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/v1/vips") => Ok(ok(ctl.list())),
+        ("GET", "/v1/counters") => match stats::global_counters(&ctl.ebpf) {
+            Ok(c) => Ok(ok(c)),
+            Err(e) => Err(err(500, format!("{e:#}"))),
+        },
+        ("POST", "/v1/backends/add") => {
+            let b: BackendRequest = body(req)?;
+            let (vip, addr) = (parse_vip(&b.vip)?, parse_backend(&b.backend)?);
+            let check = ctl
+                .add_backend(&vip, addr, b.weight.unwrap_or(100))
+                .await
+                .map_err(admin)?;
+            fx.start_check = check;
+            Ok(ok(ctl
+                .list()
+                .into_iter()
+                .find(|v| v.vip == vip.to_string())))
+        }
+        ("POST", "/v1/backends/remove") => {
+            let b: BackendRequest = body(req)?;
+            let (vip, addr) = (parse_vip(&b.vip)?, parse_backend(&b.backend)?);
+            fx.stop_check = Some(ctl.remove_backend(&vip, addr).map_err(admin)?);
+            Ok(ok(json!({"removed": addr, "vip": vip.to_string()})))
+        }
+        ("POST", path @ ("/v1/backends/drain" | "/v1/backends/undrain")) => {
+            let b: BackendRequest = body(req)?;
+            let (vip, addr) = (parse_vip(&b.vip)?, parse_backend(&b.backend)?);
+            Ok(ok(ctl
+                .set_drain(&vip, addr, path.ends_with("/drain"))
+                .map_err(admin)?))
+        }
+        ("POST", "/v1/backends/weight") => {
+            let b: BackendRequest = body(req)?;
+            let (vip, addr) = (parse_vip(&b.vip)?, parse_backend(&b.backend)?);
+            let Some(w) = b.weight else {
+                return Err(err(400, "weight is required"));
+            };
+            Ok(ok(ctl.set_weight(&vip, addr, w).map_err(admin)?))
+        }
+        ("POST", "/v1/explain") => {
+            let e: ExplainRequest = body(req)?;
+            let vip = parse_vip(&e.vip)?;
+            let client: SocketAddr = e
+                .client
+                .parse()
+                .map_err(|_| err(400, format!("client {:?} is not ADDRESS:PORT (e.g. 198.18.0.10:40000 or [fd00::10]:40000)", e.client)))?;
+            Ok(ok(ctl.explain(&vip, client).map_err(admin)?))
+        }
+        (_, "/v1/vips" | "/v1/counters" | "/v1/explain")
+        | (
+            _,
+            "/v1/backends/add"
+            | "/v1/backends/remove"
+            | "/v1/backends/drain"
+            | "/v1/backends/undrain"
+            | "/v1/backends/weight",
+        ) => Err(err(
+            405,
+            format!("{} is not allowed on {}", req.method, req.path),
+        )),
+        _ => Err(err(404, format!("no such endpoint: {}", req.path))),
+    }
+}

@@ -1,0 +1,33 @@
+//! The control API: HTTP/1.1 + JSON over a unix socket (mode 0600, so root
+//! only). One request per connection; `lbctl` is its client.
+
+pub mod client;
+pub mod handler;
+pub mod http;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// Body of the backend commands.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendRequest {
+    pub vip: String,
+    pub backend: String,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// Body of `POST /v1/explain`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainRequest {
+    pub vip: String,
+    pub client: String,
+}
+
+/// Every error answer: `{"error": "..."}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

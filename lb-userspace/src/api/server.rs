@@ -1,0 +1,69 @@
+//! Accepts control connections and hands each request to the main loop,
+//! which owns the controller (one change at a time, in order).
+
+use std::{os::unix::fs::PermissionsExt, path::Path};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use tokio::{
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+
+use super::http::{self, Request};
+
+pub struct ApiCall {
+    pub request: Request,
+    pub reply: oneshot::Sender<(u16, Value)>,
+}
+
+/// Binds the socket (replacing a stale one), restricts it to root.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
+        }
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to mode 0600", path.display()))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            let (rd, wr) = stream.into_split();
+            let request =
+                tokio::time::timeout(std::time::Duration::from_secs(10), http::read_request(rd))
+                    .await;
+            let (status, body) = match request {
+                Ok(Ok(request)) => {
+                    let (tx, rx) = oneshot::channel();
+                    if calls.send(ApiCall { request, reply: tx }).await.is_err() {
+                        return;
+                    }
+                    rx.await
+                        .unwrap_or((500, serde_json::json!({"error": "lbd is shutting down"})))
+                }
+                Ok(Err(e)) => (400, serde_json::json!({"error": format!("{e:#}")})),
+                Err(_) => (
+                    400,
+                    serde_json::json!({"error": "request not received within 10 s"}),
+                ),
+            };
+            let body = serde_json::to_vec(&body).unwrap_or_default();
+            let _ = http::write_response(wr, status, &body).await;
+        });
+    }
+}

@@ -1,0 +1,190 @@
+//! lbctl: the operator's client for a running lbd.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use lb_userspace::{api::client::call, config::VipSpec};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(version, about = "Control a running lbd")]
+struct Cli {
+    /// lbd's control socket.
+    #[arg(long, global = true, default_value = "/run/lb/lb0.sock")]
+    socket: PathBuf,
+    /// Print the raw JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// VIPs and their backends with state, health and weight.
+    List,
+    /// Add BACKEND (an IP address) to VIP (e.g. 198.18.100.1:80/tcp).
+    AddBackend {
+        vip: String,
+        backend: String,
+        /// 0..=65535; 0 drains.
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+    },
+    /// Remove BACKEND from VIP; its flows move to the other backends.
+    RemoveBackend { vip: String, backend: String },
+    /// Take BACKEND out of VIP's ring; its established flows stay.
+    Drain { vip: String, backend: String },
+    /// Put a drained BACKEND back into VIP's ring.
+    Undrain { vip: String, backend: String },
+    /// Change BACKEND's weight in VIP's ring.
+    SetWeight {
+        vip: String,
+        backend: String,
+        weight: u32,
+    },
+    /// Which backend CLIENT (ADDRESS:PORT) reaches through VIP, and why.
+    Explain { vip: String, client: String },
+    /// Global data-plane counters.
+    Stats,
+}
+
+/// Checks arguments before anything is sent, with the same messages as the
+/// configuration and the API.
+fn check_vip(vip: &str) -> Result<()> {
+    vip.parse::<VipSpec>()?;
+    Ok(())
+}
+
+fn check_backend(b: &str) -> Result<()> {
+    if b.parse::<std::net::IpAddr>().is_err() {
+        bail!("backend {b:?} is not an IP address (expected e.g. 198.18.0.20 or fd00:198:18::20)");
+    }
+    Ok(())
+}
+
+fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<Value>)> {
+    Ok(match cmd {
+        Cmd::List => ("GET", "/v1/vips", None),
+        Cmd::Stats => ("GET", "/v1/counters", None),
+        Cmd::AddBackend {
+            vip,
+            backend,
+            weight,
+        } => {
+            check_vip(vip)?;
+            check_backend(backend)?;
+            (
+                "POST",
+                "/v1/backends/add",
+                Some(json!({"vip": vip, "backend": backend, "weight": weight})),
+            )
+        }
+        Cmd::RemoveBackend { vip, backend }
+        | Cmd::Drain { vip, backend }
+        | Cmd::Undrain { vip, backend } => {
+            check_vip(vip)?;
+            check_backend(backend)?;
+            let path = match cmd {
+                Cmd::RemoveBackend { .. } => "/v1/backends/remove",
+                Cmd::Drain { .. } => "/v1/backends/drain",
+                _ => "/v1/backends/undrain",
+            };
+            ("POST", path, Some(json!({"vip": vip, "backend": backend})))
+        }
+        Cmd::SetWeight {
+            vip,
+            backend,
+            weight,
+        } => {
+            check_vip(vip)?;
+            check_backend(backend)?;
+            (
+                "POST",
+                "/v1/backends/weight",
+                Some(json!({"vip": vip, "backend": backend, "weight": weight})),
+            )
+        }
+        Cmd::Explain { vip, client } => {
+            check_vip(vip)?;
+            if client.parse::<std::net::SocketAddr>().is_err() {
+                bail!(
+                    "client {client:?} is not ADDRESS:PORT (e.g. 198.18.0.10:40000 or [fd00::10]:40000)"
+                );
+            }
+            (
+                "POST",
+                "/v1/explain",
+                Some(json!({"vip": vip, "client": client})),
+            )
+        }
+    })
+}
+
+fn print_human(cmd: &Cmd, v: &Value) {
+    match cmd {
+        Cmd::List => {
+            for vip in v.as_array().into_iter().flatten() {
+                println!(
+                    "{} ({})",
+                    vip["vip"].as_str().unwrap_or("?"),
+                    vip["mode"].as_str().unwrap_or("?")
+                );
+                for b in vip["backends"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {:<40} {:<9} health={:<5} weight={}",
+                        b["address"].as_str().unwrap_or("?"),
+                        b["state"].as_str().unwrap_or("?"),
+                        b["health"].as_str().unwrap_or("?"),
+                        b["weight"]
+                    );
+                }
+            }
+        }
+        Cmd::Explain { .. } => {
+            let backend = v["backend"].as_str().unwrap_or("none");
+            println!(
+                "{} -> {backend}: {}",
+                v["client"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("")
+            );
+        }
+        Cmd::Stats => {
+            for (k, n) in v.as_object().into_iter().flatten() {
+                println!("{k:<32} {n}");
+            }
+        }
+        _ => println!("ok"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = request(&cli.cmd)
+        .and_then(|(method, path, body)| call(&cli.socket, method, path, body.as_ref()));
+    match result {
+        Ok((200, v)) => {
+            if cli.json {
+                println!("{v}");
+            } else {
+                print_human(&cli.cmd, &v);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, v)) => {
+            if cli.json {
+                println!("{v}");
+            }
+            eprintln!(
+                "lbctl: {} (HTTP {status})",
+                v["error"].as_str().unwrap_or("request failed")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("lbctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! End-to-end administration through `lbctl` and the control API: bad input
+//! is refused with a clear message and changes nothing; runtime changes
+//! (add, drain) take effect on real traffic and survive an lbd restart.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use lb_tests::{HttpConn, Spawned, Topology, addressing, lbctl_path, lbd_path};
+use lb_userspace::{api::client::call, dataplane::AttachMode};
+use serde_json::{Value, json};
+
+const PORT: u16 = 80;
+
+struct Paths {
+    dir: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    state: PathBuf,
+}
+
+fn paths(t: &Topology) -> Paths {
+    let dir = std::env::temp_dir().join(format!("{}-admin", t.id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Paths {
+        config: dir.join("lb.toml"),
+        socket: dir.join("lbd.sock"),
+        state: dir.join("state.json"),
+        dir,
+    }
+}
+
+fn write_config(t: &Topology, p: &Paths) {
+    let b: String = t.backends()[..2]
+        .iter()
+        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
+        .collect();
+    let text = format!(
+        "[instance]\nname = \"admin\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
+         api_socket = \"{sock}\"\nstate_file = \"{state}\"\n\
+         [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+         [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n\
+         [vip.health_check]\ntype = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n{b}",
+        dev = t.lb().ifname(),
+        sock = p.socket.display(),
+        state = p.state.display(),
+        src = t.lb().ipv4(),
+        vip = addressing::vip_v4(1),
+    );
+    std::fs::write(&p.config, text).unwrap();
+}
+
+fn start_lbd(t: &Topology, p: &Paths) -> Spawned {
+    let mut cmd = Command::new(lbd_path().unwrap());
+    cmd.arg("--config").arg(&p.config);
+    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
+    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
+        .unwrap();
+    lbd
+}
+
+fn stop_lbd(mut lbd: Spawned) {
+    // SAFETY: plain kill(2) on a child we own.
+    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
+    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
+        .unwrap();
+    assert!(lbd.stop().is_some_and(|s| s.success()));
+}
+
+/// Runs lbctl; returns (exit code, stdout, stderr).
+fn lbctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(lbctl_path().unwrap())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn listing(socket: &Path) -> Value {
+    let (code, out, err) = lbctl(socket, &["list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn spread(t: &Topology, vip: IpAddr, n: usize) -> BTreeMap<String, usize> {
+    t.in_client(move || {
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            let mut c =
+                HttpConn::connect(SocketAddr::new(vip, PORT), Duration::from_secs(3)).unwrap();
+            *seen
+                .entry(c.get("/").unwrap().text().trim().to_owned())
+                .or_insert(0) += 1;
+        }
+        seen
+    })
+    .unwrap()
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let t = Topology::new(3).unwrap();
+    let _servers = t.start_servers(PORT, 53).unwrap();
+    let _fabric = common::prepare(&t, AttachMode::Generic);
+    t.add_vip_on_backends(addressing::vip_v4(1).into()).unwrap();
+    let p = paths(&t);
+    write_config(&t, &p);
+    let lbd = start_lbd(&t, &p);
+    let vip = format!("{}:{PORT}/tcp", addressing::vip_v4(1));
+    let b0 = t.backend(0).ipv4().to_string();
+    let before = listing(&p.socket);
+
+    let mode = std::fs::metadata(&p.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket is root-only");
+
+    // (args, exit code, what the message must say)
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["add-backend", "198.18.100.1:80", "198.18.0.22"],
+            2,
+            "no /tcp or /udp",
+        ),
+        (
+            vec!["add-backend", &vip, "198.18.0.999"],
+            2,
+            "not an IP address",
+        ),
+        (
+            vec!["add-backend", "198.18.100.9:80/tcp", "198.18.0.22"],
+            1,
+            "no VIP 198.18.100.9:80/tcp",
+        ),
+        (vec!["add-backend", &vip, &b0], 1, "already a backend"),
+        (
+            vec!["add-backend", &vip, "198.18.0.22", "--weight", "70000"],
+            1,
+            "out of range",
+        ),
+        (vec!["add-backend", &vip, "fd00:198:18::22"], 1, "4in6"),
+        (vec!["add-backend", &vip, "127.0.0.1"], 1, "non-loopback"),
+        (
+            vec!["remove-backend", &vip, "198.18.0.99"],
+            1,
+            "is not a backend",
+        ),
+        (vec!["drain", &vip, "198.18.0.99"], 1, "is not a backend"),
+        (vec!["set-weight", &vip, &b0, "65536"], 1, "out of range"),
+        (vec!["explain", &vip, "198.18.0.10"], 2, "ADDRESS:PORT"),
+        (
+            vec!["explain", &vip, "[fd00::10]:4000"],
+            1,
+            "different address families",
+        ),
+        (vec!["frobnicate"], 2, "unrecognized subcommand"),
+    ];
+    for (args, code, why) in &cases {
+        let (got, _out, err) = lbctl(&p.socket, args);
+        assert_eq!(got, *code, "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err:?} should say {why:?}");
+        assert_eq!(listing(&p.socket), before, "{args:?} changed the state");
+    }
+    // Straight at the API: malformed JSON, unknown fields, unknown paths.
+    for (method, path, body, status, why) in [
+        (
+            "POST",
+            "/v1/backends/add",
+            Some(json!("not an object")),
+            400,
+            "bad request body",
+        ),
+        (
+            "POST",
+            "/v1/backends/add",
+            Some(json!({"vip": vip, "backend": "198.18.0.22", "colour": 1})),
+            400,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/v1/backends/weight",
+            Some(json!({"vip": vip, "backend": b0})),
+            400,
+            "weight is required",
+        ),
+        ("GET", "/v1/backends/add", None, 405, "not allowed"),
+        ("GET", "/v1/nothing", None, 404, "no such endpoint"),
+    ] {
+        let (got, v) = call(&p.socket, method, path, body.as_ref()).unwrap();
+        assert_eq!(got, status, "{path}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{path}: {v}");
+        assert_eq!(listing(&p.socket), before);
+    }
+    assert!(!p.state.exists(), "no state file: nothing changed");
+    stop_lbd(lbd);
+    std::fs::remove_dir_all(&p.dir).ok();
+}
+
+#[test]
+fn add_drain_and_restart() {
+    let t = Topology::new(3).unwrap();
+    let _servers = t.start_servers(PORT, 53).unwrap();
+    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let vip_ip: IpAddr = addressing::vip_v4(1).into();
+    t.add_vip_on_backends(vip_ip).unwrap();
+    let p = paths(&t);
+    write_config(&t, &p);
+    let lbd = start_lbd(&t, &p);
+    let vip = format!("{vip_ip}:{PORT}/tcp");
+
+    let seen = spread(&t, vip_ip, 60);
+    assert_eq!(seen.len(), 2, "only the configured two: {seen:?}");
+
+    // A backend added at runtime takes traffic.
+    let b2 = t.backend(2).ipv4().to_string();
+    let (code, _, err) = lbctl(&p.socket, &["add-backend", &vip, &b2]);
+    assert_eq!(code, 0, "{err}");
+    let seen = spread(&t, vip_ip, 150);
+    assert!(seen.get("backend2").is_some_and(|&n| n >= 20), "{seen:?}");
+
+    // Drain backend0: an open connection to it keeps working, new ones go elsewhere.
+    let mut on_b0 = t
+        .in_client(move || {
+            for _ in 0..60 {
+                let mut c =
+                    HttpConn::connect(SocketAddr::new(vip_ip, PORT), Duration::from_secs(3))
+                        .unwrap();
+                if c.get("/").unwrap().text().trim() == "backend0" {
+                    return Some(c);
+                }
+            }
+            None
+        })
+        .unwrap()
+        .expect("a connection lands on backend0");
+    let b0 = t.backend(0).ipv4().to_string();
+    let (code, _, err) = lbctl(&p.socket, &["drain", &vip, &b0]);
+    assert_eq!(code, 0, "{err}");
+    let seen = spread(&t, vip_ip, 90);
+    assert!(!seen.contains_key("backend0"), "{seen:?}");
+    let still: Vec<String> = t
+        .in_client(move || (0..5).map(|_| on_b0.get("/").unwrap().text()).collect())
+        .unwrap();
+    assert!(still.iter().all(|s| s.trim() == "backend0"), "{still:?}");
+
+    // explain names a backend and a reason.
+    let (code, out, err) = lbctl(&p.socket, &["explain", &vip, "198.18.0.10:40000", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let e: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        e["backend"].is_string() && e["reason"].as_str().unwrap().contains("Maglev"),
+        "{e}"
+    );
+
+    // Restart: the added backend and the drain survive.
+    stop_lbd(lbd);
+    let lbd = start_lbd(&t, &p);
+    let l = listing(&p.socket);
+    let backends = l[0]["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 3, "{l}");
+    let state_of =
+        |addr: &str| backends.iter().find(|b| b["address"] == addr).unwrap()["state"].clone();
+    assert_eq!(state_of(&b0), "draining", "{l}");
+    assert_eq!(state_of(&b2), "up", "{l}");
+    let seen = spread(&t, vip_ip, 90);
+    assert!(
+        seen.contains_key("backend2") && !seen.contains_key("backend0"),
+        "{seen:?}"
+    );
+    stop_lbd(lbd);
+    std::fs::remove_dir_all(&p.dir).ok();
+}
