@@ -24,12 +24,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{
-        BackendConfig, CheckKind, Config, ForwardMode, HealthCheck, MAX_WEIGHT, VipConfig, VipSpec,
-        vip::addr16,
+        BackendConfig, CheckKind, Config, ForwardMode, HealthCheck, MAX_WEIGHT, OnExit, VipConfig,
+        VipSpec, vip::addr16,
     },
-    dataplane::{self, Attached},
     health::{Health, HealthEvent},
     neigh::{NextHop, Resolver},
+    pinning::{self, Pinned},
     programming,
 };
 
@@ -144,6 +144,10 @@ pub struct SavedBackend {
     pub address: IpAddr,
     pub weight: u32,
     pub drained: bool,
+    /// The `BACKENDS` slot: kept across restarts because adopted connection
+    /// table entries name backends by it.
+    #[serde(default)]
+    pub id: Option<u32>,
 }
 
 struct BackendRt {
@@ -159,13 +163,14 @@ struct VipRuntime {
 
 pub struct Controller {
     pub ebpf: Ebpf,
-    pub attached: Option<Attached>,
+    /// Whether a running data plane was adopted (hitless restart).
+    pub adopted: bool,
+    pin_dir: PathBuf,
     config: Config,
     resolver: Resolver,
     ifindex: u32,
     vips: Vec<VipRuntime>,
-    free_ids: Vec<u32>,
-    next_id: u32,
+    used_ids: std::collections::BTreeSet<u32>,
 }
 
 fn mode_of(m: ForwardMode) -> u8 {
@@ -207,7 +212,10 @@ impl Controller {
             .ifindex(&config.interface)
             .await
             .with_context(|| format!("instance.interface {:?}", config.interface))?;
-        let mut ebpf = dataplane::load_balancer_with(&config.sizes)?;
+        let pin_dir = pinning::pin_dir(&config.name);
+        let Pinned {
+            mut ebpf, adopted, ..
+        } = pinning::load(&pin_dir, &config.sizes)?;
         let mtu: u32 = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", config.interface))
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -232,14 +240,19 @@ impl Controller {
         )?;
         let mut ctl = Controller {
             ebpf,
-            attached: None,
+            adopted,
+            pin_dir,
             config,
             resolver,
             ifindex,
             vips: Vec::new(),
-            free_ids: Vec::new(),
-            next_id: 1,
+            used_ids: Default::default(),
         };
+        // Saved ids first, so adopted connection-table entries keep naming
+        // the same backends.
+        for list in saved.vips.values() {
+            ctl.used_ids.extend(list.iter().filter_map(|b| b.id));
+        }
         for (i, v) in ctl.config.vips.clone().into_iter().enumerate() {
             let mut backends = Vec::new();
             for b in &v.backends {
@@ -250,14 +263,17 @@ impl Controller {
                     .resolve(b.addr, RESOLVE_TIMEOUT)
                     .await
                     .with_context(|| format!("vip {} backend {}", v.spec, b.addr))?;
-                let id = ctl.alloc_id()?;
-                let mut status = BackendStatus::new(b.addr, id, b.weight);
-                if let Some(saved) = saved
+                let prior = saved
                     .vips
                     .get(&v.spec.to_string())
-                    .and_then(|l| l.iter().find(|s| s.address == b.addr))
-                {
-                    status.drained = saved.drained;
+                    .and_then(|l| l.iter().find(|s| s.address == b.addr));
+                let id = match prior.and_then(|p| p.id) {
+                    Some(id) => id,
+                    None => ctl.alloc_id()?,
+                };
+                let mut status = BackendStatus::new(b.addr, id, b.weight);
+                if let Some(p) = prior {
+                    status.drained = p.drained;
                     status.refresh_state();
                 }
                 backends.push(BackendRt { status, hop });
@@ -275,26 +291,45 @@ impl Controller {
             let table = ctl.ring(v)?;
             let key = ctl.vips[v].config.spec.key();
             let mode = mode_of(ctl.vips[v].config.mode);
-            programming::install_vip(&mut ctl.ebpf, &key, ctl.vips[v].vip_id, mode, &table)?;
+            let vip_id = ctl.vips[v].vip_id;
+            match programming::get_vip(&mut ctl.ebpf, &key)? {
+                // Adopted and unchanged: a ring update like any other, so
+                // traffic never sees an empty ring.
+                Some(live) if live.vip_id == vip_id && live.mode == mode => {
+                    let window = ctl.config.second_chance_window;
+                    programming::publish_ring(&mut ctl.ebpf, &key, &table, window)?;
+                }
+                _ => programming::install_vip(&mut ctl.ebpf, &key, vip_id, mode, &table)?,
+            }
         }
-        let attached =
-            dataplane::attach(&mut ctl.ebpf, &ctl.config.interface, ctl.config.xdp_mode)?;
-        ctl.attached = Some(attached);
+        // VIPs the running data plane still serves but the configuration
+        // no longer has.
+        let wanted: Vec<_> = ctl.vips.iter().map(|v| v.config.spec.key()).collect();
+        for (key, _) in programming::list_vips(&mut ctl.ebpf)? {
+            if !wanted.contains(&key) {
+                programming::remove_vip(&mut ctl.ebpf, &key)?;
+            }
+        }
+        let (iface, mode) = (ctl.config.interface.clone(), ctl.config.xdp_mode);
+        pinning::attach(&mut ctl.ebpf, &ctl.pin_dir, ctl.adopted, &iface, mode)?;
+        // Records the backend ids the connection table now refers to.
+        ctl.persist()?;
         Ok(ctl)
     }
 
+    /// The lowest free `BACKENDS` slot (0 means "no backend").
     fn alloc_id(&mut self) -> Result<u32> {
-        if let Some(id) = self.free_ids.pop() {
-            return Ok(id);
-        }
-        if self.next_id >= self.config.sizes.max_backends {
-            anyhow::bail!(
-                "all {} backend slots are in use (dataplane.max_backends)",
-                self.config.sizes.max_backends - 1
-            );
-        }
-        self.next_id += 1;
-        Ok(self.next_id - 1)
+        let max = self.config.sizes.max_backends;
+        let id = (1..max)
+            .find(|i| !self.used_ids.contains(i))
+            .with_context(|| {
+                format!(
+                    "all {} backend slots are in use (dataplane.max_backends)",
+                    max - 1
+                )
+            })?;
+        self.used_ids.insert(id);
+        Ok(id)
     }
 
     fn write_backend(&mut self, v: usize, b: usize) -> Result<()> {
@@ -499,7 +534,7 @@ impl Controller {
         let b = self.vips[v].backends.len() - 1;
         if let Err(e) = self.write_backend(v, b).and_then(|()| self.republish(v)) {
             self.vips[v].backends.pop();
-            self.free_ids.push(id);
+            self.used_ids.remove(&id);
             return Err(e.into());
         }
         Ok(self.targets_of(v).into_iter().find(|t| t.id == id))
@@ -519,7 +554,7 @@ impl Controller {
             ..Default::default()
         };
         programming::set_backend(&mut self.ebpf, removed.status.id, &info)?;
-        self.free_ids.push(removed.status.id);
+        self.used_ids.remove(&removed.status.id);
         Ok(removed.status.id)
     }
 
@@ -645,6 +680,7 @@ impl Controller {
                             address: b.status.address,
                             weight: b.status.weight,
                             drained: b.status.drained,
+                            id: Some(b.status.id),
                         })
                         .collect();
                     (v.config.spec.to_string(), list)
@@ -665,10 +701,18 @@ impl Controller {
         &self.config
     }
 
-    /// Detaches the program (maps go with the process).
-    pub fn shutdown(mut self) -> Result<()> {
-        if let Some(a) = self.attached.take() {
-            a.detach(&mut self.ebpf)?;
+    /// Ends this lbd. `on_exit = "keep"`: the pinned program and maps keep
+    /// forwarding until the next lbd adopts them. `"detach"`: everything is
+    /// unpinned and the program detaches.
+    pub fn shutdown(self) -> Result<()> {
+        match self.config.on_exit {
+            OnExit::Keep => {
+                tracing::info!(pins = %self.pin_dir.display(), "exiting; the data plane keeps running");
+            }
+            OnExit::Detach => {
+                pinning::teardown(&self.pin_dir)?;
+                tracing::info!("data plane detached and unpinned");
+            }
         }
         Ok(())
     }

@@ -48,7 +48,7 @@ impl fmt::Display for AttachMode {
 pub const DECAP_PROGRAM: &str = "decap";
 
 /// Map sizes chosen at load time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MapSizes {
     pub max_vips: u32,
     pub max_backends: u32,
@@ -91,9 +91,9 @@ pub fn load_balancer() -> Result<Ebpf> {
     load_balancer_with(&MapSizes::default())
 }
 
-/// Loads the balancer object (maps created, program verified but not attached).
-pub fn load_balancer_with(sizes: &MapSizes) -> Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new()
+/// Sets the configured map sizes on a loader.
+pub fn size_maps(loader: &mut EbpfLoader<'_>, sizes: &MapSizes) -> Result<()> {
+    loader
         .map_max_entries(
             "VIP_TABLE",
             2 * lb_common::viptable::slots_for(sizes.max_vips),
@@ -103,7 +103,15 @@ pub fn load_balancer_with(sizes: &MapSizes) -> Result<Ebpf> {
         .map_max_entries("STATS_BACKEND", sizes.max_backends)
         .map_max_entries("RINGS", sizes.ring_entries()?)
         .map_max_entries("CONNTRACK", sizes.conntrack_entries)
-        .map_max_entries("FLOW_CACHE", sizes.flow_cache_slots.next_power_of_two())
+        .map_max_entries("FLOW_CACHE", sizes.flow_cache_slots.next_power_of_two());
+    Ok(())
+}
+
+/// Loads the balancer object (maps created, program verified but not attached).
+pub fn load_balancer_with(sizes: &MapSizes) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    size_maps(&mut loader, sizes)?;
+    let mut ebpf = loader
         .load(BALANCER_OBJECT)
         .context("loading the XDP object into the kernel")?;
     let prog: &mut Xdp = program_mut(&mut ebpf, BALANCER_PROGRAM)?;
@@ -170,6 +178,11 @@ pub fn attach_program(
 }
 
 impl Attached {
+    /// Hands the link over (to pin it); this handle no longer detaches.
+    pub fn into_link_id(mut self) -> Result<XdpLinkId> {
+        self.link.take().context("the program is not attached")
+    }
+
     pub fn detach(mut self, ebpf: &mut Ebpf) -> Result<()> {
         if let Some(link) = self.link.take() {
             program_mut(ebpf, &self.program)?

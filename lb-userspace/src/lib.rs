@@ -6,5 +6,6 @@ pub mod controller;
 pub mod dataplane;
 pub mod health;
 pub mod neigh;
+pub mod pinning;
 pub mod programming;
 pub mod stats;

@@ -43,11 +43,12 @@ fn write_config(t: &Topology, p: &Paths) {
         .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
         .collect();
     let text = format!(
-        "[instance]\nname = \"admin\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
+        "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
          api_socket = \"{sock}\"\nstate_file = \"{state}\"\n\
          [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
          [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n\
          [vip.health_check]\ntype = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n{b}",
+        name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
         dev = t.lb().ifname(),
         sock = p.socket.display(),
         state = p.state.display(),
@@ -122,6 +123,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let vip = format!("{}:{PORT}/tcp", addressing::vip_v4(1));
     let b0 = t.backend(0).ipv4().to_string();
     let before = listing(&p.socket);
+    let saved = std::fs::read(&p.state).unwrap();
 
     let mode = std::fs::metadata(&p.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "control socket is root-only");
@@ -203,7 +205,11 @@ fn bad_input_is_refused_and_changes_nothing() {
         assert!(v["error"].as_str().unwrap().contains(why), "{path}: {v}");
         assert_eq!(listing(&p.socket), before);
     }
-    assert!(!p.state.exists(), "no state file: nothing changed");
+    assert_eq!(
+        std::fs::read(&p.state).unwrap(),
+        saved,
+        "the state file did not change"
+    );
     stop_lbd(lbd);
     std::fs::remove_dir_all(&p.dir).ok();
 }

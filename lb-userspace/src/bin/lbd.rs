@@ -26,6 +26,9 @@ struct Args {
     /// Only validate the configuration and exit.
     #[arg(long, requires = "config")]
     check: bool,
+    /// Remove the instance's pinned data plane (detaches the program) and exit.
+    #[arg(long, requires = "config")]
+    teardown: bool,
     /// Without a configuration: attach to this interface and only count.
     #[arg(long, short = 'i', required_unless_present = "config")]
     interface: Option<String>,
@@ -59,6 +62,16 @@ fn main() -> ExitCode {
             println!("{}: ok ({} VIPs)", path.display(), config.vips.len());
             return ExitCode::SUCCESS;
         }
+        if args.teardown {
+            let dir = lb_userspace::pinning::pin_dir(&config.name);
+            return report(lb_userspace::pinning::teardown(&dir).map(|removed| {
+                println!(
+                    "{}: {}",
+                    dir.display(),
+                    if removed { "removed" } else { "nothing pinned" }
+                );
+            }));
+        }
         return report(run_config(config));
     }
     let interface = args.interface.clone().unwrap_or_default();
@@ -84,6 +97,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run_config(config: Config) -> Result<()> {
     runtime()?.block_on(async move {
+        // Handlers first: whoever reads the ready line may signal at once.
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
         let listener = api::server::bind(&config.api_socket)?;
         let socket = config.api_socket.clone();
         let mut ctl = Controller::start(config).await?;
@@ -94,11 +111,12 @@ fn run_config(config: Config) -> Result<()> {
         for t in ctl.health_targets() {
             checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone())));
         }
-        let attached = ctl.attached.as_ref().map(|a| (a.interface.clone(), a.mode.to_string()));
-        event(serde_json::json!({"event": "ready", "attached": attached, "api_socket": socket}));
-        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+        event(serde_json::json!({
+            "event": "ready",
+            "interface": ctl.config().interface,
+            "adopted": ctl.adopted,
+            "api_socket": socket,
+        }));
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -147,13 +165,14 @@ fn run_config(config: Config) -> Result<()> {
 
 fn run_bare(interface: String, mode: AttachMode) -> Result<()> {
     runtime()?.block_on(async move {
+        // Handlers first: whoever reads the line below may signal at once.
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
         let mut ebpf = dataplane::load_balancer()?;
         let attached = dataplane::attach(&mut ebpf, &interface, mode)?;
         // A line on stdout that supervisors and tests can wait for.
         event(serde_json::json!({"event": "attached", "interface": attached.interface, "mode": attached.mode.to_string()}));
-        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
         loop {
             tokio::select! {
                 _ = term.recv() => break,

@@ -1,0 +1,170 @@
+//! Hitless restart: the data plane's maps and its XDP link are pinned under
+//! `/sys/fs/bpf/<instance>/v<layout>/`. A new lbd loads the program against
+//! the pinned maps (connection table, rings and counters carry over) and
+//! swaps it into the pinned link atomically (`bpf_link_update`), so the
+//! interface never runs without a program.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+
+use crate::dataplane::{self, AttachMode, BALANCER_OBJECT, BALANCER_PROGRAM, MapSizes};
+
+/// Bumped whenever a map's key or value layout changes: a new lbd must not
+/// adopt maps it would misread.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// The maps that carry state across restarts (benchmark maps are not).
+pub const PINNED_MAPS: &[&str] = &[
+    "VIP_TABLE",
+    "VIP_TABLE_GEN",
+    "RINGS",
+    "BACKENDS",
+    "CONNTRACK",
+    "FLOW_CACHE",
+    "STATS_BACKEND",
+    "STATS_VIP",
+    "STATS_GLOBAL",
+    "CONFIG",
+    "TX_PORTS",
+];
+
+const LINK: &str = "link";
+const SIZES: &str = "sizes.json";
+
+pub fn pin_dir(instance: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/{instance}/v{LAYOUT_VERSION}"))
+}
+
+/// The data plane, loaded against pinned maps, and whether it adopted a
+/// running one.
+pub struct Pinned {
+    pub ebpf: Ebpf,
+    pub adopted: bool,
+    pub dir: PathBuf,
+}
+
+/// Loads the balancer against the maps pinned in `dir` (creating and pinning
+/// them on first start). Sizes are part of the layout: a running data plane
+/// of other sizes is refused, not silently reused.
+pub fn load(dir: &Path, sizes: &MapSizes) -> Result<Pinned> {
+    let adopted = dir.join(LINK).exists();
+    let sizes_file = state_dir(dir).join(SIZES);
+    if adopted {
+        let pinned: MapSizes = std::fs::read_to_string(&sizes_file)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .with_context(|| {
+                format!(
+                    "{} has a link but no readable {}",
+                    dir.display(),
+                    sizes_file.display()
+                )
+            })?;
+        if pinned != *sizes {
+            bail!(
+                "the running data plane in {} has map sizes {pinned:?}, the configuration asks for \
+                 {sizes:?}: changing sizes needs `lbd --teardown` (a restart that drops connections)",
+                dir.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+    let mut loader = EbpfLoader::new();
+    dataplane::size_maps(&mut loader, sizes)?;
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(BALANCER_OBJECT)
+        .context("loading the XDP object against the pinned maps")?;
+    dataplane::program_mut(&mut ebpf, BALANCER_PROGRAM)?
+        .load()
+        .context("verifying the balancer program")?;
+    std::fs::create_dir_all(state_dir(dir))?;
+    std::fs::write(&sizes_file, serde_json::to_vec(sizes)?)
+        .with_context(|| format!("writing {}", sizes_file.display()))?;
+    Ok(Pinned {
+        ebpf,
+        adopted,
+        dir: dir.to_owned(),
+    })
+}
+
+/// Userspace notes kept beside the pins (bpffs holds only BPF objects).
+fn state_dir(dir: &Path) -> PathBuf {
+    PathBuf::from("/run/lb").join(dir.strip_prefix("/sys/fs/bpf").unwrap_or(dir))
+}
+
+/// Attaches the balancer: into the pinned link when adopting (an atomic
+/// program swap), else through a new link, which is then pinned.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    adopted: bool,
+    interface: &str,
+    mode: AttachMode,
+) -> Result<()> {
+    let link_path = dir.join(LINK);
+    if adopted {
+        let prog = dataplane::program_mut(ebpf, BALANCER_PROGRAM)?;
+        let pinned = PinnedLink::from_pin(&link_path)
+            .with_context(|| format!("opening {}", link_path.display()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .context("the pinned link is not an XDP link")?;
+        prog.attach_to_link(link)
+            .context("swapping the new program into the running link")?;
+        tracing::info!(
+            interface,
+            "adopted the running data plane; program replaced in place"
+        );
+        return Ok(());
+    }
+    let attached = dataplane::attach(ebpf, interface, mode)?;
+    let prog = dataplane::program_mut(ebpf, BALANCER_PROGRAM)?;
+    let link = prog
+        .take_link(attached.into_link_id()?)
+        .context("taking the XDP link")?;
+    let fd = FdLink::try_from(link)
+        .context("this kernel attached XDP without a bpf_link; cannot pin it")?;
+    fd.pin(&link_path)
+        .with_context(|| format!("pinning the link at {}", link_path.display()))?;
+    Ok(())
+}
+
+/// Removes every pin of the instance: the link goes (the program detaches)
+/// and the maps are freed once nothing holds them.
+pub fn teardown(dir: &Path) -> Result<bool> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let link = dir.join(LINK);
+    if link.exists() {
+        std::fs::remove_file(&link).with_context(|| format!("unpinning {}", link.display()))?;
+    }
+    for m in PINNED_MAPS {
+        let p = dir.join(m);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
+        }
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    if let Some(parent) = dir.parent() {
+        // The instance directory, if no other layout version lives there.
+        let _ = std::fs::remove_dir(parent);
+    }
+    let notes = state_dir(dir);
+    let _ = std::fs::remove_dir_all(&notes);
+    if let Some(parent) = notes.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(true)
+}

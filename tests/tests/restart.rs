@@ -1,0 +1,159 @@
+//! Hitless restart: with `on_exit = "keep"` the pinned data plane keeps
+//! forwarding while lbd is down, and the next lbd adopts it (same maps,
+//! program swapped in place). A client requesting throughout, on persistent
+//! and on new connections, sees no failure.
+
+mod common;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use lb_tests::{HttpConn, Spawned, Topology, addressing, in_netns, lbd_path};
+use lb_userspace::dataplane::AttachMode;
+
+const PORT: u16 = 80;
+
+/// Removes the instance's pins however the test ends.
+struct Teardown(PathBuf);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        if let Ok(lbd) = lbd_path() {
+            let _ = Command::new(lbd)
+                .arg("--config")
+                .arg(&self.0)
+                .arg("--teardown")
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(self.0.parent().unwrap_or(&self.0));
+    }
+}
+
+fn start(t: &Topology, config: &PathBuf) -> (Spawned, String) {
+    let mut cmd = Command::new(lbd_path().unwrap());
+    cmd.arg("--config").arg(config);
+    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
+    let ready = lbd
+        .wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
+        .unwrap();
+    (lbd, ready)
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    ok: usize,
+    failed: Vec<String>,
+    persistent_moved: usize,
+}
+
+#[test]
+fn restart_under_load_loses_nothing() {
+    let t = Topology::new(3).unwrap();
+    let _servers = t.start_servers(PORT, 53).unwrap();
+    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let vip: IpAddr = addressing::vip_v4(1).into();
+    t.add_vip_on_backends(vip).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-restart", t.id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("lb.toml");
+    let backends: String = t
+        .backends()
+        .iter()
+        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"keep\"\n\
+             api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\n\
+             [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+             [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n\
+             [vip.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n{backends}",
+            name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
+            dev = t.lb().ifname(),
+            d = dir.display(),
+            src = t.lb().ipv4(),
+        ),
+    )
+    .unwrap();
+    let _teardown = Teardown(config.clone());
+
+    let (lbd, ready) = start(&t, &config);
+    assert!(ready.contains("\"adopted\":false"), "{ready}");
+
+    // The client: 4 persistent connections and a new one per round, until
+    // told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client_ns = t.client().ns().to_owned();
+    let stop_flag = stop.clone();
+    let client = std::thread::spawn(move || {
+        in_netns(&client_ns, move || {
+            let target = SocketAddr::new(vip, PORT);
+            let mut tally = Tally::default();
+            let mut persistent: Vec<(HttpConn, String)> = (0..4)
+                .map(|_| {
+                    let mut c = HttpConn::connect(target, Duration::from_secs(2)).unwrap();
+                    let who = c.get("/").unwrap().text();
+                    (c, who)
+                })
+                .collect();
+            let mut rounds = 0;
+            // Bounded: at most 2000 rounds even if nobody says stop.
+            while !stop_flag.load(Ordering::Relaxed) && rounds < 2000 {
+                rounds += 1;
+                for (c, who) in persistent.iter_mut() {
+                    match c.get("/") {
+                        Ok(r) if r.text() == *who => tally.ok += 1,
+                        Ok(r) => {
+                            tally.persistent_moved += 1;
+                            tally.failed.push(format!(
+                                "persistent connection moved {who:?} -> {:?}",
+                                r.text()
+                            ));
+                        }
+                        Err(e) => tally.failed.push(format!("persistent: {e:#}")),
+                    }
+                }
+                match HttpConn::connect(target, Duration::from_secs(2)).and_then(|mut c| c.get("/"))
+                {
+                    Ok(_) => tally.ok += 1,
+                    Err(e) => tally.failed.push(format!("new connection: {e:#}")),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            tally
+        })
+        .unwrap()
+    });
+
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: plain kill(2) on a child we own.
+    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
+    let mut lbd = lbd;
+    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
+        .unwrap();
+    assert!(lbd.stop().is_some_and(|s| s.success()));
+    // Nobody runs the control plane now; the data plane carries on.
+    std::thread::sleep(Duration::from_millis(700));
+    let (lbd2, ready) = start(&t, &config);
+    assert!(ready.contains("\"adopted\":true"), "{ready}");
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let tally = client.join().unwrap();
+
+    assert!(
+        tally.failed.is_empty(),
+        "failures across the restart: {:?}",
+        tally.failed
+    );
+    assert!(tally.ok > 100, "the client kept requesting: {tally:?}");
+    drop(lbd2);
+}
