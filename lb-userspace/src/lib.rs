@@ -9,3 +9,4 @@ pub mod neigh;
 pub mod pinning;
 pub mod programming;
 pub mod stats;
+pub mod sysctl;

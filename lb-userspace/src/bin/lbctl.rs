@@ -4,7 +4,11 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use lb_userspace::{api::client::call, config::VipSpec};
+use lb_userspace::{
+    api::client::call,
+    config::VipSpec,
+    sysctl::{Role, Sysctls},
+};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -48,6 +52,79 @@ enum Cmd {
     Explain { vip: String, client: String },
     /// Global data-plane counters.
     Stats,
+    /// Kernel settings: current, recommended and why; apply; restore.
+    /// Works on this host's network namespace directly (no lbd needed).
+    Sysctl {
+        #[command(subcommand)]
+        action: SysctlAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SysctlAction {
+    /// Current against recommended values, with the reason for each.
+    Show {
+        #[arg(long, value_enum, default_value = "lb")]
+        role: Role,
+    },
+    /// Record the current values, then write the recommended ones.
+    Apply {
+        #[arg(long, value_enum, default_value = "lb")]
+        role: Role,
+        /// Where the originals are recorded.
+        #[arg(long)]
+        backup: Option<PathBuf>,
+    },
+    /// Put back what `apply` recorded.
+    Restore {
+        #[arg(long, value_enum, default_value = "lb")]
+        role: Role,
+        #[arg(long)]
+        backup: Option<PathBuf>,
+    },
+}
+
+fn default_backup(role: Role) -> PathBuf {
+    PathBuf::from(match role {
+        Role::Lb => "/var/lib/lb/sysctl-lb.backup.json",
+        Role::Backend => "/var/lib/lb/sysctl-backend.backup.json",
+    })
+}
+
+fn sysctl(action: &SysctlAction, json_out: bool) -> Result<()> {
+    let s = Sysctls::new("/proc/sys");
+    let rows = match action {
+        SysctlAction::Show { role } => s.show(*role),
+        SysctlAction::Apply { role, backup } => s.apply(
+            *role,
+            &backup.clone().unwrap_or_else(|| default_backup(*role)),
+        )?,
+        SysctlAction::Restore { role, backup } => {
+            let restored = s.restore(&backup.clone().unwrap_or_else(|| default_backup(*role)))?;
+            if json_out {
+                println!("{}", json!({ "restored": restored }));
+            } else {
+                for (k, v) in restored {
+                    println!("{k} = {v}");
+                }
+            }
+            return Ok(());
+        }
+    };
+    if json_out {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    println!("{:<36} {:<16} {:<16} why", "key", "current", "recommended");
+    for r in rows {
+        let current = r.current.unwrap_or_else(|| "(absent)".into());
+        let mark = if r.ok { " " } else { "*" };
+        println!(
+            "{mark}{:<35} {:<16} {:<16} {}",
+            r.key, current, r.recommended, r.why
+        );
+    }
+    Ok(())
 }
 
 /// Checks arguments before anything is sent, with the same messages as the
@@ -106,6 +183,7 @@ fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<Value>)> {
                 Some(json!({"vip": vip, "backend": backend, "weight": weight})),
             )
         }
+        Cmd::Sysctl { .. } => bail!("sysctl runs locally"),
         Cmd::Explain { vip, client } => {
             check_vip(vip)?;
             if client.parse::<std::net::SocketAddr>().is_err() {
@@ -161,6 +239,15 @@ fn print_human(cmd: &Cmd, v: &Value) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Sysctl { action } = &cli.cmd {
+        return match sysctl(action, cli.json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lbctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = request(&cli.cmd)
         .and_then(|(method, path, body)| call(&cli.socket, method, path, body.as_ref()));
     match result {
