@@ -137,6 +137,53 @@ impl AdminError {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SavedState {
     pub vips: std::collections::BTreeMap<String, Vec<SavedBackend>>,
+    /// VIPs added at runtime (not in the configuration file).
+    #[serde(default)]
+    pub added_vips: std::collections::BTreeMap<String, SavedVip>,
+    /// Configured VIPs removed at runtime.
+    #[serde(default)]
+    pub removed_vips: std::collections::BTreeSet<String>,
+}
+
+/// A runtime-added VIP's definition.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedVip {
+    pub mode: ForwardMode,
+    /// `none`, `tcp` or `http:PATH`, with default timings.
+    pub check: String,
+}
+
+/// Health check from the `lbctl vip add --check` syntax: `none`, `tcp`,
+/// `http:/path` (default timings: 2 s interval, 1 s timeout, rise 2, fall 3).
+pub fn parse_check(s: &str) -> Result<HealthCheck, String> {
+    let kind = match s {
+        "none" => CheckKind::None,
+        "tcp" => CheckKind::Tcp,
+        _ => match s.strip_prefix("http:") {
+            Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+                CheckKind::Http {
+                    path: path.to_owned(),
+                    expect_status: 200,
+                    host: None,
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "health check {s:?}: expected none, tcp or http:/PATH"
+                ));
+            }
+        },
+    };
+    Ok(HealthCheck {
+        kind,
+        port: None,
+        interval: Duration::from_secs(2),
+        timeout: Duration::from_secs(1),
+        rise: 2,
+        fall: 3,
+        fastinter: Duration::from_secs(2),
+        downinter: Duration::from_secs(2),
+    })
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -163,6 +210,8 @@ struct VipRuntime {
 
 pub struct Controller {
     pub ebpf: Ebpf,
+    added_vips: std::collections::BTreeMap<String, SavedVip>,
+    removed_vips: std::collections::BTreeSet<String>,
     /// Whether a running data plane was adopted (hitless restart).
     pub adopted: bool,
     pin_dir: PathBuf,
@@ -196,6 +245,24 @@ impl Controller {
     /// is attached if any step fails.
     pub async fn start(mut config: Config) -> Result<Controller> {
         let saved = load_state(&config.state_file)?;
+        config
+            .vips
+            .retain(|v| !saved.removed_vips.contains(&v.spec.to_string()));
+        for (spec, def) in &saved.added_vips {
+            let spec: VipSpec = spec
+                .parse()
+                .with_context(|| format!("state file: VIP {spec:?}"))?;
+            let health_check =
+                parse_check(&def.check).map_err(|e| anyhow::anyhow!("state file: {e}"))?;
+            config.vips.push(VipConfig {
+                spec,
+                mode: def.mode,
+                health_check,
+                backends: Vec::new(),
+            });
+        }
+        let added: std::collections::BTreeMap<String, SavedVip> = saved.added_vips.clone();
+        let removed = saved.removed_vips.clone();
         for v in &mut config.vips {
             if let Some(list) = saved.vips.get(&v.spec.to_string()) {
                 v.backends = list
@@ -240,6 +307,8 @@ impl Controller {
         )?;
         let mut ctl = Controller {
             ebpf,
+            added_vips: added,
+            removed_vips: removed,
             adopted,
             pin_dir,
             config,
@@ -669,6 +738,8 @@ impl Controller {
     /// then rename), so a restart keeps them.
     pub fn persist(&self) -> Result<()> {
         let state = SavedState {
+            added_vips: self.added_vips.clone(),
+            removed_vips: self.removed_vips.clone(),
             vips: self
                 .vips
                 .iter()
@@ -695,6 +766,103 @@ impl Controller {
         std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    }
+
+    /// Adds a VIP with no backends yet.
+    pub fn add_vip(
+        &mut self,
+        spec: VipSpec,
+        mode: ForwardMode,
+        check: &str,
+    ) -> Result<(), AdminError> {
+        if self.vips.iter().any(|v| v.config.spec == spec) {
+            return Err(AdminError::Invalid(format!("VIP {spec} already exists")));
+        }
+        let health_check = parse_check(check).map_err(AdminError::Invalid)?;
+        let used: Vec<u32> = self.vips.iter().map(|v| v.vip_id).collect();
+        let vip_id = (0..self.config.sizes.max_vips)
+            .find(|i| !used.contains(i))
+            .ok_or_else(|| {
+                AdminError::Invalid(format!(
+                    "all {} VIP slots are in use (dataplane.max_vips)",
+                    self.config.sizes.max_vips
+                ))
+            })?;
+        let empty = vec![0; self.config.sizes.ring_size as usize];
+        programming::install_vip(&mut self.ebpf, &spec.key(), vip_id, mode_of(mode), &empty)?;
+        self.vips.push(VipRuntime {
+            config: VipConfig {
+                spec,
+                mode,
+                health_check,
+                backends: Vec::new(),
+            },
+            vip_id,
+            backends: Vec::new(),
+        });
+        let name = spec.to_string();
+        self.removed_vips.remove(&name);
+        self.added_vips.insert(
+            name,
+            SavedVip {
+                mode,
+                check: check.to_owned(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a VIP: its traffic goes to the kernel again, its backends'
+    /// slots are freed. Returns their ids (to stop their health checks).
+    pub fn remove_vip(&mut self, spec: &VipSpec) -> Result<Vec<u32>, AdminError> {
+        let v = self.vip_index(spec)?;
+        programming::remove_vip(&mut self.ebpf, &spec.key())?;
+        let rt = self.vips.remove(v);
+        let mut ids = Vec::new();
+        for b in rt.backends {
+            let info = BackendInfo {
+                state: BACKEND_UNUSED,
+                ..Default::default()
+            };
+            programming::set_backend(&mut self.ebpf, b.status.id, &info)?;
+            self.used_ids.remove(&b.status.id);
+            ids.push(b.status.id);
+        }
+        let name = spec.to_string();
+        if self.added_vips.remove(&name).is_none() {
+            self.removed_vips.insert(name);
+        }
+        Ok(ids)
+    }
+
+    /// Re-resolves every backend's next hop (neighbours change: a backend
+    /// replaced, a gateway failed over) and rewrites the ones that moved.
+    pub async fn refresh_next_hops(&mut self) -> Result<usize> {
+        let mut changed = 0;
+        for v in 0..self.vips.len() {
+            for b in 0..self.vips[v].backends.len() {
+                let addr = self.vips[v].backends[b].status.address;
+                let Ok(hop) = self
+                    .resolver
+                    .resolve(addr, Duration::from_millis(500))
+                    .await
+                else {
+                    continue;
+                };
+                if hop != self.vips[v].backends[b].hop {
+                    tracing::info!(backend = %addr, mac = ?hop.mac, "next hop changed");
+                    self.vips[v].backends[b].hop = hop;
+                    self.write_backend(v, b)?;
+                    changed += 1;
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// From now on, exiting detaches and unpins everything.
+    pub fn detach_on_exit(&mut self) {
+        self.config.on_exit = OnExit::Detach;
     }
 
     pub fn config(&self) -> &Config {

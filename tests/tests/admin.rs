@@ -288,3 +288,123 @@ fn add_drain_and_restart() {
     stop_lbd(lbd);
     std::fs::remove_dir_all(&p.dir).ok();
 }
+
+#[test]
+fn vips_at_runtime_persist_and_teardown_removes_everything() {
+    let t = Topology::new(2).unwrap();
+    let _servers = t.start_servers(PORT, 53).unwrap();
+    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let vip3: IpAddr = addressing::vip_v4(3).into();
+    t.add_vip_on_backends(vip3).unwrap();
+    let p = paths(&t);
+    write_config(&t, &p);
+    let lbd = start_lbd(&t, &p);
+    let v1 = format!("{}:{PORT}/tcp", addressing::vip_v4(1));
+    let v3 = format!("{vip3}:{PORT}/tcp");
+
+    for args in [
+        vec![
+            "vip",
+            "add",
+            v3.as_str(),
+            "--mode",
+            "l2dsr",
+            "--check",
+            "http:/health",
+        ],
+        vec!["add-backend", &v3, &t.backend(0).ipv4().to_string()],
+        vec!["add-backend", &v3, &t.backend(1).ipv4().to_string()],
+        vec!["vip", "remove", &v1],
+    ] {
+        let (code, _, err) = lbctl(&p.socket, &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+    for (args, why) in [
+        (
+            vec!["vip", "add", v3.as_str(), "--mode", "l2dsr"],
+            "already exists",
+        ),
+        (
+            vec!["vip", "add", "198.18.100.4:80/tcp", "--mode", "nat"],
+            "expected ipip or l2dsr",
+        ),
+        (
+            vec![
+                "vip",
+                "add",
+                "198.18.100.4:80/tcp",
+                "--mode",
+                "ipip",
+                "--check",
+                "icmp",
+            ],
+            "expected none, tcp or http",
+        ),
+        (vec!["vip", "remove", &v1], "no VIP"),
+    ] {
+        let (code, _, err) = lbctl(&p.socket, &args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    let seen = spread(&t, vip3, 60);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    stop_lbd(lbd);
+    let lbd = start_lbd(&t, &p);
+    let l = listing(&p.socket);
+    let vips: Vec<&str> = l
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vip"].as_str().unwrap())
+        .collect();
+    assert_eq!(vips, vec![v3.as_str()], "after restart: {l}");
+    assert_eq!(spread(&t, vip3, 30).len(), 2);
+
+    // Teardown through the API: lbd exits and nothing stays pinned.
+    let name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), "");
+    assert!(Path::new(&format!("/sys/fs/bpf/{name}")).exists());
+    let (code, _, err) = lbctl(&p.socket, &["teardown"]);
+    assert_eq!(code, 0, "{err}");
+    let mut lbd = lbd;
+    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
+        .unwrap();
+    assert!(lbd.stop().is_some_and(|s| s.success()));
+    assert!(
+        !Path::new(&format!("/sys/fs/bpf/{name}")).exists(),
+        "pins removed"
+    );
+    std::fs::remove_dir_all(&p.dir).ok();
+}
+
+#[test]
+fn a_missing_interface_is_refused_before_anything_is_attached() {
+    let t = Topology::new(2).unwrap();
+    let p = paths(&t);
+    write_config(&t, &p);
+    let text = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .replace("interface = \"eth0\"", "interface = \"nosuch0\"");
+    std::fs::write(&p.config, text).unwrap();
+    let out = t
+        .exec(
+            t.lb().ns(),
+            &[
+                lbd_path().unwrap().to_str().unwrap(),
+                "--config",
+                p.config.to_str().unwrap(),
+            ],
+        )
+        .unwrap_err();
+    let msg = format!("{out:#}");
+    assert!(
+        msg.contains("nosuch0") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    let name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), "");
+    assert!(
+        !Path::new(&format!("/sys/fs/bpf/{name}")).exists(),
+        "nothing pinned"
+    );
+    std::fs::remove_dir_all(&p.dir).ok();
+}

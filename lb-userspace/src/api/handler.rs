@@ -6,9 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{BackendRequest, ErrorBody, ExplainRequest, http::Request};
+use super::{BackendRequest, ErrorBody, ExplainRequest, VipRequest, http::Request};
 use crate::{
-    config::VipSpec,
+    config::{ForwardMode, VipSpec},
     controller::{AdminError, Controller, HealthTarget},
     stats,
 };
@@ -17,7 +17,9 @@ use crate::{
 #[derive(Default)]
 pub struct SideEffects {
     pub start_check: Option<HealthTarget>,
-    pub stop_check: Option<u32>,
+    pub stop_checks: Vec<u32>,
+    /// Exit after answering, detaching and unpinning the data plane.
+    pub teardown: bool,
 }
 
 fn ok<T: Serialize>(v: T) -> (u16, Value) {
@@ -58,7 +60,8 @@ pub async fn handle(ctl: &mut Controller, req: &Request) -> ((u16, Value), SideE
         Ok(a) => a,
         Err(a) => a,
     };
-    let mutating = req.method == "POST" && req.path.starts_with("/v1/backends/");
+    let mutating = req.method == "POST"
+        && (req.path.starts_with("/v1/backends/") || req.path.starts_with("/v1/vips/"));
     // The change is live; if it cannot be saved it would not survive a
     // restart, and the operator must know.
     if mutating
@@ -103,7 +106,8 @@ async fn route(
         ("POST", "/v1/backends/remove") => {
             let b: BackendRequest = body(req)?;
             let (vip, addr) = (parse_vip(&b.vip)?, parse_backend(&b.backend)?);
-            fx.stop_check = Some(ctl.remove_backend(&vip, addr).map_err(admin)?);
+            fx.stop_checks
+                .push(ctl.remove_backend(&vip, addr).map_err(admin)?);
             Ok(ok(json!({"removed": addr, "vip": vip.to_string()})))
         }
         ("POST", path @ ("/v1/backends/drain" | "/v1/backends/undrain")) => {
@@ -121,6 +125,32 @@ async fn route(
             };
             Ok(ok(ctl.set_weight(&vip, addr, w).map_err(admin)?))
         }
+        ("POST", "/v1/vips/add") => {
+            let r: VipRequest = body(req)?;
+            let vip = parse_vip(&r.vip)?;
+            let mode = match r.mode.as_deref() {
+                Some("ipip") => ForwardMode::Ipip,
+                Some("l2dsr") => ForwardMode::L2dsr,
+                Some(m) => return Err(err(400, format!("mode {m:?}: expected ipip or l2dsr"))),
+                None => return Err(err(400, "mode is required (ipip or l2dsr)")),
+            };
+            ctl.add_vip(vip, mode, r.check.as_deref().unwrap_or("tcp"))
+                .map_err(admin)?;
+            Ok(ok(ctl
+                .list()
+                .into_iter()
+                .find(|v| v.vip == vip.to_string())))
+        }
+        ("POST", "/v1/vips/remove") => {
+            let r: VipRequest = body(req)?;
+            let vip = parse_vip(&r.vip)?;
+            fx.stop_checks = ctl.remove_vip(&vip).map_err(admin)?;
+            Ok(ok(json!({"removed": vip.to_string()})))
+        }
+        ("POST", "/v1/teardown") => {
+            fx.teardown = true;
+            Ok(ok(json!({"teardown": "detaching and exiting"})))
+        }
         ("POST", "/v1/explain") => {
             let e: ExplainRequest = body(req)?;
             let vip = parse_vip(&e.vip)?;
@@ -130,7 +160,11 @@ async fn route(
                 .map_err(|_| err(400, format!("client {:?} is not ADDRESS:PORT (e.g. 198.18.0.10:40000 or [fd00::10]:40000)", e.client)))?;
             Ok(ok(ctl.explain(&vip, client).map_err(admin)?))
         }
-        (_, "/v1/vips" | "/v1/counters" | "/v1/explain")
+        (
+            _,
+            "/v1/vips" | "/v1/counters" | "/v1/explain" | "/v1/vips/add" | "/v1/vips/remove"
+            | "/v1/teardown",
+        )
         | (
             _,
             "/v1/backends/add"

@@ -18,6 +18,19 @@ pub struct BackendRequest {
     pub weight: Option<u32>,
 }
 
+/// Body of `POST /v1/vips/add` and `/v1/vips/remove`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipRequest {
+    pub vip: String,
+    /// `ipip` or `l2dsr` (add only).
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// `none`, `tcp` or `http:/PATH` (add only; default `tcp`).
+    #[serde(default)]
+    pub check: Option<String>,
+}
+
 /// Body of `POST /v1/explain`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

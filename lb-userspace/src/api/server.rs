@@ -15,6 +15,9 @@ use super::http::{self, Request};
 pub struct ApiCall {
     pub request: Request,
     pub reply: oneshot::Sender<(u16, Value)>,
+    /// Fires once the answer is written: lets lbd exit after a teardown
+    /// without cutting its own answer off.
+    pub written: oneshot::Receiver<()>,
 }
 
 /// Binds the socket (replacing a stale one), restricts it to root.
@@ -47,10 +50,18 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
             let request =
                 tokio::time::timeout(std::time::Duration::from_secs(10), http::read_request(rd))
                     .await;
+            let mut written = None;
             let (status, body) = match request {
                 Ok(Ok(request)) => {
                     let (tx, rx) = oneshot::channel();
-                    if calls.send(ApiCall { request, reply: tx }).await.is_err() {
+                    let (done_tx, done_rx) = oneshot::channel();
+                    written = Some(done_tx);
+                    let call = ApiCall {
+                        request,
+                        reply: tx,
+                        written: done_rx,
+                    };
+                    if calls.send(call).await.is_err() {
                         return;
                     }
                     rx.await
@@ -64,6 +75,9 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
             };
             let body = serde_json::to_vec(&body).unwrap_or_default();
             let _ = http::write_response(wr, status, &body).await;
+            if let Some(done) = written {
+                let _ = done.send(());
+            }
         });
     }
 }

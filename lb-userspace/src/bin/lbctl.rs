@@ -52,12 +52,37 @@ enum Cmd {
     Explain { vip: String, client: String },
     /// Global data-plane counters.
     Stats,
+    /// Add, remove or list VIPs.
+    Vip {
+        #[command(subcommand)]
+        action: VipAction,
+    },
+    /// Detach and unpin the data plane, and stop lbd.
+    Teardown,
     /// Kernel settings: current, recommended and why; apply; restore.
     /// Works on this host's network namespace directly (no lbd needed).
     Sysctl {
         #[command(subcommand)]
         action: SysctlAction,
     },
+}
+
+#[derive(Subcommand)]
+enum VipAction {
+    /// Add VIP (e.g. 198.18.100.3:80/tcp) with no backends yet.
+    Add {
+        vip: String,
+        /// ipip or l2dsr.
+        #[arg(long)]
+        mode: String,
+        /// none, tcp or http:/PATH.
+        #[arg(long, default_value = "tcp")]
+        check: String,
+    },
+    /// Remove VIP: its traffic goes to the kernel again.
+    Remove { vip: String },
+    /// VIPs and their backends (same as `lbctl list`).
+    List,
 }
 
 #[derive(Subcommand)]
@@ -184,6 +209,29 @@ fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<Value>)> {
             )
         }
         Cmd::Sysctl { .. } => bail!("sysctl runs locally"),
+        Cmd::Teardown => ("POST", "/v1/teardown", None),
+        Cmd::Vip {
+            action: VipAction::List,
+        } => ("GET", "/v1/vips", None),
+        Cmd::Vip {
+            action: VipAction::Add { vip, mode, check },
+        } => {
+            check_vip(vip)?;
+            if !matches!(mode.as_str(), "ipip" | "l2dsr") {
+                bail!("mode {mode:?}: expected ipip or l2dsr");
+            }
+            (
+                "POST",
+                "/v1/vips/add",
+                Some(json!({"vip": vip, "mode": mode, "check": check})),
+            )
+        }
+        Cmd::Vip {
+            action: VipAction::Remove { vip },
+        } => {
+            check_vip(vip)?;
+            ("POST", "/v1/vips/remove", Some(json!({"vip": vip})))
+        }
         Cmd::Explain { vip, client } => {
             check_vip(vip)?;
             if client.parse::<std::net::SocketAddr>().is_err() {
@@ -202,7 +250,10 @@ fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<Value>)> {
 
 fn print_human(cmd: &Cmd, v: &Value) {
     match cmd {
-        Cmd::List => {
+        Cmd::List
+        | Cmd::Vip {
+            action: VipAction::List,
+        } => {
             for vip in v.as_array().into_iter().flatten() {
                 println!(
                     "{} ({})",

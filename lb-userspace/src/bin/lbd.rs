@@ -106,6 +106,10 @@ fn run_config(config: Config) -> Result<()> {
         let mut ctl = Controller::start(config).await?;
         let (api_tx, mut api_rx) = mpsc::channel(64);
         tokio::spawn(api::server::serve(listener, api_tx));
+        // Neighbours change (a backend replaced, a router failed over):
+        // look again periodically.
+        let mut refresh = tokio::time::interval(std::time::Duration::from_secs(10));
+        refresh.tick().await;
         let (tx, mut rx) = mpsc::channel(256);
         let mut checks: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
         for t in ctl.health_targets() {
@@ -122,18 +126,30 @@ fn run_config(config: Config) -> Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = usr1.recv() => print_counters(&ctl.ebpf, "counters")?,
+                _ = refresh.tick() => {
+                    if let Err(e) = ctl.refresh_next_hops().await {
+                        tracing::error!(error = %format!("{e:#}"), "refreshing next hops failed");
+                    }
+                }
                 Some(call) = api_rx.recv() => {
                     let (answer, fx) = api::handler::handle(&mut ctl, &call.request).await;
-                    if let Some(id) = fx.stop_check && let Some(h) = checks.remove(&id) {
-                        h.abort();
+                    for id in &fx.stop_checks {
+                        if let Some(h) = checks.remove(id) {
+                            h.abort();
+                        }
                     }
                     if let Some(t) = fx.start_check {
                         checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone())));
                     }
-                    if answer.0 == 200 && call.request.method == "POST" && call.request.path.starts_with("/v1/backends/") {
+                    if answer.0 == 200 && call.request.method == "POST" {
                         event(serde_json::json!({"event": "admin", "path": call.request.path, "result": answer.1}));
                     }
                     let _ = call.reply.send(answer);
+                    if fx.teardown {
+                        ctl.detach_on_exit();
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), call.written).await;
+                        break;
+                    }
                 }
                 Some(ev) = rx.recv() => {
                     match ctl.on_health(&ev) {
