@@ -193,3 +193,28 @@ fn prompt_discovery(addr: IpAddr) {
         let _ = sock.send_to(&[], SocketAddr::new(addr, 9));
     }
 }
+
+/// Watches link, neighbour and route changes; every change marks `dirty`
+/// (the controller re-resolves on its next tick, so a burst of events costs
+/// one refresh).
+pub fn watch(dirty: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    use futures_util::StreamExt;
+    use rtnetlink::{
+        constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH},
+        sys::{AsyncSocket, SocketAddr as NlAddr},
+    };
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_connection().context("opening a netlink socket")?;
+    let groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&NlAddr::new(0, groups))
+        .context("subscribing to link, neighbour and route changes")?;
+    tokio::spawn(conn);
+    tokio::spawn(async move {
+        while messages.next().await.is_some() {
+            dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    Ok(())
+}

@@ -181,3 +181,71 @@ fn spread_and_failover_generic_xdp() {
 fn spread_and_failover_native_xdp() {
     run(AttachMode::Native);
 }
+
+/// A backend's MAC changes (hardware replaced, VM moved): once the LB's
+/// neighbour entry changes, lbd rewrites the backend's next hop and l2dsr
+/// traffic reaches it again, without any command.
+#[test]
+fn next_hop_change_is_followed() {
+    let t = Topology::new(1).unwrap();
+    let _servers = t.start_servers(PORT, 53).unwrap();
+    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let vip = IpAddr::from(addressing::vip_v4(2));
+    t.add_vip_on_backends(vip).unwrap();
+    let cfg_path = std::env::temp_dir().join(format!("{}-nexthop.toml", t.id()));
+    let text = config(&t, "generic");
+    // Only the l2dsr VIP matters here; keep the file as the other tests do.
+    std::fs::write(&cfg_path, text).unwrap();
+    let mut cmd = Command::new(lbd_path().unwrap());
+    cmd.arg("--config").arg(&cfg_path);
+    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
+    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
+        .unwrap();
+    std::fs::remove_file(&cfg_path).ok();
+    assert_eq!(spread(&t, vip, 5).get("backend0"), Some(&5));
+
+    let b = t.backend(0);
+    let new_mac = "02:00:c6:12:aa:01";
+    t.exec(
+        b.ns(),
+        &["ip", "link", "set", "dev", b.ifname(), "address", new_mac],
+    )
+    .unwrap();
+    // What a gratuitous ARP from the new hardware would do on the LB.
+    t.exec(
+        t.lb().ns(),
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &b.ipv4().to_string(),
+            "lladdr",
+            new_mac,
+            "dev",
+            t.lb().ifname(),
+            "nud",
+            "reachable",
+        ],
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let vip_addr = SocketAddr::new(vip, PORT);
+    let mut reached = false;
+    while Instant::now() < deadline && !reached {
+        reached = t
+            .in_client(move || {
+                HttpConn::connect(vip_addr, Duration::from_millis(500))
+                    .and_then(|mut c| c.get("/"))
+                    .is_ok_and(|r| r.text().trim() == "backend0")
+            })
+            .unwrap();
+        if !reached {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert!(reached, "traffic reaches the backend at its new MAC");
+    // SAFETY: plain kill(2) on a child we own.
+    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
+    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
+        .unwrap();
+}

@@ -101,15 +101,28 @@ fn run_config(config: Config) -> Result<()> {
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+        if config.sysctl_apply {
+            // The LB profile; originals are recorded once, for
+            // `lbctl sysctl restore --backup` (see the README).
+            let backup = PathBuf::from(format!("/var/lib/lb/{}.sysctl-backup.json", config.name));
+            match lb_userspace::sysctl::Sysctls::new("/proc/sys").apply(lb_userspace::sysctl::Role::Lb, &backup) {
+                Ok(rows) => tracing::info!(changed = rows.iter().filter(|r| r.ok).count(), backup = %backup.display(), "sysctl profile applied"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "sysctl profile only partly applied"),
+            }
+        }
         let listener = api::server::bind(&config.api_socket)?;
         let socket = config.api_socket.clone();
         let mut ctl = Controller::start(config).await?;
         let (api_tx, mut api_rx) = mpsc::channel(64);
         tokio::spawn(api::server::serve(listener, api_tx));
         // Neighbours change (a backend replaced, a router failed over):
-        // look again periodically.
-        let mut refresh = tokio::time::interval(std::time::Duration::from_secs(10));
+        // netlink tells us; look again at most once a second, and every
+        // 10 s regardless, in case an event was lost.
+        let dirty = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        lb_userspace::neigh::watch(dirty.clone())?;
+        let mut refresh = tokio::time::interval(std::time::Duration::from_secs(1));
         refresh.tick().await;
+        let mut ticks = 0u32;
         let (tx, mut rx) = mpsc::channel(256);
         let mut checks: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
         for t in ctl.health_targets() {
@@ -127,7 +140,9 @@ fn run_config(config: Config) -> Result<()> {
                 _ = int.recv() => break,
                 _ = usr1.recv() => print_counters(&ctl.ebpf, "counters")?,
                 _ = refresh.tick() => {
-                    if let Err(e) = ctl.refresh_next_hops().await {
+                    ticks = ticks.wrapping_add(1);
+                    let due = dirty.swap(false, std::sync::atomic::Ordering::Relaxed) || ticks.is_multiple_of(10);
+                    if due && let Err(e) = ctl.refresh_next_hops().await {
                         tracing::error!(error = %format!("{e:#}"), "refreshing next hops failed");
                     }
                 }

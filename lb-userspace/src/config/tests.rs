@@ -44,6 +44,13 @@ fn example_config_is_valid() {
 }
 
 #[test]
+fn shipped_minimal_example_is_valid() {
+    let c = Config::parse("minimal.toml", include_str!("../../config/minimal.toml")).unwrap();
+    assert_eq!(c.vips[0].backends.len(), 2);
+    assert_eq!(c.vips[0].mode, ForwardMode::L2dsr);
+}
+
+#[test]
 fn minimal_config_gets_defaults() {
     let c = Config::parse("lb.toml", MINIMAL).unwrap();
     assert_eq!(c.sizes, MapSizes::default());
