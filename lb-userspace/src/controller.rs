@@ -174,16 +174,7 @@ pub fn parse_check(s: &str) -> Result<HealthCheck, String> {
             }
         },
     };
-    Ok(HealthCheck {
-        kind,
-        port: None,
-        interval: Duration::from_secs(2),
-        timeout: Duration::from_secs(1),
-        rise: 2,
-        fall: 3,
-        fastinter: Duration::from_secs(2),
-        downinter: Duration::from_secs(2),
-    })
+    Ok(HealthCheck::with_defaults(kind))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -93,6 +93,23 @@ pub struct HealthCheck {
     pub downinter: Duration,
 }
 
+impl HealthCheck {
+    /// `kind` with the default timings: every 2 s, 1 s timeout, up after 2
+    /// good checks, down after 3 bad ones.
+    pub fn with_defaults(kind: CheckKind) -> Self {
+        HealthCheck {
+            kind,
+            port: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            fastinter: Duration::from_secs(2),
+            downinter: Duration::from_secs(2),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     pub addr: IpAddr,
@@ -313,7 +330,6 @@ fn duration_field(
 }
 
 fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
-    let inst_span = raw.instance.span();
     let inst = raw.instance.into_inner();
     let name = inst.name.get_ref();
     if name.is_empty()
@@ -357,7 +373,6 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
             )
         })?),
     };
-    let _ = inst_span;
 
     let dp_span = raw.dataplane.as_ref().map_or(0..0, |d| d.span());
     let dp = raw.dataplane.map(Spanned::into_inner).unwrap_or_default();
@@ -476,12 +491,11 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
                 format!("{spec} is configured twice"),
             ));
         }
-        let health_check = check(src, rv.health_check, &f("health_check"), vip_span.clone())?;
+        let health_check = check(src, rv.health_check, &f("health_check"))?;
         let mut seen = BTreeSet::new();
         let mut backends = Vec::new();
         for (j, rb) in rv.backend.into_iter().enumerate() {
             let bf = |name: &str| format!("vip[{i}].backend[{j}].{name}");
-            let rb_span = rb.span();
             let rb = rb.into_inner();
             let addr: IpAddr = rb.address.get_ref().parse().map_err(|_| {
                 src.err(
@@ -547,7 +561,6 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
                 }
                 Some(w) => *w.get_ref(),
             };
-            let _ = rb_span;
             backends.push(BackendConfig { addr, weight });
         }
         backend_total += backends.len();
@@ -589,21 +602,10 @@ fn check(
     src: &Source,
     raw: Option<Spanned<RawCheck>>,
     field: &str,
-    vip_span: Range<usize>,
 ) -> Result<HealthCheck, ConfigError> {
     let Some(raw) = raw else {
-        return Ok(HealthCheck {
-            kind: CheckKind::None,
-            port: None,
-            interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            fastinter: Duration::from_secs(2),
-            downinter: Duration::from_secs(2),
-        });
+        return Ok(HealthCheck::with_defaults(CheckKind::None));
     };
-    let _ = vip_span;
     let span = raw.span();
     let r = raw.into_inner();
     let f = |name: &str| format!("{field}.{name}");
