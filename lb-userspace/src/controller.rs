@@ -82,7 +82,11 @@ impl BackendStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VipStatus {
     pub vip: String,
+    /// Index into `RINGS` and `STATS_VIP`.
+    pub id: u32,
     pub mode: String,
+    /// Ring changes published since this lbd started.
+    pub ring_flips: u64,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -197,6 +201,7 @@ struct VipRuntime {
     config: VipConfig,
     vip_id: u32,
     backends: Vec<BackendRt>,
+    ring_flips: u64,
 }
 
 pub struct Controller {
@@ -342,6 +347,7 @@ impl Controller {
                 config: v,
                 vip_id: i as u32,
                 backends,
+                ring_flips: 0,
             });
         }
         for v in 0..ctl.vips.len() {
@@ -440,6 +446,7 @@ impl Controller {
 
     /// Rebuilds and publishes one VIP's ring (idle generation, then flip).
     fn republish(&mut self, v: usize) -> Result<()> {
+        self.vips[v].ring_flips += 1;
         let table = self.ring(v)?;
         let key = self.vips[v].config.spec.key();
         programming::publish_ring(
@@ -522,6 +529,8 @@ impl Controller {
             .iter()
             .map(|v| VipStatus {
                 vip: v.config.spec.to_string(),
+                id: v.vip_id,
+                ring_flips: v.ring_flips,
                 mode: match v.config.mode {
                     ForwardMode::Ipip => "ipip".into(),
                     ForwardMode::L2dsr => "l2dsr".into(),
@@ -790,6 +799,7 @@ impl Controller {
             },
             vip_id,
             backends: Vec::new(),
+            ring_flips: 0,
         });
         let name = spec.to_string();
         self.removed_vips.remove(&name);

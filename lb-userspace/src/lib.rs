@@ -5,6 +5,7 @@ pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
 pub mod neigh;
 pub mod pinning;
 pub mod programming;

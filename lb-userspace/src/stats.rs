@@ -26,3 +26,13 @@ pub fn global_counters(ebpf: &Ebpf) -> Result<BTreeMap<&'static str, u64>> {
     }
     Ok(out)
 }
+
+/// Entries in the connection table, by walking its keys (bounded, so a
+/// table larger than any configuration allows cannot stall the caller).
+pub fn conntrack_entries(ebpf: &Ebpf) -> Result<u64> {
+    use aya::maps::HashMap;
+    use lb_common::maps::{ConnEntry, FlowKey};
+    let map: HashMap<&MapData, FlowKey, ConnEntry> =
+        HashMap::try_from(ebpf.map("CONNTRACK").context("map CONNTRACK missing")?)?;
+    Ok(map.keys().take(1 << 27).filter(|k| k.is_ok()).count() as u64)
+}

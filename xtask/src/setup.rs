@@ -17,6 +17,8 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "nftables",
     "procps",
+    // promtool, which checks our metrics exposition in the tests.
+    "prometheus",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -56,9 +56,25 @@ pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(r: R) -> Result<Reque
     Ok(Request { method, path, body })
 }
 
-pub async fn write_response<W: AsyncWrite + Unpin>(
+/// A Prometheus exposition answer.
+pub async fn write_text<W: AsyncWrite + Unpin>(w: W, status: u16, body: &str) -> Result<()> {
+    write_with_type(
+        w,
+        status,
+        "text/plain; version=0.0.4; charset=utf-8",
+        body.as_bytes(),
+    )
+    .await
+}
+
+pub async fn write_response<W: AsyncWrite + Unpin>(w: W, status: u16, body: &[u8]) -> Result<()> {
+    write_with_type(w, status, "application/json", body).await
+}
+
+async fn write_with_type<W: AsyncWrite + Unpin>(
     mut w: W,
     status: u16,
+    content_type: &str,
     body: &[u8],
 ) -> Result<()> {
     let reason = match status {
@@ -71,7 +87,7 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
         _ => "Error",
     };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     w.write_all(head.as_bytes()).await?;

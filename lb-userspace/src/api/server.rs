@@ -81,3 +81,41 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
         });
     }
 }
+
+/// Serves `GET /metrics` on `listener`; each scrape asks the main loop for
+/// the text (it owns the maps).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    scrapes: mpsc::Sender<oneshot::Sender<String>>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            let (rd, wr) = stream.into_split();
+            let request =
+                tokio::time::timeout(std::time::Duration::from_secs(10), http::read_request(rd))
+                    .await;
+            let (status, body) = match request {
+                Ok(Ok(r)) if r.method == "GET" && r.path == "/metrics" => {
+                    let (tx, rx) = oneshot::channel();
+                    if scrapes.send(tx).await.is_err() {
+                        return;
+                    }
+                    match rx.await {
+                        Ok(text) => (200, text),
+                        Err(_) => (500, "lbd is shutting down\n".to_owned()),
+                    }
+                }
+                Ok(Ok(r)) => (
+                    404,
+                    format!("no such endpoint: {} (try /metrics)\n", r.path),
+                ),
+                _ => (400, "bad request\n".to_owned()),
+            };
+            let _ = http::write_text(wr, status, &body).await;
+        });
+    }
+}

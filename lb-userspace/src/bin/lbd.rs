@@ -124,9 +124,21 @@ fn run_config(config: Config) -> Result<()> {
         refresh.tick().await;
         let mut ticks = 0u32;
         let (tx, mut rx) = mpsc::channel(256);
+        let check_stats = health::CheckStats::default();
+        let (scrape_tx, mut scrape_rx) = mpsc::channel::<tokio::sync::oneshot::Sender<String>>(16);
+        if let Some(addr) = ctl.config().metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding instance.metrics_listen {addr}"))?;
+            tokio::spawn(api::server::serve_metrics(listener, scrape_tx));
+        }
+        // The connection table is counted in the background of the loop,
+        // not per scrape: walking a million keys takes a while.
+        let mut conntrack_entries: Option<u64> = None;
+        let mut count_tick = tokio::time::interval(std::time::Duration::from_secs(15));
         let mut checks: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
         for t in ctl.health_targets() {
-            checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone())));
+            checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone(), check_stats.clone())));
         }
         event(serde_json::json!({
             "event": "ready",
@@ -139,6 +151,15 @@ fn run_config(config: Config) -> Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = usr1.recv() => print_counters(&ctl.ebpf, "counters")?,
+                Some(reply) = scrape_rx.recv() => {
+                    let checks = check_stats.lock().map(|c| c.clone()).unwrap_or_default();
+                    let text = lb_userspace::metrics::render(&ctl.list(), &ctl.ebpf, &checks, conntrack_entries)
+                        .unwrap_or_else(|e| format!("# lbd could not read its maps: {e:#}\n"));
+                    let _ = reply.send(text);
+                }
+                _ = count_tick.tick() => {
+                    conntrack_entries = lb_userspace::stats::conntrack_entries(&ctl.ebpf).ok();
+                }
                 _ = refresh.tick() => {
                     ticks = ticks.wrapping_add(1);
                     let due = dirty.swap(false, std::sync::atomic::Ordering::Relaxed) || ticks.is_multiple_of(10);
@@ -154,7 +175,7 @@ fn run_config(config: Config) -> Result<()> {
                         }
                     }
                     if let Some(t) = fx.start_check {
-                        checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone())));
+                        checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone(), check_stats.clone())));
                     }
                     if answer.0 == 200 && call.request.method == "POST" {
                         event(serde_json::json!({"event": "admin", "path": call.request.path, "result": answer.1}));

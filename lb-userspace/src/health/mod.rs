@@ -19,14 +19,39 @@ pub struct HealthEvent {
     pub latency: Duration,
 }
 
-/// Checks `addr` forever, sending an event on every state change. Stops
-/// when the receiver is gone.
-pub async fn run(id: u32, addr: SocketAddr, check: HealthCheck, events: mpsc::Sender<HealthEvent>) {
+/// Every check's outcome, for the metrics: per backend id.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CheckRecord {
+    pub last_latency: Duration,
+    pub ok_total: u64,
+    pub fail_total: u64,
+}
+
+pub type CheckStats = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u32, CheckRecord>>>;
+
+/// Checks `addr` forever, sending an event on every state change and
+/// recording every result in `stats`. Stops when the receiver is gone.
+pub async fn run(
+    id: u32,
+    addr: SocketAddr,
+    check: HealthCheck,
+    events: mpsc::Sender<HealthEvent>,
+    stats: CheckStats,
+) {
     let mut state = HealthState::new(check.rise, check.fall);
     loop {
         let started = tokio::time::Instant::now();
         let result = probe::probe(&check.kind, addr, check.timeout).await;
         let latency = started.elapsed();
+        if let Ok(mut all) = stats.lock() {
+            let r = all.entry(id).or_default();
+            r.last_latency = latency;
+            if result.is_ok() {
+                r.ok_total += 1;
+            } else {
+                r.fail_total += 1;
+            }
+        }
         if let Some(health) = state.observe(result.is_ok()) {
             let reason = match &result {
                 Ok(()) => format!("{} checks passed", check.rise),

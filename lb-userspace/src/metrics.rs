@@ -1,0 +1,292 @@
+//! Prometheus text exposition (format 0.0.4) of the data plane's per-CPU
+//! counters (summed over CPUs) and the controller's view (health, weights,
+//! ring changes).
+
+use std::{collections::HashMap, fmt::Write};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray},
+};
+use lb_common::{maps::Traffic, stats::Counter};
+
+use crate::{
+    controller::{BackendState, VipStatus},
+    health::{CheckRecord, Health},
+    stats,
+};
+
+/// Label values escaped as the exposition format requires.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn traffic(ebpf: &Ebpf, map: &str, id: u32) -> Result<Traffic> {
+    let m: PerCpuArray<&MapData, Traffic> = PerCpuArray::try_from(
+        ebpf.map(map)
+            .with_context(|| format!("map {map} missing"))?,
+    )?;
+    let per_cpu = m
+        .get(&id, 0)
+        .with_context(|| format!("reading {map}[{id}]"))?;
+    Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
+        packets: a.packets + t.packets,
+        bytes: a.bytes + t.bytes,
+        new_flows: a.new_flows + t.new_flows,
+    }))
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+            .collect();
+        if l.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{}}} {value}", l.join(","));
+        }
+    }
+}
+
+pub fn render(
+    vips: &[VipStatus],
+    ebpf: &Ebpf,
+    checks: &HashMap<u32, CheckRecord>,
+    conntrack_entries: Option<u64>,
+) -> Result<String> {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+
+    // Per backend.
+    let mut rows = Vec::new();
+    for v in vips {
+        for b in &v.backends {
+            rows.push((v, b, traffic(ebpf, "STATS_BACKEND", b.id)?));
+        }
+    }
+    for (name, help, pick) in [
+        (
+            "lb_backend_packets_total",
+            "Packets forwarded to the backend.",
+            0,
+        ),
+        (
+            "lb_backend_bytes_total",
+            "Bytes forwarded to the backend, as received at the LB (before encapsulation).",
+            1,
+        ),
+        (
+            "lb_backend_new_flows_total",
+            "Flows placed on the backend.",
+            2,
+        ),
+    ] {
+        f.head(name, "counter", help);
+        for (v, b, t) in &rows {
+            let value = [t.packets, t.bytes, t.new_flows][pick];
+            f.sample(
+                name,
+                &[("vip", &v.vip), ("backend", &b.address.to_string())],
+                value,
+            );
+        }
+    }
+    f.head(
+        "lb_backend_up",
+        "gauge",
+        "1 if the backend's health checks pass.",
+    );
+    for (v, b, _) in &rows {
+        f.sample(
+            "lb_backend_up",
+            &[("vip", &v.vip), ("backend", &b.address.to_string())],
+            u8::from(b.health == Health::Up),
+        );
+    }
+    f.head(
+        "lb_backend_weight",
+        "gauge",
+        "The backend's configured weight (0 drains).",
+    );
+    for (v, b, _) in &rows {
+        f.sample(
+            "lb_backend_weight",
+            &[("vip", &v.vip), ("backend", &b.address.to_string())],
+            b.weight,
+        );
+    }
+    f.head(
+        "lb_backend_state",
+        "gauge",
+        "1 for the backend's current state (up, down, draining).",
+    );
+    for (v, b, _) in &rows {
+        for (state, name) in [
+            (BackendState::Up, "up"),
+            (BackendState::Down, "down"),
+            (BackendState::Draining, "draining"),
+        ] {
+            f.sample(
+                "lb_backend_state",
+                &[
+                    ("vip", &v.vip),
+                    ("backend", &b.address.to_string()),
+                    ("state", name),
+                ],
+                u8::from(b.state == state),
+            );
+        }
+    }
+    f.head(
+        "lb_backend_health_check_latency_seconds",
+        "gauge",
+        "Duration of the backend's last health check.",
+    );
+    for (v, b, _) in &rows {
+        if let Some(c) = checks.get(&b.id) {
+            f.sample(
+                "lb_backend_health_check_latency_seconds",
+                &[("vip", &v.vip), ("backend", &b.address.to_string())],
+                c.last_latency.as_secs_f64(),
+            );
+        }
+    }
+    f.head(
+        "lb_backend_health_checks_total",
+        "counter",
+        "Health checks run, by result.",
+    );
+    for (v, b, _) in &rows {
+        if let Some(c) = checks.get(&b.id) {
+            for (result, n) in [("ok", c.ok_total), ("fail", c.fail_total)] {
+                f.sample(
+                    "lb_backend_health_checks_total",
+                    &[
+                        ("vip", &v.vip),
+                        ("backend", &b.address.to_string()),
+                        ("result", result),
+                    ],
+                    n,
+                );
+            }
+        }
+    }
+
+    // Per VIP.
+    let vip_rows: Vec<(&VipStatus, Traffic)> = vips
+        .iter()
+        .map(|v| Ok((v, traffic(ebpf, "STATS_VIP", v.id)?)))
+        .collect::<Result<_>>()?;
+    for (name, help, pick) in [
+        (
+            "lb_vip_packets_total",
+            "Packets to the VIP that were forwarded.",
+            0,
+        ),
+        (
+            "lb_vip_bytes_total",
+            "Bytes to the VIP that were forwarded, as received at the LB.",
+            1,
+        ),
+        (
+            "lb_vip_new_flows_total",
+            "Flows to the VIP placed on a backend.",
+            2,
+        ),
+    ] {
+        f.head(name, "counter", help);
+        for (v, t) in &vip_rows {
+            f.sample(
+                name,
+                &[("vip", &v.vip)],
+                [t.packets, t.bytes, t.new_flows][pick],
+            );
+        }
+    }
+    f.head(
+        "lb_vip_healthy_backends",
+        "gauge",
+        "Backends of the VIP in its ring (up).",
+    );
+    for v in vips {
+        let n = v
+            .backends
+            .iter()
+            .filter(|b| b.state == BackendState::Up)
+            .count();
+        f.sample("lb_vip_healthy_backends", &[("vip", &v.vip)], n);
+    }
+    f.head(
+        "lb_vip_ring_changes_total",
+        "counter",
+        "Ring generations published for the VIP since lbd started.",
+    );
+    for v in vips {
+        f.sample(
+            "lb_vip_ring_changes_total",
+            &[("vip", &v.vip)],
+            v.ring_flips,
+        );
+    }
+
+    // Data plane globals.
+    let global = stats::global_counters(ebpf)?;
+    f.head(
+        "lb_xdp_verdicts_total",
+        "counter",
+        "Packets by XDP verdict.",
+    );
+    for c in Counter::ALL.iter().filter(|c| c.is_verdict()) {
+        let name = c.name().trim_start_matches("verdict_");
+        f.sample(
+            "lb_xdp_verdicts_total",
+            &[("verdict", name)],
+            global.get(c.name()).copied().unwrap_or(0),
+        );
+    }
+    f.head(
+        "lb_xdp_packets_total",
+        "counter",
+        "Packets by parse outcome and balancing reason (see the README).",
+    );
+    for c in Counter::ALL.iter().filter(|c| !c.is_verdict()) {
+        f.sample(
+            "lb_xdp_packets_total",
+            &[("reason", c.name())],
+            global.get(c.name()).copied().unwrap_or(0),
+        );
+    }
+    if let Some(n) = conntrack_entries {
+        f.head(
+            "lb_conntrack_entries",
+            "gauge",
+            "Entries in the connection table (counted periodically).",
+        );
+        f.sample("lb_conntrack_entries", &[], n);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::esc;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(esc(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(esc("x\ny"), "x\\ny");
+    }
+}

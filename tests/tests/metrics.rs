@@ -1,0 +1,170 @@
+//! /metrics: after a known number of datagrams through a VIP, every
+//! backend's and the VIP's packets, bytes and new flows are exact, and the
+//! exposition passes `promtool check metrics`.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use lb_tests::{Topology, addressing, in_netns, lbd_path, split_echo, udp_echo_from};
+use lb_userspace::dataplane::AttachMode;
+
+mod common;
+
+const DATAGRAMS: u16 = 200;
+const PAYLOAD: usize = 100;
+
+fn scrape(t: &Topology) -> String {
+    in_netns(t.lb().ns(), || {
+        let mut s = TcpStream::connect("127.0.0.1:9100").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        body.to_owned()
+    })
+    .unwrap()
+}
+
+/// The value of the sample whose name and labels are exactly these.
+fn value(text: &str, name: &str, labels: &str) -> u64 {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no sample {prefix:?} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn counters_are_exact_and_the_exposition_is_valid() {
+    let t = Topology::new(2).unwrap();
+    let _servers = t.start_servers(80, 53).unwrap();
+    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let vip: IpAddr = addressing::vip_v4(1).into();
+    t.add_vip_on_backends(vip).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-metrics", t.id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("lb.toml");
+    let backends: String = t
+        .backends()
+        .iter()
+        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
+             api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\nmetrics_listen = \"127.0.0.1:9100\"\n\
+             [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+             [[vip]]\naddress = \"{vip}:53/udp\"\nmode = \"ipip\"\n\
+             [vip.health_check]\ntype = \"tcp\"\nport = 80\ninterval = \"500ms\"\ntimeout = \"300ms\"\n{backends}",
+            name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
+            dev = t.lb().ifname(),
+            d = dir.display(),
+            src = t.lb().ipv4(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(lbd_path().unwrap());
+    cmd.arg("--config").arg(&config);
+    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
+    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
+        .unwrap();
+
+    // Every datagram from its own source port: one packet, one new flow.
+    let per_backend: BTreeMap<String, u64> = t
+        .in_client(move || {
+            let mut seen = BTreeMap::new();
+            for i in 0..DATAGRAMS {
+                let payload = vec![b'x'; PAYLOAD];
+                let reply = udp_echo_from(
+                    20000 + i,
+                    SocketAddr::new(vip, 53),
+                    &payload,
+                    Duration::from_secs(2),
+                )
+                .unwrap();
+                let (name, _) = split_echo(&reply).unwrap();
+                *seen.entry(name.to_owned()).or_insert(0u64) += 1;
+            }
+            seen
+        })
+        .unwrap();
+    assert_eq!(per_backend.len(), 2, "{per_backend:?}");
+
+    let text = scrape(&t);
+    // Ethernet 14 + IPv4 20 + UDP 8 + payload, as the LB received it.
+    let frame = (14 + 20 + 8 + PAYLOAD) as u64;
+    let vip_label = format!("vip=\"{vip}:53/udp\"");
+    assert_eq!(
+        value(&text, "lb_vip_packets_total", &vip_label),
+        DATAGRAMS as u64
+    );
+    assert_eq!(
+        value(&text, "lb_vip_bytes_total", &vip_label),
+        DATAGRAMS as u64 * frame
+    );
+    assert_eq!(
+        value(&text, "lb_vip_new_flows_total", &vip_label),
+        DATAGRAMS as u64
+    );
+    assert_eq!(value(&text, "lb_vip_healthy_backends", &vip_label), 2);
+    for (i, b) in t.backends().iter().enumerate() {
+        let n = per_backend[&format!("backend{i}")];
+        let labels = format!("{vip_label},backend=\"{}\"", b.ipv4());
+        assert_eq!(
+            value(&text, "lb_backend_packets_total", &labels),
+            n,
+            "backend{i}"
+        );
+        assert_eq!(
+            value(&text, "lb_backend_bytes_total", &labels),
+            n * frame,
+            "backend{i}"
+        );
+        assert_eq!(
+            value(&text, "lb_backend_new_flows_total", &labels),
+            n,
+            "backend{i}"
+        );
+        assert_eq!(value(&text, "lb_backend_up", &labels), 1);
+    }
+    assert!(value(&text, "lb_xdp_verdicts_total", "verdict=\"tx\"") >= DATAGRAMS as u64);
+
+    // The format itself, by Prometheus' own linter.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; cargo xtask setup installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // SAFETY: plain kill(2) on a child we own.
+    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
+    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
