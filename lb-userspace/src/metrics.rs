@@ -24,6 +24,56 @@ fn esc(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Totals per VIP and backend, for `lbctl stats` and `top`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VipTraffic {
+    pub vip: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub backends: Vec<BackendTraffic>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct BackendTraffic {
+    pub backend: String,
+    pub state: BackendState,
+    pub weight: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+pub fn snapshot(vips: &[VipStatus], ebpf: &Ebpf) -> Result<Vec<VipTraffic>> {
+    vips.iter()
+        .map(|v| {
+            let t = traffic(ebpf, "STATS_VIP", v.id)?;
+            let backends = v
+                .backends
+                .iter()
+                .map(|b| {
+                    let bt = traffic(ebpf, "STATS_BACKEND", b.id)?;
+                    Ok(BackendTraffic {
+                        backend: b.address.to_string(),
+                        state: b.state,
+                        weight: b.weight,
+                        packets: bt.packets,
+                        bytes: bt.bytes,
+                        new_flows: bt.new_flows,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            Ok(VipTraffic {
+                vip: v.vip.clone(),
+                packets: t.packets,
+                bytes: t.bytes,
+                new_flows: t.new_flows,
+                backends,
+            })
+        })
+        .collect()
+}
+
 fn traffic(ebpf: &Ebpf, map: &str, id: u32) -> Result<Traffic> {
     let m: PerCpuArray<&MapData, Traffic> = PerCpuArray::try_from(
         ebpf.map(map)

@@ -140,6 +140,54 @@ fn counters_are_exact_and_the_exposition_is_valid() {
     }
     assert!(value(&text, "lb_xdp_verdicts_total", "verdict=\"tx\"") >= DATAGRAMS as u64);
 
+    // lbctl stats: the same totals, and rates while traffic flows.
+    let socket = dir.join("lbd.sock");
+    let sender = {
+        let client_ns = t.client().ns().to_owned();
+        std::thread::spawn(move || {
+            in_netns(&client_ns, move || {
+                for i in 0..150u16 {
+                    let _ = udp_echo_from(
+                        30000 + i,
+                        SocketAddr::new(vip, 53),
+                        b"rate",
+                        Duration::from_secs(1),
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+            .unwrap()
+        })
+    };
+    let out = Command::new(lb_tests::lbctl_path().unwrap())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["stats", "--interval", "1", "--json"])
+        .output()
+        .unwrap();
+    sender.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["vip"], format!("{vip}:53/udp"));
+    assert!(row["packets"].as_u64().unwrap() >= DATAGRAMS as u64);
+    let pps = row["pps"].as_f64().unwrap();
+    assert!(pps > 10.0, "datagrams were flowing: {row}");
+    let backend_pps: f64 = row["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["pps"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (backend_pps - pps).abs() < 1e-6,
+        "backends add up to the VIP: {row}"
+    );
+
     // The format itself, by Prometheus' own linter.
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

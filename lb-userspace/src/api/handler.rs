@@ -86,6 +86,10 @@ async fn route(
 ) -> Result<(u16, Value), (u16, Value)> {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/v1/vips") => Ok(ok(ctl.list())),
+        ("GET", "/v1/stats") => match crate::metrics::snapshot(&ctl.list(), &ctl.ebpf) {
+            Ok(s) => Ok(ok(s)),
+            Err(e) => Err(err(500, format!("{e:#}"))),
+        },
         ("GET", "/v1/counters") => match stats::global_counters(&ctl.ebpf) {
             Ok(c) => Ok(ok(c)),
             Err(e) => Err(err(500, format!("{e:#}"))),

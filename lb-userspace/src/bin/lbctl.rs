@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     api::client::call,
     config::VipSpec,
+    metrics::VipTraffic,
     sysctl::{Role, Sysctls},
 };
 use serde_json::{Value, json};
@@ -50,8 +51,14 @@ enum Cmd {
     },
     /// Which backend CLIENT (ADDRESS:PORT) reaches through VIP, and why.
     Explain { vip: String, client: String },
-    /// Global data-plane counters.
-    Stats,
+    /// Traffic per VIP and backend: rates over --interval seconds and totals.
+    Stats {
+        /// Seconds between the two samples the rates come from.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// Global data-plane counters (every verdict and reason).
+    Counters,
     /// Add, remove or list VIPs.
     Vip {
         #[command(subcommand)]
@@ -169,7 +176,8 @@ fn check_backend(b: &str) -> Result<()> {
 fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<Value>)> {
     Ok(match cmd {
         Cmd::List => ("GET", "/v1/vips", None),
-        Cmd::Stats => ("GET", "/v1/counters", None),
+        Cmd::Counters => ("GET", "/v1/counters", None),
+        Cmd::Stats { .. } => ("GET", "/v1/stats", None),
         Cmd::AddBackend {
             vip,
             backend,
@@ -279,7 +287,7 @@ fn print_human(cmd: &Cmd, v: &Value) {
                 v["reason"].as_str().unwrap_or("")
             );
         }
-        Cmd::Stats => {
+        Cmd::Counters => {
             for (k, n) in v.as_object().into_iter().flatten() {
                 println!("{k:<32} {n}");
             }
@@ -288,8 +296,87 @@ fn print_human(cmd: &Cmd, v: &Value) {
     }
 }
 
+/// Two samples `interval` apart: rates and totals.
+fn stats(socket: &std::path::Path, interval: f64, json_out: bool) -> Result<()> {
+    if !(interval > 0.0 && interval <= 3600.0) {
+        bail!("--interval must be between 0 and 3600 seconds");
+    }
+    let sample = || -> Result<Vec<VipTraffic>> {
+        let (status, v) = call(socket, "GET", "/v1/stats", None)?;
+        if status != 200 {
+            bail!("{}", v["error"].as_str().unwrap_or("request failed"));
+        }
+        Ok(serde_json::from_value(v)?)
+    };
+    let a = sample()?;
+    std::thread::sleep(std::time::Duration::from_secs_f64(interval));
+    let b = sample()?;
+    let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / interval;
+    let mut rows = Vec::new();
+    for v in &b {
+        let before = a.iter().find(|p| p.vip == v.vip);
+        let (p0, b0, n0) = before.map_or((v.packets, v.bytes, v.new_flows), |p| {
+            (p.packets, p.bytes, p.new_flows)
+        });
+        rows.push(json!({
+            "vip": v.vip, "pps": rate(p0, v.packets), "bps": 8.0 * rate(b0, v.bytes), "new_flows_per_s": rate(n0, v.new_flows),
+            "packets": v.packets, "bytes": v.bytes, "new_flows": v.new_flows,
+            "backends": v.backends.iter().map(|bk| {
+                let prev = before.and_then(|p| p.backends.iter().find(|x| x.backend == bk.backend));
+                let (p0, b0, n0) = prev.map_or((bk.packets, bk.bytes, bk.new_flows), |x| (x.packets, x.bytes, x.new_flows));
+                json!({
+                    "backend": bk.backend, "state": bk.state, "weight": bk.weight,
+                    "pps": rate(p0, bk.packets), "bps": 8.0 * rate(b0, bk.bytes), "new_flows_per_s": rate(n0, bk.new_flows),
+                    "packets": bk.packets, "bytes": bk.bytes, "new_flows": bk.new_flows,
+                })
+            }).collect::<Vec<_>>(),
+        }));
+    }
+    if json_out {
+        println!("{}", Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:<44} {:>10} {:>12} {:>10} {:>14} {:>16}",
+        "vip / backend", "pps", "bps", "flows/s", "packets", "bytes"
+    );
+    for r in &rows {
+        println!(
+            "{:<44} {:>10.1} {:>12.0} {:>10.1} {:>14} {:>16}",
+            r["vip"].as_str().unwrap_or("?"),
+            r["pps"].as_f64().unwrap_or(0.0),
+            r["bps"].as_f64().unwrap_or(0.0),
+            r["new_flows_per_s"].as_f64().unwrap_or(0.0),
+            r["packets"],
+            r["bytes"]
+        );
+        for b in r["backends"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<32} {:<9} {:>10.1} {:>12.0} {:>10.1} {:>14} {:>16}",
+                b["backend"].as_str().unwrap_or("?"),
+                b["state"].as_str().unwrap_or("?"),
+                b["pps"].as_f64().unwrap_or(0.0),
+                b["bps"].as_f64().unwrap_or(0.0),
+                b["new_flows_per_s"].as_f64().unwrap_or(0.0),
+                b["packets"],
+                b["bytes"]
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Stats { interval } = &cli.cmd {
+        return match stats(&cli.socket, *interval, cli.json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lbctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Cmd::Sysctl { action } = &cli.cmd {
         return match sysctl(action, cli.json) {
             Ok(()) => ExitCode::SUCCESS,
