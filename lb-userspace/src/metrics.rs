@@ -340,3 +340,68 @@ mod tests {
         assert_eq!(esc("x\ny"), "x\\ny");
     }
 }
+
+#[cfg(test)]
+mod dashboard {
+    /// Every `lb_*` metric the shipped Grafana dashboard queries must be one
+    /// this exporter writes (a renamed metric would blank a panel silently).
+    #[test]
+    fn queries_only_exported_metrics() {
+        let exported = [
+            "lb_backend_packets_total",
+            "lb_backend_bytes_total",
+            "lb_backend_new_flows_total",
+            "lb_backend_up",
+            "lb_backend_weight",
+            "lb_backend_state",
+            "lb_backend_health_check_latency_seconds",
+            "lb_backend_health_checks_total",
+            "lb_vip_packets_total",
+            "lb_vip_bytes_total",
+            "lb_vip_new_flows_total",
+            "lb_vip_healthy_backends",
+            "lb_vip_ring_changes_total",
+            "lb_xdp_verdicts_total",
+            "lb_xdp_packets_total",
+            "lb_conntrack_entries",
+        ];
+        let src = include_str!("metrics.rs");
+        for name in exported {
+            assert!(
+                src.contains(&format!("\"{name}\"")),
+                "{name} is not rendered here"
+            );
+        }
+        let dash: serde_json::Value =
+            serde_json::from_str(include_str!("../grafana/lb-dashboard.json"))
+                .expect("dashboard is JSON");
+        let mut queried = 0;
+        for panel in dash["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("lb_")
+                        && !word.starts_with("lb_no_")
+                        && !word.contains("_failed")
+                        && !word.starts_with("lb_flow_cache_hit")
+                        && !word.starts_with("lb_conntrack_hit")
+                        && !word.starts_with("lb_encap")
+                        && !word.starts_with("lb_frame")
+                        && !word.starts_with("lb_unsupported")
+                    {
+                        assert!(
+                            exported.contains(&word),
+                            "panel {:?} queries unknown metric {word}",
+                            panel["title"]
+                        );
+                        queried += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            queried >= 12,
+            "the dashboard queries the metrics ({queried})"
+        );
+    }
+}
