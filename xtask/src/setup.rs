@@ -19,6 +19,9 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     // promtool, which checks our metrics exposition in the tests.
     "prometheus",
+    // A real carbon-cache and whisper-fetch for the Graphite push test.
+    "graphite-carbon",
+    "python3-whisper",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

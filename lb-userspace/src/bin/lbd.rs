@@ -132,6 +132,14 @@ fn run_config(config: Config) -> Result<()> {
                 .with_context(|| format!("binding instance.metrics_listen {addr}"))?;
             tokio::spawn(api::server::serve_metrics(listener, scrape_tx));
         }
+        let graphite = ctl.config().graphite.clone().map(|g| {
+            let interval = tokio::time::interval(g.interval);
+            (lb_userspace::graphite::Pusher::spawn(g.clone()), g.prefix, interval)
+        });
+        let (mut graphite_pusher, mut graphite_tick) = match graphite {
+            Some((p, prefix, i)) => (Some((p, prefix)), Some(i)),
+            None => (None, None),
+        };
         // The connection table is counted in the background of the loop,
         // not per scrape: walking a million keys takes a while.
         let mut conntrack_entries: Option<u64> = None;
@@ -156,6 +164,19 @@ fn run_config(config: Config) -> Result<()> {
                     let text = lb_userspace::metrics::render(&ctl.list(), &ctl.ebpf, &checks, conntrack_entries)
                         .unwrap_or_else(|e| format!("# lbd could not read its maps: {e:#}\n"));
                     let _ = reply.send(text);
+                }
+                _ = async {
+                    match graphite_tick.as_mut() {
+                        Some(t) => t.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((pusher, prefix)) = graphite_pusher.as_mut()
+                        && let Ok(snap) = lb_userspace::metrics::snapshot(&ctl.list(), &ctl.ebpf)
+                    {
+                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                        pusher.offer(lb_userspace::graphite::lines(prefix, &snap, now));
+                    }
                 }
                 _ = count_tick.tick() => {
                     conntrack_entries = lb_userspace::stats::conntrack_entries(&ctl.ebpf).ok();

@@ -141,7 +141,18 @@ pub struct Config {
     pub encap_source_v4: Option<Ipv4Addr>,
     pub encap_source_v6: Option<Ipv6Addr>,
     pub sysctl_apply: bool,
+    pub graphite: Option<GraphiteConfig>,
     pub vips: Vec<VipConfig>,
+}
+
+/// Graphite plaintext push: `<prefix>.<vip>.<backend>.<metric> <value> <ts>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GraphiteConfig {
+    pub address: SocketAddr,
+    pub prefix: String,
+    pub interval: Duration,
+    /// Lines kept while carbon is unreachable; the oldest go first.
+    pub max_buffered_lines: usize,
 }
 
 // ---- the file as written ----
@@ -154,6 +165,8 @@ struct RawConfig {
     dataplane: Option<Spanned<RawDataplane>>,
     #[serde(default)]
     sysctl: Option<RawSysctl>,
+    #[serde(default)]
+    graphite: Option<Spanned<RawGraphite>>,
     #[serde(default)]
     vip: Vec<Spanned<RawVip>>,
 }
@@ -188,6 +201,18 @@ struct RawDataplane {
     second_chance_window: Option<Spanned<String>>,
     encap_source_v4: Option<Spanned<String>>,
     encap_source_v6: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGraphite {
+    address: Spanned<String>,
+    #[serde(default)]
+    prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    interval: Option<Spanned<String>>,
+    #[serde(default)]
+    max_buffered_lines: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -459,6 +484,62 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         })?),
     };
 
+    let graphite = match raw.graphite {
+        None => None,
+        Some(g) => {
+            let g = g.into_inner();
+            let address = g.address.get_ref().parse::<SocketAddr>().map_err(|_| {
+                src.err(
+                    g.address.span(),
+                    "graphite.address",
+                    "expected ADDRESS:PORT of carbon's line receiver, e.g. 127.0.0.1:2003",
+                )
+            })?;
+            let prefix = match &g.prefix {
+                None => "lb".to_owned(),
+                Some(p) => {
+                    let v = p.get_ref();
+                    if v.is_empty()
+                        || v.starts_with('.')
+                        || v.ends_with('.')
+                        || !v
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                    {
+                        return Err(src.err(
+                            p.span(),
+                            "graphite.prefix",
+                            "letters, digits, '.', '_' or '-', not starting or ending with '.'",
+                        ));
+                    }
+                    v.clone()
+                }
+            };
+            let interval = duration_field(
+                src,
+                &g.interval,
+                "graphite.interval",
+                Duration::from_secs(10),
+            )?;
+            let max_buffered_lines = match &g.max_buffered_lines {
+                None => 100_000,
+                Some(n) if (1..=10_000_000).contains(n.get_ref()) => *n.get_ref() as usize,
+                Some(n) => {
+                    return Err(src.err(
+                        n.span(),
+                        "graphite.max_buffered_lines",
+                        "must be 1..=10000000",
+                    ));
+                }
+            };
+            Some(GraphiteConfig {
+                address,
+                prefix,
+                interval,
+                max_buffered_lines,
+            })
+        }
+    };
     if raw.vip.len() > sizes.max_vips as usize {
         return Err(src.err(
             raw.vip[sizes.max_vips as usize].span(),
@@ -594,6 +675,7 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         encap_source_v4,
         encap_source_v6,
         sysctl_apply: raw.sysctl.unwrap_or_default().apply,
+        graphite,
         vips,
     })
 }

@@ -299,3 +299,35 @@ fn durations() {
     assert!(parse_duration("s").is_err());
     assert!(parse_duration("2h").is_err());
 }
+
+#[test]
+fn graphite_section() {
+    let c = Config::parse(
+        "lb.toml",
+        &format!("{MINIMAL}[graphite]\naddress = \"127.0.0.1:2003\"\n"),
+    )
+    .unwrap();
+    let g = c.graphite.unwrap();
+    assert_eq!(
+        (g.prefix.as_str(), g.interval, g.max_buffered_lines),
+        ("lb", Duration::from_secs(10), 100_000)
+    );
+    rejects(
+        &format!("{MINIMAL}[graphite]\naddress = \"carbon\"\n"),
+        5,
+        "graphite.address",
+        "ADDRESS:PORT",
+    );
+    rejects(
+        &format!("{MINIMAL}[graphite]\naddress = \"127.0.0.1:2003\"\nprefix = \"a b\"\n"),
+        6,
+        "graphite.prefix",
+        "letters",
+    );
+    rejects(
+        &format!("{MINIMAL}[graphite]\naddress = \"127.0.0.1:2003\"\nmax_buffered_lines = 0\n"),
+        6,
+        "graphite.max_buffered_lines",
+        "1..=",
+    );
+}
