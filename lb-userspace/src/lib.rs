@@ -12,3 +12,4 @@ pub mod pinning;
 pub mod programming;
 pub mod stats;
 pub mod sysctl;
+pub mod top;

@@ -188,6 +188,60 @@ fn counters_are_exact_and_the_exposition_is_valid() {
         "backends add up to the VIP: {row}"
     );
 
+    // lbctl top in a real terminal (tmux): every backend has a row, q quits.
+    let session = format!("{}-top", t.id());
+    let top_cmd = format!(
+        "{} --socket {} top",
+        lb_tests::lbctl_path().unwrap().display(),
+        socket.display()
+    );
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("tmux (cargo xtask setup installs it)")
+    };
+    assert!(
+        tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "150",
+            "-y",
+            "30",
+            &top_cmd
+        ])
+        .status
+        .success()
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let screen =
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let mut ended = false;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        if !tmux(&["has-session", "-t", &session]).status.success() {
+            ended = true;
+            break;
+        }
+    }
+    tmux(&["kill-session", "-t", &session]);
+    assert!(
+        screen.contains("lbctl top") && screen.contains(&format!("{vip}:53/udp")),
+        "{screen}"
+    );
+    for b in t.backends() {
+        assert!(
+            screen.contains(&b.ipv4().to_string()),
+            "row for {}: {screen}",
+            b.ipv4()
+        );
+    }
+    assert!(ended, "q quits top");
+
     // The format itself, by Prometheus' own linter.
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

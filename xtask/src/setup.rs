@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     // A real carbon-cache and whisper-fetch for the Graphite push test.
     "graphite-carbon",
+    // A real terminal for the lbctl top test.
+    "tmux",
     "python3-whisper",
 ];
 

@@ -59,6 +59,8 @@ enum Cmd {
     },
     /// Global data-plane counters (every verdict and reason).
     Counters,
+    /// Live view of traffic per VIP and backend; q quits, p/b/f/n sort.
+    Top,
     /// Add, remove or list VIPs.
     Vip {
         #[command(subcommand)]
@@ -218,6 +220,7 @@ fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<Value>)> {
         }
         Cmd::Sysctl { .. } => bail!("sysctl runs locally"),
         Cmd::Teardown => ("POST", "/v1/teardown", None),
+        Cmd::Top => bail!("top runs its own loop"),
         Cmd::Vip {
             action: VipAction::List,
         } => ("GET", "/v1/vips", None),
@@ -368,6 +371,15 @@ fn stats(socket: &std::path::Path, interval: f64, json_out: bool) -> Result<()> 
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Top = &cli.cmd {
+        return match lb_userspace::top::run(&cli.socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lbctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Cmd::Stats { interval } = &cli.cmd {
         return match stats(&cli.socket, *interval, cli.json) {
             Ok(()) => ExitCode::SUCCESS,
