@@ -109,6 +109,10 @@ pub struct Traffic {
     pub new_flows: u64,
 }
 
+/// `LbConfig::flags`: data-plane debug events (aya-log) on. Off, they cost
+/// one test of a word the program reads anyway.
+pub const CONFIG_FLAG_DEBUG: u32 = 1;
+
 /// `CONFIG[0]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -53,6 +53,11 @@ impl<'a> XdpBytes<'a> {
     }
 
     #[inline(always)]
+    pub fn ctx(&self) -> &XdpContext {
+        self.ctx
+    }
+
+    #[inline(always)]
     pub fn ingress_ifindex(&self) -> u32 {
         self.ctx.ingress_ifindex() as u32
     }

@@ -1,9 +1,10 @@
 //! The XDP entry points: the balancer and the backends' decapsulator.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::debug;
 use lb_common::{
     icmp::too_big_quote,
-    maps::{FAMILY_V4, FAMILY_V6, FlowKey, LbConfig, VipInfo, VipKey},
+    maps::{CONFIG_FLAG_DEBUG, FAMILY_V4, FAMILY_V6, FlowKey, LbConfig, VipInfo, VipKey},
     packet::PacketBytes,
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, parse},
     stats::Counter,
@@ -194,6 +195,16 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
             // State and stats only for packets that really left.
             if choice.new_flow {
                 record(&key, &choice, &vip, epoch, cfg);
+                if cfg.flags & CONFIG_FLAG_DEBUG != 0 {
+                    debug!(
+                        pkt.ctx(),
+                        "new flow: vip {} port {} -> backend {} (client port {})",
+                        vip.vip_id,
+                        key.dst_port,
+                        choice.backend_id,
+                        key.src_port
+                    );
+                }
             }
             account(&STATS_VIP, vip.vip_id, bytes, choice.new_flow);
             account(&STATS_BACKEND, choice.backend_id, bytes, choice.new_flow);
@@ -201,6 +212,14 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
         }
         Err(reason) => {
             count(reason);
+            if cfg.flags & CONFIG_FLAG_DEBUG != 0 {
+                debug!(
+                    pkt.ctx(),
+                    "drop: vip {} reason {}",
+                    vip.vip_id,
+                    reason.index()
+                );
+            }
             xdp_action::XDP_DROP
         }
     }

@@ -861,6 +861,18 @@ impl Controller {
         Ok(changed)
     }
 
+    /// Turns the data plane's debug events on or off (one CONFIG update).
+    pub fn set_debug(&mut self, on: bool) -> Result<(), AdminError> {
+        let mut cfg = programming::config(&mut self.ebpf)?;
+        if on {
+            cfg.flags |= lb_common::maps::CONFIG_FLAG_DEBUG;
+        } else {
+            cfg.flags &= !lb_common::maps::CONFIG_FLAG_DEBUG;
+        }
+        programming::set_config(&mut self.ebpf, &cfg)?;
+        Ok(())
+    }
+
     /// From now on, exiting detaches and unpins everything.
     pub fn detach_on_exit(&mut self) {
         self.config.on_exit = OnExit::Detach;

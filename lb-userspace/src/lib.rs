@@ -4,6 +4,7 @@ pub mod api;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
+pub mod debuglog;
 pub mod graphite;
 pub mod health;
 pub mod metrics;

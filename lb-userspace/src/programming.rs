@@ -143,6 +143,13 @@ fn check_ring_bounds(rings_len: u32, vip_id: u32, m: u32) -> Result<()> {
     Ok(())
 }
 
+/// The data plane's configuration as written.
+pub fn config(ebpf: &mut Ebpf) -> Result<LbConfig> {
+    array::<LbConfig>(ebpf, "CONFIG")?
+        .get(&0, 0)
+        .context("reading CONFIG")
+}
+
 /// The ring size the data plane was configured with.
 pub fn configured_ring_size(ebpf: &mut Ebpf) -> Result<u32> {
     let cfg = array::<LbConfig>(ebpf, "CONFIG")?

@@ -44,6 +44,19 @@ fn value(text: &str, name: &str, labels: &str) -> u64 {
         .unwrap()
 }
 
+fn send_one(t: &Topology, vip: IpAddr, port: u16) {
+    t.in_client(move || {
+        udp_echo_from(
+            port,
+            SocketAddr::new(vip, 53),
+            b"one",
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    })
+    .unwrap();
+}
+
 #[test]
 fn counters_are_exact_and_the_exposition_is_valid() {
     let t = Topology::new(2).unwrap();
@@ -241,6 +254,36 @@ fn counters_are_exact_and_the_exposition_is_valid() {
         );
     }
     assert!(ended, "q quits top");
+
+    // Data-plane debug events: off by default, on and off at runtime.
+    let lbctl_run = |args: &[&str]| {
+        let out = Command::new(lb_tests::lbctl_path().unwrap())
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let quiet = lbd.wait_for_line(|l| l.contains("\"dataplane\""), Duration::from_millis(300));
+    assert!(quiet.is_err(), "no debug events unless asked: {quiet:?}");
+    lbctl_run(&["debug", "on"]);
+    send_one(&t, vip, 40000);
+    let line = lbd
+        .wait_for_line(|l| l.contains("\"dataplane\""), Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        line.contains("new flow") && line.contains("40000"),
+        "{line}"
+    );
+    lbctl_run(&["debug", "off"]);
+    send_one(&t, vip, 40001);
+    let quiet = lbd.wait_for_line(|l| l.contains("\"dataplane\""), Duration::from_millis(500));
+    assert!(quiet.is_err(), "off again: {quiet:?}");
 
     // The format itself, by Prometheus' own linter.
     let mut promtool = Command::new("promtool")

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{BackendRequest, ErrorBody, ExplainRequest, VipRequest, http::Request};
+use super::{BackendRequest, DebugRequest, ErrorBody, ExplainRequest, VipRequest, http::Request};
 use crate::{
     config::{ForwardMode, VipSpec},
     controller::{AdminError, Controller, HealthTarget},
@@ -150,6 +150,11 @@ async fn route(
             let vip = parse_vip(&r.vip)?;
             fx.stop_checks = ctl.remove_vip(&vip).map_err(admin)?;
             Ok(ok(json!({"removed": vip.to_string()})))
+        }
+        ("POST", "/v1/debug") => {
+            let r: DebugRequest = body(req)?;
+            ctl.set_debug(r.enabled).map_err(admin)?;
+            Ok(ok(json!({"debug": r.enabled})))
         }
         ("POST", "/v1/teardown") => {
             fx.teardown = true;

@@ -39,6 +39,13 @@ pub struct ExplainRequest {
     pub client: String,
 }
 
+/// Body of `POST /v1/debug`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugRequest {
+    pub enabled: bool,
+}
+
 /// Every error answer: `{"error": "..."}`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {

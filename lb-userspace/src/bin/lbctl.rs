@@ -68,6 +68,11 @@ enum Cmd {
     },
     /// Detach and unpin the data plane, and stop lbd.
     Teardown,
+    /// Data-plane debug events (new flows, drops) on lbd's stdout: on or off.
+    Debug {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Kernel settings: current, recommended and why; apply; restore.
     /// Works on this host's network namespace directly (no lbd needed).
     Sysctl {
@@ -220,6 +225,7 @@ fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<Value>)> {
         }
         Cmd::Sysctl { .. } => bail!("sysctl runs locally"),
         Cmd::Teardown => ("POST", "/v1/teardown", None),
+        Cmd::Debug { state } => ("POST", "/v1/debug", Some(json!({"enabled": state == "on"}))),
         Cmd::Top => bail!("top runs its own loop"),
         Cmd::Vip {
             action: VipAction::List,

@@ -113,6 +113,7 @@ fn run_config(config: Config) -> Result<()> {
         let listener = api::server::bind(&config.api_socket)?;
         let socket = config.api_socket.clone();
         let mut ctl = Controller::start(config).await?;
+        lb_userspace::debuglog::spawn(&mut ctl.ebpf)?;
         let (api_tx, mut api_rx) = mpsc::channel(64);
         tokio::spawn(api::server::serve(listener, api_tx));
         // Neighbours change (a backend replaced, a router failed over):
