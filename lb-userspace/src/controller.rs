@@ -106,6 +106,8 @@ pub struct HealthTarget {
     pub id: u32,
     pub addr: SocketAddr,
     pub check: HealthCheck,
+    /// Where the checker starts (down for a backend adopted as down).
+    pub initial: Health,
 }
 
 /// Admin errors, each with the HTTP status the control API answers with.
@@ -339,8 +341,18 @@ impl Controller {
                 let mut status = BackendStatus::new(b.addr, id, b.weight);
                 if let Some(p) = prior {
                     status.drained = p.drained;
-                    status.refresh_state();
                 }
+                // Adopting a running data plane: a backend it had down stays
+                // down until its checks pass, rather than coming back for a
+                // fall x interval while the checks catch up.
+                if ctl.adopted
+                    && let Ok(live) = programming::backend(&mut ctl.ebpf, id)
+                    && live.state == BACKEND_DOWN
+                    && live.addr == addr16(b.addr).0
+                {
+                    status.health = Health::Down;
+                }
+                status.refresh_state();
                 backends.push(BackendRt { status, hop });
             }
             ctl.vips.push(VipRuntime {
@@ -520,6 +532,7 @@ impl Controller {
                 id: b.status.id,
                 addr: SocketAddr::new(b.status.address, port),
                 check: rt.config.health_check.clone(),
+                initial: b.status.health,
             })
             .collect()
     }

@@ -108,6 +108,12 @@ pub fn set_backend(ebpf: &mut Ebpf, id: u32, b: &BackendInfo) -> Result<()> {
         .with_context(|| format!("writing BACKENDS[{id}]"))
 }
 
+pub fn backend(ebpf: &mut Ebpf, id: u32) -> Result<BackendInfo> {
+    array::<BackendInfo>(ebpf, "BACKENDS")?
+        .get(&id, 0)
+        .with_context(|| format!("reading BACKENDS[{id}]"))
+}
+
 /// Adds or replaces one VIP.
 pub fn set_vip(ebpf: &mut Ebpf, key: &VipKey, info: &VipInfo) -> Result<()> {
     let mut vips = list_vips(ebpf)?;

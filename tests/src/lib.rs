@@ -13,6 +13,7 @@
 pub mod addressing;
 pub mod client;
 pub mod cmd;
+pub mod fabric;
 pub mod http;
 pub mod launcher;
 pub mod netns;

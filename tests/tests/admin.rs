@@ -2,8 +2,6 @@
 //! is refused with a clear message and changes nothing; runtime changes
 //! (add, drain) take effect on real traffic and survive an lbd restart.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -115,7 +113,7 @@ fn spread(t: &Topology, vip: IpAddr, n: usize) -> BTreeMap<String, usize> {
 fn bad_input_is_refused_and_changes_nothing() {
     let t = Topology::new(3).unwrap();
     let _servers = t.start_servers(PORT, 53).unwrap();
-    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
     t.add_vip_on_backends(addressing::vip_v4(1).into()).unwrap();
     let p = paths(&t);
     write_config(&t, &p);
@@ -218,7 +216,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 fn add_drain_and_restart() {
     let t = Topology::new(3).unwrap();
     let _servers = t.start_servers(PORT, 53).unwrap();
-    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
     let vip_ip: IpAddr = addressing::vip_v4(1).into();
     t.add_vip_on_backends(vip_ip).unwrap();
     let p = paths(&t);
@@ -293,7 +291,7 @@ fn add_drain_and_restart() {
 fn vips_at_runtime_persist_and_teardown_removes_everything() {
     let t = Topology::new(2).unwrap();
     let _servers = t.start_servers(PORT, 53).unwrap();
-    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
     let vip3: IpAddr = addressing::vip_v4(3).into();
     t.add_vip_on_backends(vip3).unwrap();
     let p = paths(&t);

@@ -13,8 +13,6 @@ use std::{
     time::Duration,
 };
 
-mod common;
-
 use aya::Ebpf;
 use lb_common::{
     maglev::{self, MaglevBackend},
@@ -55,13 +53,13 @@ fn ifindex(t: &Topology, ns: &str, dev: &str) -> u32 {
 
 struct Lb {
     balancer: Ebpf,
-    _fabric: common::Fabric,
+    _fabric: lb_tests::fabric::Fabric,
 }
 
 /// Loads and attaches everything in `mode`, and programs four VIPs.
 fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
     let lb = t.lb();
-    let fabric = common::prepare(t, mode);
+    let fabric = lb_tests::fabric::prepare(t, mode).unwrap();
     let lb_if = ifindex(t, lb.ns(), lb.ifname());
     let dev = lb.ifname().to_owned();
     let mut balancer = in_netns(lb.ns(), move || {

@@ -2,8 +2,6 @@
 //! (ipip with the decapsulator on the backends, and l2dsr) in front of three
 //! HTTP backends, health-checks them, and takes a dead one out.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -66,7 +64,7 @@ fn spread(t: &Topology, vip: IpAddr, n: usize) -> BTreeMap<String, usize> {
 fn run(mode: AttachMode) {
     let t = Topology::new(3).unwrap();
     let mut servers = t.start_servers(PORT, 53).unwrap();
-    let _fabric = common::prepare(&t, mode);
+    let _fabric = lb_tests::fabric::prepare(&t, mode).unwrap();
     let vips = [
         IpAddr::from(addressing::vip_v4(1)),
         IpAddr::from(addressing::vip_v4(2)),
@@ -189,7 +187,7 @@ fn spread_and_failover_native_xdp() {
 fn next_hop_change_is_followed() {
     let t = Topology::new(1).unwrap();
     let _servers = t.start_servers(PORT, 53).unwrap();
-    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
     let vip = IpAddr::from(addressing::vip_v4(2));
     t.add_vip_on_backends(vip).unwrap();
     let cfg_path = std::env::temp_dir().join(format!("{}-nexthop.toml", t.id()));

@@ -2,8 +2,6 @@
 //! back from its whisper files; then carbon goes away and comes back: lbd
 //! keeps answering, its memory stays bounded, and pushing resumes.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -137,7 +135,7 @@ fn send(t: &Topology, vip: IpAddr, from_port: u16, n: u16) -> BTreeMap<String, u
 fn pushes_land_in_carbon_and_survive_its_outage() {
     let t = Topology::new(2).unwrap();
     let _servers = t.start_servers(80, 53).unwrap();
-    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
     let vip: IpAddr = addressing::vip_v4(1).into();
     t.add_vip_on_backends(vip).unwrap();
     let dir = std::env::temp_dir().join(format!("{}-graphite", t.id()));

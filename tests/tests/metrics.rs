@@ -13,8 +13,6 @@ use std::{
 use lb_tests::{Topology, addressing, in_netns, lbd_path, split_echo, udp_echo_from};
 use lb_userspace::dataplane::AttachMode;
 
-mod common;
-
 const DATAGRAMS: u16 = 200;
 const PAYLOAD: usize = 100;
 
@@ -61,7 +59,7 @@ fn send_one(t: &Topology, vip: IpAddr, port: u16) {
 fn counters_are_exact_and_the_exposition_is_valid() {
     let t = Topology::new(2).unwrap();
     let _servers = t.start_servers(80, 53).unwrap();
-    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
     let vip: IpAddr = addressing::vip_v4(1).into();
     t.add_vip_on_backends(vip).unwrap();
     let dir = std::env::temp_dir().join(format!("{}-metrics", t.id()));

@@ -3,8 +3,6 @@
 //! program swapped in place). A client requesting throughout, on persistent
 //! and on new connections, sees no failure.
 
-mod common;
-
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -57,8 +55,8 @@ struct Tally {
 #[test]
 fn restart_under_load_loses_nothing() {
     let t = Topology::new(3).unwrap();
-    let _servers = t.start_servers(PORT, 53).unwrap();
-    let _fabric = common::prepare(&t, AttachMode::Generic);
+    let mut servers = t.start_servers(PORT, 53).unwrap();
+    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
     let vip: IpAddr = addressing::vip_v4(1).into();
     t.add_vip_on_backends(vip).unwrap();
     let dir = std::env::temp_dir().join(format!("{}-restart", t.id()));
@@ -86,8 +84,17 @@ fn restart_under_load_loses_nothing() {
     .unwrap();
     let _teardown = Teardown(config.clone());
 
-    let (lbd, ready) = start(&t, &config);
+    let (mut lbd, ready) = start(&t, &config);
     assert!(ready.contains("\"adopted\":false"), "{ready}");
+    // One backend is down going into the restart: the next lbd must keep it
+    // out of the ring, not start it as up and send it traffic until its
+    // checks fail again.
+    servers[0].stop();
+    lbd.wait_for_line(
+        |l| l.contains("\"backend\"") && l.contains("\"down\""),
+        Duration::from_secs(10),
+    )
+    .unwrap();
 
     // The client: 4 persistent connections and a new one per round, until
     // told to stop.
@@ -137,7 +144,6 @@ fn restart_under_load_loses_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: plain kill(2) on a child we own.
     assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
-    let mut lbd = lbd;
     lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
         .unwrap();
     assert!(lbd.stop().is_some_and(|s| s.success()));

@@ -29,6 +29,12 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Show the balancer at work in network namespaces on this machine.
+    Demo {
+        /// Leave everything running for exploration (Ctrl-C tears down).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Benchmarks (not tests): `--xdp` for the data plane's cost per packet.
     Bench {
         /// Arguments for the benchmark binary (e.g. --xdp, --repeat N, --rounds N).
@@ -57,6 +63,24 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::BuildEbpf { release } => {
             setup::run()?;
             build_ebpf(release)
+        }
+        Cmd::Demo { keep } => {
+            setup::run()?;
+            build_ebpf(true)?;
+            run_step(
+                Command::new("cargo").current_dir(workspace_root()).args([
+                    "build",
+                    "--quiet",
+                    "--workspace",
+                    "--bins",
+                ]),
+                "demo: build",
+            )?;
+            let mut demo = Command::new(workspace_root().join("target/debug/lb-demo"));
+            if keep {
+                demo.arg("--keep");
+            }
+            run_step(&mut demo, "demo")
         }
         Cmd::Bench { args } => {
             setup::run()?;

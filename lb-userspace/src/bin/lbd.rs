@@ -147,7 +147,7 @@ fn run_config(config: Config) -> Result<()> {
         let mut count_tick = tokio::time::interval(std::time::Duration::from_secs(15));
         let mut checks: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
         for t in ctl.health_targets() {
-            checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone(), check_stats.clone())));
+            checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone(), check_stats.clone(), t.initial)));
         }
         event(serde_json::json!({
             "event": "ready",
@@ -197,7 +197,7 @@ fn run_config(config: Config) -> Result<()> {
                         }
                     }
                     if let Some(t) = fx.start_check {
-                        checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone(), check_stats.clone())));
+                        checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone(), check_stats.clone(), t.initial)));
                     }
                     if answer.0 == 200 && call.request.method == "POST" {
                         event(serde_json::json!({"event": "admin", "path": call.request.path, "result": answer.1}));

@@ -37,8 +37,9 @@ pub async fn run(
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
     stats: CheckStats,
+    initial: Health,
 ) {
-    let mut state = HealthState::new(check.rise, check.fall);
+    let mut state = HealthState::starting(check.rise, check.fall, initial);
     loop {
         let started = tokio::time::Instant::now();
         let result = probe::probe(&check.kind, addr, check.timeout).await;

@@ -34,6 +34,14 @@ impl HealthState {
         }
     }
 
+    /// Starting from a known state (a restart adopting a backend as down).
+    pub fn starting(rise: u32, fall: u32, health: Health) -> Self {
+        HealthState {
+            health,
+            ..HealthState::new(rise, fall)
+        }
+    }
+
     pub fn health(&self) -> Health {
         self.health
     }

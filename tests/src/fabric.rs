@@ -1,7 +1,8 @@
-//! Pieces end-to-end tests share: the data-plane helpers around the LB.
+//! The data-plane helpers around the LB that tests and the demo need.
 
+use crate::{Topology, in_netns};
+use anyhow::Result;
 use aya::Ebpf;
-use lb_tests::{Topology, in_netns};
 use lb_userspace::dataplane::{self, AttachMode, MapSizes};
 
 /// Programs that must stay loaded while a test runs.
@@ -25,33 +26,32 @@ fn small() -> MapSizes {
 /// on every backend (our test kernels have no ipip module), and for native
 /// mode the DESIGN.md §2 recipe (XDP on the LB's bridge port, no TX
 /// checksum offload on the client).
-pub fn prepare(t: &Topology, mode: AttachMode) -> Fabric {
-    let peer = (mode == AttachMode::Native).then(|| {
-        t.disable_tx_checksum_offload(t.client().ns()).unwrap();
+pub fn prepare(t: &Topology, mode: AttachMode) -> Result<Fabric> {
+    let peer = if mode == AttachMode::Native {
+        t.disable_tx_checksum_offload(t.client().ns())?;
         let name = t.lb().peer_ifname().to_owned();
-        in_netns(t.fabric_ns(), move || {
-            let mut e = dataplane::load_balancer_with(&small()).unwrap();
-            dataplane::attach_program(&mut e, dataplane::PASS_PROGRAM, &name, AttachMode::Native)
-                .unwrap();
-            e
-        })
-        .unwrap()
-    });
+        Some(in_netns(t.fabric_ns(), move || -> Result<Ebpf> {
+            let mut e = dataplane::load_balancer_with(&small())?;
+            dataplane::attach_program(&mut e, dataplane::PASS_PROGRAM, &name, AttachMode::Native)?;
+            Ok(e)
+        })??)
+    } else {
+        None
+    };
     let decaps = t
         .backends()
         .iter()
         .map(|b| {
             let dev = b.ifname().to_owned();
-            in_netns(b.ns(), move || {
-                let mut e = dataplane::load_balancer_with(&small()).unwrap();
-                dataplane::attach_program(&mut e, dataplane::DECAP_PROGRAM, &dev, mode).unwrap();
-                e
-            })
-            .unwrap()
+            in_netns(b.ns(), move || -> Result<Ebpf> {
+                let mut e = dataplane::load_balancer_with(&small())?;
+                dataplane::attach_program(&mut e, dataplane::DECAP_PROGRAM, &dev, mode)?;
+                Ok(e)
+            })?
         })
-        .collect();
-    Fabric {
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Fabric {
         _decaps: decaps,
         _peer: peer,
-    }
+    })
 }

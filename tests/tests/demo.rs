@@ -1,0 +1,47 @@
+//! `cargo xtask demo` runs the `lb-demo` binary: it must succeed and show
+//! what it promises (traffic on every backend, a failover with no failures
+//! after detection, a drain, a restart with zero failures).
+
+use std::process::Command;
+
+use lb_tests::lbd_path;
+
+#[test]
+fn the_demo_shows_failover_drain_and_restart() {
+    let demo = lbd_path().unwrap().with_file_name("lb-demo");
+    let out = Command::new(&demo)
+        .output()
+        .expect("lb-demo (cargo build -p lb-tests --bins)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steady = text
+        .lines()
+        .find(|l| l.contains("steady state:"))
+        .expect("steady state line");
+    for b in ["backend0", "backend1", "backend2"] {
+        let n: usize = steady
+            .split(b)
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n > 0, "{b} got traffic: {steady}");
+    }
+    assert!(text.contains("0 after it"), "{text}");
+    assert!(
+        text.contains("new connections to backend2 since the drain: 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("failed requests across the restart: 0"),
+        "{text}"
+    );
+    assert!(text.contains("http://127.0.0.1:9100/metrics"), "{text}");
+}
