@@ -176,6 +176,25 @@ fn scrape(t: &Topology) -> Result<String> {
     })?
 }
 
+/// Unpins the demo's data plane however the demo ends (lbd keeps it running
+/// on exit, for the hitless restart).
+struct Unpin(PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        if let Ok(lbd) = lbd_path() {
+            let _ = Command::new(lbd)
+                .arg("--config")
+                .arg(&self.0)
+                .arg("--teardown")
+                .output();
+        }
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 fn run(keep: bool) -> Result<()> {
     let started = Instant::now();
     println!("== Topology: client, lb and 3 backends in network namespaces, one bridge");
@@ -209,6 +228,7 @@ fn run(keep: bool) -> Result<()> {
         .replace("@VIP@", &vip.to_string())
         .replace("@BACKENDS@", &backends);
     std::fs::write(&config, text)?;
+    let _unpin = Unpin(config.clone());
 
     let lbd = start_lbd(&t, &config)?;
     println!(
@@ -331,7 +351,6 @@ fn run(keep: bool) -> Result<()> {
     lbctl(&socket, &["teardown"]).ok();
     let mut lbd = lbd;
     let _ = lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10));
-    let _ = std::fs::remove_dir_all(&dir);
     if after_failures > 0 {
         bail!("requests failed after the detection window: {after_failures}");
     }
