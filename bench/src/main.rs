@@ -6,6 +6,7 @@
 //! (see lb-ebpf/src/bench.rs); its own cost, measured with the same frame and
 //! a do-nothing target, is subtracted.
 
+mod service;
 mod xdp;
 
 use anyhow::Result;
@@ -17,6 +18,15 @@ struct Args {
     /// Data-plane cost per packet (BPF_PROG_TEST_RUN).
     #[arg(long)]
     xdp: bool,
+    /// End-to-end service load: direct, xdplb, HAProxy, nftables (wrk).
+    #[arg(long)]
+    service: bool,
+    /// Seconds of load per service measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Interleaved rounds of the service measurements.
+    #[arg(long, default_value_t = 2)]
+    service_rounds: usize,
     /// Repeat count per measurement.
     #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
@@ -33,8 +43,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    // Only one section exists so far; no flag means all of them.
-    let all = !args.xdp;
+    // No section flag means all of them.
+    let all = !args.xdp && !args.service;
     if args.xdp || all {
         xdp::run(
             args.repeat,
@@ -42,6 +52,10 @@ fn main() -> Result<()> {
             args.conntrack,
             args.only.as_deref(),
         )?;
+    }
+    if args.service || all {
+        let results = service::run(args.service_rounds, args.seconds)?;
+        println!("{}", service::report(&results));
     }
     Ok(())
 }

@@ -24,6 +24,10 @@ const APT_PACKAGES: &[&str] = &[
     // A real terminal for the lbctl top test.
     "tmux",
     "python3-whisper",
+    // For `cargo xtask bench`: the load generator, a contender, NAT state flushing.
+    "wrk",
+    "haproxy",
+    "conntrack",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
