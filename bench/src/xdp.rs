@@ -98,6 +98,7 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
             src_mac: testframe::LB_MAC,
             _pad: [0; 2],
             ifindex: 0,
+            vip_id: lb_common::maps::BACKEND_ANY_VIP,
         };
         programming::set_backend(&mut ebpf, 1 + i, &b4)?;
         v4.push(MaglevBackend {

@@ -75,6 +75,21 @@ pub struct BackendInfo {
     /// Egress interface; equal to the ingress one means XDP_TX, otherwise
     /// XDP_REDIRECT through `TX_PORTS`.
     pub ifindex: u32,
+    /// The VIP this slot serves. A connection-table entry or an old ring
+    /// naming the slot after it was reused for another VIP's backend is
+    /// ignored (the flow is re-picked), never sent to that backend.
+    /// `BACKEND_ANY_VIP` serves every VIP (tests, shared backends).
+    pub vip_id: u32,
+}
+
+pub const BACKEND_ANY_VIP: u32 = u32::MAX;
+
+impl BackendInfo {
+    /// Whether this slot may carry traffic of VIP `vip_id`.
+    #[inline(always)]
+    pub const fn serves(&self, vip_id: u32) -> bool {
+        self.vip_id == BACKEND_ANY_VIP || self.vip_id == vip_id
+    }
 }
 
 /// `CONNTRACK` key: the client-to-VIP 5-tuple.
@@ -164,7 +179,7 @@ mod tests {
     fn layout_is_stable() {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<VipInfo>(), 24);
-        assert_eq!(size_of::<BackendInfo>(), 36);
+        assert_eq!(size_of::<BackendInfo>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<ConnEntry>(), 16);
         assert_eq!(size_of::<Traffic>(), 24);

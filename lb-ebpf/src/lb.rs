@@ -77,7 +77,7 @@ pub fn cached(key: &FlowKey, epoch: u32, cfg: &LbConfig) -> Option<(Choice, u32,
         return None;
     }
     let b = BACKENDS.get(c.backend_id)?;
-    if !usable(b) {
+    if !usable(b) || !b.serves(c.vip_id) {
         return None;
     }
     c.hits = c.hits.wrapping_add(1);
@@ -134,6 +134,7 @@ pub fn choose(
             count(Counter::LbUdpExpired);
         } else if let Some(b) = BACKENDS.get(entry.backend_id)
             && usable(b)
+            && b.serves(vip.vip_id)
         {
             count(Counter::LbConntrackHit);
             if is_udp && allow_new {
@@ -167,6 +168,7 @@ pub fn choose(
         && now_ns() < vip.second_chance_until_ns
         && let Some((id, b)) = ring_pick(vip, vip.ring_gen ^ 1, slot, cfg)
         && usable(b)
+        && b.serves(vip.vip_id)
     {
         count(Counter::LbSecondChanceHit);
         picked = Some((id, b));

@@ -108,6 +108,8 @@ pub struct HealthTarget {
     pub check: HealthCheck,
     /// Where the checker starts (down for a backend adopted as down).
     pub initial: Health,
+    /// Echoed in its events (see `BackendRt::token`).
+    pub token: u64,
 }
 
 /// Admin errors, each with the HTTP status the control API answers with.
@@ -149,6 +151,15 @@ pub struct SavedState {
     /// Configured VIPs removed at runtime.
     #[serde(default)]
     pub removed_vips: std::collections::BTreeSet<String>,
+    /// Each VIP's backends as the configuration file had them when this was
+    /// saved: if the file says otherwise now, the operator edited it, and the
+    /// file wins over the runtime changes for that VIP.
+    #[serde(default)]
+    pub configured: std::collections::BTreeMap<String, Vec<(IpAddr, u32)>>,
+    /// VIP ids (`RINGS`/`STATS_VIP` slots), kept so an adopted data plane's
+    /// rings stay with their VIPs.
+    #[serde(default)]
+    pub vip_ids: std::collections::BTreeMap<String, u32>,
 }
 
 /// A runtime-added VIP's definition.
@@ -197,6 +208,9 @@ pub struct SavedBackend {
 struct BackendRt {
     status: BackendStatus,
     hop: NextHop,
+    /// Unique per backend instance: a health event from the checker of a
+    /// removed backend whose id was reused must not touch the new one.
+    token: u64,
 }
 
 struct VipRuntime {
@@ -208,6 +222,7 @@ struct VipRuntime {
 
 pub struct Controller {
     pub ebpf: Ebpf,
+    configured_backends: std::collections::BTreeMap<String, Vec<(IpAddr, u32)>>,
     added_vips: std::collections::BTreeMap<String, SavedVip>,
     removed_vips: std::collections::BTreeSet<String>,
     /// Whether a running data plane was adopted (hitless restart).
@@ -218,6 +233,7 @@ pub struct Controller {
     ifindex: u32,
     vips: Vec<VipRuntime>,
     used_ids: std::collections::BTreeSet<u32>,
+    next_token: u64,
 }
 
 fn mode_of(m: ForwardMode) -> u8 {
@@ -261,8 +277,26 @@ impl Controller {
         }
         let added: std::collections::BTreeMap<String, SavedVip> = saved.added_vips.clone();
         let removed = saved.removed_vips.clone();
+        // What the file says, before runtime changes are laid over it.
+        let configured: std::collections::BTreeMap<String, Vec<(IpAddr, u32)>> = config
+            .vips
+            .iter()
+            .map(|v| {
+                (
+                    v.spec.to_string(),
+                    v.backends.iter().map(|b| (b.addr, b.weight)).collect(),
+                )
+            })
+            .collect();
         for v in &mut config.vips {
-            if let Some(list) = saved.vips.get(&v.spec.to_string()) {
+            let name = v.spec.to_string();
+            if let Some(old) = saved.configured.get(&name)
+                && configured.get(&name) != Some(old)
+            {
+                tracing::warn!(vip = %name, "backends edited in the configuration file: it overrides runtime changes");
+                continue;
+            }
+            if let Some(list) = saved.vips.get(&name) {
                 v.backends = list
                     .iter()
                     .map(|b| BackendConfig {
@@ -307,6 +341,7 @@ impl Controller {
             ebpf,
             added_vips: added,
             removed_vips: removed,
+            configured_backends: configured,
             adopted,
             pin_dir,
             config,
@@ -314,11 +349,30 @@ impl Controller {
             ifindex,
             vips: Vec::new(),
             used_ids: Default::default(),
+            next_token: 0,
         };
         // Saved ids first, so adopted connection-table entries keep naming
         // the same backends.
         for list in saved.vips.values() {
             ctl.used_ids.extend(list.iter().filter_map(|b| b.id));
+        }
+        // Saved VIP ids first (an adopted data plane's rings are theirs),
+        // then the lowest free ids for the rest.
+        let mut vip_ids: Vec<u32> = Vec::new();
+        for v in &ctl.config.vips {
+            let saved_id = saved.vip_ids.get(&v.spec.to_string()).copied();
+            vip_ids.push(match saved_id {
+                Some(id) if id < ctl.config.sizes.max_vips && !vip_ids.contains(&id) => id,
+                _ => u32::MAX,
+            });
+        }
+        for i in 0..vip_ids.len() {
+            if vip_ids[i] == u32::MAX {
+                let free = (0..ctl.config.sizes.max_vips)
+                    .find(|id| !vip_ids.contains(id))
+                    .context("more VIPs than dataplane.max_vips")?;
+                vip_ids[i] = free;
+            }
         }
         for (i, v) in ctl.config.vips.clone().into_iter().enumerate() {
             let mut backends = Vec::new();
@@ -353,11 +407,16 @@ impl Controller {
                     status.health = Health::Down;
                 }
                 status.refresh_state();
-                backends.push(BackendRt { status, hop });
+                ctl.next_token += 1;
+                backends.push(BackendRt {
+                    status,
+                    hop,
+                    token: ctl.next_token,
+                });
             }
             ctl.vips.push(VipRuntime {
                 config: v,
-                vip_id: i as u32,
+                vip_id: vip_ids[i],
                 backends,
                 ring_flips: 0,
             });
@@ -411,7 +470,7 @@ impl Controller {
     }
 
     fn write_backend(&mut self, v: usize, b: usize) -> Result<()> {
-        let BackendRt { status, hop } = &self.vips[v].backends[b];
+        let BackendRt { status, hop, .. } = &self.vips[v].backends[b];
         if hop.ifindex != self.ifindex {
             anyhow::bail!(
                 "backend {} is reached through interface {}, not {}: forwarding to another \
@@ -435,6 +494,7 @@ impl Controller {
             src_mac: hop.src_mac,
             _pad: [0; 2],
             ifindex: hop.ifindex,
+            vip_id: self.vips[v].vip_id,
         };
         let id = status.id;
         programming::set_backend(&mut self.ebpf, id, &info)
@@ -503,6 +563,10 @@ impl Controller {
             // The backend was removed while its last check ran.
             return Ok(None);
         };
+        if self.vips[v].backends[b].token != ev.token {
+            // From the checker of a removed backend whose id was reused.
+            return Ok(None);
+        }
         let status = &mut self.vips[v].backends[b].status;
         status.health = ev.health;
         status.refresh_state();
@@ -533,6 +597,7 @@ impl Controller {
                 addr: SocketAddr::new(b.status.address, port),
                 check: rt.config.health_check.clone(),
                 initial: b.status.health,
+                token: b.token,
             })
             .collect()
     }
@@ -609,7 +674,10 @@ impl Controller {
             .await
             .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
         let id = self.alloc_id()?;
+        self.next_token += 1;
+        let token = self.next_token;
         self.vips[v].backends.push(BackendRt {
+            token,
             status: BackendStatus::new(addr, id, weight),
             hop,
         });
@@ -753,6 +821,12 @@ impl Controller {
         let state = SavedState {
             added_vips: self.added_vips.clone(),
             removed_vips: self.removed_vips.clone(),
+            configured: self.configured_backends.clone(),
+            vip_ids: self
+                .vips
+                .iter()
+                .map(|v| (v.config.spec.to_string(), v.vip_id))
+                .collect(),
             vips: self
                 .vips
                 .iter()
@@ -776,8 +850,16 @@ impl Controller {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            f.write_all(&serde_json::to_vec_pretty(&state)?)?;
+            // On disk before it replaces the old state: a crash must leave
+            // one whole file or the other.
+            f.sync_all()
+                .with_context(|| format!("syncing {}", tmp.display()))?;
+        }
         std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
     }
 
@@ -856,22 +938,40 @@ impl Controller {
         for v in 0..self.vips.len() {
             for b in 0..self.vips[v].backends.len() {
                 let addr = self.vips[v].backends[b].status.address;
+                // Short: this runs on the main loop, and an unreachable
+                // backend must not hold up everything else.
                 let Ok(hop) = self
                     .resolver
-                    .resolve(addr, Duration::from_millis(500))
+                    .resolve(addr, Duration::from_millis(100))
                     .await
                 else {
                     continue;
                 };
-                if hop != self.vips[v].backends[b].hop {
-                    tracing::info!(backend = %addr, mac = ?hop.mac, "next hop changed");
-                    self.vips[v].backends[b].hop = hop;
-                    self.write_backend(v, b)?;
-                    changed += 1;
+                if hop == self.vips[v].backends[b].hop {
+                    continue;
                 }
+                if hop.ifindex != self.ifindex {
+                    // Keep the old, working next hop rather than one this
+                    // data plane cannot send to.
+                    tracing::warn!(backend = %addr, ifindex = hop.ifindex, "backend now routed through another interface; keeping its last next hop");
+                    continue;
+                }
+                tracing::info!(backend = %addr, mac = ?hop.mac, "next hop changed");
+                let old = std::mem::replace(&mut self.vips[v].backends[b].hop, hop);
+                if let Err(e) = self.write_backend(v, b) {
+                    self.vips[v].backends[b].hop = old;
+                    tracing::error!(backend = %addr, error = %format!("{e:#}"), "updating the next hop failed");
+                    continue;
+                }
+                changed += 1;
             }
         }
         Ok(changed)
+    }
+
+    /// Where the connection table is pinned (for counting it off the main loop).
+    pub fn conntrack_pin(&self) -> PathBuf {
+        self.pin_dir.join("CONNTRACK")
     }
 
     /// Turns the data plane's debug events on or off (one CONFIG update).

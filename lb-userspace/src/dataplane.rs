@@ -91,19 +91,27 @@ pub fn load_balancer() -> Result<Ebpf> {
     load_balancer_with(&MapSizes::default())
 }
 
-/// Sets the configured map sizes on a loader.
-pub fn size_maps(loader: &mut EbpfLoader<'_>, sizes: &MapSizes) -> Result<()> {
-    loader
-        .map_max_entries(
+/// Each sized map's `max_entries` for these sizes.
+pub fn map_sizes(sizes: &MapSizes) -> Result<[(&'static str, u32); 7]> {
+    Ok([
+        (
             "VIP_TABLE",
             2 * lb_common::viptable::slots_for(sizes.max_vips),
-        )
-        .map_max_entries("STATS_VIP", sizes.max_vips)
-        .map_max_entries("BACKENDS", sizes.max_backends)
-        .map_max_entries("STATS_BACKEND", sizes.max_backends)
-        .map_max_entries("RINGS", sizes.ring_entries()?)
-        .map_max_entries("CONNTRACK", sizes.conntrack_entries)
-        .map_max_entries("FLOW_CACHE", sizes.flow_cache_slots.next_power_of_two());
+        ),
+        ("STATS_VIP", sizes.max_vips),
+        ("BACKENDS", sizes.max_backends),
+        ("STATS_BACKEND", sizes.max_backends),
+        ("RINGS", sizes.ring_entries()?),
+        ("CONNTRACK", sizes.conntrack_entries),
+        ("FLOW_CACHE", sizes.flow_cache_slots.next_power_of_two()),
+    ])
+}
+
+/// Sets the configured map sizes on a loader.
+pub fn size_maps(loader: &mut EbpfLoader<'_>, sizes: &MapSizes) -> Result<()> {
+    for (name, n) in map_sizes(sizes)? {
+        loader.map_max_entries(name, n);
+    }
     Ok(())
 }
 

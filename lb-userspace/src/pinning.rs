@@ -37,7 +37,6 @@ pub const PINNED_MAPS: &[&str] = &[
 ];
 
 const LINK: &str = "link";
-const SIZES: &str = "sizes.json";
 
 pub fn pin_dir(instance: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/{instance}/v{LAYOUT_VERSION}"))
@@ -56,24 +55,23 @@ pub struct Pinned {
 /// of other sizes is refused, not silently reused.
 pub fn load(dir: &Path, sizes: &MapSizes) -> Result<Pinned> {
     let adopted = dir.join(LINK).exists();
-    let sizes_file = state_dir(dir).join(SIZES);
     if adopted {
-        let pinned: MapSizes = std::fs::read_to_string(&sizes_file)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .with_context(|| {
-                format!(
-                    "{} has a link but no readable {}",
-                    dir.display(),
-                    sizes_file.display()
-                )
-            })?;
-        if pinned != *sizes {
-            bail!(
-                "the running data plane in {} has map sizes {pinned:?}, the configuration asks for \
-                 {sizes:?}: changing sizes needs `lbd --teardown` (a restart that drops connections)",
-                dir.display()
-            );
+        // Sizes are read from the pinned maps themselves: nothing else
+        // survives every kind of restart (systemd empties /run).
+        for (name, want) in dataplane::map_sizes(sizes)? {
+            let path = dir.join(name);
+            let have = aya::maps::MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?
+                .info()
+                .with_context(|| format!("reading {}", path.display()))?
+                .max_entries();
+            if have != want {
+                bail!(
+                    "the running data plane in {} has {name} sized {have}, the configuration asks for \
+                     {want}: changing sizes needs `lbd --teardown` (a restart that drops connections)",
+                    dir.display()
+                );
+            }
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -89,19 +87,11 @@ pub fn load(dir: &Path, sizes: &MapSizes) -> Result<Pinned> {
     dataplane::program_mut(&mut ebpf, BALANCER_PROGRAM)?
         .load()
         .context("verifying the balancer program")?;
-    std::fs::create_dir_all(state_dir(dir))?;
-    std::fs::write(&sizes_file, serde_json::to_vec(sizes)?)
-        .with_context(|| format!("writing {}", sizes_file.display()))?;
     Ok(Pinned {
         ebpf,
         adopted,
         dir: dir.to_owned(),
     })
-}
-
-/// Userspace notes kept beside the pins (bpffs holds only BPF objects).
-fn state_dir(dir: &Path) -> PathBuf {
-    PathBuf::from("/run/lb").join(dir.strip_prefix("/sys/fs/bpf").unwrap_or(dir))
 }
 
 /// Attaches the balancer: into the pinned link when adopting (an atomic
@@ -159,11 +149,6 @@ pub fn teardown(dir: &Path) -> Result<bool> {
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
     if let Some(parent) = dir.parent() {
         // The instance directory, if no other layout version lives there.
-        let _ = std::fs::remove_dir(parent);
-    }
-    let notes = state_dir(dir);
-    let _ = std::fs::remove_dir_all(&notes);
-    if let Some(parent) = notes.parent() {
         let _ = std::fs::remove_dir(parent);
     }
     Ok(true)

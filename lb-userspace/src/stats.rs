@@ -27,12 +27,13 @@ pub fn global_counters(ebpf: &Ebpf) -> Result<BTreeMap<&'static str, u64>> {
     Ok(out)
 }
 
-/// Entries in the connection table, by walking its keys (bounded, so a
-/// table larger than any configuration allows cannot stall the caller).
-pub fn conntrack_entries(ebpf: &Ebpf) -> Result<u64> {
-    use aya::maps::HashMap;
+/// Entries in the connection table pinned at `path`, by walking its keys:
+/// one syscall per key, so call it from a blocking thread. Bounded, so a
+/// table that keeps changing under the walk cannot keep it going.
+pub fn conntrack_entries(path: &std::path::Path) -> Result<u64> {
+    use aya::maps::{HashMap, Map};
     use lb_common::maps::{ConnEntry, FlowKey};
-    let map: HashMap<&MapData, FlowKey, ConnEntry> =
-        HashMap::try_from(ebpf.map("CONNTRACK").context("map CONNTRACK missing")?)?;
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    let map: HashMap<MapData, FlowKey, ConnEntry> = HashMap::try_from(Map::LruHashMap(data))?;
     Ok(map.keys().take(1 << 27).filter(|k| k.is_ok()).count() as u64)
 }

@@ -51,6 +51,7 @@ fn backend(id: u32) -> BackendInfo {
         src_mac: LB_MAC,
         _pad: [0; 2],
         ifindex: 0,
+        vip_id: lb_common::maps::BACKEND_ANY_VIP,
     }
 }
 
@@ -1101,5 +1102,53 @@ fn kernel_and_userspace_agree_on_10000_random_flows_v4_udp_and_v6_tcp() {
         per_backend.len(),
         20,
         "every backend of both VIPs got flows: {per_backend:?}"
+    );
+}
+
+/// A backend slot reused for another VIP's backend never receives the flows
+/// the connection table (or the flow cache) still has for the old one.
+#[test]
+fn a_reused_backend_slot_gets_no_foreign_flows() {
+    let mut b = Bench::new();
+    let v4 = [198, 18, 100, 1];
+    for id in 1..=2 {
+        let info = BackendInfo {
+            vip_id: 0,
+            ..backend(id)
+        };
+        programming::set_backend(&mut b.h.ebpf, id, &info).unwrap();
+    }
+    let tcp = b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), MODE_IPIP, 1);
+    let syn = testframe::build(&tcp4(v4, 6000, 80));
+    b.check(
+        "flow placed on slot 1",
+        &syn,
+        XDP_TX,
+        &encapsulated(&syn, 1),
+        TX_TCP_NEW,
+    );
+    b.ring_all(&tcp, 2);
+    // Slot 1 now belongs to a backend of VIP 7.
+    programming::set_backend(
+        &mut b.h.ebpf,
+        1,
+        &BackendInfo {
+            vip_id: 7,
+            ..backend(1)
+        },
+    )
+    .unwrap();
+    let a = testframe::build(&ack(tcp4(v4, 6000, 80)));
+    b.check(
+        "its flow is re-picked from VIP 0's ring, not sent to VIP 7's backend",
+        &a,
+        XDP_TX,
+        &encapsulated(&a, 2),
+        &[
+            ("parse_tcp", 1),
+            ("lb_repick_down", 1),
+            ("lb_new_flow", 1),
+            ("verdict_tx", 1),
+        ],
     );
 }

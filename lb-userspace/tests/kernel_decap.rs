@@ -52,6 +52,7 @@ fn setup(backend_v6: bool) -> Harness {
         src_mac: LB_MAC,
         _pad: [0; 2],
         ifindex: 0,
+        vip_id: lb_common::maps::BACKEND_ANY_VIP,
     };
     programming::set_backend(&mut h.ebpf, 1, &b).unwrap();
     for (id, (addr, fam)) in [

@@ -284,6 +284,23 @@ fn add_drain_and_restart() {
         "{seen:?}"
     );
     stop_lbd(lbd);
+
+    // The operator edits the file: it wins over the runtime changes.
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    let b1 = t.backend(1).ipv4().to_string();
+    let edited = text.replace(&format!("[[vip.backend]]\naddress = \"{b1}\"\n"), "");
+    assert_ne!(edited, text);
+    std::fs::write(&p.config, edited).unwrap();
+    let lbd = start_lbd(&t, &p);
+    let l = listing(&p.socket);
+    let now: Vec<&str> = l[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(now, vec![b0.as_str()], "{l}");
+    stop_lbd(lbd);
     std::fs::remove_dir_all(&p.dir).ok();
 }
 

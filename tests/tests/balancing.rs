@@ -107,6 +107,7 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
                 src_mac: lb.mac(),
                 _pad: [0; 2],
                 ifindex: lb_if,
+                vip_id: lb_common::maps::BACKEND_ANY_VIP,
             };
             programming::set_backend(&mut balancer, id, &info).unwrap();
             ring.push(MaglevBackend {

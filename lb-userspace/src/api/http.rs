@@ -15,7 +15,8 @@ pub struct Request {
 }
 
 pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(r: R) -> Result<Request> {
-    let mut r = BufReader::new(r);
+    // Bounds everything read, a header line without a newline included.
+    let mut r = BufReader::new(r.take((MAX_HEAD + MAX_BODY) as u64));
     let mut line = String::new();
     let mut head_len = 0;
     r.read_line(&mut line)

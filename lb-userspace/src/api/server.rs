@@ -39,13 +39,23 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// Connections served at once; more wait in the listen backlog, so a flood
+/// of clients cannot exhaust lbd's file descriptors (which health checks
+/// need).
+const MAX_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let calls = calls.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let (rd, wr) = stream.into_split();
             let request =
                 tokio::time::timeout(std::time::Duration::from_secs(10), http::read_request(rd))
@@ -88,12 +98,17 @@ pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     scrapes: mpsc::Sender<oneshot::Sender<String>>,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let scrapes = scrapes.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let (rd, wr) = stream.into_split();
             let request =
                 tokio::time::timeout(std::time::Duration::from_secs(10), http::read_request(rd))

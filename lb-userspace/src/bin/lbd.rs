@@ -143,11 +143,24 @@ fn run_config(config: Config) -> Result<()> {
         };
         // The connection table is counted in the background of the loop,
         // not per scrape: walking a million keys takes a while.
-        let mut conntrack_entries: Option<u64> = None;
-        let mut count_tick = tokio::time::interval(std::time::Duration::from_secs(15));
+        // Counted on a blocking thread: walking a million keys takes seconds.
+        let conntrack_count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        {
+            let (count, path) = (conntrack_count.clone(), ctl.conntrack_pin());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+                loop {
+                    tick.tick().await;
+                    let p = path.clone();
+                    if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || lb_userspace::stats::conntrack_entries(&p)).await {
+                        count.store(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
         let mut checks: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
         for t in ctl.health_targets() {
-            checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone(), check_stats.clone(), t.initial)));
+            checks.insert(t.id, tokio::spawn(health::run(t.id, t.token, t.addr, t.check, tx.clone(), check_stats.clone(), t.initial)));
         }
         event(serde_json::json!({
             "event": "ready",
@@ -162,7 +175,8 @@ fn run_config(config: Config) -> Result<()> {
                 _ = usr1.recv() => print_counters(&ctl.ebpf, "counters")?,
                 Some(reply) = scrape_rx.recv() => {
                     let checks = check_stats.lock().map(|c| c.clone()).unwrap_or_default();
-                    let text = lb_userspace::metrics::render(&ctl.list(), &ctl.ebpf, &checks, conntrack_entries)
+                    let n = conntrack_count.load(std::sync::atomic::Ordering::Relaxed);
+                    let text = lb_userspace::metrics::render(&ctl.list(), &ctl.ebpf, &checks, (n != u64::MAX).then_some(n))
                         .unwrap_or_else(|e| format!("# lbd could not read its maps: {e:#}\n"));
                     let _ = reply.send(text);
                 }
@@ -179,9 +193,6 @@ fn run_config(config: Config) -> Result<()> {
                         pusher.offer(lb_userspace::graphite::lines(prefix, &snap, now));
                     }
                 }
-                _ = count_tick.tick() => {
-                    conntrack_entries = lb_userspace::stats::conntrack_entries(&ctl.ebpf).ok();
-                }
                 _ = refresh.tick() => {
                     ticks = ticks.wrapping_add(1);
                     let due = dirty.swap(false, std::sync::atomic::Ordering::Relaxed) || ticks.is_multiple_of(10);
@@ -197,7 +208,7 @@ fn run_config(config: Config) -> Result<()> {
                         }
                     }
                     if let Some(t) = fx.start_check {
-                        checks.insert(t.id, tokio::spawn(health::run(t.id, t.addr, t.check, tx.clone(), check_stats.clone(), t.initial)));
+                        checks.insert(t.id, tokio::spawn(health::run(t.id, t.token, t.addr, t.check, tx.clone(), check_stats.clone(), t.initial)));
                     }
                     if answer.0 == 200 && call.request.method == "POST" {
                         event(serde_json::json!({"event": "admin", "path": call.request.path, "result": answer.1}));

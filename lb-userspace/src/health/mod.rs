@@ -14,6 +14,8 @@ pub use state::{Health, HealthState};
 #[derive(Clone, Debug)]
 pub struct HealthEvent {
     pub id: u32,
+    /// The checked backend instance (ids are reused).
+    pub token: u64,
     pub health: Health,
     pub reason: String,
     pub latency: Duration,
@@ -33,6 +35,7 @@ pub type CheckStats = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<
 /// recording every result in `stats`. Stops when the receiver is gone.
 pub async fn run(
     id: u32,
+    token: u64,
     addr: SocketAddr,
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
@@ -60,6 +63,7 @@ pub async fn run(
             };
             let event = HealthEvent {
                 id,
+                token,
                 health,
                 reason,
                 latency,
