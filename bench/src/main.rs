@@ -6,6 +6,8 @@
 //! (see lb-ebpf/src/bench.rs); its own cost, measured with the same frame and
 //! a do-nothing target, is subtracted.
 
+mod control;
+mod plot;
 mod service;
 mod xdp;
 
@@ -21,6 +23,12 @@ struct Args {
     /// End-to-end service load: direct, xdplb, HAProxy, nftables (wrk).
     #[arg(long)]
     service: bool,
+    /// Control plane (Maglev builds, ring publication, disruption) and memory.
+    #[arg(long)]
+    control: bool,
+    /// Where the report goes (with its SVG plots beside it).
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    out: std::path::PathBuf,
     /// Seconds of load per service measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -41,21 +49,109 @@ struct Args {
     rounds: usize,
 }
 
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(str::to_owned))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "- CPU: {cpu}, {} CPUs\n- {}\n- kernel {}\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        mem.split_whitespace().collect::<Vec<_>>().join(" "),
+        kernel.trim()
+    )
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
-    // No section flag means all of them.
-    let all = !args.xdp && !args.service;
+    let all = !args.xdp && !args.service && !args.control;
+    let dir = args
+        .out
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    std::fs::create_dir_all(&dir)?;
+    let mut report = format!(
+        "# Benchmarks\n\nProduced by `cargo xtask bench` (this run: `{}`), every contender in the same invocation on this machine:\n\n{}\n",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        machine()
+    );
     if args.xdp || all {
-        xdp::run(
+        let r = xdp::run(
             args.repeat,
             args.rounds,
             args.conntrack,
             args.only.as_deref(),
         )?;
+        plot::bars(&dir.join("xdp.svg"), "XDP cost per packet (ns)", &r.rows)?;
+        report.push_str(&format!(
+            "## 1. Data-plane cost per packet\n\n{}\n![ns per packet](xdp.svg)\n\n",
+            r.markdown
+        ));
     }
     if args.service || all {
         let results = service::run(args.service_rounds, args.seconds)?;
-        println!("{}", service::report(&results));
+        let table = service::report(&results);
+        println!("{table}");
+        let rps: Vec<(String, f64)> = results
+            .iter()
+            .map(|s| (s.contender.name(), service::median_rps(s)))
+            .collect();
+        plot::bars(
+            &dir.join("service-rps.svg"),
+            "requests/s (wrk, 16 connections)",
+            &rps,
+        )?;
+        report.push_str(&format!(
+            "## 3. End-to-end service load\n\n`wrk -t2 -c16 -d{}s --latency` from the client namespace, {} interleaved rounds; medians. Balancer CPU: softirq time above the direct run's for kernel paths (xdplb, nftables), the process's own CPU for HAProxy. Each contender's balancing is checked by the request counts the backends themselves report (last column).\n\n{table}\n![requests per second](service-rps.svg)\n\n",
+            args.seconds, args.service_rounds
+        ));
     }
+    if args.control || all {
+        let c = control::run()?;
+        let pts: Vec<(String, f64)> = c
+            .builds
+            .iter()
+            .map(|(n, ms)| (format!("{n} backends"), *ms))
+            .collect();
+        plot::bars(
+            &dir.join("maglev-build.svg"),
+            "Maglev build, M = 65537 (ms)",
+            &pts,
+        )?;
+        let dis: Vec<(String, f64)> = c
+            .disruption
+            .iter()
+            .flat_map(|(n, moved, ideal)| {
+                [
+                    (format!("N={n} measured"), moved * 100.0),
+                    (format!("N={n} ideal"), ideal * 100.0),
+                ]
+            })
+            .collect();
+        plot::bars(
+            &dir.join("disruption.svg"),
+            "slots moved by removing 1 of N (%)",
+            &dis,
+        )?;
+        report.push_str(&format!(
+            "## 4. Control plane\n\n{}\n![Maglev build](maglev-build.svg) ![disruption](disruption.svg)\n\n## 5. Memory\n\n{}\n",
+            c.markdown,
+            control::memory()?
+        ));
+    }
+    std::fs::write(&args.out, &report)?;
+    eprintln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -482,3 +482,7 @@ pub fn report(results: &[Summary]) -> String {
     }
     out
 }
+
+pub fn median_rps(s: &Summary) -> f64 {
+    median(s.runs.iter().map(|r| r.rps).collect())
+}

@@ -186,7 +186,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(repeat: u32, rounds: usize, conntrack_entries: u32, only: Option<&str>) -> Result<()> {
+/// Per path: name and ns/packet; the first row is the trivial forwarder.
+pub struct XdpResult {
+    pub rows: Vec<(String, f64)>,
+    pub markdown: String,
+}
+
+pub fn run(
+    repeat: u32,
+    rounds: usize,
+    conntrack_entries: u32,
+    only: Option<&str>,
+) -> Result<XdpResult> {
     let mut ebpf = setup(conntrack_entries)?;
     let v4 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 1], 40000, 80);
     let v6 = FrameSpec::v6_tcp(testframe::v6(0x10), testframe::v6_vip(1), 40000, 80);
@@ -292,19 +303,18 @@ pub fn run(repeat: u32, rounds: usize, conntrack_entries: u32, only: Option<&str
         }
     }
     let base = median(trivial);
-    println!(
-        "\nXDP data-plane cost per packet (BPF_PROG_TEST_RUN, repeat {repeat}, median of {rounds} interleaved rounds)\n"
+    let mut md = format!(
+        "XDP data-plane cost per packet (BPF_PROG_TEST_RUN, repeat {repeat}, median of {rounds} interleaved rounds, {conntrack_entries}-entry connection table)\n\n| path | ns/packet | x trivial |\n|---|---:|---:|\n| trivial: swap MACs, XDP_TX | {base:.1} | 1.00 |\n"
     );
-    println!("| path | ns/packet | x trivial |");
-    println!("|---|---:|---:|");
-    println!("| trivial: swap MACs, XDP_TX | {base:.1} | 1.00 |");
+    let mut rows = vec![("trivial: swap MACs, XDP_TX".to_owned(), base)];
     for (i, p) in paths.iter().enumerate() {
         let ns = if p.wrapped {
             median(results[i].clone()) - median(overhead[i].clone())
         } else {
             median(results[i].clone())
         };
-        println!("| {} | {ns:.1} | {:.2} |", p.name, ns / base);
+        md.push_str(&format!("| {} | {ns:.1} | {:.2} |\n", p.name, ns / base));
+        rows.push((p.name.to_owned(), ns));
     }
     let w: Vec<String> = paths
         .iter()
@@ -312,9 +322,10 @@ pub fn run(repeat: u32, rounds: usize, conntrack_entries: u32, only: Option<&str
         .filter(|(_, p)| p.wrapped)
         .map(|(i, p)| format!("{}: {:.1}", p.name, median(overhead[i].clone())))
         .collect();
-    println!(
-        "\nrestoring wrapper's own cost, subtracted above (ns): {}",
+    md.push_str(&format!(
+        "\nThe restoring wrapper's own cost, subtracted above (ns): {}\n",
         w.join("; ")
-    );
-    Ok(())
+    ));
+    println!("\n{md}");
+    Ok(XdpResult { rows, markdown: md })
 }

@@ -84,6 +84,17 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { args } => {
             setup::run()?;
+            // lbd, lb-testserver and the rest, next to lb-bench.
+            run_step(
+                Command::new("cargo").current_dir(workspace_root()).args([
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "--workspace",
+                    "--bins",
+                ]),
+                "bench: build",
+            )?;
             run_step(
                 Command::new("cargo")
                     .current_dir(workspace_root())

@@ -1,0 +1,176 @@
+//! Control-plane costs: Maglev builds, ring publication, disruption, and
+//! map memory.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use lb_common::{
+    maglev::{self, MaglevBackend},
+    maps::{LbConfig, MODE_IPIP, VipKey},
+};
+use lb_userspace::{
+    dataplane::{self, MapSizes},
+    programming,
+};
+
+const M: u32 = 65537;
+
+fn backends(n: u32) -> Vec<MaglevBackend> {
+    (1..=n)
+        .map(|i| {
+            let mut identity = [0u8; 16];
+            identity[..4].copy_from_slice(&(0xc612_0000u32 + i).to_be_bytes());
+            MaglevBackend {
+                id: i,
+                identity,
+                weight: 100,
+            }
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub struct ControlResult {
+    /// (backends, build ms)
+    pub builds: Vec<(u32, f64)>,
+    /// (backends, fraction of slots moved by removing one, ideal 1/N)
+    pub disruption: Vec<(u32, f64, f64)>,
+    pub markdown: String,
+}
+
+pub fn run() -> Result<ControlResult> {
+    let mut builds = Vec::new();
+    let mut disruption = Vec::new();
+    for n in [10u32, 100, 1000] {
+        let b = backends(n);
+        let times: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = maglev::build(&b, M, 0);
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        builds.push((n, median(times)));
+        let full = maglev::build(&b, M, 0)?;
+        let less = maglev::build(&b[1..], M, 0)?;
+        let moved = full.iter().zip(&less).filter(|(a, b)| a != b).count() as f64 / M as f64;
+        disruption.push((n, moved, 1.0 / n as f64));
+    }
+    // Writing a ring into the idle generation and flipping, M = 65537.
+    let mut ebpf = dataplane::load_balancer_with(&MapSizes {
+        max_vips: 2,
+        max_backends: 1100,
+        ring_size: M,
+        conntrack_entries: 1024,
+        flow_cache_slots: 1,
+    })?;
+    programming::set_config(
+        &mut ebpf,
+        &LbConfig {
+            ring_size: M,
+            ..Default::default()
+        },
+    )?;
+    let key = VipKey {
+        addr: [1; 16],
+        port: 80,
+        proto: 6,
+        family: 6,
+    };
+    let table = maglev::build(&backends(100), M, 0)?;
+    programming::install_vip(&mut ebpf, &key, 0, MODE_IPIP, &table)?;
+    let times: Vec<f64> = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            programming::publish_ring(&mut ebpf, &key, &table, std::time::Duration::from_secs(60))
+                .map(|_| t.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()
+        .context("publishing rings")?;
+    let publish_ms = median(times);
+    let mut md = String::from(
+        "| backends | Maglev build, M = 65537 (ms) | slots moved when one is removed | ideal (1/N) |\n|---:|---:|---:|---:|\n",
+    );
+    for ((n, ms), (_, moved, ideal)) in builds.iter().zip(&disruption) {
+        md.push_str(&format!(
+            "| {n} | {ms:.2} | {:.3}% | {:.3}% |\n",
+            moved * 100.0,
+            ideal * 100.0
+        ));
+    }
+    md.push_str(&format!(
+        "\nWriting one ring (65537 slots) into the idle generation and flipping the VIP to it: {publish_ms:.1} ms (one map update per slot).\n"
+    ));
+    Ok(ControlResult {
+        builds,
+        disruption,
+        markdown: md,
+    })
+}
+
+/// memlock of every map this process holds, by name, from /proc/self/fdinfo.
+fn map_memlock() -> Result<Vec<(String, u64, u32)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fdinfo")?.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+        };
+        let (Some(memlock), Some(id), Some(max)) =
+            (field("memlock:"), field("map_id:"), field("max_entries:"))
+        else {
+            continue;
+        };
+        let id: u32 = id.parse().unwrap_or(0);
+        let name = aya::maps::MapInfo::from_id(id)
+            .ok()
+            .and_then(|i| i.name_as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("map {id}"));
+        out.push((name, memlock.parse().unwrap_or(0), max.parse().unwrap_or(0)));
+    }
+    Ok(out)
+}
+
+pub fn memory() -> Result<String> {
+    let mut md = String::from(
+        "| configuration | CONNTRACK entries | CONNTRACK memlock | bytes per tracked flow | all maps |\n|---|---:|---:|---:|---:|\n",
+    );
+    for (label, sizes) in [
+        ("default", MapSizes::default()),
+        (
+            "4M flows",
+            MapSizes {
+                conntrack_entries: 1 << 22,
+                ..MapSizes::default()
+            },
+        ),
+    ] {
+        let ebpf = dataplane::load_balancer_with(&sizes)?;
+        let maps = map_memlock()?;
+        let ct = maps
+            .iter()
+            .find(|(n, _, max)| n == "CONNTRACK" && *max == sizes.conntrack_entries)
+            .map(|m| m.1)
+            .unwrap_or(0);
+        // Only this load's maps: the process holds no other program now.
+        let total: u64 = maps.iter().map(|m| m.1).sum();
+        md.push_str(&format!(
+            "| {label} | {} | {:.1} MiB | {:.0} | {:.1} MiB |\n",
+            sizes.conntrack_entries,
+            ct as f64 / (1 << 20) as f64,
+            ct as f64 / sizes.conntrack_entries as f64,
+            total as f64 / (1 << 20) as f64
+        ));
+        drop(ebpf);
+    }
+    md.push_str("\nmemlock as the kernel accounts it (/proc/self/fdinfo), kernel overhead included; the per-CPU flow cache and counters scale with the CPU count.\n");
+    Ok(md)
+}
