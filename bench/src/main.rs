@@ -7,7 +7,9 @@
 //! a do-nothing target, is subtracted.
 
 mod control;
+mod failover;
 mod plot;
+mod rate;
 mod service;
 mod xdp;
 
@@ -26,6 +28,9 @@ struct Args {
     /// Control plane (Maglev builds, ring publication, disruption) and memory.
     #[arg(long)]
     control: bool,
+    /// Packet rate through the topology (XDP live frames).
+    #[arg(long)]
+    rate: bool,
     /// Where the report goes (with its SVG plots beside it).
     #[arg(long, default_value = "bench/RESULTS.md")]
     out: std::path::PathBuf,
@@ -75,7 +80,7 @@ fn machine() -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let all = !args.xdp && !args.service && !args.control;
+    let all = !args.xdp && !args.service && !args.control && !args.rate;
     let dir = args
         .out
         .parent()
@@ -98,6 +103,18 @@ fn main() -> Result<()> {
         report.push_str(&format!(
             "## 1. Data-plane cost per packet\n\n{}\n![ns per packet](xdp.svg)\n\n",
             r.markdown
+        ));
+    }
+    if args.rate || all {
+        let (md, rows) = rate::run()?;
+        println!("{md}");
+        plot::bars(
+            &dir.join("rate.svg"),
+            "packets/s delivered to the backends",
+            &rows,
+        )?;
+        report.push_str(&format!(
+            "## 2. Packet rate through the topology\n\n{md}\n![packet rate](rate.svg)\n\n"
         ));
     }
     if args.service || all {
@@ -146,8 +163,9 @@ fn main() -> Result<()> {
             &dis,
         )?;
         report.push_str(&format!(
-            "## 4. Control plane\n\n{}\n![Maglev build](maglev-build.svg) ![disruption](disruption.svg)\n\n## 5. Memory\n\n{}\n",
+            "## 4. Control plane\n\n{}\n{}\n![Maglev build](maglev-build.svg) ![disruption](disruption.svg)\n\n## 5. Memory\n\n{}\n",
             c.markdown,
+            failover::run()?,
             control::memory()?
         ));
     }
