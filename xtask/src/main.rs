@@ -35,7 +35,7 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Benchmarks (not tests): `--xdp` for the data plane's cost per packet.
+    /// Benchmarks (not tests), written to bench/RESULTS.md: all five sections, or `--xdp`, `--rate`, `--service`, `--control`.
     Bench {
         /// Arguments for the benchmark binary (e.g. --xdp, --repeat N, --rounds N).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
