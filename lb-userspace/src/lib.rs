@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod debuglog;
 pub mod graphite;
 pub mod health;
+pub mod instance_lock;
 pub mod metrics;
 pub mod neigh;
 pub mod pinning;

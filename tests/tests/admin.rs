@@ -423,3 +423,40 @@ fn a_missing_interface_is_refused_before_anything_is_attached() {
     );
     std::fs::remove_dir_all(&p.dir).ok();
 }
+
+#[test]
+fn a_second_lbd_for_the_same_instance_is_refused_and_the_first_keeps_running() {
+    let t = Topology::new(2).unwrap();
+    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
+    let p = paths(&t);
+    write_config(&t, &p);
+    let lbd = start_lbd(&t, &p);
+    let name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), "");
+    let lock = Path::new("/run/lb").join(format!("{name}.lock"));
+    assert!(lock.exists(), "{} held", lock.display());
+    let before = listing(&p.socket);
+    for extra in [&[][..], &["--teardown"][..]] {
+        let mut args = vec![
+            lbd_path().unwrap().to_str().unwrap().to_owned(),
+            "--config".into(),
+            p.config.to_str().unwrap().to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = t.exec(t.lb().ns(), &args).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&format!(
+                "instance \"{name}\" is already run by lbd pid {}",
+                lbd.pid()
+            )),
+            "{extra:?}: {msg}"
+        );
+    }
+    // The first still owns its socket, its pins and its state.
+    assert_eq!(listing(&p.socket), before);
+    assert!(Path::new(&format!("/sys/fs/bpf/{name}")).exists());
+    stop_lbd(lbd);
+    assert!(!lock.exists(), "a clean exit removes the lock file");
+    std::fs::remove_dir_all(&p.dir).ok();
+}

@@ -1,7 +1,11 @@
 //! lbd: the load balancer's controller. Loads and attaches the XDP program,
 //! programs it from the configuration, keeps it in step with health checks.
 
-use std::{collections::HashMap, path::PathBuf, process::ExitCode};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -10,7 +14,7 @@ use lb_userspace::{
     config::Config,
     controller::Controller,
     dataplane::{self, AttachMode},
-    health, stats,
+    health, instance_lock, stats,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -62,6 +66,15 @@ fn main() -> ExitCode {
             println!("{}: ok ({} VIPs)", path.display(), config.vips.len());
             return ExitCode::SUCCESS;
         }
+        // Before anything touches pins, the socket or sysctls.
+        let lock = match instance_lock::acquire(Path::new(instance_lock::LOCK_DIR), &config.name) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("lbd: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::debug!(lock = %lock.path().display(), "instance lock held");
         if args.teardown {
             let dir = lb_userspace::pinning::pin_dir(&config.name);
             return report(lb_userspace::pinning::teardown(&dir).map(|removed| {
@@ -72,7 +85,9 @@ fn main() -> ExitCode {
                 );
             }));
         }
-        return report(run_config(config));
+        let result = run_config(config);
+        drop(lock);
+        return report(result);
     }
     let interface = args.interface.clone().unwrap_or_default();
     report(run_bare(interface, args.xdp_mode))
