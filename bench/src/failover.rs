@@ -5,12 +5,11 @@
 
 use std::{
     net::IpAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use lb_tests::{Topology, addressing, fabric, lbd_path};
+use lb_tests::{Topology, addressing, fabric, lbd};
 use lb_userspace::dataplane::AttachMode;
 
 const PORT: u16 = 80;
@@ -25,32 +24,20 @@ fn once(interval_ms: u64, timeout_ms: u64, fall: u32, phase: u64) -> Result<Dura
     let _fabric = fabric::prepare(&t, AttachMode::Generic)?;
     let vip: IpAddr = addressing::vip_v4(1).into();
     t.add_vip_on_backends(vip)?;
-    let backends: String = t
-        .backends()
-        .iter()
-        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
-        .collect();
     let dir = std::env::temp_dir().join(format!("{}-failover", t.id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("lb.toml");
     std::fs::write(
         &config,
         format!(
-            "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
-             api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\n\
-             [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\n\
-             [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"l2dsr\"\n\
+            "{}[[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"l2dsr\"\n\
              [vip.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval = \"{interval_ms}ms\"\n\
-             timeout = \"{timeout_ms}ms\"\nrise = 2\nfall = {fall}\n{backends}",
-            name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-            dev = t.lb().ifname(),
-            d = dir.display(),
+             timeout = \"{timeout_ms}ms\"\nrise = 2\nfall = {fall}\n{}",
+            lbd::Preamble::default().render(&t, &dir),
+            lbd::backend_tables(t.backends()),
         ),
     )?;
-    let mut cmd = Command::new(lbd_path()?);
-    cmd.arg("--config").arg(&config);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd)?;
-    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(30))?;
+    let (mut lbd, _) = lbd::start(&t, &config)?;
     // Let the checks settle into their schedule, then kill at this sample's
     // phase of it: the schedule starts with lbd, so a fixed delay would hit
     // the same phase every time.
@@ -69,10 +56,7 @@ fn once(interval_ms: u64, timeout_ms: u64, fall: u32, phase: u64) -> Result<Dura
         .context("the killed backend was never marked down")?;
     let took = killed.elapsed();
     anyhow::ensure!(line.contains("backend"), "unexpected event: {line}");
-    // SAFETY: plain kill(2) on a child we own.
-    unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) };
-    let _ = lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10));
-    lbd.stop();
+    let _ = lbd::stop(&mut lbd);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(took)
 }

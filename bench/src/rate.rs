@@ -6,7 +6,6 @@
 
 use std::{
     net::IpAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -16,7 +15,7 @@ use aya::{
     programs::{TestRun, TestRunAttrs, TestRunOptions},
 };
 use lb_common::testframe::{self, FrameSpec, L4};
-use lb_tests::{Topology, addressing, fabric, in_netns, lbd_path};
+use lb_tests::{Topology, addressing, fabric, in_netns, lbd};
 use lb_userspace::dataplane::{self, AttachMode, MapSizes};
 
 const FRAMES: u32 = 2_000_000;
@@ -153,33 +152,23 @@ fn balancer(t: &Topology, frame: &[u8], mode: AttachMode) -> Result<f64> {
     let vip = addressing::vip_v4(1);
     let dir = std::env::temp_dir().join(format!("{}-rate", t.id()));
     std::fs::create_dir_all(&dir)?;
-    let backends: String = t
-        .backends()
-        .iter()
-        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
-        .collect();
     let config = dir.join("lb.toml");
+    let mode = mode.to_string();
     std::fs::write(
         &config,
         format!(
-            "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"{mode}\"\non_exit = \"detach\"\n\
-             api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\n\
-             [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\n\
-             [[vip]]\naddress = \"{vip}:53/udp\"\nmode = \"l2dsr\"\n{backends}",
-            name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-            dev = t.lb().ifname(),
-            d = dir.display(),
+            "{}[[vip]]\naddress = \"{vip}:53/udp\"\nmode = \"l2dsr\"\n{}",
+            lbd::Preamble {
+                xdp_mode: &mode,
+                ..Default::default()
+            }
+            .render(t, &dir),
+            lbd::backend_tables(t.backends()),
         ),
     )?;
-    let mut cmd = Command::new(lbd_path()?);
-    cmd.arg("--config").arg(&config);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd)?;
-    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(30))?;
+    let (mut lbd, _) = lbd::start(t, &config)?;
     let pps = measure(t, frame);
-    // SAFETY: plain kill(2) on a child we own.
-    unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) };
-    let _ = lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10));
-    lbd.stop();
+    let _ = lbd::stop(&mut lbd);
     let _ = std::fs::remove_dir_all(&dir);
     pps
 }

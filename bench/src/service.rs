@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use lb_tests::{Spawned, Topology, addressing, fabric, in_netns, lbd_path};
+use lb_tests::{Spawned, Topology, addressing, fabric, in_netns, lbd};
 use lb_userspace::dataplane::AttachMode;
 
 const PORT: u16 = 80;
@@ -147,29 +147,23 @@ fn prepare(t: &Topology, c: Contender, dir: &std::path::Path) -> Result<Setup> {
             dir: dir.into(),
         }),
         Contender::Ours(mode) => {
-            let backends: String = t
-                .backends()
-                .iter()
-                .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
-                .collect();
             let config = dir.join("lb.toml");
+            let mode = mode.to_string();
             std::fs::write(
                 &config,
                 format!(
-                    "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"{mode}\"\non_exit = \"detach\"\n\
-                     api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\n\
-                     [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 262144\n\
-                     [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"l2dsr\"\n\
-                     [vip.health_check]\ntype = \"tcp\"\ninterval = \"2s\"\n{backends}",
-                    name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-                    dev = lb.ifname(),
-                    d = dir.display(),
+                    "{}[[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"l2dsr\"\n\
+                     [vip.health_check]\ntype = \"tcp\"\ninterval = \"2s\"\n{}",
+                    lbd::Preamble {
+                        xdp_mode: &mode,
+                        conntrack_entries: 262144,
+                        ..Default::default()
+                    }
+                    .render(t, dir),
+                    lbd::backend_tables(t.backends()),
                 ),
             )?;
-            let mut cmd = Command::new(lbd_path()?);
-            cmd.arg("--config").arg(&config);
-            let mut p = t.spawn(lb.ns(), &mut cmd)?;
-            p.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(30))?;
+            let (p, _) = lbd::start(t, &config)?;
             Ok(Setup {
                 target,
                 lb_process: Some(p),

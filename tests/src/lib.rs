@@ -7,6 +7,7 @@
 //! - `lb-testserver` ([`testserver`]) and its launcher: real HTTP and UDP
 //!   servers in the backends that answer with their own name.
 //! - [`client`]: bounded HTTP and UDP clients to drive traffic.
+//! - [`lbd`]: the real controller's configuration preamble, start and stop.
 //!
 //! Everything here needs root except the pure helpers and the test server.
 
@@ -16,6 +17,7 @@ pub mod cmd;
 pub mod fabric;
 pub mod http;
 pub mod launcher;
+pub mod lbd;
 pub mod netns;
 pub mod process;
 pub mod testserver;

@@ -220,6 +220,11 @@ impl Topology {
         &self.id
     }
 
+    /// The lbd instance name for this topology (pins, lock, socket names).
+    pub fn instance_name(&self) -> String {
+        self.id.replace(|c: char| !c.is_ascii_alphanumeric(), "")
+    }
+
     /// The namespace holding the bridge and the hosts' peers.
     pub fn fabric_ns(&self) -> &str {
         &self.fabric

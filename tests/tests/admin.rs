@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{HttpConn, Spawned, Topology, addressing, lbctl_path, lbd_path};
+use lb_tests::{HttpConn, Spawned, Topology, addressing, lbctl_path, lbd, lbd_path};
 use lb_userspace::{api::client::call, dataplane::AttachMode};
 use serde_json::{Value, json};
 
@@ -36,41 +36,24 @@ fn paths(t: &Topology) -> Paths {
 }
 
 fn write_config(t: &Topology, p: &Paths) {
-    let b: String = t.backends()[..2]
-        .iter()
-        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
-        .collect();
+    let b = lbd::backend_tables(&t.backends()[..2]);
     let text = format!(
-        "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
-         api_socket = \"{sock}\"\nstate_file = \"{state}\"\n\
-         [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+        "{pre}\
          [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n\
          [vip.health_check]\ntype = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n{b}",
-        name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-        dev = t.lb().ifname(),
-        sock = p.socket.display(),
-        state = p.state.display(),
-        src = t.lb().ipv4(),
+        pre = lbd::Preamble::default().render(t, &p.dir),
         vip = addressing::vip_v4(1),
     );
     std::fs::write(&p.config, text).unwrap();
 }
 
 fn start_lbd(t: &Topology, p: &Paths) -> Spawned {
-    let mut cmd = Command::new(lbd_path().unwrap());
-    cmd.arg("--config").arg(&p.config);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
-    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
-        .unwrap();
-    lbd
+    lbd::start(t, &p.config).unwrap().0
 }
 
 fn stop_lbd(mut lbd: Spawned) {
-    // SAFETY: plain kill(2) on a child we own.
-    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
-    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
-        .unwrap();
-    assert!(lbd.stop().is_some_and(|s| s.success()));
+    let (_, status) = lbd::stop(&mut lbd).unwrap();
+    assert!(status.is_some_and(|s| s.success()));
 }
 
 /// Runs lbctl; returns (exit code, stdout, stderr).
@@ -377,7 +360,7 @@ fn vips_at_runtime_persist_and_teardown_removes_everything() {
     assert_eq!(spread(&t, vip3, 30).len(), 2);
 
     // Teardown through the API: lbd exits and nothing stays pinned.
-    let name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), "");
+    let name = t.instance_name();
     assert!(Path::new(&format!("/sys/fs/bpf/{name}")).exists());
     let (code, _, err) = lbctl(&p.socket, &["teardown"]);
     assert_eq!(code, 0, "{err}");
@@ -416,7 +399,7 @@ fn a_missing_interface_is_refused_before_anything_is_attached() {
         msg.contains("nosuch0") && msg.contains("does not exist"),
         "{msg}"
     );
-    let name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), "");
+    let name = t.instance_name();
     assert!(
         !Path::new(&format!("/sys/fs/bpf/{name}")).exists(),
         "nothing pinned"
@@ -431,7 +414,7 @@ fn a_second_lbd_for_the_same_instance_is_refused_and_the_first_keeps_running() {
     let p = paths(&t);
     write_config(&t, &p);
     let lbd = start_lbd(&t, &p);
-    let name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), "");
+    let name = t.instance_name();
     let lock = Path::new("/run/lb").join(format!("{name}.lock"));
     assert!(lock.exists(), "{} held", lock.display());
     let before = listing(&p.socket);

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    process::Command,
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,31 +13,28 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{HttpConn, Topology, addressing, in_netns, lbd_path};
+use lb_tests::{HttpConn, Topology, addressing, in_netns, lbd};
 use lb_userspace::dataplane::AttachMode;
 
 const PORT: u16 = 80;
 const INTERVAL_MS: u64 = 300;
 const FALL: u64 = 2;
 
-fn config(t: &Topology, mode: &str) -> String {
-    let lb = t.lb();
-    let backends: String = t
-        .backends()
-        .iter()
-        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
-        .collect();
+/// lbd's socket and state go in `dir`.
+fn config(t: &Topology, mode: &str, dir: &Path) -> String {
+    let backends = lbd::backend_tables(t.backends());
     let check = format!(
         "[vip.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval = \"{INTERVAL_MS}ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = {FALL}\n"
     );
     format!(
-        "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"{mode}\"\non_exit = \"detach\"\n\
-         [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+        "{pre}\
          [[vip]]\naddress = \"{v1}:{PORT}/tcp\"\nmode = \"ipip\"\n{check}{backends}\
          [[vip]]\naddress = \"{v2}:{PORT}/tcp\"\nmode = \"l2dsr\"\n{check}{backends}",
-        name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-        dev = lb.ifname(),
-        src = lb.ipv4(),
+        pre = lbd::Preamble {
+            xdp_mode: mode,
+            ..Default::default()
+        }
+        .render(t, dir),
         v1 = addressing::vip_v4(1),
         v2 = addressing::vip_v4(2),
     )
@@ -72,14 +69,11 @@ fn run(mode: AttachMode) {
     for v in vips {
         t.add_vip_on_backends(v).unwrap();
     }
-    let cfg_path = std::env::temp_dir().join(format!("{}-{mode}.toml", t.id()));
-    std::fs::write(&cfg_path, config(&t, &mode.to_string())).unwrap();
-    let mut cmd = Command::new(lbd_path().unwrap());
-    cmd.arg("--config").arg(&cfg_path);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
-    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
-        .unwrap();
-    std::fs::remove_file(&cfg_path).ok();
+    let dir = std::env::temp_dir().join(format!("{}-{mode}", t.id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("lb.toml");
+    std::fs::write(&cfg_path, config(&t, &mode.to_string(), &dir)).unwrap();
+    let (mut lbd, _) = lbd::start(&t, &cfg_path).unwrap();
 
     // 300 new connections per VIP spread over all three backends.
     for vip in vips {
@@ -163,11 +157,9 @@ fn run(mode: AttachMode) {
     );
     assert!(ok > 50, "they kept exchanging data: {ok} answers");
 
-    // SAFETY: plain kill(2) on a child we own.
-    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
-    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
-        .unwrap();
-    assert!(lbd.stop().is_some_and(|s| s.success()));
+    let (_, status) = lbd::stop(&mut lbd).unwrap();
+    assert!(status.is_some_and(|s| s.success()));
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -190,16 +182,12 @@ fn next_hop_change_is_followed() {
     let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
     let vip = IpAddr::from(addressing::vip_v4(2));
     t.add_vip_on_backends(vip).unwrap();
-    let cfg_path = std::env::temp_dir().join(format!("{}-nexthop.toml", t.id()));
-    let text = config(&t, "generic");
+    let dir = std::env::temp_dir().join(format!("{}-nexthop", t.id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("lb.toml");
     // Only the l2dsr VIP matters here; keep the file as the other tests do.
-    std::fs::write(&cfg_path, text).unwrap();
-    let mut cmd = Command::new(lbd_path().unwrap());
-    cmd.arg("--config").arg(&cfg_path);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
-    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
-        .unwrap();
-    std::fs::remove_file(&cfg_path).ok();
+    std::fs::write(&cfg_path, config(&t, "generic", &dir)).unwrap();
+    let (mut lbd, _) = lbd::start(&t, &cfg_path).unwrap();
     assert_eq!(spread(&t, vip, 5).get("backend0"), Some(&5));
 
     let b = t.backend(0);
@@ -242,8 +230,6 @@ fn next_hop_change_is_followed() {
         }
     }
     assert!(reached, "traffic reaches the backend at its new MAC");
-    // SAFETY: plain kill(2) on a child we own.
-    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
-    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
-        .unwrap();
+    lbd::stop(&mut lbd).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{Spawned, Topology, addressing, lbctl_path, lbd_path, split_echo, udp_echo_from};
+use lb_tests::{Spawned, Topology, addressing, lbctl_path, lbd, split_echo, udp_echo_from};
 use lb_userspace::dataplane::AttachMode;
 
 const CARBON_PORT: u16 = 22003;
@@ -144,32 +144,19 @@ fn pushes_land_in_carbon_and_survive_its_outage() {
     let mut carbon = start_carbon(&t, &conf);
 
     let config = dir.join("lb.toml");
-    let backends: String = t
-        .backends()
-        .iter()
-        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
-        .collect();
+    let backends = lb_tests::lbd::backend_tables(t.backends());
     std::fs::write(
         &config,
         format!(
-            "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
-             api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\n\
-             [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+            "{pre}\
              [graphite]\naddress = \"127.0.0.1:{CARBON_PORT}\"\nprefix = \"lbtest\"\ninterval = \"1s\"\nmax_buffered_lines = 500\n\
              [[vip]]\naddress = \"{vip}:53/udp\"\nmode = \"ipip\"\n\
              [vip.health_check]\ntype = \"tcp\"\nport = 80\ninterval = \"500ms\"\ntimeout = \"300ms\"\n{backends}",
-            name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-            dev = t.lb().ifname(),
-            d = dir.display(),
-            src = t.lb().ipv4(),
+            pre = lbd::Preamble::default().render(&t, &dir),
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(lbd_path().unwrap());
-    cmd.arg("--config").arg(&config);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
-    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
-        .unwrap();
+    let (mut lbd, _) = lbd::start(&t, &config).unwrap();
 
     let seen = send(&t, vip, 20000, 50);
     let vip_path = format!(
@@ -221,9 +208,6 @@ fn pushes_land_in_carbon_and_survive_its_outage() {
     send(&t, vip, 21000, 30);
     wait_for(&dir, &format!("{vip_path}.all.packets"), 80.0);
 
-    // SAFETY: plain kill(2) on a child we own.
-    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
-    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
-        .unwrap();
+    lbd::stop(&mut lbd).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{Topology, addressing, in_netns, lbd_path, split_echo, udp_echo_from};
+use lb_tests::{Topology, addressing, in_netns, lbd, split_echo, udp_echo_from};
 use lb_userspace::dataplane::AttachMode;
 
 const DATAGRAMS: u16 = 200;
@@ -65,31 +65,22 @@ fn counters_are_exact_and_the_exposition_is_valid() {
     let dir = std::env::temp_dir().join(format!("{}-metrics", t.id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("lb.toml");
-    let backends: String = t
-        .backends()
-        .iter()
-        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
-        .collect();
+    let backends = lb_tests::lbd::backend_tables(t.backends());
     std::fs::write(
         &config,
         format!(
-            "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
-             api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\nmetrics_listen = \"127.0.0.1:9100\"\n\
-             [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+            "{pre}\
              [[vip]]\naddress = \"{vip}:53/udp\"\nmode = \"ipip\"\n\
              [vip.health_check]\ntype = \"tcp\"\nport = 80\ninterval = \"500ms\"\ntimeout = \"300ms\"\n{backends}",
-            name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-            dev = t.lb().ifname(),
-            d = dir.display(),
-            src = t.lb().ipv4(),
+            pre = lbd::Preamble {
+                instance_extra: "metrics_listen = \"127.0.0.1:9100\"\n",
+                ..Default::default()
+            }
+            .render(&t, &dir),
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(lbd_path().unwrap());
-    cmd.arg("--config").arg(&config);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
-    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
-        .unwrap();
+    let (mut lbd, _) = lbd::start(&t, &config).unwrap();
 
     // Every datagram from its own source port: one packet, one new flow.
     let per_backend: BTreeMap<String, u64> = t
@@ -305,9 +296,6 @@ fn counters_are_exact_and_the_exposition_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // SAFETY: plain kill(2) on a child we own.
-    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
-    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
-        .unwrap();
+    lbd::stop(&mut lbd).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

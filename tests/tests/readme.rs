@@ -1,9 +1,9 @@
 //! The README is for operators: every `lbctl` example it shows runs against
 //! a live lbd, and every command and flag it names exists.
 
-use std::{collections::BTreeSet, net::IpAddr, path::Path, process::Command, time::Duration};
+use std::{collections::BTreeSet, net::IpAddr, path::Path, process::Command};
 
-use lb_tests::{Topology, addressing, lbctl_path, lbd_path};
+use lb_tests::{Topology, addressing, lbctl_path, lbd, lbd_path};
 use lb_userspace::dataplane::AttachMode;
 
 const README: &str = include_str!("../../README.md");
@@ -36,26 +36,17 @@ fn every_lbctl_example_runs_against_a_live_lbd() {
     std::fs::write(
         &config,
         format!(
-            "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
-             api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\n\
-             [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+            "{pre}\
              [[vip]]\naddress = \"{vip}:80/tcp\"\nmode = \"ipip\"\n\
              [vip.health_check]\ntype = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n\
              [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n",
-            name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-            dev = t.lb().ifname(),
-            d = dir.display(),
-            src = t.lb().ipv4(),
+            pre = lbd::Preamble::default().render(&t, &dir),
             b0 = t.backend(0).ipv4(),
             b1 = t.backend(1).ipv4(),
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(lbd_path().unwrap());
-    cmd.arg("--config").arg(&config);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
-    lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
-        .unwrap();
+    let (mut lbd, _) = lbd::start(&t, &config).unwrap();
 
     let examples = examples();
     assert!(examples.len() >= 10, "{examples:?}");
@@ -76,10 +67,7 @@ fn every_lbctl_example_runs_against_a_live_lbd() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // SAFETY: plain kill(2) on a child we own.
-    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
-    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
-        .unwrap();
+    lbd::stop(&mut lbd).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

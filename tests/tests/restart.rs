@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{HttpConn, Spawned, Topology, addressing, in_netns, lbd_path};
+use lb_tests::{HttpConn, Topology, addressing, in_netns, lbd, lbd_path};
 use lb_userspace::dataplane::AttachMode;
 
 const PORT: u16 = 80;
@@ -35,16 +35,6 @@ impl Drop for Teardown {
     }
 }
 
-fn start(t: &Topology, config: &PathBuf) -> (Spawned, String) {
-    let mut cmd = Command::new(lbd_path().unwrap());
-    cmd.arg("--config").arg(config);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd).unwrap();
-    let ready = lbd
-        .wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(20))
-        .unwrap();
-    (lbd, ready)
-}
-
 #[derive(Default, Debug)]
 struct Tally {
     ok: usize,
@@ -62,29 +52,24 @@ fn restart_under_load_loses_nothing() {
     let dir = std::env::temp_dir().join(format!("{}-restart", t.id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("lb.toml");
-    let backends: String = t
-        .backends()
-        .iter()
-        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
-        .collect();
+    let backends = lb_tests::lbd::backend_tables(t.backends());
     std::fs::write(
         &config,
         format!(
-            "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"keep\"\n\
-             api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\n\
-             [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n\
+            "{pre}\
              [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n\
              [vip.health_check]\ntype = \"http\"\npath = \"/health\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n{backends}",
-            name = t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-            dev = t.lb().ifname(),
-            d = dir.display(),
-            src = t.lb().ipv4(),
+            pre = lbd::Preamble {
+                on_exit: "keep",
+                ..Default::default()
+            }
+            .render(&t, &dir),
         ),
     )
     .unwrap();
     let _teardown = Teardown(config.clone());
 
-    let (mut lbd, ready) = start(&t, &config);
+    let (mut lbd, ready) = lbd::start(&t, &config).unwrap();
     assert!(ready.contains("\"adopted\":false"), "{ready}");
     // One backend is down going into the restart: the next lbd must keep it
     // out of the ring, not start it as up and send it traffic until its
@@ -142,14 +127,11 @@ fn restart_under_load_loses_nothing() {
     });
 
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: plain kill(2) on a child we own.
-    assert_eq!(unsafe { libc::kill(lbd.pid() as i32, libc::SIGTERM) }, 0);
-    lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))
-        .unwrap();
-    assert!(lbd.stop().is_some_and(|s| s.success()));
+    let (_, status) = lbd::stop(&mut lbd).unwrap();
+    assert!(status.is_some_and(|s| s.success()));
     // Nobody runs the control plane now; the data plane carries on.
     std::thread::sleep(Duration::from_millis(700));
-    let (lbd2, ready) = start(&t, &config);
+    let (lbd2, ready) = lbd::start(&t, &config).unwrap();
     assert!(ready.contains("\"adopted\":true"), "{ready}");
     std::thread::sleep(Duration::from_millis(700));
     stop.store(true, Ordering::Relaxed);

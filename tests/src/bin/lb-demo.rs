@@ -212,16 +212,9 @@ fn run(keep: bool) -> Result<()> {
     let config = dir.join("lb.toml");
     let socket = dir.join("lbd.sock");
     let template = include_str!("../../../lb-userspace/config/demo.toml");
-    let backends: String = t
-        .backends()
-        .iter()
-        .map(|b| format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4()))
-        .collect();
+    let backends = lb_tests::lbd::backend_tables(t.backends());
     let text = template
-        .replace(
-            "@NAME@",
-            &t.id().replace(|c: char| !c.is_ascii_alphanumeric(), ""),
-        )
+        .replace("@NAME@", &t.instance_name())
         .replace("@INTERFACE@", t.lb().ifname())
         .replace("@DIR@", &dir.display().to_string())
         .replace("@LB@", &t.lb().ipv4().to_string())
