@@ -5,6 +5,7 @@
 //! ([`packet::PacketBytes`]) and map glue.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
+pub mod conntrack;
 pub mod csum;
 pub mod encap;
 pub mod flowcache;

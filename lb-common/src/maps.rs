@@ -92,7 +92,7 @@ impl BackendInfo {
     }
 }
 
-/// `CONNTRACK` key: the client-to-VIP 5-tuple.
+/// A flow: the client-to-VIP 5-tuple (the connection table's key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -103,15 +103,6 @@ pub struct FlowKey {
     pub proto: u8,
     pub family: u8,
     pub _pad: [u8; 2],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ConnEntry {
-    pub backend_id: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns` of the last packet; UDP entries expire on it.
-    pub last_seen_ns: u64,
 }
 
 /// `STATS_BACKEND` and `STATS_VIP` value (per CPU).
@@ -152,7 +143,12 @@ pub struct LbConfig {
     /// Slots of the per-CPU `FLOW_CACHE` (a power of two); set by userspace
     /// from the map's size.
     pub flow_cache_slots: u32,
-    pub _pad: u32,
+    /// Buckets of `CONNTRACK` minus one (buckets are a power of two); set
+    /// by userspace from the map's size.
+    pub conntrack_bucket_mask: u32,
+    /// Seed of the connection table's hash (`lb_common::conntrack`): random
+    /// per instance, kept across restarts (the table's entries depend on it).
+    pub conntrack_seed: u64,
 }
 
 #[cfg(feature = "user")]
@@ -163,7 +159,6 @@ mod pod {
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for ConnEntry {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for LbConfig {}
 }
@@ -181,9 +176,8 @@ mod tests {
         assert_eq!(size_of::<VipInfo>(), 24);
         assert_eq!(size_of::<BackendInfo>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<ConnEntry>(), 16);
         assert_eq!(size_of::<Traffic>(), 24);
-        assert_eq!(size_of::<LbConfig>(), 56);
+        assert_eq!(size_of::<LbConfig>(), 64);
     }
 }
 

@@ -74,7 +74,8 @@ counters! {
     LbNoBackend = 23 => "lb_no_backend",
     /// Growing the head for encapsulation failed: dropped.
     LbEncapFailed = 24 => "lb_encap_failed",
-    /// The connection table refused an insert (the packet is still forwarded).
+    /// No connection-table slot could be written (a table smaller than
+    /// `CONFIG` says); the packet is still forwarded.
     LbConntrackInsertFailed = 25 => "lb_conntrack_insert_failed",
     /// ICMP fragmentation-needed / packet-too-big quoting a VIP flow, sent to
     /// that flow's backend.
@@ -89,6 +90,10 @@ counters! {
     LbFrameTooBig = 30 => "lb_frame_too_big",
     /// Of the connection-table hits, those served by the per-CPU flow cache.
     LbFlowCacheHit = 31 => "lb_flow_cache_hit",
+    /// A new entry displaced a live flow's (neither closed nor expired): the
+    /// connection table is too small for the load. The displaced flow keeps
+    /// its backend while the ring does not change.
+    LbConntrackEvicted = 32 => "lb_conntrack_evicted",
 }
 
 impl Counter {

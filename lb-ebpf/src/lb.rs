@@ -1,16 +1,18 @@
-//! Backend selection: connection table first, then the Maglev ring, with the
-//! second chance and re-pick rules of DESIGN.md §3.
+//! Backend selection: the per-CPU flow cache, then the connection table,
+//! then the Maglev ring, with the second chance and re-pick rules of
+//! DESIGN.md §3.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use lb_common::{
+    conntrack::{Placement, Probe, SLOT_CLOSING, TICK_SHIFT, find, place, ticks},
     flowcache::{CachedFlow, REFRESH_EVERY, same_flow, slot_of},
-    maps::{BACKEND_DRAINING, BACKEND_UP, BackendInfo, ConnEntry, FlowKey, LbConfig, VipInfo},
+    maps::{BACKEND_DRAINING, BACKEND_UP, BackendInfo, FlowKey, LbConfig, VipInfo},
     parse::IPPROTO_UDP,
     ring::{flow_slot, ring_index},
     stats::Counter,
 };
 
-use crate::maps::{BACKENDS, CONNTRACK, FLOW_CACHE, RINGS, count};
+use crate::maps::{BACKENDS, ConnTable, FLOW_CACHE, RINGS, count};
 
 pub struct Choice {
     pub backend_id: u32,
@@ -19,13 +21,29 @@ pub struct Choice {
     pub backend: &'static BackendInfo,
     /// A new flow, to record once the packet is on its way.
     pub new_flow: bool,
-    pub now_ns: u64,
+    /// Ticks (`lb_common::conntrack::TICK_SHIFT`) when the packet arrived.
+    pub now: u32,
 }
 
 /// Flows on a draining backend stay; a down (or removed) one loses them.
 #[inline(always)]
 fn usable(b: &BackendInfo) -> bool {
     b.state == BACKEND_UP || b.state == BACKEND_DRAINING
+}
+
+/// The coarse clock (the last timer tick's `CLOCK_MONOTONIC`): exact to a
+/// few milliseconds, which ticks of 1 ms and timeouts of seconds do not
+/// notice, and without `bpf_ktime_get_ns`'s serialised TSC read, which cost
+/// a connection-table hit a third of its time.
+#[inline(always)]
+fn now_ticks() -> u32 {
+    // SAFETY: no preconditions.
+    ticks(unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+#[inline(always)]
+fn udp_timeout_ticks(cfg: &LbConfig) -> u32 {
+    (cfg.udp_timeout_ns >> TICK_SHIFT).min(i32::MAX as u64) as u32
 }
 
 #[inline(always)]
@@ -81,8 +99,8 @@ pub fn cached(key: &FlowKey, epoch: u32, cfg: &LbConfig) -> Option<(Choice, u32,
         return None;
     }
     c.hits = c.hits.wrapping_add(1);
-    // Every REFRESH_EVERY-th hit takes the full path, so the LRU keeps
-    // seeing the flow as alive (and refills this entry).
+    // Every REFRESH_EVERY-th hit takes the full path, so the table keeps
+    // seeing the flow as recently used (and refills this entry).
     if c.hits % REFRESH_EVERY == 0 {
         return None;
     }
@@ -92,60 +110,78 @@ pub fn cached(key: &FlowKey, epoch: u32, cfg: &LbConfig) -> Option<(Choice, u32,
         backend_id: c.backend_id,
         backend: b,
         new_flow: false,
-        now_ns: 0,
+        now: 0,
     };
     Some((choice, c.vip_id, c.mode))
 }
 
+const NOT_FOUND: u32 = u32::MAX;
+
+/// The connection-table slot holding `key`'s entry, if any.
 #[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+pub fn lookup(key: &FlowKey, probe: &Probe) -> Option<u32> {
+    match find_slot(key, probe) {
+        NOT_FOUND => None,
+        idx => Some(idx),
+    }
+}
+
+/// A BPF-to-BPF call: probing eight ways inline kept the key's words and
+/// every way's fields live at once, and the spills pushed the balancer's
+/// frame past the verifier's 512 bytes. Returns a plain word so the result
+/// comes back in a register.
+#[inline(never)]
+fn find_slot(key: &FlowKey, probe: &Probe) -> u32 {
+    find(&ConnTable, key, probe).unwrap_or(NOT_FOUND)
 }
 
 /// Picks the backend for `key`; `None` means the VIP has no usable backend.
+/// `at` is the flow's connection-table slot, if it has one (a SYN is not
+/// looked up: it follows the live ring whatever an old entry says).
 /// `allow_new` is false for packets that must neither create nor refresh
-/// state (ICMP errors about a flow).
+/// state (ICMP errors about a flow); `closing`: the client's FIN or RST.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn choose(
     key: &FlowKey,
+    at: Option<u32>,
     vip: &VipInfo,
     epoch: u32,
     cfg: &LbConfig,
     tcp_syn: bool,
+    closing: bool,
     allow_new: bool,
 ) -> Option<Choice> {
     let is_udp = key.proto == IPPROTO_UDP;
-    // Only UDP entries age by time: TCP ones live until the LRU evicts them,
-    // and reading the clock is a measurable share of a packet's budget.
-    let now = if is_udp { now_ns() } else { 0 };
+    let now = now_ticks();
     // A SYN starts a connection: it always follows the live ring, so a client
     // reusing a port after a change (or after a drain began) lands on the
     // current backends, and its entry is overwritten.
     let mut missed = tcp_syn;
     if tcp_syn {
         count(Counter::LbConntrackMiss);
-    } else if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: map value pointer valid for this program run.
-        let entry = unsafe { &mut *entry };
-        let expired =
-            is_udp && allow_new && now.wrapping_sub(entry.last_seen_ns) > cfg.udp_timeout_ns;
-        if expired {
+    } else if let Some(entry) = at.and_then(ConnTable::entry) {
+        if allow_new && entry.expired(now, udp_timeout_ticks(cfg)) {
             count(Counter::LbUdpExpired);
         } else if let Some(b) = BACKENDS.get(entry.backend_id)
             && usable(b)
             && b.serves(vip.vip_id)
         {
             count(Counter::LbConntrackHit);
-            if is_udp && allow_new {
-                entry.last_seen_ns = now;
+            // ICMP errors about a flow neither refresh it nor fill the cache.
+            if allow_new {
+                entry.touch(now, closing);
+                // A closing flow's last packets take this path, so its
+                // entry stays the one that ends it.
+                if entry.flags & SLOT_CLOSING == 0 {
+                    cache_fill(key, entry.backend_id, vip, epoch, cfg);
+                }
             }
-            cache_fill(key, entry.backend_id, vip, epoch, cfg);
             return Some(Choice {
                 backend_id: entry.backend_id,
                 backend: b,
                 new_flow: false,
-                now_ns: now,
+                now,
             });
         } else {
             count(Counter::LbRepickDown);
@@ -165,7 +201,8 @@ pub fn choose(
         && !tcp_syn
         && !is_udp
         && vip.second_chance_until_ns != 0
-        && now_ns() < vip.second_chance_until_ns
+        // SAFETY: no preconditions.
+        && unsafe { bpf_ktime_get_ns() } < vip.second_chance_until_ns
         && let Some((id, b)) = ring_pick(vip, vip.ring_gen ^ 1, slot, cfg)
         && usable(b)
         && b.serves(vip.vip_id)
@@ -181,21 +218,64 @@ pub fn choose(
         backend_id,
         backend,
         new_flow: allow_new,
-        now_ns: now,
+        now,
     })
 }
 
-/// Records a new flow's entry; called once the packet was forwarded.
-#[inline(always)]
-pub fn record(key: &FlowKey, choice: &Choice, vip: &VipInfo, epoch: u32, cfg: &LbConfig) {
-    cache_fill(key, choice.backend_id, vip, epoch, cfg);
-    let entry = ConnEntry {
-        backend_id: choice.backend_id,
-        _pad: 0,
-        last_seen_ns: choice.now_ns,
-    };
-    if CONNTRACK.insert(key, entry, 0).is_err() {
-        count(Counter::LbConntrackInsertFailed);
+/// Where a new entry of a flow without one goes, as a BPF-to-BPF call like
+/// [`find_slot`] (only new flows pay for it): the stalest free way of the
+/// emptier bucket. Returns the slot in the low 32 bits, bit 32 set if it
+/// displaces a live flow, `u64::MAX` if no slot could be read.
+#[inline(never)]
+fn placement(probe: &Probe, now: u32, udp_timeout: u32) -> u64 {
+    match place(&ConnTable, probe, now, udp_timeout) {
+        Some(at) => at.idx as u64 | (at.evicts_live as u64) << 32,
+        None => u64::MAX,
     }
+}
+
+/// Records a new flow's entry, in its own slot if it has one (`at`: an
+/// expired UDP flow, a re-pick; or found here: a SYN reusing a port); called
+/// once the packet was forwarded.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn record(
+    key: &FlowKey,
+    at: Option<u32>,
+    probe: &Probe,
+    choice: &Choice,
+    closing: bool,
+    cfg: &LbConfig,
+) {
+    let own = match at {
+        Some(idx) => Some(idx),
+        None => lookup(key, probe),
+    };
+    let placed = match own {
+        Some(idx) => Some(Placement {
+            idx,
+            evicts_live: false,
+        }),
+        None => match placement(probe, choice.now, udp_timeout_ticks(cfg)) {
+            u64::MAX => None,
+            at => Some(Placement {
+                idx: at as u32,
+                evicts_live: at >> 32 != 0,
+            }),
+        },
+    };
+    match placed.and_then(|p| Some((p, ConnTable::entry(p.idx)?))) {
+        Some((p, slot)) => {
+            slot.fill(key, probe.hash, choice.backend_id, choice.now);
+            slot.touch(choice.now, closing);
+            if p.evicts_live {
+                count(Counter::LbConntrackEvicted);
+            }
+        }
+        None => count(Counter::LbConntrackInsertFailed),
+    }
+    // The flow cache is filled by the flow's next packet, from this entry:
+    // a new flow's cache slot is a cold line, and many flows (scans, SYN
+    // floods, single-packet UDP) never send a next packet.
     count(Counter::LbNewFlow);
 }

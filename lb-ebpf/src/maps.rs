@@ -2,13 +2,14 @@
 //! sets the configured ones at load time (`EbpfLoader::set_max_entries`).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
+    bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, PerCpuArray},
 };
 use lb_common::{
+    conntrack::{ConnSlot, Slots},
     flowcache::CachedFlow,
-    maps::{BackendInfo, ConnEntry, FlowKey, LbConfig, Traffic},
+    maps::{BackendInfo, LbConfig, Traffic},
     stats::Counter,
     viptable::VipSlot,
 };
@@ -28,14 +29,38 @@ pub static RINGS: Array<u32> = Array::with_max_entries(16 * 2 * 65537, 0);
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);
 
-/// Per-CPU LRU lists: no cross-CPU lock on the insert path.
+/// The connection table (see `lb_common::conntrack`). Mappable so that
+/// lbd counts its entries by reading memory, not with a syscall per slot.
 #[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
-    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK: Array<ConnSlot> = Array::with_max_entries(65536, BPF_F_MMAPABLE);
 
 /// Per-CPU cache of established TCP flows (see `lb_common::flowcache`).
 #[map(name = "FLOW_CACHE")]
 pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(65536, 0);
+
+/// `CONNTRACK` as the shared table logic sees it.
+pub struct ConnTable;
+
+impl ConnTable {
+    #[inline(always)]
+    pub fn entry(idx: u32) -> Option<&'static mut ConnSlot> {
+        // SAFETY: a map value, valid for the program run. Other CPUs may
+        // write it concurrently; the slot's seal makes torn reads harmless.
+        CONNTRACK.get_ptr_mut(idx).map(|p| unsafe { &mut *p })
+    }
+}
+
+impl Slots for ConnTable {
+    #[inline(always)]
+    fn slot(&self, idx: u32) -> Option<&ConnSlot> {
+        CONNTRACK.get(idx)
+    }
+
+    #[inline(always)]
+    fn slot_mut(&mut self, idx: u32) -> Option<&mut ConnSlot> {
+        Self::entry(idx)
+    }
+}
 
 #[map(name = "STATS_BACKEND")]
 pub static STATS_BACKEND: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(4096, 0);

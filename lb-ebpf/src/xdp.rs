@@ -3,19 +3,20 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
+    conntrack,
     icmp::too_big_quote,
     maps::{CONFIG_FLAG_DEBUG, FAMILY_V4, FAMILY_V6, FlowKey, LbConfig, VipInfo, VipKey},
     packet::PacketBytes,
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed, parse},
     stats::Counter,
     viptable::{MAX_PROBES, key_words, slot_hash, words_eq},
-    wire::tcp::{TCP_ACK, TCP_SYN},
+    wire::tcp::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::{
     ctx::XdpBytes,
     forward::forward,
-    lb::{cached, choose, record},
+    lb::{cached, choose, lookup, record},
     maps::{CONFIG, STATS_BACKEND, STATS_VIP, VIP_TABLE, VIP_TABLE_GEN, account, count},
 };
 
@@ -113,7 +114,9 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let family = if parsed.is_ipv6 { FAMILY_V6 } else { FAMILY_V4 };
-    let (key, vip, syn, allow_new) = match parsed.proto {
+    // `allow_new`: false for an ICMP error about a flow, which must neither
+    // start nor refresh state (mid-stream rules apply).
+    let (key, syn, closing, allow_new) = match parsed.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let key = FlowKey {
                 src: parsed.src_addr,
@@ -124,50 +127,16 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
                 family,
                 _pad: [0; 2],
             };
-            let syn =
-                parsed.proto == IPPROTO_TCP && parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            // The fast path: an established TCP flow this CPU has seen.
-            if parsed.proto == IPPROTO_TCP
-                && !syn
-                && let Some((choice, vip_id, mode)) = cached(&key, epoch, cfg)
-            {
-                let bytes = pkt.len() as u64;
-                return match forward(pkt, parsed, mode, choice.backend, cfg) {
-                    Ok(action) => {
-                        account(&STATS_VIP, vip_id, bytes, false);
-                        account(&STATS_BACKEND, choice.backend_id, bytes, false);
-                        action
-                    }
-                    Err(reason) => {
-                        count(reason);
-                        xdp_action::XDP_DROP
-                    }
-                };
-            }
-            let Some(vip) = lookup_vip(
-                &parsed.dst_addr,
-                parsed.dst_port,
-                parsed.proto,
-                parsed.is_ipv6,
-                epoch,
-                cfg,
-            ) else {
-                count(Counter::LbNotVip);
-                return xdp_action::XDP_PASS;
-            };
-            (key, vip, syn, true)
+            let is_tcp = parsed.proto == IPPROTO_TCP;
+            let syn = is_tcp && parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            let closing = is_tcp && parsed.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+            (key, syn, closing, true)
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let Some(q) = too_big_quote(pkt, parsed) else {
                 count(Counter::LbNotVip);
                 return xdp_action::XDP_PASS;
             };
-            let Some(vip) = lookup_vip(&q.vip, q.vip_port, q.proto, parsed.is_ipv6, epoch, cfg)
-            else {
-                count(Counter::LbNotVip);
-                return xdp_action::XDP_PASS;
-            };
-            count(Counter::LbIcmpTooBig);
             let key = FlowKey {
                 src: q.client,
                 dst: q.vip,
@@ -177,48 +146,78 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
                 family,
                 _pad: [0; 2],
             };
-            // An error is no reason to start a flow; mid-stream rules apply.
-            (key, vip, false, false)
+            (key, false, false, false)
         }
         _ => {
             count(Counter::LbNotVip);
             return xdp_action::XDP_PASS;
         }
     };
-    let bytes = pkt.len() as u64;
-    let Some(choice) = choose(&key, &vip, epoch, cfg, syn, allow_new) else {
-        count(Counter::LbNoBackend);
-        return xdp_action::XDP_DROP;
+    // The fast path: an established TCP flow this CPU has seen. (A FIN or
+    // RST goes the full way, to mark its entry closing.)
+    let fast = if allow_new && key.proto == IPPROTO_TCP && !syn && !closing {
+        cached(&key, epoch, cfg)
+    } else {
+        None
     };
-    match forward(pkt, parsed, vip.mode, choice.backend, cfg) {
+    // `table`: the flow's place in the connection table, for recording it.
+    let (choice, vip_id, mode, table) = match fast {
+        Some((choice, vip_id, mode)) => (choice, vip_id, mode, None),
+        None => {
+            let Some(vip) = lookup_vip(
+                &key.dst,
+                key.dst_port,
+                key.proto,
+                parsed.is_ipv6,
+                epoch,
+                cfg,
+            ) else {
+                count(Counter::LbNotVip);
+                return xdp_action::XDP_PASS;
+            };
+            if !allow_new {
+                count(Counter::LbIcmpTooBig);
+            }
+            let flow = conntrack::probe(&key, cfg.conntrack_seed, cfg.conntrack_bucket_mask);
+            // A SYN is not looked up here: it follows the ring whatever an
+            // old entry says (its own slot is found when it is recorded).
+            let at = if syn { None } else { lookup(&key, &flow) };
+            let Some(choice) = choose(&key, at, &vip, epoch, cfg, syn, closing, allow_new) else {
+                count(Counter::LbNoBackend);
+                return xdp_action::XDP_DROP;
+            };
+            (choice, vip.vip_id, vip.mode, Some((flow, at)))
+        }
+    };
+    // One forwarding tail for every path: inlined twice, the encapsulation
+    // code doubled the program and its stack frame.
+    let bytes = pkt.len() as u64;
+    match forward(pkt, parsed, mode, choice.backend, cfg) {
         Ok(action) => {
             // State and stats only for packets that really left.
-            if choice.new_flow {
-                record(&key, &choice, &vip, epoch, cfg);
+            if choice.new_flow
+                && let Some((flow, at)) = &table
+            {
+                record(&key, *at, flow, &choice, closing, cfg);
                 if cfg.flags & CONFIG_FLAG_DEBUG != 0 {
                     debug!(
                         pkt.ctx(),
                         "new flow: vip {} port {} -> backend {} (client port {})",
-                        vip.vip_id,
+                        vip_id,
                         key.dst_port,
                         choice.backend_id,
                         key.src_port
                     );
                 }
             }
-            account(&STATS_VIP, vip.vip_id, bytes, choice.new_flow);
+            account(&STATS_VIP, vip_id, bytes, choice.new_flow);
             account(&STATS_BACKEND, choice.backend_id, bytes, choice.new_flow);
             action
         }
         Err(reason) => {
             count(reason);
             if cfg.flags & CONFIG_FLAG_DEBUG != 0 {
-                debug!(
-                    pkt.ctx(),
-                    "drop: vip {} reason {}",
-                    vip.vip_id,
-                    reason.index()
-                );
+                debug!(pkt.ctx(), "drop: vip {} reason {}", vip_id, reason.index());
             }
             xdp_action::XDP_DROP
         }

@@ -8,15 +8,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::{
-    Ebpf,
-    maps::{HashMap, MapData},
-};
+use aya::Ebpf;
 use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
-        BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP, BackendInfo, ConnEntry,
-        FlowKey, LbConfig, MODE_IPIP, MODE_L2DSR,
+        BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP, BackendInfo, FlowKey, LbConfig,
+        MODE_IPIP, MODE_L2DSR,
     },
     ring::flow_slot,
 };
@@ -770,14 +767,8 @@ impl Controller {
                 .find(|b| b.status.id == id)
                 .map(|b| (b.status.address, b.status.state))
         };
-        let table: HashMap<&MapData, FlowKey, ConnEntry> = HashMap::try_from(
-            self.ebpf
-                .map("CONNTRACK")
-                .context("map CONNTRACK missing")?,
-        )
-        .context("map CONNTRACK has an unexpected type")?;
-        if let Ok(entry) = table.get(&key, 0)
-            && let Some((addr, state)) = by_id(entry.backend_id)
+        if let Some(id) = programming::conntrack_backend(&self.ebpf, &key)?
+            && let Some((addr, state)) = by_id(id)
         {
             let reason = match state {
                 BackendState::Down => "connection-table entry, but that backend is down: the next packet is re-picked from the ring".into(),
@@ -969,9 +960,10 @@ impl Controller {
         Ok(changed)
     }
 
-    /// Where the connection table is pinned (for counting it off the main loop).
-    pub fn conntrack_pin(&self) -> PathBuf {
-        self.pin_dir.join("CONNTRACK")
+    /// Where the data plane's maps are pinned (for counting the connection
+    /// table off the main loop).
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
     }
 
     /// Turns the data plane's debug events on or off (one CONFIG update).

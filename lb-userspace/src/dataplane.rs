@@ -54,6 +54,8 @@ pub struct MapSizes {
     pub max_backends: u32,
     /// Maglev table size M (prime).
     pub ring_size: u32,
+    /// Connection-table capacity in flows; the table holds the next power
+    /// of two (see [`MapSizes::conntrack_slots`]).
     pub conntrack_entries: u32,
     /// Per-CPU flow cache slots (a power of two).
     pub flow_cache_slots: u32,
@@ -72,6 +74,14 @@ impl Default for MapSizes {
 }
 
 impl MapSizes {
+    /// `CONNTRACK` slots: buckets of `WAYS` slots, a power of two of them, so
+    /// the data plane picks a bucket with a mask.
+    pub fn conntrack_slots(&self) -> u32 {
+        self.conntrack_entries
+            .max(lb_common::conntrack::WAYS)
+            .next_power_of_two()
+    }
+
     /// `RINGS` entries: two generations of M slots per VIP.
     pub fn ring_entries(&self) -> Result<u32> {
         self.max_vips
@@ -102,7 +112,7 @@ pub fn map_sizes(sizes: &MapSizes) -> Result<[(&'static str, u32); 7]> {
         ("BACKENDS", sizes.max_backends),
         ("STATS_BACKEND", sizes.max_backends),
         ("RINGS", sizes.ring_entries()?),
-        ("CONNTRACK", sizes.conntrack_entries),
+        ("CONNTRACK", sizes.conntrack_slots()),
         ("FLOW_CACHE", sizes.flow_cache_slots.next_power_of_two()),
     ])
 }

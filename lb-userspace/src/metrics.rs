@@ -115,7 +115,7 @@ pub fn render(
     vips: &[VipStatus],
     ebpf: &Ebpf,
     checks: &HashMap<u32, CheckRecord>,
-    conntrack_entries: Option<u64>,
+    conntrack: Option<crate::stats::TableCount>,
 ) -> Result<String> {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
@@ -319,13 +319,19 @@ pub fn render(
             global.get(c.name()).copied().unwrap_or(0),
         );
     }
-    if let Some(n) = conntrack_entries {
+    if let Some(t) = conntrack {
         f.head(
             "lb_conntrack_entries",
             "gauge",
-            "Entries in the connection table (counted periodically).",
+            "Flows in the connection table (counted every few seconds).",
         );
-        f.sample("lb_conntrack_entries", &[], n);
+        f.sample("lb_conntrack_entries", &[], t.entries);
+        f.head(
+            "lb_conntrack_slots",
+            "gauge",
+            "Capacity of the connection table; keep entries below half of it.",
+        );
+        f.sample("lb_conntrack_slots", &[], t.slots);
     }
     Ok(out)
 }
@@ -364,6 +370,7 @@ mod dashboard {
             "lb_xdp_verdicts_total",
             "lb_xdp_packets_total",
             "lb_conntrack_entries",
+            "lb_conntrack_slots",
         ];
         let src = include_str!("metrics.rs");
         for name in exported {

@@ -19,7 +19,7 @@ use crate::dataplane::{self, AttachMode, BALANCER_OBJECT, BALANCER_PROGRAM, MapS
 
 /// Bumped whenever a map's key or value layout changes: a new lbd must not
 /// adopt maps it would misread.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The maps that carry state across restarts (benchmark maps are not).
 pub const PINNED_MAPS: &[&str] = &[

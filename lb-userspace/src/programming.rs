@@ -81,9 +81,24 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
         .context("flipping VIP_TABLE_GEN")
 }
 
-/// Writes the configuration; `vip_slots` and `flow_cache_slots` always come
-/// from the maps themselves.
+/// Writes the configuration. `vip_slots`, `flow_cache_slots` and the
+/// connection table's bucket mask always come from the maps themselves; the
+/// table's seed is the one
+/// already in `CONFIG` (an adopted table's entries depend on it), or a fresh
+/// random one on first start.
 pub fn set_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<()> {
+    let slots = array::<lb_common::conntrack::ConnSlot>(ebpf, "CONNTRACK")?.len();
+    let ways = lb_common::conntrack::WAYS;
+    if !slots.is_power_of_two() || slots < ways {
+        bail!("CONNTRACK has {slots} slots: not a power of two of at least {ways}");
+    }
+    let current = array::<LbConfig>(ebpf, "CONFIG")?
+        .get(&0, 0)
+        .context("reading CONFIG")?;
+    let conntrack_seed = match current.conntrack_seed {
+        0 => random_seed()?,
+        seed => seed,
+    };
     let flow_cache_slots = aya::maps::PerCpuArray::<_, lb_common::flowcache::CachedFlow>::try_from(
         ebpf.map("FLOW_CACHE").context("map FLOW_CACHE missing")?,
     )
@@ -92,11 +107,69 @@ pub fn set_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<()> {
     let cfg = LbConfig {
         vip_slots: vip_slots(ebpf)?,
         flow_cache_slots,
+        conntrack_bucket_mask: slots / ways - 1,
+        conntrack_seed,
         ..*cfg
     };
     array::<LbConfig>(ebpf, "CONFIG")?
         .set(0, cfg, 0)
         .context("writing CONFIG")
+}
+
+fn random_seed() -> Result<u64> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom for the connection table's seed")?;
+    // 0 means "not yet drawn".
+    Ok(u64::from_ne_bytes(b).max(1))
+}
+
+/// Where `key` is in the connection table, as the data plane would find it:
+/// the index and contents of its slot, if it has a complete entry.
+pub fn conntrack_slot(
+    ebpf: &Ebpf,
+    key: &lb_common::maps::FlowKey,
+) -> Result<Option<(u32, lb_common::conntrack::ConnSlot)>> {
+    use std::collections::BTreeMap;
+
+    use lb_common::conntrack::{ConnSlot, Slots, WAYS, find, probe};
+
+    /// The two candidate buckets, read at their own offsets.
+    struct Buckets(BTreeMap<u32, ConnSlot>);
+    impl Slots for Buckets {
+        fn slot(&self, idx: u32) -> Option<&ConnSlot> {
+            self.0.get(&idx)
+        }
+        fn slot_mut(&mut self, idx: u32) -> Option<&mut ConnSlot> {
+            self.0.get_mut(&idx)
+        }
+    }
+
+    let cfg = Array::<_, LbConfig>::try_from(ebpf.map("CONFIG").context("map CONFIG missing")?)
+        .context("map CONFIG has an unexpected type")?
+        .get(&0, 0)
+        .context("reading CONFIG")?;
+    let table =
+        Array::<_, ConnSlot>::try_from(ebpf.map("CONNTRACK").context("map CONNTRACK missing")?)
+            .context("map CONNTRACK has an unexpected type")?;
+    let p = probe(key, cfg.conntrack_seed, cfg.conntrack_bucket_mask);
+    let mut buckets = Buckets(BTreeMap::new());
+    for first in p.buckets {
+        for idx in first..first + WAYS {
+            let slot = table
+                .get(&idx, 0)
+                .with_context(|| format!("reading CONNTRACK[{idx}]"))?;
+            buckets.0.insert(idx, slot);
+        }
+    }
+    Ok(find(&buckets, key, &p).and_then(|idx| Some((idx, *buckets.slot(idx)?))))
+}
+
+/// The backend of `key`'s connection-table entry, if it has one.
+pub fn conntrack_backend(ebpf: &Ebpf, key: &lb_common::maps::FlowKey) -> Result<Option<u32>> {
+    Ok(conntrack_slot(ebpf, key)?.map(|(_, s)| s.backend_id))
 }
 
 pub fn set_backend(ebpf: &mut Ebpf, id: u32, b: &BackendInfo) -> Result<()> {

@@ -80,11 +80,15 @@ struct Bench {
 
 impl Bench {
     fn new() -> Self {
+        Self::with_conntrack(4096)
+    }
+
+    fn with_conntrack(conntrack_entries: u32) -> Self {
         let sizes = MapSizes {
             max_vips: 16,
             max_backends: 16,
             ring_size: M,
-            conntrack_entries: 4096,
+            conntrack_entries,
             ..Default::default()
         };
         let mut h = Harness::load_with(&sizes);
@@ -717,11 +721,9 @@ fn connection_table_rules() {
     assert_eq!(b.traffic("STATS_VIP", udp.id).packets, 3);
 }
 
-fn conntrack_entry(b: &Bench, frame: &[u8]) -> Option<u32> {
-    use aya::maps::HashMap;
-    use lb_common::maps::{ConnEntry, FlowKey};
+fn flow_key(frame: &[u8]) -> lb_common::maps::FlowKey {
     let p = parse(frame).unwrap();
-    let key = FlowKey {
+    lb_common::maps::FlowKey {
         src: p.src_addr,
         dst: p.dst_addr,
         src_port: p.src_port,
@@ -729,10 +731,11 @@ fn conntrack_entry(b: &Bench, frame: &[u8]) -> Option<u32> {
         proto: p.proto,
         family: if p.is_ipv6 { FAMILY_V6 } else { FAMILY_V4 },
         _pad: [0; 2],
-    };
-    let m: HashMap<&MapData, FlowKey, ConnEntry> =
-        HashMap::try_from(b.h.ebpf.map("CONNTRACK").unwrap()).unwrap();
-    m.get(&key, 0).ok().map(|e| e.backend_id)
+    }
+}
+
+fn conntrack_entry(b: &Bench, frame: &[u8]) -> Option<u32> {
+    programming::conntrack_backend(&b.h.ebpf, &flow_key(frame)).unwrap()
 }
 
 fn with_config(b: &mut Bench, f: impl FnOnce(&mut LbConfig)) {
@@ -1151,4 +1154,147 @@ fn a_reused_backend_slot_gets_no_foreign_flows() {
             ("verdict_tx", 1),
         ],
     );
+}
+
+const TX_TCP_HIT: &[(&str, u64)] = &[("parse_tcp", 1), ("lb_conntrack_hit", 1), ("verdict_tx", 1)];
+
+fn fin(mut s: FrameSpec) -> FrameSpec {
+    if let L4::Tcp { flags, .. } = &mut s.l4 {
+        *flags = TCP_ACK | lb_common::wire::tcp::TCP_FIN;
+    }
+    s
+}
+
+/// A full table: closed flows are reused first, then the least recently
+/// used live flow, which is counted; a displaced flow is re-recorded from
+/// the ring. One bucket of four slots, so every flow competes for it.
+#[test]
+fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
+    let mut b = Bench::with_conntrack(lb_common::conntrack::WAYS);
+    let v4 = [198, 18, 100, 1];
+    let tcp = b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), MODE_IPIP, 1);
+    let flows: Vec<FrameSpec> = (0..6).map(|i| tcp4(v4, 3000 + i, 80)).collect();
+    let syn = |i: usize| testframe::build(&flows[i]);
+    let est = |i: usize| testframe::build(&ack(flows[i].clone()));
+
+    b.check(
+        "flow 0",
+        &syn(0),
+        XDP_TX,
+        &encapsulated(&syn(0), 1),
+        TX_TCP_NEW,
+    );
+    // Ticks are 1 ms and the coarse clock moves with the timer tick: flow 0
+    // must be strictly the least recently used.
+    std::thread::sleep(Duration::from_millis(30));
+    for i in 1..4 {
+        b.check(
+            "flows 1-3",
+            &syn(i),
+            XDP_TX,
+            &encapsulated(&syn(i), 1),
+            TX_TCP_NEW,
+        );
+    }
+    // The ring moves on and no second chance applies: a flow without an
+    // entry shows it by landing on backend 2.
+    b.ring_all_window(&tcp, 2, Duration::ZERO);
+    for i in 0..4 {
+        assert_eq!(conntrack_entry(&b, &est(i)), Some(1), "flow {i} recorded");
+    }
+
+    let fin1 = testframe::build(&fin(flows[1].clone()));
+    b.check(
+        "the client's FIN still follows the entry",
+        &fin1,
+        XDP_TX,
+        &encapsulated(&fin1, 1),
+        TX_TCP_HIT,
+    );
+    b.check(
+        "so does its last ACK",
+        &est(1),
+        XDP_TX,
+        &encapsulated(&est(1), 1),
+        TX_TCP_HIT,
+    );
+    b.check(
+        "a new flow takes the closed flow's slot: nothing live is displaced",
+        &syn(4),
+        XDP_TX,
+        &encapsulated(&syn(4), 2),
+        TX_TCP_NEW,
+    );
+    assert_eq!(conntrack_entry(&b, &est(1)), None);
+    for i in [0, 2, 3] {
+        assert_eq!(conntrack_entry(&b, &est(i)), Some(1), "flow {i} kept");
+    }
+
+    b.check(
+        "with only live flows left, the least recently used one (flow 0) goes, and it is counted",
+        &syn(5),
+        XDP_TX,
+        &encapsulated(&syn(5), 2),
+        &[
+            ("parse_tcp", 1),
+            ("lb_conntrack_miss", 1),
+            ("lb_new_flow", 1),
+            ("lb_conntrack_evicted", 1),
+            ("verdict_tx", 1),
+        ],
+    );
+    assert_eq!(conntrack_entry(&b, &est(0)), None);
+    for (i, backend) in [(2, 1), (3, 1), (4, 2), (5, 2)] {
+        assert_eq!(conntrack_entry(&b, &est(i)), Some(backend), "flow {i}");
+    }
+}
+
+/// A slot whose seal does not match its contents (what a reader racing a
+/// writer sees) is a miss: the flow takes the ring and is recorded again,
+/// never sent to the backend the torn slot names. Rewriting `CONFIG` keeps
+/// the table's seed, so entries stay findable.
+#[test]
+fn a_torn_slot_is_a_miss_never_a_wrong_backend() {
+    use aya::maps::Array;
+    use lb_common::conntrack::ConnSlot;
+    let mut b = Bench::new();
+    let v4 = [198, 18, 100, 1];
+    b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), MODE_IPIP, 1);
+    let flow = tcp4(v4, 3500, 80);
+    let syn = testframe::build(&flow);
+    let est = testframe::build(&ack(flow));
+    b.check("SYN", &syn, XDP_TX, &encapsulated(&syn, 1), TX_TCP_NEW);
+
+    with_config(&mut b, |c| c.udp_timeout_ns = 5_000_000_000);
+    let (idx, slot) = programming::conntrack_slot(&b.h.ebpf, &flow_key(&est))
+        .unwrap()
+        .expect("the entry survives a CONFIG rewrite");
+    assert_eq!(slot.backend_id, 1);
+
+    let mut table: Array<&mut MapData, ConnSlot> =
+        Array::try_from(b.h.ebpf.map_mut("CONNTRACK").unwrap()).unwrap();
+    table
+        .set(
+            idx,
+            ConnSlot {
+                backend_id: 2,
+                ..slot
+            },
+            0,
+        )
+        .unwrap();
+    assert_eq!(conntrack_entry(&b, &est), None);
+    b.check(
+        "the torn slot is not an entry: the ring's backend 1, recorded anew",
+        &est,
+        XDP_TX,
+        &encapsulated(&est, 1),
+        &[
+            ("parse_tcp", 1),
+            ("lb_conntrack_miss", 1),
+            ("lb_new_flow", 1),
+            ("verdict_tx", 1),
+        ],
+    );
+    assert_eq!(conntrack_entry(&b, &est), Some(1));
 }

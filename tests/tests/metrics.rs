@@ -34,7 +34,11 @@ fn scrape(t: &Topology) -> String {
 
 /// The value of the sample whose name and labels are exactly these.
 fn value(text: &str, name: &str, labels: &str) -> u64 {
-    let prefix = format!("{name}{{{labels}}} ");
+    let prefix = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .unwrap_or_else(|| panic!("no sample {prefix:?} in\n{text}"))
@@ -141,6 +145,25 @@ fn counters_are_exact_and_the_exposition_is_valid() {
         assert_eq!(value(&text, "lb_backend_up", &labels), 1);
     }
     assert!(value(&text, "lb_xdp_verdicts_total", "verdict=\"tx\"") >= DATAGRAMS as u64);
+
+    // The connection table holds one entry per datagram's flow (counted in
+    // the background every 5 s), in a table of the configured size.
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    loop {
+        let text = scrape(&t);
+        if text.contains("lb_conntrack_entries ") {
+            let entries = value(&text, "lb_conntrack_entries", "");
+            assert!(value(&text, "lb_conntrack_slots", "") >= entries);
+            if entries == DATAGRAMS as u64 {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lb_conntrack_entries never reached {DATAGRAMS}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // lbctl stats: the same totals, and rates while traffic flows.
     let socket = dir.join("lbd.sock");

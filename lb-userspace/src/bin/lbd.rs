@@ -21,6 +21,11 @@ use tokio::{
     sync::mpsc,
 };
 
+/// How often the connection table is counted for `lb_conntrack_entries`: a
+/// scan of the mapped table costs tens of milliseconds per million slots, on
+/// a blocking thread.
+const CONNTRACK_COUNT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Parser, Debug)]
 #[command(version, about = "XDP L4 load balancer daemon")]
 struct Args {
@@ -156,19 +161,25 @@ fn run_config(config: Config) -> Result<()> {
             Some((p, prefix, i)) => (Some((p, prefix)), Some(i)),
             None => (None, None),
         };
-        // The connection table is counted in the background of the loop,
-        // not per scrape: walking a million keys takes a while.
-        // Counted on a blocking thread: walking a million keys takes seconds.
-        let conntrack_count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        // The connection table is counted in the background, on a blocking
+        // thread, not per scrape: scanning a few million slots takes tens of
+        // milliseconds, too long for the main loop.
+        let conntrack_count: std::sync::Arc<std::sync::Mutex<Option<lb_userspace::stats::TableCount>>> = Default::default();
         {
-            let (count, path) = (conntrack_count.clone(), ctl.conntrack_pin());
+            let (count, path) = (conntrack_count.clone(), ctl.pin_dir().to_path_buf());
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+                let mut tick = tokio::time::interval(CONNTRACK_COUNT_INTERVAL);
                 loop {
                     tick.tick().await;
                     let p = path.clone();
-                    if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || lb_userspace::stats::conntrack_entries(&p)).await {
-                        count.store(n, std::sync::atomic::Ordering::Relaxed);
+                    match tokio::task::spawn_blocking(move || lb_userspace::stats::conntrack_entries(&p)).await {
+                        Ok(Ok(n)) => {
+                            if let Ok(mut c) = count.lock() {
+                                *c = Some(n);
+                            }
+                        }
+                        Ok(Err(e)) => tracing::warn!("counting the connection table: {e:#}"),
+                        Err(e) => tracing::warn!("counting the connection table: {e}"),
                     }
                 }
             });
@@ -190,8 +201,8 @@ fn run_config(config: Config) -> Result<()> {
                 _ = usr1.recv() => print_counters(&ctl.ebpf, "counters")?,
                 Some(reply) = scrape_rx.recv() => {
                     let checks = check_stats.lock().map(|c| c.clone()).unwrap_or_default();
-                    let n = conntrack_count.load(std::sync::atomic::Ordering::Relaxed);
-                    let text = lb_userspace::metrics::render(&ctl.list(), &ctl.ebpf, &checks, (n != u64::MAX).then_some(n))
+                    let n = conntrack_count.lock().ok().and_then(|c| *c);
+                    let text = lb_userspace::metrics::render(&ctl.list(), &ctl.ebpf, &checks, n)
                         .unwrap_or_else(|e| format!("# lbd could not read its maps: {e:#}\n"));
                     let _ = reply.send(text);
                 }
