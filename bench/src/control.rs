@@ -141,7 +141,7 @@ fn map_memlock() -> Result<Vec<(String, u64, u32)>> {
 
 pub fn memory() -> Result<String> {
     let mut md = String::from(
-        "| configuration | CONNTRACK entries | CONNTRACK memlock | bytes per tracked flow | all maps |\n|---|---:|---:|---:|---:|\n",
+        "| configuration | CONNTRACK slots | CONNTRACK memlock | bytes per slot (one flow) | all maps |\n|---|---:|---:|---:|---:|\n",
     );
     for (label, sizes) in [
         ("default", MapSizes::default()),
@@ -171,6 +171,6 @@ pub fn memory() -> Result<String> {
         ));
         drop(ebpf);
     }
-    md.push_str("\nmemlock as the kernel accounts it (/proc/self/fdinfo), kernel overhead included; the per-CPU flow cache and counters scale with the CPU count.\n");
+    md.push_str("\nmemlock as the kernel accounts it (/proc/self/fdinfo), kernel overhead included; the per-CPU flow cache and counters scale with the CPU count. Sized at twice the concurrent flows (the README's advice, so that new flows rarely displace live ones), the table costs twice the bytes per slot per flow.\n");
     Ok(md)
 }

@@ -54,6 +54,16 @@ pub struct Pinned {
 /// them on first start). Sizes are part of the layout: a running data plane
 /// of other sizes is refused, not silently reused.
 pub fn load(dir: &Path, sizes: &MapSizes) -> Result<Pinned> {
+    if let Some(old) = other_layouts(dir)
+        .into_iter()
+        .find(|d| d.join(LINK).exists())
+    {
+        bail!(
+            "a data plane of another map layout is attached from {} and this lbd (layout v{LAYOUT_VERSION}) \
+             cannot adopt its maps; `lbd --teardown` removes it (traffic stops until this lbd starts)",
+            old.display()
+        );
+    }
     let adopted = dir.join(LINK).exists();
     if adopted {
         // Sizes are read from the pinned maps themselves: nothing else
@@ -132,7 +142,38 @@ pub fn attach(
 
 /// Removes every pin of the instance: the link goes (the program detaches)
 /// and the maps are freed once nothing holds them.
+/// Pin directories of the same instance for other layout versions (left by
+/// an older or newer lbd).
+pub fn other_layouts(dir: &Path) -> Vec<PathBuf> {
+    let Some(parent) = dir.parent() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p != dir
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix('v'))
+                    .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect()
+}
+
 pub fn teardown(dir: &Path) -> Result<bool> {
+    let mut removed = false;
+    for old in other_layouts(dir) {
+        removed |= teardown_one(&old)?;
+    }
+    Ok(teardown_one(dir)? || removed)
+}
+
+/// Unpins the link and the maps of one layout version. Names outside the
+/// current layout are removed too: an older layout may have had other maps.
+fn teardown_one(dir: &Path) -> Result<bool> {
     if !dir.exists() {
         return Ok(false);
     }
@@ -140,11 +181,11 @@ pub fn teardown(dir: &Path) -> Result<bool> {
     if link.exists() {
         std::fs::remove_file(&link).with_context(|| format!("unpinning {}", link.display()))?;
     }
-    for m in PINNED_MAPS {
-        let p = dir.join(m);
-        if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
-        }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = entry
+            .with_context(|| format!("reading {}", dir.display()))?
+            .path();
+        std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
     }
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
     if let Some(parent) = dir.parent() {
@@ -152,4 +193,41 @@ pub fn teardown(dir: &Path) -> Result<bool> {
         let _ = std::fs::remove_dir(parent);
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An instance directory as an older lbd left it: layout v1 attached.
+    fn instance_with_v1(name: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("lb-pin-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("v1")).unwrap();
+        for f in [LINK, "CONNTRACK", "RINGS"] {
+            std::fs::write(root.join("v1").join(f), b"").unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn another_layout_in_service_is_refused_before_touching_the_kernel() {
+        let root = instance_with_v1("refuse");
+        let dir = root.join(format!("v{LAYOUT_VERSION}"));
+        let err = load(&dir, &MapSizes::default()).err().expect("refused");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("another map layout"), "{msg}");
+        assert!(msg.contains("v1"), "{msg}");
+        assert!(!dir.exists(), "nothing created for the new layout");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn teardown_removes_every_layout_of_the_instance() {
+        let root = instance_with_v1("teardown");
+        let dir = root.join(format!("v{LAYOUT_VERSION}"));
+        assert!(teardown(&dir).unwrap());
+        assert!(!root.exists(), "instance directory removed");
+        assert!(!teardown(&dir).unwrap(), "nothing left the second time");
+    }
 }
