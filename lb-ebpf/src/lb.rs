@@ -8,7 +8,7 @@ use lb_common::{
     flowcache::{CachedFlow, REFRESH_EVERY, same_flow, slot_of},
     maps::{BACKEND_DRAINING, BACKEND_UP, BackendInfo, FlowKey, LbConfig, VipInfo},
     parse::IPPROTO_UDP,
-    ring::{flow_slot, ring_index},
+    ring::{RING_CHUNK, flow_slot, ring_pos},
     stats::Counter,
 };
 
@@ -53,7 +53,8 @@ fn ring_pick(
     slot: u32,
     cfg: &LbConfig,
 ) -> Option<(u32, &'static BackendInfo)> {
-    let id = *RINGS.get(ring_index(vip.vip_id, generation, cfg.ring_size, slot))?;
+    let (element, lane) = ring_pos(vip.vip_id, generation, cfg.ring_size, slot);
+    let id = RINGS.get(element)?.ids[(lane % RING_CHUNK) as usize];
     if id == 0 {
         return None;
     }

@@ -10,6 +10,7 @@ use lb_common::{
     conntrack::{ConnSlot, Slots},
     flowcache::CachedFlow,
     maps::{BackendInfo, LbConfig, Traffic},
+    ring::RingChunk,
     stats::Counter,
     viptable::VipSlot,
 };
@@ -22,9 +23,10 @@ pub static VIP_TABLE: Array<VipSlot> = Array::with_max_entries(2 * 512, 0);
 #[map(name = "VIP_TABLE_GEN")]
 pub static VIP_TABLE_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
-/// vip_id * 2 * M + generation * M + slot -> backend id.
+/// Two generations of M slots per VIP, 16 slots per element (see
+/// `lb_common::ring`).
 #[map(name = "RINGS")]
-pub static RINGS: Array<u32> = Array::with_max_entries(16 * 2 * 65537, 0);
+pub static RINGS: Array<RingChunk> = Array::with_max_entries(16 * 2 * 4097, 0);
 
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);

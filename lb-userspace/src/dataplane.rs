@@ -82,11 +82,11 @@ impl MapSizes {
             .next_power_of_two()
     }
 
-    /// `RINGS` entries: two generations of M slots per VIP.
+    /// `RINGS` elements: two generations of M slots per VIP, 16 slots per
+    /// element.
     pub fn ring_entries(&self) -> Result<u32> {
         self.max_vips
-            .checked_mul(2)
-            .and_then(|n| n.checked_mul(self.ring_size))
+            .checked_mul(lb_common::ring::chunks_per_vip(self.ring_size))
             .with_context(|| {
                 format!(
                     "{} VIPs x 2 generations x ring size {} overflows the RINGS map",

@@ -13,7 +13,7 @@ use aya::{
 };
 use lb_common::{
     maps::{BackendInfo, LbConfig, VipInfo, VipKey},
-    ring::ring_index,
+    ring::{RING_CHUNK, RingChunk, chunks_per_vip, ring_pos},
     viptable::{self, VipSlot},
 };
 
@@ -209,13 +209,13 @@ pub fn get_vip(ebpf: &mut Ebpf, key: &VipKey) -> Result<Option<VipInfo>> {
     Ok(viptable::lookup(&live_table(ebpf)?, key))
 }
 
-/// Index of the last slot of `vip_id`'s generation 1, checked against the
-/// map: ids past the map would wrap into another VIP's ring.
+/// `vip_id`'s two generations, checked against the map: ids past the map
+/// would wrap into another VIP's ring.
 fn check_ring_bounds(rings_len: u32, vip_id: u32, m: u32) -> Result<()> {
-    let last = (vip_id as u64 * 2 + 1) * m as u64 + (m as u64).saturating_sub(1);
-    if m == 0 || last >= rings_len as u64 {
+    let end = (vip_id as u64 + 1) * chunks_per_vip(m) as u64;
+    if m == 0 || end > rings_len as u64 {
         bail!(
-            "RINGS holds {rings_len} slots, too few for vip id {vip_id} with ring size {m} \
+            "RINGS holds {rings_len} elements, too few for vip id {vip_id} with ring size {m} \
              (raise max_vips, or use a lower vip id)"
         );
     }
@@ -249,12 +249,16 @@ pub fn write_ring(ebpf: &mut Ebpf, vip_id: u32, generation: u8, table: &[u32]) -
             table.len()
         );
     }
-    let mut rings = array::<u32>(ebpf, "RINGS")?;
+    let mut rings = array::<RingChunk>(ebpf, "RINGS")?;
     check_ring_bounds(rings.len(), vip_id, m)?;
-    for (slot, id) in table.iter().enumerate() {
+    for (n, ids) in table.chunks(RING_CHUNK as usize).enumerate() {
+        let slot = n as u32 * RING_CHUNK;
+        let mut chunk = RingChunk::default();
+        chunk.ids[..ids.len()].copy_from_slice(ids);
+        let (element, _) = ring_pos(vip_id, generation, m, slot);
         rings
-            .set(ring_index(vip_id, generation, m, slot as u32), id, 0)
-            .with_context(|| format!("writing RINGS slot {slot} of vip id {vip_id}"))?;
+            .set(element, chunk, 0)
+            .with_context(|| format!("writing RINGS slots {slot}.. of vip id {vip_id}"))?;
     }
     Ok(())
 }
@@ -317,11 +321,11 @@ mod tests {
     #[test]
     fn ring_bounds_catch_wrapping_ids() {
         let m = 65537;
-        let len = 64 * 2 * m;
+        let len = 64 * chunks_per_vip(m);
         assert!(check_ring_bounds(len, 63, m).is_ok());
         assert!(check_ring_bounds(len, 64, m).is_err());
-        // 32768 * 2 * 65537 wraps a u32 to a small index: must still fail.
-        assert!(check_ring_bounds(len, 32768, m).is_err());
+        // An id whose elements wrap a u32 to a small index must still fail.
+        assert!(check_ring_bounds(len, u32::MAX / chunks_per_vip(m) + 1, m).is_err());
         assert!(check_ring_bounds(len, 0, 0).is_err());
     }
 }
