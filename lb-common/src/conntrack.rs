@@ -1,5 +1,6 @@
-//! The connection table: a set-associative hash table in a BPF `ARRAY`,
-//! shared by all CPUs, with two candidate buckets per flow.
+//! The connection table: a set-associative hash table in BPF `ARRAY`s,
+//! shared by all CPUs, with two candidate buckets per flow and a compact
+//! index of the buckets in front of the flows.
 //!
 //! Why not the kernel's LRU hash (DESIGN.md §3)? Every lookup and insert of
 //! an LRU hash is a chain of helper calls, and on this kernel every call and
@@ -10,28 +11,38 @@
 //! stores: no calls, no locks, no allocation.
 //!
 //! Layout: `slots = buckets * WAYS`, one 64-byte [`ConnSlot`] (one cache
-//! line) per flow. A flow's 64-bit keyed hash names two buckets; it may live
-//! in either. Inserting picks the bucket with more free ways (the "power of
-//! two choices": at half load, 1 flow in 30,000 finds both full, against 1 in
-//! 27 with one bucket), then the free or stalest way in it. Entries are never
-//! deleted: a UDP entry goes stale after its timeout, a TCP entry when the
-//! client's FIN or RST has been seen, and any entry when it is the least
-//! recently used of the ways a new flow may take. A flow whose entry was
-//! displaced is not broken: it falls back to the ring, which still holds its
-//! backend unless the ring changed since (then the second chance applies).
+//! line) per flow in `CONNTRACK`, and one 16-byte [`BucketHead`] per bucket
+//! in `CONNTRACK_HEADS`: per way, a 16-bit tag of the flow's hash and a
+//! coarse last-seen stamp. The heads are 4 bytes per flow, so for a million
+//! flows they fit the CPU's caches and TLB where the slots (64 MiB) cannot:
+//! probing and choosing where a new flow goes read two heads; a slot is only
+//! read when its tag matches, and a new flow's slot is only written (a store
+//! to a cold line does not stall the program).
 //!
-//! Concurrency: CPUs write slots without locks or ordering. A slot carries a
-//! seal, a hash over everything a reader acts on (key and backend).
-//! A reader that catches a slot mid-write, or a slot two CPUs wrote at once,
-//! holds fields from different writes, whose seal does not match them (but
-//! for a 2^-32 chance), and treats the slot as a miss: the flow takes the
-//! ring, and a torn entry never sends a flow to another flow's backend.
-//! Because validity is a property of the content, neither side needs
-//! barriers. `last_seen` and `flags` are single aligned stores outside the
-//! seal: a stale value there only changes which way is evicted first.
+//! A flow's 64-bit keyed hash names two buckets; it may live in either.
+//! Inserting picks the bucket with more free ways (the "power of two
+//! choices": filled to half with flows that never end, the table displaces
+//! none of 32,768 in the unit test, against 1 in 27 with one bucket), then
+//! the free or stalest way in it. Entries are never deleted: a UDP entry
+//! goes stale after its timeout, a TCP entry when the client's FIN or RST has
+//! been seen, and any entry when it is the least recently used of the ways a
+//! new flow may take. A flow whose entry was displaced is not broken: it
+//! falls back to the ring, which still holds its backend unless the ring
+//! changed since (then the second chance applies).
 //!
-//! Everything here runs unchanged in the XDP program (over the map) and on
-//! the host (over a slice, in tests and in `lbctl explain`).
+//! Concurrency: CPUs write slots and heads without locks or ordering. A slot
+//! carries a seal, a hash over everything a reader acts on (key and
+//! backend). A reader that catches a slot mid-write, or a slot two CPUs
+//! wrote at once, holds fields from different writes, whose seal does not
+//! match them (but for a 2^-32 chance), and treats the slot as a miss: the
+//! flow takes the ring, and a torn entry never sends a flow to another
+//! flow's backend. Because validity is a property of the slot's content,
+//! neither side needs barriers. A head word is one aligned store: a stale or
+//! lost one only costs a miss (the flow takes the ring and is recorded again)
+//! or changes which way is evicted first; so do `last_seen` and `flags`.
+//!
+//! Everything here runs unchanged in the XDP program (over the maps) and on
+//! the host (over vectors, in tests).
 
 use crate::maps::FlowKey;
 
@@ -42,59 +53,77 @@ pub const WAYS: u32 = 4;
 /// wrapping every 52 days; ages are compared with wrapping arithmetic.
 pub const TICK_SHIFT: u32 = 20;
 
+/// A head's stamps count units of 2^12 ticks (4.4 s), wrapping every 80
+/// hours: precise enough to tell the least recently used of four flows.
+/// Ages of half the wrap or more read as 0: a stamp a moment ahead of this
+/// CPU's clock (written by another CPU) is young, not ancient.
+pub const STAMP_SHIFT: u32 = 12;
+
 /// `ConnSlot::flags`: the client sent FIN or RST. The entry still steers the
 /// flow's last packets, but it is the first to be reused.
 pub const SLOT_CLOSING: u8 = 1;
 
-/// How far back a closing entry's `last_seen` is set: older than any live
-/// entry, so it is evicted first (about 9.8 days of ticks).
-pub const CLOSING_AGE: u32 = 1 << 29;
+/// Tag bit 0 is always set (a zero word is an empty way); bit 1 marks UDP,
+/// whose entries expire; bit 2 a closing TCP flow, reused first.
+const TAG_PRESENT: u16 = 1;
+const TAG_UDP: u16 = 2;
+const TAG_CLOSING: u16 = 4;
+const TAG_FLAGS: u16 = TAG_PRESENT | TAG_UDP | TAG_CLOSING;
 
-/// One flow: 64 bytes, one cache line.
-#[repr(C)]
+/// One flow: 64 bytes, one cache line. Aligned to 8 (as BPF array values
+/// are) so that writing a slot takes eight-byte stores: a new flow's slot is
+/// a cold line, and every store waits in the CPU's store buffer until it
+/// arrives.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnSlot {
     /// `family` 0: an empty slot.
     pub key: FlowKey,
     pub backend_id: u32,
-    /// Ticks (see [`TICK_SHIFT`]) of the flow's last packet.
+    /// Ticks (see [`TICK_SHIFT`]) of the flow's last packet: UDP entries
+    /// expire on it.
     pub last_seen: u32,
     pub flags: u8,
-    pub _pad: u8,
-    /// The top 16 bits of the flow's hash: probing compares this first, and
-    /// only reads the key of a slot whose tag matches.
-    pub tag: u16,
+    pub _pad: [u8; 3],
     /// See the module comment; never 0 in a written slot.
     pub seal: u32,
     /// Keeps one slot per cache line.
     pub _reserved: [u8; 8],
 }
 
-#[cfg(feature = "user")]
-// SAFETY: #[repr(C)] plain-old-data with explicit padding.
-unsafe impl aya::Pod for ConnSlot {}
+/// One bucket's index: per way, `tag | stamp << 16` (0: empty).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BucketHead {
+    pub ways: [u32; WAYS as usize],
+}
 
-/// Slot storage: the `CONNTRACK` map in the data plane, a slice on the host.
-pub trait Slots {
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)] plain-old-data with explicit padding.
+    unsafe impl aya::Pod for super::ConnSlot {}
+    unsafe impl aya::Pod for super::BucketHead {}
+}
+
+/// The table's storage: the `CONNTRACK` and `CONNTRACK_HEADS` maps in the
+/// data plane, vectors on the host.
+pub trait Table {
+    fn head(&self, bucket: u32) -> Option<&BucketHead>;
+    fn head_mut(&mut self, bucket: u32) -> Option<&mut BucketHead>;
     fn slot(&self, idx: u32) -> Option<&ConnSlot>;
     fn slot_mut(&mut self, idx: u32) -> Option<&mut ConnSlot>;
 }
 
-impl Slots for [ConnSlot] {
-    fn slot(&self, idx: u32) -> Option<&ConnSlot> {
-        self.get(idx as usize)
-    }
-    fn slot_mut(&mut self, idx: u32) -> Option<&mut ConnSlot> {
-        self.get_mut(idx as usize)
-    }
-}
-
-/// Where a flow may live.
+/// Where a flow may live. `repr(C)`: the data plane passes it to global BPF
+/// functions, whose arguments the verifier sizes from BTF.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Probe {
     pub hash: u64,
-    /// First slot of each candidate bucket.
+    /// The two candidate buckets.
     pub buckets: [u32; 2],
+    /// What the flow's head words carry below the stamp.
+    pub tag: u16,
 }
 
 /// Field-wise equality (a derived `==` on the arrays would call `memcmp`, a
@@ -173,10 +202,8 @@ pub fn probe(key: &FlowKey, seed: u64, bucket_mask: u32) -> Probe {
     let hash = table_hash(key, seed);
     Probe {
         hash,
-        buckets: [
-            (hash as u32 & bucket_mask) * WAYS,
-            ((hash >> 32) as u32 & bucket_mask) * WAYS,
-        ],
+        buckets: [hash as u32 & bucket_mask, (hash >> 32) as u32 & bucket_mask],
+        tag: tag(hash, key.proto == crate::parse::IPPROTO_UDP),
     }
 }
 
@@ -192,9 +219,24 @@ pub fn seal(hash: u64, backend_id: u32) -> u32 {
     h | 1
 }
 
+/// A flow's tag: 13 bits of its hash, multiplied so they are independent of
+/// the bits that chose its buckets, the UDP bit and the present bit.
 #[inline(always)]
-pub const fn tag(hash: u64) -> u16 {
-    (hash >> 48) as u16
+pub const fn tag(hash: u64, udp: bool) -> u16 {
+    let bits = (hash.wrapping_mul(K) >> 48) as u16;
+    (bits & !TAG_FLAGS) | TAG_PRESENT | if udp { TAG_UDP } else { 0 }
+}
+
+/// A head stamp of `now` (in ticks).
+#[inline(always)]
+pub const fn stamp(now: u32) -> u16 {
+    (now >> STAMP_SHIFT) as u16
+}
+
+/// Ticks of a `CLOCK_MONOTONIC` time in ns.
+#[inline(always)]
+pub const fn ticks(ns: u64) -> u32 {
+    (ns >> TICK_SHIFT) as u32
 }
 
 impl ConnSlot {
@@ -202,35 +244,7 @@ impl ConnSlot {
     /// `hash`).
     #[inline(always)]
     pub fn holds(&self, key: &FlowKey, hash: u64) -> bool {
-        self.tag == tag(hash)
-            && same_flow(&self.key, key)
-            && self.seal == seal(hash, self.backend_id)
-    }
-
-    /// Writes a complete entry.
-    #[inline(always)]
-    pub fn fill(&mut self, key: &FlowKey, hash: u64, backend_id: u32, now: u32) {
-        self.key = *key;
-        self.tag = tag(hash);
-        self.backend_id = backend_id;
-        self.last_seen = now;
-        self.flags = 0;
-        self.seal = seal(hash, backend_id);
-    }
-
-    /// A packet of the flow went through at `now`. Writes only what changed,
-    /// so a busy flow dirties its line about once a millisecond.
-    #[inline(always)]
-    pub fn touch(&mut self, now: u32, closing: bool) {
-        if self.flags & SLOT_CLOSING != 0 {
-            return;
-        }
-        if closing {
-            self.flags = SLOT_CLOSING;
-            self.last_seen = now.wrapping_sub(CLOSING_AGE);
-        } else if self.last_seen != now {
-            self.last_seen = now;
-        }
+        same_flow(&self.key, key) && self.seal == seal(hash, self.backend_id)
     }
 
     /// Whether a UDP entry has been idle for `udp_timeout` ticks (0: every
@@ -240,47 +254,53 @@ impl ConnSlot {
         self.key.proto == crate::parse::IPPROTO_UDP
             && now.wrapping_sub(self.last_seen) >= udp_timeout
     }
+}
 
-    /// Empty, closing, or an expired UDP flow: reusing it breaks nothing.
-    #[inline(always)]
-    fn free(&self, now: u32, udp_timeout: u32) -> bool {
-        self.key.family == 0 || self.flags & SLOT_CLOSING != 0 || self.expired(now, udp_timeout)
+/// How much way `word` of a head deserves eviction at stamp `now`: free
+/// ways (empty, closing, UDP past its timeout) are `u32::MAX`, others their
+/// age in stamps.
+#[inline(always)]
+fn staleness(word: u32, now: u16, udp_timeout: u16) -> u32 {
+    if word == 0 {
+        return u32::MAX;
     }
-
-    /// How much this slot deserves eviction: free ones first, then the least
-    /// recently used.
-    #[inline(always)]
-    fn staleness(&self, now: u32, udp_timeout: u32) -> u32 {
-        if self.free(now, udp_timeout) {
-            u32::MAX
-        } else {
-            now.wrapping_sub(self.last_seen)
-        }
+    let age = match now.wrapping_sub((word >> 16) as u16) {
+        a if a >= 0x8000 => 0,
+        a => a,
+    };
+    let tag = word as u16;
+    if tag & TAG_CLOSING != 0 || (tag & TAG_UDP != 0 && age > udp_timeout) {
+        u32::MAX
+    } else {
+        age as u32
     }
 }
 
 /// Index of the slot holding `key`, if any.
 #[inline(always)]
-pub fn find<S: Slots + ?Sized>(slots: &S, key: &FlowKey, p: &Probe) -> Option<u32> {
-    find_in(slots, key, p.hash, p.buckets[0]).or_else(|| find_in(slots, key, p.hash, p.buckets[1]))
+pub fn find<T: Table + ?Sized>(table: &T, key: &FlowKey, p: &Probe) -> Option<u32> {
+    find_in(table, key, p, p.buckets[0]).or_else(|| find_in(table, key, p, p.buckets[1]))
 }
 
-/// [`find`] in one bucket (`first` is its first slot).
+/// [`find`] in one bucket.
 #[inline(always)]
-pub fn find_in<S: Slots + ?Sized>(slots: &S, key: &FlowKey, hash: u64, first: u32) -> Option<u32> {
+fn find_in<T: Table + ?Sized>(table: &T, key: &FlowKey, p: &Probe, bucket: u32) -> Option<u32> {
+    let head = *table.head(bucket)?;
     let mut way = 0;
     while way < WAYS {
-        if let Some(s) = slots.slot(first + way)
-            && s.holds(key, hash)
+        let idx = bucket * WAYS + way;
+        if head.ways[way as usize] as u16 & !TAG_CLOSING == p.tag
+            && let Some(s) = table.slot(idx)
+            && s.holds(key, p.hash)
         {
-            return Some(first + way);
+            return Some(idx);
         }
         way += 1;
     }
     None
 }
 
-/// Where a new entry for `key` goes.
+/// Where a new entry goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placement {
     pub idx: u32,
@@ -292,51 +312,47 @@ pub struct Placement {
 /// One bucket, seen by an insert.
 struct BucketScan {
     free: u32,
-    /// The stalest way and its staleness.
+    /// The stalest way (slot index) and its staleness.
     stalest: u32,
     staleness: u32,
 }
 
 #[inline(always)]
-fn scan<S: Slots + ?Sized>(
-    slots: &S,
-    first: u32,
-    now: u32,
-    udp_timeout: u32,
-) -> Option<BucketScan> {
+fn scan(head: &BucketHead, bucket: u32, now: u16, udp_timeout: u16) -> BucketScan {
     let mut b = BucketScan {
         free: 0,
-        stalest: first,
+        stalest: bucket * WAYS,
         staleness: 0,
     };
     let mut way = 0;
     while way < WAYS {
-        let idx = first + way;
-        let stale = slots.slot(idx)?.staleness(now, udp_timeout);
+        let stale = staleness(head.ways[way as usize], now, udp_timeout);
         if stale == u32::MAX {
             b.free += 1;
         }
         if way == 0 || stale > b.staleness {
-            b.stalest = idx;
+            b.stalest = bucket * WAYS + way;
             b.staleness = stale;
         }
         way += 1;
     }
-    Some(b)
+    b
 }
 
 /// Chooses the slot for a new entry of a flow that has none (callers reuse
-/// the flow's own slot, from [`find`], when it has one): a slot of the bucket
-/// with more free ways, the stalest way in it.
+/// the flow's own slot, from [`find`], when it has one): a way of the bucket
+/// with more free ways, the free or stalest one. Reads the two heads only.
+/// `now` and `udp_timeout` are in ticks.
 #[inline(always)]
-pub fn place<S: Slots + ?Sized>(
-    slots: &S,
+pub fn place<T: Table + ?Sized>(
+    table: &T,
     p: &Probe,
     now: u32,
     udp_timeout: u32,
 ) -> Option<Placement> {
-    let a = scan(slots, p.buckets[0], now, udp_timeout)?;
-    let b = scan(slots, p.buckets[1], now, udp_timeout)?;
+    let (now, udp_timeout) = (stamp(now), stamp(udp_timeout));
+    let a = scan(table.head(p.buckets[0])?, p.buckets[0], now, udp_timeout);
+    let b = scan(table.head(p.buckets[1])?, p.buckets[1], now, udp_timeout);
     let pick = if b.free > a.free || (a.free == 0 && b.free == 0 && b.staleness > a.staleness) {
         b
     } else {
@@ -348,10 +364,51 @@ pub fn place<S: Slots + ?Sized>(
     })
 }
 
-/// Ticks of a `CLOCK_MONOTONIC` time in ns.
+/// Writes a complete entry for `key` into slot `idx` and its head.
 #[inline(always)]
-pub const fn ticks(ns: u64) -> u32 {
-    (ns >> TICK_SHIFT) as u32
+pub fn fill<T: Table + ?Sized>(
+    table: &mut T,
+    idx: u32,
+    key: &FlowKey,
+    p: &Probe,
+    backend_id: u32,
+    now: u32,
+) -> Option<()> {
+    let s = table.slot_mut(idx)?;
+    s.key = *key;
+    s.backend_id = backend_id;
+    s.last_seen = now;
+    s.flags = 0;
+    s.seal = seal(p.hash, backend_id);
+    table.head_mut(idx / WAYS)?.ways[(idx % WAYS) as usize] =
+        p.tag as u32 | (stamp(now) as u32) << 16;
+    Some(())
+}
+
+/// A packet of the flow in slot `idx` went through at `now` (ticks);
+/// `closing`: it was the client's FIN or RST. Writes only what changed, so
+/// a busy flow dirties its slot once a millisecond and its head every few
+/// seconds. A closing entry is no longer refreshed: it is the first to be
+/// reused.
+#[inline(always)]
+pub fn touch<T: Table + ?Sized>(table: &mut T, idx: u32, now: u32, closing: bool) -> Option<()> {
+    let s = table.slot_mut(idx)?;
+    if s.flags & SLOT_CLOSING != 0 {
+        return Some(());
+    }
+    if closing {
+        s.flags = SLOT_CLOSING;
+    }
+    if s.last_seen != now {
+        s.last_seen = now;
+    }
+    let word = &mut table.head_mut(idx / WAYS)?.ways[(idx % WAYS) as usize];
+    let closing_bit = if closing { TAG_CLOSING as u32 } else { 0 };
+    let new = (*word & 0xffff) | closing_bit | (stamp(now) as u32) << 16;
+    if *word != new {
+        *word = new;
+    }
+    Some(())
 }
 
 /// Whether a slot read from the table holds a complete entry (for counting
@@ -368,6 +425,71 @@ mod tests {
     use super::*;
 
     const SEED: u64 = 0x0123_4567_89ab_cdef;
+    /// One stamp, in ticks.
+    const S: u32 = 1 << STAMP_SHIFT;
+    const UDP_TIMEOUT: u32 = 30 * S;
+
+    struct Host {
+        heads: Vec<BucketHead>,
+        slots: Vec<ConnSlot>,
+        mask: u32,
+    }
+
+    impl Table for Host {
+        fn head(&self, bucket: u32) -> Option<&BucketHead> {
+            self.heads.get(bucket as usize)
+        }
+        fn head_mut(&mut self, bucket: u32) -> Option<&mut BucketHead> {
+            self.heads.get_mut(bucket as usize)
+        }
+        fn slot(&self, idx: u32) -> Option<&ConnSlot> {
+            self.slots.get(idx as usize)
+        }
+        fn slot_mut(&mut self, idx: u32) -> Option<&mut ConnSlot> {
+            self.slots.get_mut(idx as usize)
+        }
+    }
+
+    impl Host {
+        fn new(buckets: u32) -> Self {
+            Host {
+                heads: vec![BucketHead::default(); buckets as usize],
+                slots: vec![ConnSlot::default(); (buckets * WAYS) as usize],
+                mask: buckets - 1,
+            }
+        }
+
+        fn probe(&self, k: &FlowKey) -> Probe {
+            probe(k, SEED, self.mask)
+        }
+
+        /// The data plane's insert: the flow's own slot if it has one, else
+        /// a placement.
+        fn insert(&mut self, k: &FlowKey, backend: u32, now: u32) -> Placement {
+            let p = self.probe(k);
+            let at = match find(self, k, &p) {
+                Some(idx) => Placement {
+                    idx,
+                    evicts_live: false,
+                },
+                None => place(self, &p, now, UDP_TIMEOUT).unwrap(),
+            };
+            fill(self, at.idx, k, &p, backend, now).unwrap();
+            at
+        }
+
+        fn at(&self, k: &FlowKey) -> Option<u32> {
+            find(self, k, &self.probe(k))
+        }
+
+        fn lookup(&self, k: &FlowKey) -> Option<u32> {
+            self.at(k).map(|i| self.slots[i as usize].backend_id)
+        }
+
+        fn in_use(&self) -> usize {
+            self.slots.iter().filter(|s| in_use(s, SEED)).count()
+        }
+    }
 
     fn key(n: u32, proto: u8) -> FlowKey {
         let mut src = [0u8; 16];
@@ -383,29 +505,10 @@ mod tests {
         }
     }
 
-    /// The data plane's insert, in terms of this module: the flow's own slot
-    /// if it has one, else a placement.
-    fn insert(t: &mut [ConnSlot], mask: u32, k: &FlowKey, backend: u32, now: u32) -> Placement {
-        let p = probe(k, SEED, mask);
-        let at = match find(t, k, &p) {
-            Some(idx) => Placement {
-                idx,
-                evicts_live: false,
-            },
-            None => place(t, &p, now, 1000).unwrap(),
-        };
-        t.slot_mut(at.idx).unwrap().fill(k, p.hash, backend, now);
-        at
-    }
-
-    fn lookup(t: &[ConnSlot], mask: u32, k: &FlowKey) -> Option<u32> {
-        let p = probe(k, SEED, mask);
-        find(t, k, &p).map(|i| t[i as usize].backend_id)
-    }
-
     #[test]
     fn layout() {
         assert_eq!(core::mem::size_of::<ConnSlot>(), 64);
+        assert_eq!(core::mem::size_of::<BucketHead>(), 16);
     }
 
     #[test]
@@ -428,130 +531,139 @@ mod tests {
 
     #[test]
     fn insert_then_find() {
-        let mask = 63;
-        let mut t = vec![ConnSlot::default(); 64 * WAYS as usize];
+        let mut t = Host::new(64);
         for n in 0..100 {
-            insert(&mut t, mask, &key(n, 6), n + 1, 5);
+            t.insert(&key(n, 6), n + 1, 5);
         }
         for n in 0..100 {
-            assert_eq!(lookup(&t, mask, &key(n, 6)), Some(n + 1));
+            assert_eq!(t.lookup(&key(n, 6)), Some(n + 1));
         }
-        assert_eq!(lookup(&t, mask, &key(100, 6)), None);
-        assert_eq!(lookup(&t, mask, &key(1, 17)), None);
-        assert_eq!(t.iter().filter(|s| in_use(s, SEED)).count(), 100);
+        assert_eq!(t.lookup(&key(100, 6)), None);
+        assert_eq!(t.lookup(&key(1, 17)), None);
+        assert_eq!(t.in_use(), 100);
     }
 
     #[test]
     fn a_flow_keeps_one_slot() {
-        let mask = 15;
-        let mut t = vec![ConnSlot::default(); 16 * WAYS as usize];
+        let mut t = Host::new(16);
         let k = key(9, 6);
-        let first = insert(&mut t, mask, &k, 1, 5).idx;
+        let first = t.insert(&k, 1, 5).idx;
         // A SYN reusing the tuple, then a re-pick: same slot, new backend.
-        assert_eq!(insert(&mut t, mask, &k, 2, 6).idx, first);
-        assert_eq!(insert(&mut t, mask, &k, 3, 7).idx, first);
-        assert_eq!(lookup(&t, mask, &k), Some(3));
-        assert_eq!(t.iter().filter(|s| in_use(s, SEED)).count(), 1);
+        assert_eq!(t.insert(&k, 2, 6).idx, first);
+        assert_eq!(t.insert(&k, 3, 7).idx, first);
+        assert_eq!(t.lookup(&k), Some(3));
+        assert_eq!(t.in_use(), 1);
     }
 
     #[test]
-    fn torn_slots_read_as_misses() {
-        let mask = 0;
-        let mut t = vec![ConnSlot::default(); WAYS as usize];
+    fn torn_slots_and_lost_heads_read_as_misses() {
+        let mut t = Host::new(1);
         let (a, b) = (key(1, 6), key(2, 6));
-        let ia = insert(&mut t, mask, &a, 1, 5).idx as usize;
-        let pb = probe(&b, SEED, mask);
-        let mut written_b = ConnSlot::default();
-        written_b.fill(&b, pb.hash, 2, 5);
-        let written_a = t[ia];
-        // A's key with any field of B's write (as a reader racing a writer,
-        // or two writers, can see) never passes as A's entry.
-        let mixes: [fn(&mut ConnSlot, &ConnSlot); 3] = [
-            |s, o| s.backend_id = o.backend_id,
-            |s, o| s.seal = o.seal,
-            |s, o| s.tag = o.tag,
-        ];
+        let ia = t.insert(&a, 1, 5).idx as usize;
+        let mut other = Host::new(1);
+        let ib = other.insert(&b, 2, 5).idx as usize;
+        let (written_a, written_b) = (t.slots[ia], other.slots[ib]);
+        // A's key with a field of B's write (as a reader racing a writer, or
+        // two writers, can see) never passes as A's entry.
+        let mixes: [fn(&mut ConnSlot, &ConnSlot); 2] =
+            [|s, o| s.backend_id = o.backend_id, |s, o| s.seal = o.seal];
         for mix in mixes {
             let mut torn = written_a;
             mix(&mut torn, &written_b);
-            t[ia] = torn;
-            assert_eq!(lookup(&t, mask, &a), None);
+            t.slots[ia] = torn;
+            assert_eq!(t.lookup(&a), None);
         }
         // A zeroed seal never matches.
-        let mut half = written_a;
-        half.seal = 0;
-        t[ia] = half;
-        assert_eq!(lookup(&t, mask, &a), None);
+        t.slots[ia] = ConnSlot {
+            seal: 0,
+            ..written_a
+        };
+        assert_eq!(t.lookup(&a), None);
+        // A head word overwritten by another insert: a miss, not an error.
+        t.slots[ia] = written_a;
+        let word = t.heads[0].ways[ia % WAYS as usize];
+        t.heads[0].ways[ia % WAYS as usize] = 0;
+        assert_eq!(t.lookup(&a), None);
+        t.heads[0].ways[ia % WAYS as usize] = word;
+        assert_eq!(t.lookup(&a), Some(1));
         // Outside the seal: recency and flags do not invalidate.
-        let mut touched = written_a;
-        touched.touch(99, true);
-        t[ia] = touched;
-        assert_eq!(lookup(&t, mask, &a), Some(1));
+        touch(&mut t, ia as u32, 99 * S, true).unwrap();
+        assert_eq!(t.lookup(&a), Some(1));
+    }
+
+    #[test]
+    fn a_stamp_from_a_clock_a_moment_ahead_is_young() {
+        let mut t = Host::new(1);
+        // Another CPU stamped flows 0-2 one stamp after this CPU's "now".
+        for n in 0..3 {
+            t.insert(&key(n, 6), 1, 11 * S);
+        }
+        t.insert(&key(3, 6), 1, 5 * S);
+        // At 10, flow 3 (age 5) is the stalest, not the "future" ones.
+        t.insert(&key(4, 6), 1, 10 * S);
+        assert_eq!(t.lookup(&key(3, 6)), None);
+        for n in 0..3 {
+            assert_eq!(t.lookup(&key(n, 6)), Some(1));
+        }
     }
 
     #[test]
     fn the_stalest_way_goes_first() {
         // One bucket: both candidates are bucket 0.
-        let mask = 0;
-        let mut t = vec![ConnSlot::default(); WAYS as usize];
+        let mut t = Host::new(1);
         for n in 0..WAYS {
             // Flow 2 is the least recently used.
-            let now = if n == 2 { 10 } else { 20 + n };
-            assert!(!insert(&mut t, mask, &key(n, 6), n + 1, now).evicts_live);
+            let now = if n == 2 { 10 * S } else { (20 + n) * S };
+            assert!(!t.insert(&key(n, 6), n + 1, now).evicts_live);
         }
-        let at = insert(&mut t, mask, &key(50, 6), 99, 30);
+        let at = t.insert(&key(50, 6), 99, 30 * S);
         assert!(at.evicts_live);
-        assert_eq!(lookup(&t, mask, &key(2, 6)), None);
+        assert_eq!(t.lookup(&key(2, 6)), None);
         for n in [0, 1, 3] {
-            assert_eq!(lookup(&t, mask, &key(n, 6)), Some(n + 1));
+            assert_eq!(t.lookup(&key(n, 6)), Some(n + 1));
         }
+        // A touch makes a flow recent again: now flow 0 is the stalest.
+        for n in [1, 3] {
+            let idx = t.at(&key(n, 6)).unwrap();
+            touch(&mut t, idx, 31 * S, false).unwrap();
+        }
+        t.insert(&key(51, 6), 98, 32 * S);
+        assert_eq!(t.lookup(&key(0, 6)), None);
+        assert_eq!(t.lookup(&key(1, 6)), Some(2));
     }
 
     #[test]
     fn closed_and_expired_flows_go_before_live_ones() {
-        let mask = 0;
-        let mut t = vec![ConnSlot::default(); WAYS as usize];
+        let mut t = Host::new(1);
         // Flow 0 is the oldest, but flow 1 closed and flow 3 is UDP past its
-        // timeout of 1000 ticks.
-        insert(&mut t, mask, &key(0, 6), 1, 100);
-        insert(&mut t, mask, &key(1, 6), 2, 5000);
-        insert(&mut t, mask, &key(2, 6), 3, 5000);
-        insert(&mut t, mask, &key(3, 17), 4, 3000);
-        let p1 = probe(&key(1, 6), SEED, mask);
-        let i1 = find(&t[..], &key(1, 6), &p1).unwrap();
-        t[i1 as usize].touch(5001, true);
-        // The closed flow is still steered.
-        assert_eq!(lookup(&t, mask, &key(1, 6)), Some(2));
-        let now = 5002;
-        assert!(!insert(&mut t, mask, &key(10, 6), 11, now).evicts_live);
-        assert!(!insert(&mut t, mask, &key(11, 6), 12, now).evicts_live);
-        assert_eq!(lookup(&t, mask, &key(1, 6)), None);
-        assert_eq!(lookup(&t, mask, &key(3, 17)), None);
-        assert_eq!(lookup(&t, mask, &key(0, 6)), Some(1));
+        // timeout (30 stamps).
+        t.insert(&key(0, 6), 1, 100 * S);
+        t.insert(&key(1, 6), 2, 5000 * S);
+        t.insert(&key(2, 6), 3, 5000 * S);
+        t.insert(&key(3, 17), 4, 3000 * S);
+        let i1 = t.at(&key(1, 6)).unwrap();
+        touch(&mut t, i1, 5001 * S, true).unwrap();
+        // The closed flow is still steered, and its next packets do not make
+        // it recent again.
+        touch(&mut t, i1, 5002 * S, false).unwrap();
+        assert_eq!(t.lookup(&key(1, 6)), Some(2));
+        let now = 5003 * S;
+        assert!(!t.insert(&key(10, 6), 11, now).evicts_live);
+        assert!(!t.insert(&key(11, 6), 12, now).evicts_live);
+        assert_eq!(t.lookup(&key(1, 6)), None);
+        assert_eq!(t.lookup(&key(3, 17)), None);
+        assert_eq!(t.lookup(&key(0, 6)), Some(1));
         // Now only live flows: the least recently used (flow 0) goes.
-        assert!(insert(&mut t, mask, &key(12, 6), 13, now).evicts_live);
-        assert_eq!(lookup(&t, mask, &key(0, 6)), None);
+        assert!(t.insert(&key(12, 6), 13, now).evicts_live);
+        assert_eq!(t.lookup(&key(0, 6)), None);
     }
 
     #[test]
-    fn touch_keeps_a_closing_entry_old() {
-        let mut s = ConnSlot::default();
-        s.fill(&key(1, 6), 0, 1, 100);
-        s.touch(200, false);
-        assert_eq!(s.last_seen, 200);
-        s.touch(300, true);
-        assert_eq!(s.last_seen, 300u32.wrapping_sub(CLOSING_AGE));
-        s.touch(400, false);
-        assert_eq!(s.last_seen, 300u32.wrapping_sub(CLOSING_AGE));
-        assert_eq!(s.flags, SLOT_CLOSING);
-    }
-
-    #[test]
-    fn ages_survive_the_tick_counter_wrapping() {
-        let mut t = vec![ConnSlot::default(); WAYS as usize];
+    fn udp_expiry_survives_the_tick_counter_wrapping() {
+        let mut t = Host::new(1);
         let before_wrap = u32::MAX - 5;
-        insert(&mut t, 0, &key(1, 17), 1, before_wrap);
-        let s = &t[find(&t[..], &key(1, 17), &probe(&key(1, 17), SEED, 0)).unwrap() as usize];
+        t.insert(&key(1, 17), 1, before_wrap);
+        let s = t.slots[t.at(&key(1, 17)).unwrap() as usize];
         assert!(!s.expired(before_wrap.wrapping_add(999), 1000));
         assert!(s.expired(before_wrap.wrapping_add(1000), 1000));
         assert!(s.expired(before_wrap, 0));
@@ -562,15 +674,11 @@ mod tests {
     /// a live flow displaced by bucket pressure.
     fn displaced_at(load: f64) -> f64 {
         let buckets = 1u32 << 14;
-        let mask = buckets - 1;
-        let mut t = vec![ConnSlot::default(); (buckets * WAYS) as usize];
+        let mut t = Host::new(buckets);
         let n = (load * (buckets * WAYS) as f64) as u32;
-        let mut evicted = 0;
-        for i in 0..n {
-            if insert(&mut t, mask, &key(0x0a00_0000 + i, 6), 1, 100).evicts_live {
-                evicted += 1;
-            }
-        }
+        let evicted = (0..n)
+            .filter(|&i| t.insert(&key(0x0a00_0000 + i, 6), 1, 100 * S).evicts_live)
+            .count();
         evicted as f64 / n as f64
     }
 
@@ -584,21 +692,29 @@ mod tests {
     }
 
     #[test]
-    fn buckets_spread_and_depend_on_the_seed() {
+    fn buckets_and_tags_spread_and_depend_on_the_seed() {
         let mask = 1023;
         let mut hist = vec![0u32; 1024];
         let mut moved = 0;
+        let mut same_tag_in_bucket = 0;
+        let mut seen = std::collections::BTreeMap::new();
         for n in 0..(1024 * 16) {
             let k = key(0xc612_0000 + n, 6);
             let p = probe(&k, SEED, mask);
-            hist[(p.buckets[0] / WAYS) as usize] += 1;
+            hist[p.buckets[0] as usize] += 1;
             if probe(&k, SEED + 1, mask).buckets != p.buckets {
                 moved += 1;
             }
+            if seen.insert((p.buckets[0], p.tag), n).is_some() {
+                same_tag_in_bucket += 1;
+            }
+            assert_eq!(p.tag & TAG_PRESENT, TAG_PRESENT);
         }
         let max = *hist.iter().max().unwrap();
         assert!(max < 48, "busiest bucket holds {max} of a mean 16");
         assert!(moved > 1024 * 16 * 99 / 100);
+        // 16 flows per bucket, 14 tag bits: a shared tag is rare.
+        assert!(same_tag_in_bucket < 40, "{same_tag_in_bucket}");
         let seals: Vec<u32> = (0..1000)
             .map(|n| seal(table_hash(&key(n, 6), SEED), 1))
             .collect();

@@ -4,7 +4,7 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use lb_common::{
-    conntrack::{Placement, Probe, SLOT_CLOSING, TICK_SHIFT, find, place, ticks},
+    conntrack::{Placement, Probe, SLOT_CLOSING, TICK_SHIFT, fill, find, place, ticks, touch},
     flowcache::{CachedFlow, REFRESH_EVERY, same_flow, slot_of},
     maps::{BACKEND_DRAINING, BACKEND_UP, BackendInfo, FlowKey, LbConfig, VipInfo},
     parse::IPPROTO_UDP,
@@ -121,18 +121,26 @@ const NOT_FOUND: u32 = u32::MAX;
 /// The connection-table slot holding `key`'s entry, if any.
 #[inline(always)]
 pub fn lookup(key: &FlowKey, probe: &Probe) -> Option<u32> {
-    match find_slot(key, probe) {
+    match lb_find_slot(key, probe) {
         NOT_FOUND => None,
         idx => Some(idx),
     }
 }
 
-/// A BPF-to-BPF call: probing eight ways inline kept the key's words and
-/// every way's fields live at once, and the spills pushed the balancer's
-/// frame past the verifier's 512 bytes. Returns a plain word so the result
-/// comes back in a register.
+/// A global BPF function (exported at link time, see `lb-ebpf/rustflags`):
+/// inlined, probing eight ways kept the key's words and every way's fields
+/// live at once, and the spills pushed the balancer's frame past the
+/// verifier's 512 bytes; global, it is verified once rather than once per
+/// path of the balancer that reaches it. Takes raw pointers (a global
+/// function's pointer arguments may be null as far as the verifier knows)
+/// and returns a plain word, which comes back in a register.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn find_slot(key: &FlowKey, probe: &Probe) -> u32 {
+pub extern "C" fn lb_find_slot(key: *const FlowKey, probe: *const Probe) -> u32 {
+    // SAFETY: null-checked; see `lb_placement`.
+    let (Some(key), Some(probe)) = (unsafe { key.as_ref() }, unsafe { probe.as_ref() }) else {
+        return NOT_FOUND;
+    };
     find(&ConnTable, key, probe).unwrap_or(NOT_FOUND)
 }
 
@@ -161,7 +169,9 @@ pub fn choose(
     let mut missed = tcp_syn;
     if tcp_syn {
         count(Counter::LbConntrackMiss);
-    } else if let Some(entry) = at.and_then(ConnTable::entry) {
+    } else if let Some(idx) = at
+        && let Some(entry) = ConnTable::entry(idx)
+    {
         if allow_new && entry.expired(now, udp_timeout_ticks(cfg)) {
             count(Counter::LbUdpExpired);
         } else if let Some(b) = BACKENDS.get(entry.backend_id)
@@ -171,7 +181,7 @@ pub fn choose(
             count(Counter::LbConntrackHit);
             // ICMP errors about a flow neither refresh it nor fill the cache.
             if allow_new {
-                entry.touch(now, closing);
+                touch(&mut ConnTable, idx, now, closing);
                 // A closing flow's last packets take this path, so its
                 // entry stays the one that ends it.
                 if entry.flags & SLOT_CLOSING == 0 {
@@ -223,12 +233,19 @@ pub fn choose(
     })
 }
 
-/// Where a new entry of a flow without one goes, as a BPF-to-BPF call like
-/// [`find_slot`] (only new flows pay for it): the stalest free way of the
-/// emptier bucket. Returns the slot in the low 32 bits, bit 32 set if it
-/// displaces a live flow, `u64::MAX` if no slot could be read.
+/// Where a new entry of a flow without one goes, a global function like
+/// [`lb_find_slot`] (only new flows pay for the call): the free or stalest
+/// way of the emptier bucket, chosen from the two buckets' heads. Returns
+/// the slot in the low 32 bits, bit 32 set if it displaces a live flow,
+/// `u64::MAX` if no slot could be read.
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn placement(probe: &Probe, now: u32, udp_timeout: u32) -> u64 {
+pub extern "C" fn lb_placement(probe: *const Probe, now: u32, udp_timeout: u32) -> u64 {
+    // SAFETY: null-checked; a global function's pointer argument points at
+    // memory the verifier sized from the argument's type.
+    let Some(probe) = (unsafe { probe.as_ref() }) else {
+        return u64::MAX;
+    };
     match place(&ConnTable, probe, now, udp_timeout) {
         Some(at) => at.idx as u64 | (at.evicts_live as u64) << 32,
         None => u64::MAX,
@@ -257,7 +274,7 @@ pub fn record(
             idx,
             evicts_live: false,
         }),
-        None => match placement(probe, choice.now, udp_timeout_ticks(cfg)) {
+        None => match lb_placement(probe, choice.now, udp_timeout_ticks(cfg)) {
             u64::MAX => None,
             at => Some(Placement {
                 idx: at as u32,
@@ -265,10 +282,15 @@ pub fn record(
             }),
         },
     };
-    match placed.and_then(|p| Some((p, ConnTable::entry(p.idx)?))) {
-        Some((p, slot)) => {
-            slot.fill(key, probe.hash, choice.backend_id, choice.now);
-            slot.touch(choice.now, closing);
+    let mut table = ConnTable;
+    match placed.and_then(|p| {
+        fill(&mut table, p.idx, key, probe, choice.backend_id, choice.now)?;
+        if closing {
+            touch(&mut table, p.idx, choice.now, true)?;
+        }
+        Some(p)
+    }) {
+        Some(p) => {
             if p.evicts_live {
                 count(Counter::LbConntrackEvicted);
             }

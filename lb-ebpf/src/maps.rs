@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, PerCpuArray},
 };
 use lb_common::{
-    conntrack::{ConnSlot, Slots},
+    conntrack::{BucketHead, ConnSlot, Table},
     flowcache::CachedFlow,
     maps::{BackendInfo, LbConfig, Traffic},
     ring::RingChunk,
@@ -40,7 +40,11 @@ pub static CONNTRACK: Array<ConnSlot> = Array::with_max_entries(65536, BPF_F_MMA
 #[map(name = "FLOW_CACHE")]
 pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(65536, 0);
 
-/// `CONNTRACK` as the shared table logic sees it.
+/// One head per `CONNTRACK` bucket (see `lb_common::conntrack`).
+#[map(name = "CONNTRACK_HEADS")]
+pub static CONNTRACK_HEADS: Array<BucketHead> = Array::with_max_entries(16384, 0);
+
+/// `CONNTRACK` and its heads as the shared table logic sees them.
 pub struct ConnTable;
 
 impl ConnTable {
@@ -52,7 +56,20 @@ impl ConnTable {
     }
 }
 
-impl Slots for ConnTable {
+impl Table for ConnTable {
+    #[inline(always)]
+    fn head(&self, bucket: u32) -> Option<&BucketHead> {
+        CONNTRACK_HEADS.get(bucket)
+    }
+
+    #[inline(always)]
+    fn head_mut(&mut self, bucket: u32) -> Option<&mut BucketHead> {
+        // SAFETY: as for `entry`; a head word is one aligned store.
+        CONNTRACK_HEADS
+            .get_ptr_mut(bucket)
+            .map(|p| unsafe { &mut *p })
+    }
+
     #[inline(always)]
     fn slot(&self, idx: u32) -> Option<&ConnSlot> {
         CONNTRACK.get(idx)

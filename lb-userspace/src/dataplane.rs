@@ -102,7 +102,7 @@ pub fn load_balancer() -> Result<Ebpf> {
 }
 
 /// Each sized map's `max_entries` for these sizes.
-pub fn map_sizes(sizes: &MapSizes) -> Result<[(&'static str, u32); 7]> {
+pub fn map_sizes(sizes: &MapSizes) -> Result<[(&'static str, u32); 8]> {
     Ok([
         (
             "VIP_TABLE",
@@ -113,6 +113,10 @@ pub fn map_sizes(sizes: &MapSizes) -> Result<[(&'static str, u32); 7]> {
         ("STATS_BACKEND", sizes.max_backends),
         ("RINGS", sizes.ring_entries()?),
         ("CONNTRACK", sizes.conntrack_slots()),
+        (
+            "CONNTRACK_HEADS",
+            sizes.conntrack_slots() / lb_common::conntrack::WAYS,
+        ),
         ("FLOW_CACHE", sizes.flow_cache_slots.next_power_of_two()),
     ])
 }

@@ -28,6 +28,7 @@ pub const PINNED_MAPS: &[&str] = &[
     "RINGS",
     "BACKENDS",
     "CONNTRACK",
+    "CONNTRACK_HEADS",
     "FLOW_CACHE",
     "STATS_BACKEND",
     "STATS_VIP",

@@ -134,37 +134,56 @@ pub fn conntrack_slot(
 ) -> Result<Option<(u32, lb_common::conntrack::ConnSlot)>> {
     use std::collections::BTreeMap;
 
-    use lb_common::conntrack::{ConnSlot, Slots, WAYS, find, probe};
+    use lb_common::conntrack::{BucketHead, ConnSlot, Table, WAYS, find, probe};
 
     /// The two candidate buckets, read at their own offsets.
-    struct Buckets(BTreeMap<u32, ConnSlot>);
-    impl Slots for Buckets {
+    #[derive(Default)]
+    struct Buckets {
+        heads: BTreeMap<u32, BucketHead>,
+        slots: BTreeMap<u32, ConnSlot>,
+    }
+    impl Table for Buckets {
+        fn head(&self, bucket: u32) -> Option<&BucketHead> {
+            self.heads.get(&bucket)
+        }
+        fn head_mut(&mut self, bucket: u32) -> Option<&mut BucketHead> {
+            self.heads.get_mut(&bucket)
+        }
         fn slot(&self, idx: u32) -> Option<&ConnSlot> {
-            self.0.get(&idx)
+            self.slots.get(&idx)
         }
         fn slot_mut(&mut self, idx: u32) -> Option<&mut ConnSlot> {
-            self.0.get_mut(&idx)
+            self.slots.get_mut(&idx)
         }
     }
 
-    let cfg = Array::<_, LbConfig>::try_from(ebpf.map("CONFIG").context("map CONFIG missing")?)
+    let map = |name: &str| {
+        ebpf.map(name)
+            .with_context(|| format!("map {name} missing"))
+    };
+    let cfg = Array::<_, LbConfig>::try_from(map("CONFIG")?)
         .context("map CONFIG has an unexpected type")?
         .get(&0, 0)
         .context("reading CONFIG")?;
-    let table =
-        Array::<_, ConnSlot>::try_from(ebpf.map("CONNTRACK").context("map CONNTRACK missing")?)
-            .context("map CONNTRACK has an unexpected type")?;
+    let heads = Array::<_, BucketHead>::try_from(map("CONNTRACK_HEADS")?)
+        .context("map CONNTRACK_HEADS has an unexpected type")?;
+    let slots = Array::<_, ConnSlot>::try_from(map("CONNTRACK")?)
+        .context("map CONNTRACK has an unexpected type")?;
     let p = probe(key, cfg.conntrack_seed, cfg.conntrack_bucket_mask);
-    let mut buckets = Buckets(BTreeMap::new());
-    for first in p.buckets {
-        for idx in first..first + WAYS {
-            let slot = table
+    let mut table = Buckets::default();
+    for bucket in p.buckets {
+        let head = heads
+            .get(&bucket, 0)
+            .with_context(|| format!("reading CONNTRACK_HEADS[{bucket}]"))?;
+        table.heads.insert(bucket, head);
+        for idx in bucket * WAYS..(bucket + 1) * WAYS {
+            let slot = slots
                 .get(&idx, 0)
                 .with_context(|| format!("reading CONNTRACK[{idx}]"))?;
-            buckets.0.insert(idx, slot);
+            table.slots.insert(idx, slot);
         }
     }
-    Ok(find(&buckets, key, &p).and_then(|idx| Some((idx, *buckets.slot(idx)?))))
+    Ok(find(&table, key, &p).and_then(|idx| Some((idx, *table.slot(idx)?))))
 }
 
 /// The backend of `key`'s connection-table entry, if it has one.

@@ -129,6 +129,17 @@ fn build_ebpf(release: bool) -> Result<()> {
         "-Z",
         "build-std=core",
     ]);
+    // The flags the object lbd embeds is built with (lb-userspace/build.rs).
+    let flags = std::fs::read_to_string(workspace_root().join("lb-ebpf/rustflags"))
+        .context("reading lb-ebpf/rustflags")?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.replace("{arch}", std::env::consts::ARCH))
+        .collect::<Vec<_>>()
+        .join("\x1f");
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", flags)
+        .env_remove("RUSTFLAGS");
     if release {
         cmd.arg("--release");
     } else {
