@@ -103,7 +103,7 @@ pub fn run() -> Result<ControlResult> {
         ));
     }
     md.push_str(&format!(
-        "\nWriting one ring (65537 slots) into the idle generation and flipping the VIP to it: {publish_ms:.1} ms (one map update per slot).\n"
+        "\nWriting one ring (65537 slots) into the idle generation and flipping the VIP to it: {publish_ms:.1} ms (one map update per 16 slots).\n"
     ));
     Ok(ControlResult {
         builds,
@@ -141,7 +141,7 @@ fn map_memlock() -> Result<Vec<(String, u64, u32)>> {
 
 pub fn memory() -> Result<String> {
     let mut md = String::from(
-        "| configuration | CONNTRACK slots | CONNTRACK memlock | bytes per slot (one flow) | all maps |\n|---|---:|---:|---:|---:|\n",
+        "| configuration | connection-table slots | CONNTRACK + CONNTRACK_HEADS memlock | bytes per slot (one flow) | all maps |\n|---|---:|---:|---:|---:|\n",
     );
     for (label, sizes) in [
         ("default", MapSizes::default()),
@@ -155,18 +155,23 @@ pub fn memory() -> Result<String> {
     ] {
         let ebpf = dataplane::load_balancer_with(&sizes)?;
         let maps = map_memlock()?;
-        let ct = maps
+        // The slots and their bucket heads.
+        let slots = sizes.conntrack_slots();
+        let ct: u64 = maps
             .iter()
-            .find(|(n, _, max)| n == "CONNTRACK" && *max == sizes.conntrack_entries)
+            .filter(|(n, _, max)| {
+                (n == "CONNTRACK" && *max == slots)
+                    || (n == "CONNTRACK_HEADS" && *max == slots / lb_common::conntrack::WAYS)
+            })
             .map(|m| m.1)
-            .unwrap_or(0);
+            .sum();
         // Only this load's maps: the process holds no other program now.
         let total: u64 = maps.iter().map(|m| m.1).sum();
         md.push_str(&format!(
             "| {label} | {} | {:.1} MiB | {:.0} | {:.1} MiB |\n",
-            sizes.conntrack_entries,
+            slots,
             ct as f64 / (1 << 20) as f64,
-            ct as f64 / sizes.conntrack_entries as f64,
+            ct as f64 / slots as f64,
             total as f64 / (1 << 20) as f64
         ));
         drop(ebpf);
