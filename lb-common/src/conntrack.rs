@@ -28,7 +28,8 @@
 //! been seen, and any entry when it is the least recently used of the ways a
 //! new flow may take. A flow whose entry was displaced is not broken: it
 //! falls back to the ring, which still holds its backend unless the ring
-//! changed since (then the second chance applies).
+//! changed since (then, for TCP within the second-chance window, the
+//! previous ring does).
 //!
 //! Concurrency: CPUs write slots and heads without locks or ordering. A slot
 //! carries a seal, a hash over everything a reader acts on (key and
@@ -54,10 +55,14 @@ pub const WAYS: u32 = 4;
 pub const TICK_SHIFT: u32 = 20;
 
 /// A head's stamps count units of 2^12 ticks (4.4 s), wrapping every 80
-/// hours: precise enough to tell the least recently used of four flows.
-/// Ages of half the wrap or more read as 0: a stamp a moment ahead of this
-/// CPU's clock (written by another CPU) is young, not ancient.
+/// hours: precise enough to tell the least recently used of four flows. A
+/// flow idle for longer looks young again once the stamp wraps; that only
+/// changes which of four ways goes first.
 pub const STAMP_SHIFT: u32 = 12;
+
+/// Ages this close below the wrap read as 0: a stamp a moment ahead of this
+/// CPU's clock (written by another CPU) is young, not ancient.
+const AHEAD: u16 = 0xfff0;
 
 /// `ConnSlot::flags`: the client sent FIN or RST. The entry still steers the
 /// flow's last packets, but it is the first to be reused.
@@ -233,6 +238,20 @@ pub const fn stamp(now: u32) -> u16 {
     (now >> STAMP_SHIFT) as u16
 }
 
+/// A UDP way is free once its age in stamps exceeds this: the timeout
+/// rounded up to whole stamps, so that an age past it (at least one whole
+/// stamp more than the timeout since the flow's last stamp) means the flow
+/// really was idle that long. Capped below [`AHEAD`].
+#[inline(always)]
+const fn udp_timeout_stamps(ticks: u32) -> u16 {
+    let s = ticks.div_ceil(1 << STAMP_SHIFT);
+    if s >= AHEAD as u32 {
+        AHEAD - 1
+    } else {
+        s as u16
+    }
+}
+
 /// Ticks of a `CLOCK_MONOTONIC` time in ns.
 #[inline(always)]
 pub const fn ticks(ns: u64) -> u32 {
@@ -240,19 +259,13 @@ pub const fn ticks(ns: u64) -> u32 {
 }
 
 impl ConnSlot {
-    /// Whether this slot is a complete entry for `key` (whose probe hash is
-    /// `hash`).
-    #[inline(always)]
-    pub fn holds(&self, key: &FlowKey, hash: u64) -> bool {
-        same_flow(&self.key, key) && self.seal == seal(hash, self.backend_id)
-    }
-
     /// Whether a UDP entry has been idle for `udp_timeout` ticks (0: every
-    /// packet starts a new flow).
+    /// packet starts a new flow). A `last_seen` ahead of `now` (another
+    /// CPU's packet a moment later) is not idle at all.
     #[inline(always)]
     pub fn expired(&self, now: u32, udp_timeout: u32) -> bool {
-        self.key.proto == crate::parse::IPPROTO_UDP
-            && now.wrapping_sub(self.last_seen) >= udp_timeout
+        let idle = now.wrapping_sub(self.last_seen);
+        self.key.proto == crate::parse::IPPROTO_UDP && idle < 1 << 31 && idle >= udp_timeout
     }
 }
 
@@ -265,7 +278,7 @@ fn staleness(word: u32, now: u16, udp_timeout: u16) -> u32 {
         return u32::MAX;
     }
     let age = match now.wrapping_sub((word >> 16) as u16) {
-        a if a >= 0x8000 => 0,
+        a if a >= AHEAD => 0,
         a => a,
     };
     let tag = word as u16;
@@ -276,24 +289,36 @@ fn staleness(word: u32, now: u16, udp_timeout: u16) -> u32 {
     }
 }
 
-/// Index of the slot holding `key`, if any.
+/// A flow's entry: its slot, and the backend as read when the seal was
+/// checked. Callers act on this copy: another CPU may reuse the slot right
+/// after, and reading the backend from the slot again could return the new
+/// flow's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub idx: u32,
+    pub backend_id: u32,
+}
+
+/// The slot holding `key`, if any.
 #[inline(always)]
-pub fn find<T: Table + ?Sized>(table: &T, key: &FlowKey, p: &Probe) -> Option<u32> {
+pub fn find<T: Table + ?Sized>(table: &T, key: &FlowKey, p: &Probe) -> Option<Found> {
     find_in(table, key, p, p.buckets[0]).or_else(|| find_in(table, key, p, p.buckets[1]))
 }
 
 /// [`find`] in one bucket.
 #[inline(always)]
-fn find_in<T: Table + ?Sized>(table: &T, key: &FlowKey, p: &Probe, bucket: u32) -> Option<u32> {
+fn find_in<T: Table + ?Sized>(table: &T, key: &FlowKey, p: &Probe, bucket: u32) -> Option<Found> {
     let head = *table.head(bucket)?;
     let mut way = 0;
     while way < WAYS {
         let idx = bucket * WAYS + way;
         if head.ways[way as usize] as u16 & !TAG_CLOSING == p.tag
             && let Some(s) = table.slot(idx)
-            && s.holds(key, p.hash)
         {
-            return Some(idx);
+            let backend_id = s.backend_id;
+            if same_flow(&s.key, key) && s.seal == seal(p.hash, backend_id) {
+                return Some(Found { idx, backend_id });
+            }
         }
         way += 1;
     }
@@ -350,7 +375,7 @@ pub fn place<T: Table + ?Sized>(
     now: u32,
     udp_timeout: u32,
 ) -> Option<Placement> {
-    let (now, udp_timeout) = (stamp(now), stamp(udp_timeout));
+    let (now, udp_timeout) = (stamp(now), udp_timeout_stamps(udp_timeout));
     let a = scan(table.head(p.buckets[0])?, p.buckets[0], now, udp_timeout);
     let b = scan(table.head(p.buckets[1])?, p.buckets[1], now, udp_timeout);
     let pick = if b.free > a.free || (a.free == 0 && b.free == 0 && b.staleness > a.staleness) {
@@ -389,12 +414,12 @@ pub fn fill<T: Table + ?Sized>(
 /// `closing`: it was the client's FIN or RST. Writes only what changed, so
 /// a busy flow dirties its slot once a millisecond and its head every few
 /// seconds. A closing entry is no longer refreshed: it is the first to be
-/// reused.
+/// reused. Returns whether the entry is closing.
 #[inline(always)]
-pub fn touch<T: Table + ?Sized>(table: &mut T, idx: u32, now: u32, closing: bool) -> Option<()> {
+pub fn touch<T: Table + ?Sized>(table: &mut T, idx: u32, now: u32, closing: bool) -> Option<bool> {
     let s = table.slot_mut(idx)?;
     if s.flags & SLOT_CLOSING != 0 {
-        return Some(());
+        return Some(true);
     }
     if closing {
         s.flags = SLOT_CLOSING;
@@ -403,18 +428,22 @@ pub fn touch<T: Table + ?Sized>(table: &mut T, idx: u32, now: u32, closing: bool
         s.last_seen = now;
     }
     let word = &mut table.head_mut(idx / WAYS)?.ways[(idx % WAYS) as usize];
-    let closing_bit = if closing { TAG_CLOSING as u32 } else { 0 };
-    let new = (*word & 0xffff) | closing_bit | (stamp(now) as u32) << 16;
-    if *word != new {
-        *word = new;
+    // A word another insert overwrote (or cleared) is left alone.
+    if *word & TAG_PRESENT as u32 != 0 {
+        let closing_bit = if closing { TAG_CLOSING as u32 } else { 0 };
+        let new = (*word & 0xffff) | closing_bit | (stamp(now) as u32) << 16;
+        if *word != new {
+            *word = new;
+        }
     }
-    Some(())
+    Some(closing)
 }
 
-/// Whether a slot read from the table holds a complete entry (for counting
-/// and listing; the data plane checks seals against the probing key).
-pub fn in_use(s: &ConnSlot, seed: u64) -> bool {
-    s.key.family != 0 && s.seal == seal(table_hash(&s.key, seed), s.backend_id)
+/// Whether head word `word` stands for a live flow at `now`: present,
+/// not closing, not UDP past `udp_timeout` (both in ticks). What
+/// `lb_conntrack_entries` counts.
+pub fn live(word: u32, now: u32, udp_timeout: u32) -> bool {
+    staleness(word, stamp(now), udp_timeout_stamps(udp_timeout)) != u32::MAX
 }
 
 #[cfg(test)]
@@ -468,8 +497,8 @@ mod tests {
         fn insert(&mut self, k: &FlowKey, backend: u32, now: u32) -> Placement {
             let p = self.probe(k);
             let at = match find(self, k, &p) {
-                Some(idx) => Placement {
-                    idx,
+                Some(f) => Placement {
+                    idx: f.idx,
                     evicts_live: false,
                 },
                 None => place(self, &p, now, UDP_TIMEOUT).unwrap(),
@@ -479,15 +508,28 @@ mod tests {
         }
 
         fn at(&self, k: &FlowKey) -> Option<u32> {
-            find(self, k, &self.probe(k))
+            find(self, k, &self.probe(k)).map(|f| f.idx)
         }
 
         fn lookup(&self, k: &FlowKey) -> Option<u32> {
-            self.at(k).map(|i| self.slots[i as usize].backend_id)
+            let found = find(self, k, &self.probe(k))?;
+            assert_eq!(found.backend_id, self.slots[found.idx as usize].backend_id);
+            Some(found.backend_id)
         }
 
+        /// Complete entries, whatever the heads say.
         fn in_use(&self) -> usize {
-            self.slots.iter().filter(|s| in_use(s, SEED)).count()
+            self.slots
+                .iter()
+                .filter(|s| {
+                    s.key.family != 0 && s.seal == seal(table_hash(&s.key, SEED), s.backend_id)
+                })
+                .count()
+        }
+
+        fn live(&self, now: u32) -> usize {
+            let words = self.heads.iter().flat_map(|h| h.ways);
+            words.filter(|&w| live(w, now, UDP_TIMEOUT)).count()
         }
     }
 
@@ -608,6 +650,52 @@ mod tests {
     }
 
     #[test]
+    fn a_flow_idle_for_hours_is_old_not_young() {
+        let mut t = Host::new(1);
+        t.insert(&key(0, 6), 1, S);
+        for n in 1..4 {
+            t.insert(&key(n, 6), 1, 0x8000 * S);
+        }
+        // Flow 0 has been idle 0x8000 stamps (40 hours): it goes first.
+        t.insert(&key(4, 6), 1, 0x8002 * S);
+        assert_eq!(t.lookup(&key(0, 6)), None);
+        for n in 1..5 {
+            assert_eq!(t.lookup(&key(n, 6)), Some(1));
+        }
+    }
+
+    #[test]
+    fn a_udp_flow_is_free_only_after_its_timeout() {
+        // A 2 s timeout is under one stamp: a flow that crossed a stamp
+        // boundary 5 ms ago is not free; one idle a whole stamp past its
+        // timeout is.
+        let timeout = 2000;
+        let mut t = Host::new(1);
+        let last = 10 * S - 5;
+        for n in 0..4 {
+            t.insert(&key(n, 17), 1, last);
+        }
+        let p = t.probe(&key(9, 17));
+        assert!(place(&t, &p, 10 * S, timeout).unwrap().evicts_live);
+        assert!(!place(&t, &p, 12 * S, timeout).unwrap().evicts_live);
+        // Timeouts of days do not wrap into small ones.
+        assert!(
+            place(&t, &p, 12 * S, 5 * 24 * 3600 * 1000)
+                .unwrap()
+                .evicts_live
+        );
+    }
+
+    #[test]
+    fn a_last_seen_a_moment_ahead_is_not_expired() {
+        let mut t = Host::new(1);
+        t.insert(&key(1, 17), 1, 1000);
+        let s = t.slots[t.at(&key(1, 17)).unwrap() as usize];
+        assert!(!s.expired(999, 30));
+        assert!(s.expired(1030, 30));
+    }
+
+    #[test]
     fn the_stalest_way_goes_first() {
         // One bucket: both candidates are bucket 0.
         let mut t = Host::new(1);
@@ -648,8 +736,10 @@ mod tests {
         touch(&mut t, i1, 5002 * S, false).unwrap();
         assert_eq!(t.lookup(&key(1, 6)), Some(2));
         let now = 5003 * S;
+        assert_eq!(t.live(now), 2, "flows 0 and 2: 1 closed, 3 expired");
         assert!(!t.insert(&key(10, 6), 11, now).evicts_live);
         assert!(!t.insert(&key(11, 6), 12, now).evicts_live);
+        assert_eq!(t.live(now), 4);
         assert_eq!(t.lookup(&key(1, 6)), None);
         assert_eq!(t.lookup(&key(3, 17)), None);
         assert_eq!(t.lookup(&key(0, 6)), Some(1));
@@ -713,7 +803,7 @@ mod tests {
         let max = *hist.iter().max().unwrap();
         assert!(max < 48, "busiest bucket holds {max} of a mean 16");
         assert!(moved > 1024 * 16 * 99 / 100);
-        // 16 flows per bucket, 14 tag bits: a shared tag is rare.
+        // 16 flows per bucket, 13 tag bits: a shared tag is rare.
         assert!(same_tag_in_bucket < 40, "{same_tag_in_bucket}");
         let seals: Vec<u32> = (0..1000)
             .map(|n| seal(table_hash(&key(n, 6), SEED), 1))

@@ -1,23 +1,26 @@
 //! A per-CPU, direct-mapped cache in front of the connection table.
 //!
 //! A `CONNTRACK` hit costs a 64-bit keyed hash, a probe of up to eight ways,
-//! a seal check and a clock read: about 40 ns here, more than half an
-//! established packet's budget. The cache is a per-CPU ARRAY indexed by a
-//! cheap hash of the 5-tuple, one way, no clock: RSS keeps a flow on one
-//! CPU, so hit rates are high. It also remembers what the VIP lookup said
-//! (see `vip_epoch`), so a hit skips that lookup too. It holds only
-//! established TCP flows (UDP needs the table's timestamps). The table stays
-//! the source of truth: every `REFRESH_EVERY`-th hit goes to the table
-//! anyway, which keeps the flow's recency there current so the table does not
-//! evict flows the cache is serving.
+//! a seal check, a function call and a clock read: about 40 ns here, more
+//! than half an established packet's budget. The cache is a per-CPU ARRAY
+//! indexed by a cheap hash of the 5-tuple, one way, no clock: RSS keeps a
+//! flow on one CPU, so hit rates are high. It also remembers what the VIP
+//! lookup said (see `vip_epoch`), so a hit skips that lookup too. It holds
+//! only TCP flows (UDP needs the table's timestamps), filled from the
+//! table's entry by a flow's second packet, or by a SYN that replaces an old
+//! connection's entry. The table stays the source of truth: every
+//! `REFRESH_EVERY`-th hit goes to the table anyway, which keeps the flow's
+//! recency there current so the table does not evict flows the cache is
+//! serving.
 
 use crate::maps::FlowKey;
 
 /// One hit in this many is looked up in `CONNTRACK` too.
 pub const REFRESH_EVERY: u32 = 32;
 
-/// 64 bytes: one cache line.
-#[repr(C)]
+/// 64 bytes: one cache line. Aligned to 8 (as BPF array values are), so
+/// filling it takes eight-byte stores.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedFlow {
     pub key: FlowKey,

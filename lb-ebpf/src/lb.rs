@@ -4,7 +4,7 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use lb_common::{
-    conntrack::{Placement, Probe, SLOT_CLOSING, TICK_SHIFT, fill, find, place, ticks, touch},
+    conntrack::{Found, Placement, Probe, TICK_SHIFT, Table, fill, find, place, ticks, touch},
     flowcache::{CachedFlow, REFRESH_EVERY, same_flow, slot_of},
     maps::{BACKEND_DRAINING, BACKEND_UP, BackendInfo, FlowKey, LbConfig, VipInfo},
     parse::IPPROTO_UDP,
@@ -74,7 +74,7 @@ fn cache_slot(key: &FlowKey, cfg: &LbConfig) -> Option<&'static mut CachedFlow> 
 }
 
 #[inline(always)]
-fn cache_fill(key: &FlowKey, backend_id: u32, vip: &VipInfo, epoch: u32, cfg: &LbConfig) {
+fn cache_fill(key: &FlowKey, backend_id: u32, vip_id: u32, mode: u8, epoch: u32, cfg: &LbConfig) {
     if key.proto != IPPROTO_UDP
         && let Some(c) = cache_slot(key, cfg)
     {
@@ -82,8 +82,8 @@ fn cache_fill(key: &FlowKey, backend_id: u32, vip: &VipInfo, epoch: u32, cfg: &L
         c.backend_id = backend_id;
         c.hits = 0;
         c.vip_epoch = epoch;
-        c.vip_id = vip.vip_id;
-        c.mode = vip.mode;
+        c.vip_id = vip_id;
+        c.mode = mode;
     }
 }
 
@@ -116,14 +116,17 @@ pub fn cached(key: &FlowKey, epoch: u32, cfg: &LbConfig) -> Option<(Choice, u32,
     Some((choice, c.vip_id, c.mode))
 }
 
-const NOT_FOUND: u32 = u32::MAX;
+const NOT_FOUND: u64 = u64::MAX;
 
-/// The connection-table slot holding `key`'s entry, if any.
+/// `key`'s connection-table entry, if it has one.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, probe: &Probe) -> Option<u32> {
+pub fn lookup(key: &FlowKey, probe: &Probe) -> Option<Found> {
     match lb_find_slot(key, probe) {
         NOT_FOUND => None,
-        idx => Some(idx),
+        found => Some(Found {
+            idx: found as u32,
+            backend_id: (found >> 32) as u32,
+        }),
     }
 }
 
@@ -133,15 +136,19 @@ pub fn lookup(key: &FlowKey, probe: &Probe) -> Option<u32> {
 /// verifier's 512 bytes; global, it is verified once rather than once per
 /// path of the balancer that reaches it. Takes raw pointers (a global
 /// function's pointer arguments may be null as far as the verifier knows)
-/// and returns a plain word, which comes back in a register.
+/// and returns one word, in a register: the slot in the low half, the
+/// backend read when the seal was checked in the high half.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn lb_find_slot(key: *const FlowKey, probe: *const Probe) -> u32 {
+pub extern "C" fn lb_find_slot(key: *const FlowKey, probe: *const Probe) -> u64 {
     // SAFETY: null-checked; see `lb_placement`.
     let (Some(key), Some(probe)) = (unsafe { key.as_ref() }, unsafe { probe.as_ref() }) else {
         return NOT_FOUND;
     };
-    find(&ConnTable, key, probe).unwrap_or(NOT_FOUND)
+    match find(&ConnTable, key, probe) {
+        Some(f) => f.idx as u64 | (f.backend_id as u64) << 32,
+        None => NOT_FOUND,
+    }
 }
 
 /// Picks the backend for `key`; `None` means the VIP has no usable backend.
@@ -153,7 +160,7 @@ pub extern "C" fn lb_find_slot(key: *const FlowKey, probe: *const Probe) -> u32 
 #[allow(clippy::too_many_arguments)]
 pub fn choose(
     key: &FlowKey,
-    at: Option<u32>,
+    at: Option<Found>,
     vip: &VipInfo,
     epoch: u32,
     cfg: &LbConfig,
@@ -169,27 +176,29 @@ pub fn choose(
     let mut missed = tcp_syn;
     if tcp_syn {
         count(Counter::LbConntrackMiss);
-    } else if let Some(idx) = at
-        && let Some(entry) = ConnTable::entry(idx)
-    {
-        if allow_new && entry.expired(now, udp_timeout_ticks(cfg)) {
+    } else if let Some(found) = at {
+        // The backend comes from `found`, checked against the seal; the slot
+        // itself may have been reused by another CPU since (then the fields
+        // read below belong to another flow, which only affects its expiry
+        // and recency, never where this packet goes).
+        let expired = ConnTable
+            .slot(found.idx)
+            .is_some_and(|s| s.expired(now, udp_timeout_ticks(cfg)));
+        if allow_new && expired {
             count(Counter::LbUdpExpired);
-        } else if let Some(b) = BACKENDS.get(entry.backend_id)
+        } else if let Some(b) = BACKENDS.get(found.backend_id)
             && usable(b)
             && b.serves(vip.vip_id)
         {
             count(Counter::LbConntrackHit);
             // ICMP errors about a flow neither refresh it nor fill the cache.
-            if allow_new {
-                touch(&mut ConnTable, idx, now, closing);
-                // A closing flow's last packets take this path, so its
-                // entry stays the one that ends it.
-                if entry.flags & SLOT_CLOSING == 0 {
-                    cache_fill(key, entry.backend_id, vip, epoch, cfg);
-                }
+            // A closing flow's last packets take this path, so its entry
+            // stays the one that ends it.
+            if allow_new && touch(&mut ConnTable, found.idx, now, closing) == Some(false) {
+                cache_fill(key, found.backend_id, vip.vip_id, vip.mode, epoch, cfg);
             }
             return Some(Choice {
-                backend_id: entry.backend_id,
+                backend_id: found.backend_id,
                 backend: b,
                 new_flow: false,
                 now,
@@ -262,12 +271,13 @@ pub fn record(
     at: Option<u32>,
     probe: &Probe,
     choice: &Choice,
+    (vip_id, mode, epoch): (u32, u8, u32),
     closing: bool,
     cfg: &LbConfig,
 ) {
     let own = match at {
         Some(idx) => Some(idx),
-        None => lookup(key, probe),
+        None => lookup(key, probe).map(|f| f.idx),
     };
     let placed = match own {
         Some(idx) => Some(Placement {
@@ -297,8 +307,13 @@ pub fn record(
         }
         None => count(Counter::LbConntrackInsertFailed),
     }
-    // The flow cache is filled by the flow's next packet, from this entry:
-    // a new flow's cache slot is a cold line, and many flows (scans, SYN
-    // floods, single-packet UDP) never send a next packet.
+    // A flow that had an entry (a SYN reusing a port, a re-pick) may be in
+    // this CPU's cache with its old backend: replace it, or the next packet
+    // would go there. Other new flows leave the cache to their next packet:
+    // a new flow's cache slot is a cold line (two dependent misses in a
+    // per-CPU array), and many flows never send a second packet.
+    if own.is_some() && !closing {
+        cache_fill(key, choice.backend_id, vip_id, mode, epoch, cfg);
+    }
     count(Counter::LbNewFlow);
 }

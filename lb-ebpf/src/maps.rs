@@ -31,8 +31,8 @@ pub static RINGS: Array<RingChunk> = Array::with_max_entries(16 * 2 * 4097, 0);
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);
 
-/// The connection table (see `lb_common::conntrack`). Mappable so that
-/// lbd counts its entries by reading memory, not with a syscall per slot.
+/// The connection table (see `lb_common::conntrack`). Mappable so that its
+/// values start on a page, every slot on a cache line of its own.
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: Array<ConnSlot> = Array::with_max_entries(65536, BPF_F_MMAPABLE);
 
@@ -40,9 +40,10 @@ pub static CONNTRACK: Array<ConnSlot> = Array::with_max_entries(65536, BPF_F_MMA
 #[map(name = "FLOW_CACHE")]
 pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(65536, 0);
 
-/// One head per `CONNTRACK` bucket (see `lb_common::conntrack`).
+/// One head per `CONNTRACK` bucket (see `lb_common::conntrack`). Mappable:
+/// lbd counts live flows by reading the heads (4 bytes per flow).
 #[map(name = "CONNTRACK_HEADS")]
-pub static CONNTRACK_HEADS: Array<BucketHead> = Array::with_max_entries(16384, 0);
+pub static CONNTRACK_HEADS: Array<BucketHead> = Array::with_max_entries(16384, BPF_F_MMAPABLE);
 
 /// `CONNTRACK` and its heads as the shared table logic sees them.
 pub struct ConnTable;

@@ -186,7 +186,12 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
                 count(Counter::LbNoBackend);
                 return xdp_action::XDP_DROP;
             };
-            (choice, vip.vip_id, vip.mode, Some((flow, at)))
+            (
+                choice,
+                vip.vip_id,
+                vip.mode,
+                Some((flow, at.map(|f| f.idx))),
+            )
         }
     };
     // One forwarding tail for every path: inlined twice, the encapsulation
@@ -198,7 +203,15 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
             if choice.new_flow
                 && let Some((flow, at)) = &table
             {
-                record(&key, *at, flow, &choice, closing, cfg);
+                record(
+                    &key,
+                    *at,
+                    flow,
+                    &choice,
+                    (vip_id, mode, epoch),
+                    closing,
+                    cfg,
+                );
                 if cfg.flags & CONFIG_FLAG_DEBUG != 0 {
                     debug!(
                         pkt.ctx(),

@@ -77,9 +77,12 @@ impl MapSizes {
     /// `CONNTRACK` slots: buckets of `WAYS` slots, a power of two of them, so
     /// the data plane picks a bucket with a mask.
     pub fn conntrack_slots(&self) -> u32 {
+        // Configuration caps entries at 2^26; saturate rather than wrap for
+        // anything else.
         self.conntrack_entries
             .max(lb_common::conntrack::WAYS)
-            .next_power_of_two()
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 31)
     }
 
     /// `RINGS` elements: two generations of M slots per VIP, 16 slots per

@@ -323,13 +323,13 @@ pub fn render(
         f.head(
             "lb_conntrack_entries",
             "gauge",
-            "Flows in the connection table (counted every few seconds).",
+            "Live flows in the connection table: not closed, not expired (counted every few seconds).",
         );
         f.sample("lb_conntrack_entries", &[], t.entries);
         f.head(
             "lb_conntrack_slots",
             "gauge",
-            "Capacity of the connection table; keep entries below half of it.",
+            "Capacity of the connection table in flows.",
         );
         f.sample("lb_conntrack_slots", &[], t.slots);
     }

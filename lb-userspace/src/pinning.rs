@@ -141,8 +141,6 @@ pub fn attach(
     Ok(())
 }
 
-/// Removes every pin of the instance: the link goes (the program detaches)
-/// and the maps are freed once nothing holds them.
 /// Pin directories of the same instance for other layout versions (left by
 /// an older or newer lbd).
 pub fn other_layouts(dir: &Path) -> Vec<PathBuf> {
@@ -164,6 +162,8 @@ pub fn other_layouts(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Removes every pin of the instance, every layout version: the link goes
+/// (the program detaches) and the maps are freed once nothing holds them.
 pub fn teardown(dir: &Path) -> Result<bool> {
     let mut removed = false;
     for old in other_layouts(dir) {

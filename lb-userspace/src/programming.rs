@@ -92,6 +92,10 @@ pub fn set_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<()> {
     if !slots.is_power_of_two() || slots < ways {
         bail!("CONNTRACK has {slots} slots: not a power of two of at least {ways}");
     }
+    let heads = array::<lb_common::conntrack::BucketHead>(ebpf, "CONNTRACK_HEADS")?.len();
+    if heads != slots / ways {
+        bail!("CONNTRACK_HEADS has {heads} heads for {slots} slots, not one per {ways}");
+    }
     let current = array::<LbConfig>(ebpf, "CONFIG")?
         .get(&0, 0)
         .context("reading CONFIG")?;
@@ -183,7 +187,7 @@ pub fn conntrack_slot(
             table.slots.insert(idx, slot);
         }
     }
-    Ok(find(&table, key, &p).and_then(|idx| Some((idx, *table.slot(idx)?))))
+    Ok(find(&table, key, &p).and_then(|f| Some((f.idx, *table.slot(f.idx)?))))
 }
 
 /// The backend of `key`'s connection-table entry, if it has one.

@@ -30,21 +30,22 @@ pub fn global_counters(ebpf: &Ebpf) -> Result<BTreeMap<&'static str, u64>> {
 /// The connection table's occupancy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableCount {
-    /// Slots holding a complete entry (closed and expired ones included,
-    /// until reused).
+    /// Flows neither closed (FIN/RST) nor expired (UDP); entries are never
+    /// deleted, only reused, so dead TCP flows whose end this node did not
+    /// see count until they are.
     pub entries: u64,
     pub slots: u64,
 }
 
-/// Counts the connection table of the data plane pinned in `dir`. The table
-/// is mapped read-only and scanned in memory (tens of milliseconds per
-/// million slots), not read with a syscall per slot.
+/// Counts the connection table of the data plane pinned in `dir` from its
+/// bucket heads, mapped read-only and scanned in memory (4 bytes per slot:
+/// a few milliseconds per million), not read with a syscall per bucket.
 pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
     use std::os::fd::{AsFd, AsRawFd};
 
     use aya::maps::{Array, Map};
     use lb_common::{
-        conntrack::{ConnSlot, in_use},
+        conntrack::{BucketHead, TICK_SHIFT, WAYS, live},
         maps::LbConfig,
     };
     let open = |name: &str| {
@@ -52,18 +53,29 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
         MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
     };
     let config: Array<MapData, LbConfig> = Array::try_from(Map::Array(open("CONFIG")?))?;
-    let seed = config.get(&0, 0).context("reading CONFIG")?.conntrack_seed;
-    let table = open("CONNTRACK")?;
-    let info = table.info().context("CONNTRACK: map info")?;
-    let slot_size = std::mem::size_of::<ConnSlot>();
-    if info.value_size() as usize != slot_size {
+    let udp_timeout = (config.get(&0, 0).context("reading CONFIG")?.udp_timeout_ns >> TICK_SHIFT)
+        .min(i32::MAX as u64) as u32;
+    let heads = open("CONNTRACK_HEADS")?;
+    let info = heads.info().context("CONNTRACK_HEADS: map info")?;
+    let head_size = std::mem::size_of::<BucketHead>();
+    if info.value_size() as usize != head_size {
         anyhow::bail!(
-            "CONNTRACK holds {}-byte values, not {slot_size}",
+            "CONNTRACK_HEADS holds {}-byte values, not {head_size}",
             info.value_size()
         );
     }
-    let slots = info.max_entries() as usize;
-    let len = slots * slot_size;
+    let buckets = info.max_entries() as usize;
+    let len = buckets * head_size;
+    // The data plane's clock is CLOCK_MONOTONIC (coarse), in ticks.
+    let now = {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ((ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) >> TICK_SHIFT) as u32
+    };
     // SAFETY: a read-only shared mapping of the map's value area, which is
     // `len` bytes (`BPF_F_MMAPABLE`); unmapped below.
     let base = unsafe {
@@ -72,23 +84,29 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
             len,
             libc::PROT_READ,
             libc::MAP_SHARED,
-            table.fd().as_fd().as_raw_fd(),
+            heads.fd().as_fd().as_raw_fd(),
             0,
         )
     };
     if base == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error()).context("mapping CONNTRACK");
+        return Err(std::io::Error::last_os_error()).context("mapping CONNTRACK_HEADS");
     }
-    let slot_ptr = base.cast::<ConnSlot>();
-    let count = (0..slots)
-        // SAFETY: in bounds; volatile because the data plane writes slots
-        // concurrently (a torn copy fails its seal and is not counted).
-        .filter(|&i| in_use(&unsafe { std::ptr::read_volatile(slot_ptr.add(i)) }, seed))
+    let words = base.cast::<u32>();
+    let count = (0..buckets * WAYS as usize)
+        // SAFETY: in bounds; volatile because the data plane writes heads
+        // concurrently (each word is one aligned store).
+        .filter(|&i| {
+            live(
+                unsafe { std::ptr::read_volatile(words.add(i)) },
+                now,
+                udp_timeout,
+            )
+        })
         .count();
     // SAFETY: the mapping made above.
     unsafe { libc::munmap(base, len) };
     Ok(TableCount {
         entries: count as u64,
-        slots: slots as u64,
+        slots: (buckets * WAYS as usize) as u64,
     })
 }

@@ -1165,6 +1165,22 @@ fn fin(mut s: FrameSpec) -> FrameSpec {
     s
 }
 
+/// Moves the head stamp of `frame`'s flow `stamps` back in time.
+fn age_entry(b: &mut Bench, frame: &[u8], stamps: u16) {
+    use aya::maps::Array;
+    use lb_common::conntrack::{BucketHead, WAYS};
+    let (idx, _) = programming::conntrack_slot(&b.h.ebpf, &flow_key(frame))
+        .unwrap()
+        .expect("an entry to age");
+    let mut heads: Array<&mut MapData, BucketHead> =
+        Array::try_from(b.h.ebpf.map_mut("CONNTRACK_HEADS").unwrap()).unwrap();
+    let mut head = heads.get(&(idx / WAYS), 0).unwrap();
+    let word = &mut head.ways[(idx % WAYS) as usize];
+    let stamp = ((*word >> 16) as u16).wrapping_sub(stamps);
+    *word = (*word & 0xffff) | (stamp as u32) << 16;
+    heads.set(idx / WAYS, head, 0).unwrap();
+}
+
 /// A full table: closed flows are reused first, then the least recently
 /// used live flow, which is counted; a displaced flow is re-recorded from
 /// the ring. One bucket of four slots, so every flow competes for it.
@@ -1184,9 +1200,6 @@ fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
         &encapsulated(&syn(0), 1),
         TX_TCP_NEW,
     );
-    // Ticks are 1 ms and the coarse clock moves with the timer tick: flow 0
-    // must be strictly the least recently used.
-    std::thread::sleep(Duration::from_millis(30));
     for i in 1..4 {
         b.check(
             "flows 1-3",
@@ -1202,6 +1215,9 @@ fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
     for i in 0..4 {
         assert_eq!(conntrack_entry(&b, &est(i)), Some(1), "flow {i} recorded");
     }
+    // Stamps count 4.4 s: age flow 2 (not in the first way, which wins
+    // ties) by rewriting its head, as if it had been idle a minute.
+    age_entry(&mut b, &est(2), 15);
 
     let fin1 = testframe::build(&fin(flows[1].clone()));
     b.check(
@@ -1231,7 +1247,7 @@ fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
     }
 
     b.check(
-        "with only live flows left, the least recently used one (flow 0) goes, and it is counted",
+        "with only live flows left, the least recently used one (flow 2) goes, and it is counted",
         &syn(5),
         XDP_TX,
         &encapsulated(&syn(5), 2),
@@ -1243,8 +1259,8 @@ fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
             ("verdict_tx", 1),
         ],
     );
-    assert_eq!(conntrack_entry(&b, &est(0)), None);
-    for (i, backend) in [(2, 1), (3, 1), (4, 2), (5, 2)] {
+    assert_eq!(conntrack_entry(&b, &est(2)), None);
+    for (i, backend) in [(0, 1), (3, 1), (4, 2), (5, 2)] {
         assert_eq!(conntrack_entry(&b, &est(i)), Some(backend), "flow {i}");
     }
 }
@@ -1259,7 +1275,7 @@ fn a_torn_slot_is_a_miss_never_a_wrong_backend() {
     use lb_common::conntrack::ConnSlot;
     let mut b = Bench::new();
     let v4 = [198, 18, 100, 1];
-    b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), MODE_IPIP, 1);
+    let tcp = b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), MODE_IPIP, 1);
     let flow = tcp4(v4, 3500, 80);
     let syn = testframe::build(&flow);
     let est = testframe::build(&ack(flow));
@@ -1284,6 +1300,9 @@ fn a_torn_slot_is_a_miss_never_a_wrong_backend() {
         )
         .unwrap();
     assert_eq!(conntrack_entry(&b, &est), None);
+    // Republishing the same ring (without a second-chance window) retires
+    // the CPU's flow cache, so the next packet reads the table.
+    b.ring_all_window(&tcp, 1, Duration::ZERO);
     b.check(
         "the torn slot is not an entry: the ring's backend 1, recorded anew",
         &est,
@@ -1297,4 +1316,76 @@ fn a_torn_slot_is_a_miss_never_a_wrong_backend() {
         ],
     );
     assert_eq!(conntrack_entry(&b, &est), Some(1));
+}
+
+fn rst(mut s: FrameSpec) -> FrameSpec {
+    if let L4::Tcp { flags, .. } = &mut s.l4 {
+        *flags = TCP_ACK | lb_common::wire::tcp::TCP_RST;
+    }
+    s
+}
+
+/// A client reusing a port after a reset: the new SYN follows the live ring,
+/// and the connection's next packets follow the SYN, not what this CPU's
+/// flow cache remembered of the old connection.
+#[test]
+fn a_reused_port_is_not_served_the_old_connections_cached_backend() {
+    let mut b = Bench::new();
+    let v4 = [198, 18, 100, 1];
+    let tcp = b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), MODE_IPIP, 1);
+    let flow = tcp4(v4, 3600, 80);
+    let syn = testframe::build(&flow);
+    let est = testframe::build(&ack(flow.clone()));
+    let reset = testframe::build(&rst(flow));
+    const TX_CACHED: &[(&str, u64)] = &[
+        ("parse_tcp", 1),
+        ("lb_conntrack_hit", 1),
+        ("lb_flow_cache_hit", 1),
+        ("verdict_tx", 1),
+    ];
+    b.check("SYN", &syn, XDP_TX, &encapsulated(&syn, 1), TX_TCP_NEW);
+    b.check(
+        "the first ACK reads the table and fills this CPU's cache",
+        &est,
+        XDP_TX,
+        &encapsulated(&est, 1),
+        TX_TCP_HIT,
+    );
+    b.check(
+        "the next one is served from the cache",
+        &est,
+        XDP_TX,
+        &encapsulated(&est, 1),
+        TX_CACHED,
+    );
+    b.ring_all(&tcp, 2);
+    b.check(
+        "after the ring change, from the table (and cached again)",
+        &est,
+        XDP_TX,
+        &encapsulated(&est, 1),
+        TX_TCP_HIT,
+    );
+    b.check(
+        "the client resets",
+        &reset,
+        XDP_TX,
+        &encapsulated(&reset, 1),
+        TX_TCP_HIT,
+    );
+    b.check(
+        "the reused port's SYN follows the live ring",
+        &syn,
+        XDP_TX,
+        &encapsulated(&syn, 2),
+        TX_TCP_NEW,
+    );
+    b.check(
+        "and so does the new connection's ACK",
+        &est,
+        XDP_TX,
+        &encapsulated(&est, 2),
+        TX_CACHED,
+    );
+    assert_eq!(conntrack_entry(&b, &est), Some(2));
 }
