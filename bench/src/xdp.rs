@@ -184,6 +184,17 @@ fn time(ebpf: &mut Ebpf, program: &str, frame: &[u8], repeat: u32, expect: u32) 
     Ok(r.duration.as_nanos() as f64)
 }
 
+/// A path behind the restoring wrapper: the wrapper alone (its target the
+/// pass program), then with the balancer.
+fn time_wrapped(ebpf: &mut Ebpf, p: &Path, repeat: u32) -> Result<(f64, f64)> {
+    set_frame(ebpf, &p.frame, p.vary)?;
+    set_target(ebpf, dataplane::PASS_PROGRAM)?;
+    let overhead = time(ebpf, "bench_restore", &p.frame, repeat, XDP_PASS)?;
+    set_target(ebpf, dataplane::BALANCER_PROGRAM)?;
+    let result = time(ebpf, "bench_restore", &p.frame, repeat, p.expect)?;
+    Ok((overhead, result))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -289,41 +300,13 @@ pub fn run(
                 )?);
                 continue;
             }
-            set_frame(&mut ebpf, &p.frame, p.vary)?;
-            set_target(&mut ebpf, dataplane::PASS_PROGRAM)?;
-            overhead[i].push(time(
-                &mut ebpf,
-                "bench_restore",
-                &p.frame,
-                repeat,
-                XDP_PASS,
-            )?);
-            set_target(&mut ebpf, dataplane::BALANCER_PROGRAM)?;
-            results[i].push(time(
-                &mut ebpf,
-                "bench_restore",
-                &p.frame,
-                repeat,
-                p.expect,
-            )?);
+            let (o, r) = time_wrapped(&mut ebpf, p, repeat)?;
+            overhead[i].push(o);
+            results[i].push(r);
             if p.vary.is_some() {
-                set_frame(&mut small, &p.frame, p.vary)?;
-                set_target(&mut small, dataplane::PASS_PROGRAM)?;
-                overhead_small[i].push(time(
-                    &mut small,
-                    "bench_restore",
-                    &p.frame,
-                    repeat,
-                    XDP_PASS,
-                )?);
-                set_target(&mut small, dataplane::BALANCER_PROGRAM)?;
-                results_small[i].push(time(
-                    &mut small,
-                    "bench_restore",
-                    &p.frame,
-                    repeat,
-                    p.expect,
-                )?);
+                let (o, r) = time_wrapped(&mut small, p, repeat)?;
+                overhead_small[i].push(o);
+                results_small[i].push(r);
             }
         }
     }

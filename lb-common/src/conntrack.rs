@@ -188,7 +188,7 @@ const fn fmix64(mut h: u64) -> u64 {
 /// flow hash it need not agree with any peer, so each instance draws its own
 /// random seed and a sender cannot aim flows at one bucket.
 #[inline(always)]
-pub fn table_hash(key: &FlowKey, seed: u64) -> u64 {
+fn table_hash(key: &FlowKey, seed: u64) -> u64 {
     // Eight-byte loads straight from the key: building a word array first
     // put it on the BPF stack, which the balancer cannot spare.
     let mut h = seed ^ K;
@@ -215,7 +215,7 @@ pub fn probe(key: &FlowKey, seed: u64, bucket_mask: u32) -> Probe {
 /// The seal of a slot for a flow of hash `hash`. Never 0, so an all-zero
 /// slot can never look sealed.
 #[inline(always)]
-pub fn seal(hash: u64, backend_id: u32) -> u32 {
+fn seal(hash: u64, backend_id: u32) -> u32 {
     let mut h = (hash ^ (hash >> 29)) as u32;
     h ^= backend_id.wrapping_mul(0xcc9e_2d51);
     h ^= h >> 16;
@@ -227,14 +227,14 @@ pub fn seal(hash: u64, backend_id: u32) -> u32 {
 /// A flow's tag: 13 bits of its hash, multiplied so they are independent of
 /// the bits that chose its buckets, the UDP bit and the present bit.
 #[inline(always)]
-pub const fn tag(hash: u64, udp: bool) -> u16 {
+const fn tag(hash: u64, udp: bool) -> u16 {
     let bits = (hash.wrapping_mul(K) >> 48) as u16;
     (bits & !TAG_FLAGS) | TAG_PRESENT | if udp { TAG_UDP } else { 0 }
 }
 
 /// A head stamp of `now` (in ticks).
 #[inline(always)]
-pub const fn stamp(now: u32) -> u16 {
+const fn stamp(now: u32) -> u16 {
     (now >> STAMP_SHIFT) as u16
 }
 
@@ -256,6 +256,18 @@ const fn udp_timeout_stamps(ticks: u32) -> u16 {
 #[inline(always)]
 pub const fn ticks(ns: u64) -> u32 {
     (ns >> TICK_SHIFT) as u32
+}
+
+/// A UDP timeout in ticks, capped below half the tick counter's wrap so
+/// that wrapping age comparisons stay meaningful.
+#[inline(always)]
+pub const fn udp_timeout_ticks(timeout_ns: u64) -> u32 {
+    let t = timeout_ns >> TICK_SHIFT;
+    if t > i32::MAX as u64 {
+        i32::MAX as u32
+    } else {
+        t as u32
+    }
 }
 
 impl ConnSlot {
@@ -452,6 +464,7 @@ mod tests {
     use std::{vec, vec::Vec};
 
     use super::*;
+    use crate::testframe::flow_key as key;
 
     const SEED: u64 = 0x0123_4567_89ab_cdef;
     /// One stamp, in ticks.
@@ -530,20 +543,6 @@ mod tests {
         fn live(&self, now: u32) -> usize {
             let words = self.heads.iter().flat_map(|h| h.ways);
             words.filter(|&w| live(w, now, UDP_TIMEOUT)).count()
-        }
-    }
-
-    fn key(n: u32, proto: u8) -> FlowKey {
-        let mut src = [0u8; 16];
-        src[..4].copy_from_slice(&n.to_be_bytes());
-        FlowKey {
-            src,
-            dst: [7; 16],
-            src_port: (n % 60000) as u16,
-            dst_port: 443,
-            proto,
-            family: 4,
-            _pad: [0; 2],
         }
     }
 

@@ -71,24 +71,12 @@ pub fn slot_of(key: &FlowKey) -> u32 {
     h
 }
 
-pub use crate::conntrack::same_flow;
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn key(n: u32) -> FlowKey {
-        let mut src = [0u8; 16];
-        src[..4].copy_from_slice(&n.to_be_bytes());
-        FlowKey {
-            src,
-            dst: [7; 16],
-            src_port: (n % 60000) as u16,
-            dst_port: 443,
-            proto: 6,
-            family: 4,
-            _pad: [0; 2],
-        }
+        crate::testframe::flow_key(n, 6)
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! at it (ICMP errors, for instance).
 
 use crate::{
+    maps::{FAMILY_V4, FAMILY_V6, FlowKey},
     packet::PacketBytes,
     stats::Counter,
     wire::{
@@ -62,6 +63,20 @@ impl Parsed {
             IPPROTO_TCP => Counter::ParseTcp,
             IPPROTO_UDP => Counter::ParseUdp,
             _ => Counter::ParseOtherL4,
+        }
+    }
+
+    /// The packet's flow, as the connection table keys it.
+    #[inline(always)]
+    pub const fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src: self.src_addr,
+            dst: self.dst_addr,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            proto: self.proto,
+            family: if self.is_ipv6 { FAMILY_V6 } else { FAMILY_V4 },
+            _pad: [0; 2],
         }
     }
 }

@@ -126,6 +126,22 @@ fn pseudo_header_sum(spec: &FrameSpec, proto: u8, l4_len: usize) -> u32 {
     acc.wrapping_add(l4_len as u32)
 }
 
+/// Flow number `n` to a VIP (source address and port from `n`): the keys
+/// the flow-table unit tests fill their tables with.
+pub fn flow_key(n: u32, proto: u8) -> crate::maps::FlowKey {
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&n.to_be_bytes());
+    crate::maps::FlowKey {
+        src,
+        dst: [7; 16],
+        src_port: (n % 60000) as u16,
+        dst_port: 443,
+        proto,
+        family: 4,
+        _pad: [0; 2],
+    }
+}
+
 /// Serialises `spec` into an Ethernet frame with correct lengths and checksums.
 pub fn build(spec: &FrameSpec) -> Vec<u8> {
     let (proto, mut l4) = match spec.l4 {

@@ -4,8 +4,8 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use lb_common::{
-    conntrack::{Found, Placement, Probe, TICK_SHIFT, Table, fill, find, place, ticks, touch},
-    flowcache::{CachedFlow, REFRESH_EVERY, same_flow, slot_of},
+    conntrack::{self, Found, Placement, Probe, Table, fill, find, place, same_flow, ticks, touch},
+    flowcache::{CachedFlow, REFRESH_EVERY, slot_of},
     maps::{BACKEND_DRAINING, BACKEND_UP, BackendInfo, FlowKey, LbConfig, VipInfo},
     parse::IPPROTO_UDP,
     ring::{RING_CHUNK, flow_slot, ring_pos},
@@ -43,7 +43,7 @@ fn now_ticks() -> u32 {
 
 #[inline(always)]
 fn udp_timeout_ticks(cfg: &LbConfig) -> u32 {
-    (cfg.udp_timeout_ns >> TICK_SHIFT).min(i32::MAX as u64) as u32
+    conntrack::udp_timeout_ticks(cfg.udp_timeout_ns)
 }
 
 #[inline(always)]

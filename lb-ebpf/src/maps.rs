@@ -48,15 +48,6 @@ pub static CONNTRACK_HEADS: Array<BucketHead> = Array::with_max_entries(16384, B
 /// `CONNTRACK` and its heads as the shared table logic sees them.
 pub struct ConnTable;
 
-impl ConnTable {
-    #[inline(always)]
-    pub fn entry(idx: u32) -> Option<&'static mut ConnSlot> {
-        // SAFETY: a map value, valid for the program run. Other CPUs may
-        // write it concurrently; the slot's seal makes torn reads harmless.
-        CONNTRACK.get_ptr_mut(idx).map(|p| unsafe { &mut *p })
-    }
-}
-
 impl Table for ConnTable {
     #[inline(always)]
     fn head(&self, bucket: u32) -> Option<&BucketHead> {
@@ -65,7 +56,7 @@ impl Table for ConnTable {
 
     #[inline(always)]
     fn head_mut(&mut self, bucket: u32) -> Option<&mut BucketHead> {
-        // SAFETY: as for `entry`; a head word is one aligned store.
+        // SAFETY: as for `slot_mut`; a head word is one aligned store.
         CONNTRACK_HEADS
             .get_ptr_mut(bucket)
             .map(|p| unsafe { &mut *p })
@@ -78,7 +69,9 @@ impl Table for ConnTable {
 
     #[inline(always)]
     fn slot_mut(&mut self, idx: u32) -> Option<&mut ConnSlot> {
-        Self::entry(idx)
+        // SAFETY: a map value, valid for the program run. Other CPUs may
+        // write it concurrently; the slot's seal makes torn reads harmless.
+        CONNTRACK.get_ptr_mut(idx).map(|p| unsafe { &mut *p })
     }
 }
 

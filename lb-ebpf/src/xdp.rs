@@ -118,15 +118,7 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
     // start nor refresh state (mid-stream rules apply).
     let (key, syn, closing, allow_new) = match parsed.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let key = FlowKey {
-                src: parsed.src_addr,
-                dst: parsed.dst_addr,
-                src_port: parsed.src_port,
-                dst_port: parsed.dst_port,
-                proto: parsed.proto,
-                family,
-                _pad: [0; 2],
-            };
+            let key = parsed.flow_key();
             let is_tcp = parsed.proto == IPPROTO_TCP;
             let syn = is_tcp && parsed.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             let closing = is_tcp && parsed.tcp_flags & (TCP_FIN | TCP_RST) != 0;

@@ -45,7 +45,7 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
 
     use aya::maps::{Array, Map};
     use lb_common::{
-        conntrack::{BucketHead, TICK_SHIFT, WAYS, live},
+        conntrack::{BucketHead, WAYS, live, ticks, udp_timeout_ticks},
         maps::LbConfig,
     };
     let open = |name: &str| {
@@ -53,8 +53,8 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
         MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
     };
     let config: Array<MapData, LbConfig> = Array::try_from(Map::Array(open("CONFIG")?))?;
-    let udp_timeout = (config.get(&0, 0).context("reading CONFIG")?.udp_timeout_ns >> TICK_SHIFT)
-        .min(i32::MAX as u64) as u32;
+    let udp_timeout =
+        udp_timeout_ticks(config.get(&0, 0).context("reading CONFIG")?.udp_timeout_ns);
     let heads = open("CONNTRACK_HEADS")?;
     let info = heads.info().context("CONNTRACK_HEADS: map info")?;
     let head_size = std::mem::size_of::<BucketHead>();
@@ -74,7 +74,7 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
         };
         // SAFETY: a valid out-pointer.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        ((ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) >> TICK_SHIFT) as u32
+        ticks(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
     };
     // SAFETY: a read-only shared mapping of the map's value area, which is
     // `len` bytes (`BPF_F_MMAPABLE`); unmapped below.

@@ -722,16 +722,7 @@ fn connection_table_rules() {
 }
 
 fn flow_key(frame: &[u8]) -> lb_common::maps::FlowKey {
-    let p = parse(frame).unwrap();
-    lb_common::maps::FlowKey {
-        src: p.src_addr,
-        dst: p.dst_addr,
-        src_port: p.src_port,
-        dst_port: p.dst_port,
-        proto: p.proto,
-        family: if p.is_ipv6 { FAMILY_V6 } else { FAMILY_V4 },
-        _pad: [0; 2],
-    }
+    parse(frame).unwrap().flow_key()
 }
 
 fn conntrack_entry(b: &Bench, frame: &[u8]) -> Option<u32> {

@@ -4,7 +4,7 @@
 //! no test or benchmark leaves files in /run/lb or /var/lib/lb.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, ExitStatus},
     time::Duration,
 };
@@ -82,4 +82,24 @@ pub fn stop(lbd: &mut Spawned) -> Result<(String, Option<ExitStatus>)> {
     }
     let last = lbd.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(10))?;
     Ok((last, lbd.stop()))
+}
+
+/// Removes the pins of the lbd configured by the file it holds (lbd keeps
+/// its data plane on exit, for the hitless restart), and the file's
+/// directory, however the holder ends.
+pub struct Teardown(pub PathBuf);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        if let Ok(lbd) = lbd_path() {
+            let _ = Command::new(lbd)
+                .arg("--config")
+                .arg(&self.0)
+                .arg("--teardown")
+                .output();
+        }
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }

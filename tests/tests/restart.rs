@@ -5,8 +5,6 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -14,26 +12,10 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{HttpConn, Topology, addressing, in_netns, lbd, lbd_path};
+use lb_tests::{HttpConn, Topology, addressing, in_netns, lbd};
 use lb_userspace::dataplane::AttachMode;
 
 const PORT: u16 = 80;
-
-/// Removes the instance's pins however the test ends.
-struct Teardown(PathBuf);
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        if let Ok(lbd) = lbd_path() {
-            let _ = Command::new(lbd)
-                .arg("--config")
-                .arg(&self.0)
-                .arg("--teardown")
-                .output();
-        }
-        let _ = std::fs::remove_dir_all(self.0.parent().unwrap_or(&self.0));
-    }
-}
 
 #[derive(Default, Debug)]
 struct Tally {
@@ -67,7 +49,7 @@ fn restart_under_load_loses_nothing() {
         ),
     )
     .unwrap();
-    let _teardown = Teardown(config.clone());
+    let _teardown = lbd::Teardown(config.clone());
 
     let (mut lbd, ready) = lbd::start(&t, &config).unwrap();
     assert!(ready.contains("\"adopted\":false"), "{ready}");

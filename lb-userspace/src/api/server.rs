@@ -44,22 +44,59 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 /// need).
 const MAX_CONNECTIONS: usize = 64;
 
-pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
+/// How long a client may take to send its request.
+const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The listeners lbd serves: the control socket and `/metrics`.
+trait Listener {
+    type Stream;
+    fn next(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts connections until the listener fails for good, at most
+/// [`MAX_CONNECTIONS`] served at once, each by `handle` in a task of its own.
+async fn accept_loop<L, F, Fut>(listener: L, handle: F)
+where
+    L: Listener,
+    F: Fn(L::Stream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok(stream) = listener.next().await else {
             continue;
         };
-        let calls = calls.clone();
+        let served = handle(stream);
         tokio::spawn(async move {
             let _permit = permit;
+            served.await;
+        });
+    }
+}
+
+pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
+    accept_loop(listener, |stream: tokio::net::UnixStream| {
+        let calls = calls.clone();
+        async move {
             let (rd, wr) = stream.into_split();
-            let request =
-                tokio::time::timeout(std::time::Duration::from_secs(10), http::read_request(rd))
-                    .await;
+            let request = tokio::time::timeout(READ_DEADLINE, http::read_request(rd)).await;
             let mut written = None;
             let (status, body) = match request {
                 Ok(Ok(request)) => {
@@ -88,8 +125,9 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
             if let Some(done) = written {
                 let _ = done.send(());
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// Serves `GET /metrics` on `listener`; each scrape asks the main loop for
@@ -98,21 +136,11 @@ pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     scrapes: mpsc::Sender<oneshot::Sender<String>>,
 ) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    accept_loop(listener, |stream: tokio::net::TcpStream| {
         let scrapes = scrapes.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             let (rd, wr) = stream.into_split();
-            let request =
-                tokio::time::timeout(std::time::Duration::from_secs(10), http::read_request(rd))
-                    .await;
+            let request = tokio::time::timeout(READ_DEADLINE, http::read_request(rd)).await;
             let (status, body) = match request {
                 Ok(Ok(r)) if r.method == "GET" && r.path == "/metrics" => {
                     let (tx, rx) = oneshot::channel();
@@ -131,6 +159,7 @@ pub async fn serve_metrics(
                 _ => (400, "bad request\n".to_owned()),
             };
             let _ = http::write_text(wr, status, &body).await;
-        });
-    }
+        }
+    })
+    .await
 }

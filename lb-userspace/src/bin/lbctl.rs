@@ -189,12 +189,21 @@ fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<Value>)> {
             vip,
             backend,
             weight,
+        }
+        | Cmd::SetWeight {
+            vip,
+            backend,
+            weight,
         } => {
             check_vip(vip)?;
             check_backend(backend)?;
+            let path = match cmd {
+                Cmd::AddBackend { .. } => "/v1/backends/add",
+                _ => "/v1/backends/weight",
+            };
             (
                 "POST",
-                "/v1/backends/add",
+                path,
                 Some(json!({"vip": vip, "backend": backend, "weight": weight})),
             )
         }
@@ -209,19 +218,6 @@ fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<Value>)> {
                 _ => "/v1/backends/undrain",
             };
             ("POST", path, Some(json!({"vip": vip, "backend": backend})))
-        }
-        Cmd::SetWeight {
-            vip,
-            backend,
-            weight,
-        } => {
-            check_vip(vip)?;
-            check_backend(backend)?;
-            (
-                "POST",
-                "/v1/backends/weight",
-                Some(json!({"vip": vip, "backend": backend, "weight": weight})),
-            )
         }
         Cmd::Sysctl { .. } => bail!("sysctl runs locally"),
         Cmd::Teardown => ("POST", "/v1/teardown", None),

@@ -176,25 +176,6 @@ fn scrape(t: &Topology) -> Result<String> {
     })?
 }
 
-/// Unpins the demo's data plane however the demo ends (lbd keeps it running
-/// on exit, for the hitless restart).
-struct Unpin(PathBuf);
-
-impl Drop for Unpin {
-    fn drop(&mut self) {
-        if let Ok(lbd) = lbd_path() {
-            let _ = Command::new(lbd)
-                .arg("--config")
-                .arg(&self.0)
-                .arg("--teardown")
-                .output();
-        }
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 fn run(keep: bool) -> Result<()> {
     let started = Instant::now();
     println!("== Topology: client, lb and 3 backends in network namespaces, one bridge");
@@ -221,7 +202,9 @@ fn run(keep: bool) -> Result<()> {
         .replace("@VIP@", &vip.to_string())
         .replace("@BACKENDS@", &backends);
     std::fs::write(&config, text)?;
-    let _unpin = Unpin(config.clone());
+    // lbd keeps its data plane on exit (hitless restart): unpin it however
+    // the demo ends.
+    let _unpin = lb_tests::lbd::Teardown(config.clone());
 
     let lbd = start_lbd(&t, &config)?;
     println!(
