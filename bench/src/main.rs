@@ -52,6 +52,12 @@ struct Args {
     /// Measurements per path (interleaved); the median is reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Also time another XDP balancer, pinned on bpffs, on the same frames
+    /// behind the same wrapper, in the same rounds: `NAME=/sys/fs/bpf/PATH`
+    /// (repeatable). Its maps must already serve the bench's VIPs
+    /// (198.18.100.1:80 and fd00:198:18:100::1 port 80, TCP) with XDP_TX.
+    #[arg(long, value_parser = xdp::parse_pinned)]
+    compare_pinned: Vec<xdp::Pinned>,
 }
 
 fn machine() -> String {
@@ -98,6 +104,7 @@ fn main() -> Result<()> {
             args.rounds,
             args.conntrack,
             args.only.as_deref(),
+            &args.compare_pinned,
         )?;
         plot::bars(&dir.join("xdp.svg"), "XDP cost per packet (ns)", &r.rows)?;
         report.push_str(&format!(

@@ -4,8 +4,9 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, ProgramArray},
-    programs::{TestRun, TestRunOptions},
+    programs::{ProgramFd, TestRun, TestRunOptions, Xdp},
 };
+use aya_obj::programs::XdpAttachType;
 use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
@@ -36,6 +37,26 @@ struct Path {
     /// Runs behind the restoring wrapper (it rewrites the frame).
     wrapped: bool,
     expect: u32,
+}
+
+/// Another XDP balancer, loaded and configured by its own tools and pinned on
+/// bpffs, timed on the same frames beside ours.
+#[derive(Clone, Debug)]
+pub struct Pinned {
+    name: String,
+    path: std::path::PathBuf,
+}
+
+pub fn parse_pinned(arg: &str) -> Result<Pinned, String> {
+    match arg.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok(Pinned {
+            name: name.to_owned(),
+            path: path.into(),
+        }),
+        _ => Err(format!(
+            "expected NAME=/sys/fs/bpf/PATH (a pinned XDP program), got {arg:?}"
+        )),
+    }
 }
 
 fn v16(a: [u8; 4]) -> [u8; 16] {
@@ -142,9 +163,13 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
 
 fn set_target(ebpf: &mut Ebpf, program: &str) -> Result<()> {
     let fd = dataplane::program_mut(ebpf, program)?.fd()?.try_clone()?;
+    set_target_fd(ebpf, &fd)
+}
+
+fn set_target_fd(ebpf: &mut Ebpf, fd: &ProgramFd) -> Result<()> {
     let mut jump: ProgramArray<_> =
         ProgramArray::try_from(ebpf.map_mut("BENCH_TARGET").context("BENCH_TARGET")?)?;
-    jump.set(0, &fd, 0)?;
+    jump.set(0, fd, 0)?;
     Ok(())
 }
 
@@ -165,9 +190,8 @@ fn set_frame(ebpf: &mut Ebpf, frame: &[u8], vary: Option<u32>) -> Result<()> {
     Ok(())
 }
 
-/// Average ns per run of `program` on `frame`, `repeat` times.
-fn time(ebpf: &mut Ebpf, program: &str, frame: &[u8], repeat: u32, expect: u32) -> Result<f64> {
-    let prog = dataplane::program_mut(ebpf, program)?;
+/// The verdict and average ns per run of `prog` on `frame`, `repeat` times.
+fn time_prog(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
     let mut out = vec![0u8; frame.len() + 128];
     let r = prog.test_run(TestRunOptions {
         data_in: Some(frame),
@@ -175,13 +199,33 @@ fn time(ebpf: &mut Ebpf, program: &str, frame: &[u8], repeat: u32, expect: u32) 
         repeat,
         ..Default::default()
     })?;
-    if r.return_value != expect {
-        bail!(
-            "{program}: verdict {} where {expect} was expected",
-            r.return_value
-        );
+    Ok((r.return_value, r.duration.as_nanos() as f64))
+}
+
+fn time(ebpf: &mut Ebpf, program: &str, frame: &[u8], repeat: u32, expect: u32) -> Result<f64> {
+    let (verdict, ns) = time_prog(dataplane::program_mut(ebpf, program)?, frame, repeat)?;
+    if verdict != expect {
+        bail!("{program}: verdict {verdict} where {expect} was expected");
     }
-    Ok(r.duration.as_nanos() as f64)
+    Ok(ns)
+}
+
+/// A pinned balancer on one path, behind the wrapper when the path is
+/// wrapped (its cost is the one measured for ours); `None` when it answers
+/// with another verdict (it does not serve that VIP or mode).
+fn time_pinned(ebpf: &mut Ebpf, other: &Xdp, p: &Path, repeat: u32) -> Result<Option<f64>> {
+    let (verdict, ns) = if p.wrapped {
+        set_frame(ebpf, &p.frame, p.vary)?;
+        set_target_fd(ebpf, other.fd()?)?;
+        time_prog(
+            dataplane::program_mut(ebpf, "bench_restore")?,
+            &p.frame,
+            repeat,
+        )?
+    } else {
+        time_prog(other, &p.frame, repeat)?
+    };
+    Ok((verdict == p.expect).then_some(ns))
 }
 
 /// A path behind the restoring wrapper: the wrapper alone (its target the
@@ -211,7 +255,20 @@ pub fn run(
     rounds: usize,
     conntrack_entries: u32,
     only: Option<&str>,
+    pinned: &[Pinned],
 ) -> Result<XdpResult> {
+    let others: Vec<Xdp> = pinned
+        .iter()
+        .map(|o| {
+            Xdp::from_pin(&o.path, XdpAttachType::Interface).with_context(|| {
+                format!(
+                    "{}: opening the pinned program {}",
+                    o.name,
+                    o.path.display()
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
     let mut ebpf = setup(conntrack_entries)?;
     let mut small = setup(SMALL_TABLE)?;
     let v4 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 1], 40000, 80);
@@ -280,6 +337,8 @@ pub fn run(
     let mut overhead: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     let mut results_small: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     let mut overhead_small: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    // Per other balancer, per path; a path it does not serve stays empty.
+    let mut results_other: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); paths.len()]; others.len()];
     // Interleave everything so drift on this shared machine hits all alike.
     for _ in 0..rounds {
         trivial.push(time(
@@ -308,6 +367,11 @@ pub fn run(
                 overhead_small[i].push(o);
                 results_small[i].push(r);
             }
+            for (o, other) in others.iter().enumerate() {
+                if let Some(ns) = time_pinned(&mut ebpf, other, p, repeat)? {
+                    results_other[o][i].push(ns);
+                }
+            }
         }
     }
     let base = median(trivial);
@@ -333,6 +397,20 @@ pub fn run(
         md.push_str(&format!("| {name} | {ns:.1} | {:.2} |\n", ns / base));
         rows.push((name, ns));
     }
+    for (o, other) in pinned.iter().enumerate() {
+        for (i, p) in paths.iter().enumerate() {
+            if results_other[o][i].len() != rounds {
+                continue;
+            }
+            let mut ns = median(results_other[o][i].clone());
+            if p.wrapped {
+                ns -= median(overhead[i].clone());
+            }
+            let name = format!("{}: {}", other.name, p.name);
+            md.push_str(&format!("| {name} | {ns:.1} | {:.2} |\n", ns / base));
+            rows.push((name, ns));
+        }
+    }
     let w: Vec<String> = paths
         .iter()
         .enumerate()
@@ -345,4 +423,20 @@ pub fn run(
     ));
     println!("\n{md}");
     Ok(XdpResult { rows, markdown: md })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_balancer_is_named_and_located() {
+        let p = parse_pinned("katran=/sys/fs/bpf/katran/prog").unwrap();
+        assert_eq!(p.name, "katran");
+        assert_eq!(p.path, std::path::Path::new("/sys/fs/bpf/katran/prog"));
+        for bad in ["katran", "=/sys/fs/bpf/x", "katran=", ""] {
+            let e = parse_pinned(bad).unwrap_err();
+            assert!(e.contains("NAME=/sys/fs/bpf/PATH"), "{bad}: {e}");
+        }
+    }
 }
