@@ -9,7 +9,7 @@
 //!   store of a header field into single bytes (header structs have
 //!   alignment 1); x86-64 and arm64 handle misaligned access in hardware and
 //!   the verifier permits it on packet memory there.
-//! - `--export=lb_placement,lb_find_slot`: the connection-table functions
+//! - `--export=lb_entry_slot,lb_find_slot`: the connection-table functions
 //!   become global BPF functions, which the verifier checks once on their
 //!   own instead of once per path of the balancer that calls them (522,000
 //!   instructions verified per load, 1.5 s, instead of 104,000).

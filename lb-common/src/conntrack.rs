@@ -401,6 +401,28 @@ pub fn place<T: Table + ?Sized>(
     })
 }
 
+/// Where `key`'s entry goes: the slot it already has (a SYN reusing a port,
+/// an expired UDP flow), or else [`place`]'s choice; `true` with the slot it
+/// already has. One pass for both, so that recording a new flow reads its
+/// two heads once.
+#[inline(always)]
+pub fn own_or_place<T: Table + ?Sized>(
+    table: &T,
+    key: &FlowKey,
+    p: &Probe,
+    now: u32,
+    udp_timeout: u32,
+) -> Option<(Placement, bool)> {
+    if let Some(f) = find(table, key, p) {
+        let own = Placement {
+            idx: f.idx,
+            evicts_live: false,
+        };
+        return Some((own, true));
+    }
+    Some((place(table, p, now, udp_timeout)?, false))
+}
+
 /// Writes a complete entry for `key` into slot `idx` and its head.
 #[inline(always)]
 pub fn fill<T: Table + ?Sized>(
@@ -509,13 +531,11 @@ mod tests {
         /// a placement.
         fn insert(&mut self, k: &FlowKey, backend: u32, now: u32) -> Placement {
             let p = self.probe(k);
-            let at = match find(self, k, &p) {
-                Some(f) => Placement {
-                    idx: f.idx,
-                    evicts_live: false,
-                },
-                None => place(self, &p, now, UDP_TIMEOUT).unwrap(),
-            };
+            let (at, own) = own_or_place(self, k, &p, now, UDP_TIMEOUT).unwrap();
+            assert_eq!(own, find(self, k, &p).is_some());
+            if !own {
+                assert_eq!(Some(at), place(self, &p, now, UDP_TIMEOUT));
+            }
             fill(self, at.idx, k, &p, backend, now).unwrap();
             at
         }

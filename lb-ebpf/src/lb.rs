@@ -4,7 +4,9 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use lb_common::{
-    conntrack::{self, Found, Placement, Probe, Table, fill, find, place, same_flow, ticks, touch},
+    conntrack::{
+        self, Found, Placement, Probe, Table, fill, find, own_or_place, same_flow, ticks, touch,
+    },
     flowcache::{CachedFlow, REFRESH_EVERY, slot_of},
     maps::{BACKEND_DRAINING, BACKEND_UP, BackendInfo, FlowKey, LbConfig, VipInfo},
     parse::IPPROTO_UDP,
@@ -156,6 +158,7 @@ pub extern "C" fn lb_find_slot(key: *const FlowKey, probe: *const Probe) -> u64 
 /// looked up: it follows the live ring whatever an old entry says).
 /// `allow_new` is false for packets that must neither create nor refresh
 /// state (ICMP errors about a flow); `closing`: the client's FIN or RST.
+/// `slot`: the flow's ring slot, if the caller already hashed it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn choose(
@@ -167,6 +170,7 @@ pub fn choose(
     tcp_syn: bool,
     closing: bool,
     allow_new: bool,
+    slot: Option<u32>,
 ) -> Option<Choice> {
     let is_udp = key.proto == IPPROTO_UDP;
     let now = now_ticks();
@@ -210,7 +214,10 @@ pub fn choose(
         count(Counter::LbConntrackMiss);
         missed = true;
     }
-    let slot = flow_slot(key, cfg.hash_seed, cfg.ring_size);
+    let slot = match slot {
+        Some(s) => s,
+        None => flow_slot(key, cfg.hash_seed, cfg.ring_size),
+    };
     let mut picked = None;
     // Second chance: a mid-stream TCP packet we have no entry for belongs to
     // a flow another node (or an evicted entry) placed, most likely on the
@@ -242,21 +249,27 @@ pub fn choose(
     })
 }
 
-/// Where a new entry of a flow without one goes, a global function like
-/// [`lb_find_slot`] (only new flows pay for the call): the free or stalest
-/// way of the emptier bucket, chosen from the two buckets' heads. Returns
-/// the slot in the low 32 bits, bit 32 set if it displaces a live flow,
-/// `u64::MAX` if no slot could be read.
+/// Where a new flow's entry goes, a global function like [`lb_find_slot`]
+/// (only new flows pay for the call): the slot the flow already has, or
+/// the free or stalest way of the emptier of its two buckets, from one read
+/// of the two heads. Returns the slot in the low 32 bits, bit 32 set if it
+/// displaces a live flow, bit 33 if it is the flow's own, `u64::MAX` if no
+/// slot could be read.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn lb_placement(probe: *const Probe, now: u32, udp_timeout: u32) -> u64 {
-    // SAFETY: null-checked; a global function's pointer argument points at
-    // memory the verifier sized from the argument's type.
-    let Some(probe) = (unsafe { probe.as_ref() }) else {
+pub extern "C" fn lb_entry_slot(
+    key: *const FlowKey,
+    probe: *const Probe,
+    now: u32,
+    udp_timeout: u32,
+) -> u64 {
+    // SAFETY: null-checked; a global function's pointer arguments point at
+    // memory the verifier sized from their types.
+    let (Some(key), Some(probe)) = (unsafe { key.as_ref() }, unsafe { probe.as_ref() }) else {
         return u64::MAX;
     };
-    match place(&ConnTable, probe, now, udp_timeout) {
-        Some(at) => at.idx as u64 | (at.evicts_live as u64) << 32,
+    match own_or_place(&ConnTable, key, probe, now, udp_timeout) {
+        Some((at, own)) => at.idx as u64 | (at.evicts_live as u64) << 32 | (own as u64) << 33,
         None => u64::MAX,
     }
 }
@@ -275,23 +288,27 @@ pub fn record(
     closing: bool,
     cfg: &LbConfig,
 ) {
-    let own = match at {
-        Some(idx) => Some(idx),
-        None => lookup(key, probe).map(|f| f.idx),
-    };
-    let placed = match own {
-        Some(idx) => Some(Placement {
-            idx,
-            evicts_live: false,
-        }),
-        None => match lb_placement(probe, choice.now, udp_timeout_ticks(cfg)) {
+    let placed = match at {
+        Some(idx) => Some((
+            Placement {
+                idx,
+                evicts_live: false,
+            },
+            true,
+        )),
+        None => match lb_entry_slot(key, probe, choice.now, udp_timeout_ticks(cfg)) {
             u64::MAX => None,
-            at => Some(Placement {
-                idx: at as u32,
-                evicts_live: at >> 32 != 0,
-            }),
+            at => Some((
+                Placement {
+                    idx: at as u32,
+                    evicts_live: at & 1 << 32 != 0,
+                },
+                at & 1 << 33 != 0,
+            )),
         },
     };
+    let own = placed.is_some_and(|(_, own)| own);
+    let placed = placed.map(|(p, _)| p);
     let mut table = ConnTable;
     match placed.and_then(|p| {
         fill(&mut table, p.idx, key, probe, choice.backend_id, choice.now)?;
@@ -312,7 +329,7 @@ pub fn record(
     // would go there. Other new flows leave the cache to their next packet:
     // a new flow's cache slot is a cold line (two dependent misses in a
     // per-CPU array), and many flows never send a second packet.
-    if own.is_some() && !closing {
+    if own && !closing {
         cache_fill(key, choice.backend_id, vip_id, mode, epoch, cfg);
     }
     count(Counter::LbNewFlow);
