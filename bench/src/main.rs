@@ -50,7 +50,7 @@ struct Args {
     #[arg(long)]
     only: Option<String>,
     /// Measurements per path (interleaved); the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     rounds: usize,
     /// Also time another XDP balancer, pinned on bpffs, on the same frames
     /// behind the same wrapper, in the same rounds: `NAME=/sys/fs/bpf/PATH`
