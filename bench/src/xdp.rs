@@ -272,7 +272,8 @@ pub fn run(
     let mut ebpf = setup(conntrack_entries)?;
     let mut small = setup(SMALL_TABLE)?;
     let v4 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 1], 40000, 80);
-    let v4_established = v4.clone();
+    // The trivial forwarder swaps the MACs of the established IPv4 frame.
+    let trivial_frame = frame(v4.clone(), TCP_ACK, 64);
     let v6 = FrameSpec::v6_tcp(testframe::v6(0x10), testframe::v6_vip(1), 40000, 80);
     let l2 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 2], 40000, 80);
     let other = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 0, 2], 40000, 22);
@@ -337,8 +338,6 @@ pub fn run(
             expect: XDP_TX,
         },
     ];
-    // The trivial forwarder swaps the MACs of the established IPv4 frame.
-    let trivial_frame = frame(v4_established.clone(), TCP_ACK, 64);
     let paths: Vec<Path> = paths
         .into_iter()
         .filter(|p| only.is_none_or(|o| p.name.contains(o)))
@@ -360,7 +359,11 @@ pub fn run(
             XDP_TX,
         )?);
         for (i, p) in paths.iter().enumerate() {
-            if !p.wrapped {
+            if p.wrapped {
+                let (o, r) = time_wrapped(&mut ebpf, p, repeat)?;
+                overhead[i].push(o);
+                results[i].push(r);
+            } else {
                 results[i].push(time(
                     &mut ebpf,
                     dataplane::BALANCER_PROGRAM,
@@ -368,11 +371,7 @@ pub fn run(
                     repeat,
                     p.expect,
                 )?);
-                continue;
             }
-            let (o, r) = time_wrapped(&mut ebpf, p, repeat)?;
-            overhead[i].push(o);
-            results[i].push(r);
             if p.vary.is_some() {
                 let (o, r) = time_wrapped(&mut small, p, repeat)?;
                 overhead_small[i].push(o);
@@ -408,11 +407,15 @@ pub fn run(
         md.push_str(&format!("| {name} | {ns:.1} | {:.2} |\n", ns / base));
         rows.push((name, ns));
     }
+    let mut unserved = Vec::new();
     for (o, other) in pinned.iter().enumerate() {
+        let mut served = 0;
         for (i, p) in paths.iter().enumerate() {
             if results_other[o][i].len() != rounds {
+                unserved.push(format!("{}: {}", other.name, p.name));
                 continue;
             }
+            served += 1;
             let mut ns = median(results_other[o][i].clone());
             if p.wrapped {
                 ns -= median(overhead[i].clone());
@@ -421,6 +424,18 @@ pub fn run(
             md.push_str(&format!("| {name} | {ns:.1} | {:.2} |\n", ns / base));
             rows.push((name, ns));
         }
+        if served == 0 && !paths.is_empty() {
+            bail!(
+                "{}: answered none of the bench's paths with the expected verdict; does it serve 198.18.100.1:80 and fd00:198:18:100::1 port 80 (TCP)?",
+                other.name
+            );
+        }
+    }
+    if !unserved.is_empty() {
+        md.push_str(&format!(
+            "\nNot shown (another verdict in at least one round): {}\n",
+            unserved.join("; ")
+        ));
     }
     let w: Vec<String> = paths
         .iter()

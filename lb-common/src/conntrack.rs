@@ -401,10 +401,10 @@ pub fn place<T: Table + ?Sized>(
     })
 }
 
-/// Where `key`'s entry goes: the slot it already has (a SYN reusing a port,
-/// an expired UDP flow), or else [`place`]'s choice; `true` with the slot it
-/// already has. One pass for both, so that recording a new flow reads its
-/// two heads once.
+/// Where `key`'s entry goes: the slot it already has (a SYN reusing a
+/// port), or else [`place`]'s choice; `true` with the slot it already has.
+/// `find_first`: false when the caller has just looked the flow up and found
+/// nothing, which spares the heads a second probe.
 #[inline(always)]
 pub fn own_or_place<T: Table + ?Sized>(
     table: &T,
@@ -412,8 +412,9 @@ pub fn own_or_place<T: Table + ?Sized>(
     p: &Probe,
     now: u32,
     udp_timeout: u32,
+    find_first: bool,
 ) -> Option<(Placement, bool)> {
-    if let Some(f) = find(table, key, p) {
+    if find_first && let Some(f) = find(table, key, p) {
         let own = Placement {
             idx: f.idx,
             evicts_live: false,
@@ -531,7 +532,7 @@ mod tests {
         /// a placement.
         fn insert(&mut self, k: &FlowKey, backend: u32, now: u32) -> Placement {
             let p = self.probe(k);
-            let (at, own) = own_or_place(self, k, &p, now, UDP_TIMEOUT).unwrap();
+            let (at, own) = own_or_place(self, k, &p, now, UDP_TIMEOUT, true).unwrap();
             assert_eq!(own, find(self, k, &p).is_some());
             if !own {
                 assert_eq!(Some(at), place(self, &p, now, UDP_TIMEOUT));

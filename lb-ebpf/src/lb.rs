@@ -143,7 +143,7 @@ pub fn lookup(key: &FlowKey, probe: &Probe) -> Option<Found> {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_find_slot(key: *const FlowKey, probe: *const Probe) -> u64 {
-    // SAFETY: null-checked; see `lb_placement`.
+    // SAFETY: null-checked; see `lb_entry_slot`.
     let (Some(key), Some(probe)) = (unsafe { key.as_ref() }, unsafe { probe.as_ref() }) else {
         return NOT_FOUND;
     };
@@ -251,10 +251,11 @@ pub fn choose(
 
 /// Where a new flow's entry goes, a global function like [`lb_find_slot`]
 /// (only new flows pay for the call): the slot the flow already has, or
-/// the free or stalest way of the emptier of its two buckets, from one read
-/// of the two heads. Returns the slot in the low 32 bits, bit 32 set if it
-/// displaces a live flow, bit 33 if it is the flow's own, `u64::MAX` if no
-/// slot could be read.
+/// the free or stalest way of the emptier of its two buckets, read from
+/// their heads. `find_first` is 0 when the caller has looked the flow up
+/// already (only a SYN has not). Returns the slot in the low 32 bits, bit
+/// 32 set if it displaces a live flow, bit 33 if it is the flow's own,
+/// `u64::MAX` if no slot could be read.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_entry_slot(
@@ -262,50 +263,66 @@ pub extern "C" fn lb_entry_slot(
     probe: *const Probe,
     now: u32,
     udp_timeout: u32,
+    find_first: u32,
 ) -> u64 {
     // SAFETY: null-checked; a global function's pointer arguments point at
     // memory the verifier sized from their types.
     let (Some(key), Some(probe)) = (unsafe { key.as_ref() }, unsafe { probe.as_ref() }) else {
         return u64::MAX;
     };
-    match own_or_place(&ConnTable, key, probe, now, udp_timeout) {
+    match own_or_place(&ConnTable, key, probe, now, udp_timeout, find_first != 0) {
         Some((at, own)) => at.idx as u64 | (at.evicts_live as u64) << 32 | (own as u64) << 33,
         None => u64::MAX,
     }
 }
 
-/// Records a new flow's entry, in its own slot if it has one (`at`: an
-/// expired UDP flow, a re-pick; or found here: a SYN reusing a port); called
-/// once the packet was forwarded.
+/// What the balancer knows of a flow's connection-table entry when it
+/// records the flow.
+#[derive(Clone, Copy)]
+pub enum Entry {
+    /// Its slot: an expired UDP flow, a re-pick after its backend went down.
+    At(u32),
+    /// Looked up, and it has none.
+    Absent,
+    /// Not looked up: a SYN, which follows the ring whatever an old entry
+    /// says (its own slot, if any, is found when it is recorded).
+    Unknown,
+}
+
+/// Records a new flow's entry, in its own slot if it has one; called once
+/// the packet was forwarded.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn record(
     key: &FlowKey,
-    at: Option<u32>,
+    entry: Entry,
     probe: &Probe,
     choice: &Choice,
     (vip_id, mode, epoch): (u32, u8, u32),
     closing: bool,
     cfg: &LbConfig,
 ) {
-    let placed = match at {
-        Some(idx) => Some((
+    let placed = match entry {
+        Entry::At(idx) => Some((
             Placement {
                 idx,
                 evicts_live: false,
             },
             true,
         )),
-        None => match lb_entry_slot(key, probe, choice.now, udp_timeout_ticks(cfg)) {
-            u64::MAX => None,
-            at => Some((
-                Placement {
-                    idx: at as u32,
-                    evicts_live: at & 1 << 32 != 0,
-                },
-                at & 1 << 33 != 0,
-            )),
-        },
+        Entry::Absent | Entry::Unknown => {
+            let find_first = matches!(entry, Entry::Unknown) as u32;
+            match lb_entry_slot(key, probe, choice.now, udp_timeout_ticks(cfg), find_first) {
+                u64::MAX => None,
+                at => Some((
+                    Placement {
+                        idx: at as u32,
+                        evicts_live: at & 1 << 32 != 0,
+                    },
+                    at & 1 << 33 != 0,
+                )),
+            }
+        }
     };
     let own = placed.is_some_and(|(_, own)| own);
     let placed = placed.map(|(p, _)| p);

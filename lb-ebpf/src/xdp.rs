@@ -17,7 +17,7 @@ use lb_common::{
 use crate::{
     ctx::XdpBytes,
     forward::forward,
-    lb::{cached, choose, lookup, record},
+    lb::{Entry, cached, choose, lookup, record},
     maps::{CONFIG, STATS_BACKEND, STATS_VIP, VIP_TABLE, VIP_TABLE_GEN, account, count},
 };
 
@@ -195,7 +195,14 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
                 choice,
                 vip.vip_id,
                 vip.mode,
-                Some((flow, at.map(|f| f.idx))),
+                Some((
+                    flow,
+                    match at {
+                        Some(f) => Entry::At(f.idx),
+                        None if syn => Entry::Unknown,
+                        None => Entry::Absent,
+                    },
+                )),
             )
         }
     };
@@ -206,11 +213,11 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
         Ok(action) => {
             // State and stats only for packets that really left.
             if choice.new_flow
-                && let Some((flow, at)) = &table
+                && let Some((flow, entry)) = &table
             {
                 record(
                     &key,
-                    *at,
+                    *entry,
                     flow,
                     &choice,
                     (vip_id, mode, epoch),
