@@ -56,23 +56,40 @@ pub fn ipv4_header_checksum(h: &Ipv4Hdr) -> u16 {
     csum::fold(acc)
 }
 
-/// Outer IPv6 header around an inner datagram of `inner_len` bytes.
+/// Writes, in place, the outer IPv6 header around an inner datagram of
+/// `inner_len` bytes. In place rather than built and copied: a 40-byte
+/// header of alignment 1 is copied a byte at a time in BPF, and so are its
+/// addresses (see [`copy_addr`]).
 #[inline(always)]
-pub fn outer_ipv6(
-    src: [u8; 16],
-    dst: [u8; 16],
+pub fn write_outer_ipv6(
+    ip: &mut Ipv6Hdr,
+    src: &[u8; 16],
+    dst: &[u8; 16],
     inner_len: u16,
     tclass: u8,
     hop_limit: u8,
     next_header: u8,
-) -> Ipv6Hdr {
-    Ipv6Hdr {
-        version_tc_flow: [0x60 | (tclass >> 4), tclass << 4, 0, 0],
-        payload_len: inner_len.to_be_bytes(),
-        next_header,
-        hop_limit,
-        src,
-        dst,
+) {
+    ip.version_tc_flow = [0x60 | (tclass >> 4), tclass << 4, 0, 0];
+    ip.payload_len = inner_len.to_be_bytes();
+    ip.next_header = next_header;
+    ip.hop_limit = hop_limit;
+    copy_addr(&mut ip.src, src);
+    copy_addr(&mut ip.dst, dst);
+}
+
+/// Copies a 16-byte address as two 8-byte words: as an array of alignment
+/// 1 it would be sixteen byte loads and sixteen byte stores in BPF. Both
+/// ends must be packet or map memory (the verifier refuses misaligned stack
+/// access), as they are in the data plane.
+#[inline(always)]
+pub fn copy_addr(to: &mut [u8; 16], from: &[u8; 16]) {
+    let from = from.as_ptr().cast::<u64>();
+    let to = to.as_mut_ptr().cast::<u64>();
+    // SAFETY: both point at 16 valid bytes; the accesses are unaligned.
+    unsafe {
+        to.write_unaligned(from.read_unaligned());
+        to.add(1).write_unaligned(from.add(1).read_unaligned());
     }
 }
 
@@ -108,10 +125,17 @@ mod tests {
 
     #[test]
     fn outer_ipv6_fields() {
-        let h = outer_ipv6([1; 16], [2; 16], 60, 0xb8, 17, IPPROTO_IPV6);
+        // SAFETY: Ipv6Hdr is 40 plain bytes; any value is valid.
+        let mut h: Ipv6Hdr = unsafe { core::mem::transmute([0xffu8; 40]) };
+        let src: [u8; 16] = core::array::from_fn(|i| i as u8 + 1);
+        let dst: [u8; 16] = core::array::from_fn(|i| 0xf0 - i as u8);
+        write_outer_ipv6(&mut h, &src, &dst, 60, 0xb8, 17, IPPROTO_IPV6);
         assert_eq!(h.version(), 6);
         assert_eq!(h.traffic_class(), 0xb8);
+        assert_eq!(h.version_tc_flow, [0x6b, 0x80, 0, 0], "flow label zero");
         assert_eq!(h.payload_len(), 60);
         assert_eq!(h.hop_limit, 17);
+        assert_eq!(h.next_header, IPPROTO_IPV6);
+        assert_eq!((h.src, h.dst), (src, dst));
     }
 }

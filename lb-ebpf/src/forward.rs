@@ -3,7 +3,7 @@
 
 use aya_ebpf::bindings::xdp_action;
 use lb_common::{
-    encap::{IPPROTO_IPIP, IPPROTO_IPV6, outer_ipv4, outer_ipv6},
+    encap::{IPPROTO_IPIP, IPPROTO_IPV6, outer_ipv4, write_outer_ipv6},
     maps::{BackendInfo, FAMILY_V6, LbConfig, MODE_L2DSR},
     packet::PacketBytes,
     parse::Parsed,
@@ -99,9 +99,10 @@ fn encapsulate(
     if outer_v6 {
         eth.ether_type = ETHERTYPE_IPV6.to_be_bytes();
         let ip: &mut Ipv6Hdr = pkt.header_mut(ETH_HDR_LEN).ok_or(Counter::LbEncapFailed)?;
-        *ip = outer_ipv6(
-            cfg.encap_src_v6,
-            backend.addr,
+        write_outer_ipv6(
+            ip,
+            &cfg.encap_src_v6,
+            &backend.addr,
             inner_len,
             parsed.tos,
             ttl,
