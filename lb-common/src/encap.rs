@@ -1,5 +1,5 @@
-//! Outer headers for IPIP forwarding, built as plain values so they are
-//! host-testable; the data plane only copies them into the packet.
+//! Outer headers for IPIP forwarding, written in place into the packet by
+//! plain functions that host tests run on plain headers.
 
 use crate::{
     csum,
@@ -9,51 +9,44 @@ use crate::{
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
 
-/// Outer IPv4 header around an inner datagram of `inner_len` bytes.
-/// TTL and DSCP/ECN come from the inner packet so that the tunnel is
-/// invisible to traceroute and QoS policy alike.
+/// Writes, in place, the outer IPv4 header around an inner datagram of
+/// `inner_len` bytes. TTL and DSCP/ECN come from the inner packet so that
+/// the tunnel is invisible to traceroute and QoS policy alike. The addresses
+/// travel as 4-byte words and the checksum is summed from the values being
+/// written, not from the header's bytes: BPF handles an array of alignment
+/// 1 a byte at a time.
 #[inline(always)]
-pub fn outer_ipv4(
-    src: [u8; 4],
-    dst: [u8; 4],
+pub fn write_outer_ipv4(
+    ip: &mut Ipv4Hdr,
+    src: &[u8; 4],
+    dst: &[u8; 4],
     inner_len: u16,
     tos: u8,
     ttl: u8,
     proto: u8,
-) -> Ipv4Hdr {
+) {
     let total_len = inner_len.wrapping_add(20);
-    let mut hdr = Ipv4Hdr {
-        version_ihl: 0x45,
-        tos,
-        total_len: total_len.to_be_bytes(),
-        id: [0, 0],
-        // Don't Fragment: an LB must not fragment; PMTU discovery handles size.
-        flags_frag_off: [0x40, 0x00],
-        ttl,
-        proto,
-        check: [0, 0],
-        src,
-        dst,
-    };
-    hdr.check = ipv4_header_checksum(&hdr).to_be_bytes();
-    hdr
-}
-
-/// Checksum of a 20-byte header (no options), computed over fixed fields so
-/// it compiles to straight-line code for the verifier.
-#[inline(always)]
-pub fn ipv4_header_checksum(h: &Ipv4Hdr) -> u16 {
-    let w = |a: u8, b: u8| ((a as u32) << 8) | b as u32;
-    let acc = w(h.version_ihl, h.tos)
-        + w(h.total_len[0], h.total_len[1])
-        + w(h.id[0], h.id[1])
-        + w(h.flags_frag_off[0], h.flags_frag_off[1])
-        + w(h.ttl, h.proto)
-        + w(h.src[0], h.src[1])
-        + w(h.src[2], h.src[3])
-        + w(h.dst[0], h.dst[1])
-        + w(h.dst[2], h.dst[3]);
-    csum::fold(acc)
+    let (s, d) = (u32::from_be_bytes(*src), u32::from_be_bytes(*dst));
+    // Don't Fragment: an LB must not fragment; PMTU discovery handles size.
+    const DF: u16 = 0x4000;
+    let acc = (0x45 << 8 | tos as u32)
+        + total_len as u32
+        + DF as u32
+        + ((ttl as u32) << 8 | proto as u32)
+        + (s >> 16)
+        + (s & 0xffff)
+        + (d >> 16)
+        + (d & 0xffff);
+    ip.version_ihl = 0x45;
+    ip.tos = tos;
+    ip.total_len = total_len.to_be_bytes();
+    ip.id = [0, 0];
+    ip.flags_frag_off = DF.to_be_bytes();
+    ip.ttl = ttl;
+    ip.proto = proto;
+    ip.check = csum::fold(acc).to_be_bytes();
+    ip.src = s.to_be_bytes();
+    ip.dst = d.to_be_bytes();
 }
 
 /// Writes, in place, the outer IPv6 header around an inner datagram of
@@ -105,21 +98,27 @@ mod tests {
     #[test]
     fn outer_ipv4_checksum_verifies() {
         for (len, tos, ttl) in [(40u16, 0u8, 64u8), (1480, 0xb8, 1), (0, 255, 255)] {
-            let h = outer_ipv4(
-                [198, 18, 0, 2],
-                [198, 18, 0, 20],
-                len,
-                tos,
-                ttl,
-                IPPROTO_IPIP,
-            );
-            assert_eq!(
-                crate::csum::checksum(&bytes_of(&h)),
-                0,
-                "valid header sums to zero"
-            );
-            assert_eq!(h.total_len(), len + 20);
-            assert_eq!((h.tos, h.ttl), (tos, ttl));
+            for (src, dst) in [
+                ([198, 18, 0, 2], [198, 18, 0, 20]),
+                ([255, 255, 255, 255], [255, 255, 255, 254]),
+                ([0, 0, 0, 0], [10, 0, 0, 1]),
+            ] {
+                // SAFETY: Ipv4Hdr is 20 plain bytes; any value is valid.
+                let mut h: Ipv4Hdr = unsafe { core::mem::transmute([0xa5u8; 20]) };
+                write_outer_ipv4(&mut h, &src, &dst, len, tos, ttl, IPPROTO_IPIP);
+                assert_eq!(
+                    crate::csum::checksum(&bytes_of(&h)),
+                    0,
+                    "valid header sums to zero"
+                );
+                assert_eq!(h.total_len(), len + 20);
+                assert_eq!(
+                    (h.version_ihl, h.tos, h.ttl, h.proto),
+                    (0x45, tos, ttl, IPPROTO_IPIP)
+                );
+                assert_eq!((h.id, h.flags_frag_off), ([0, 0], [0x40, 0]));
+                assert_eq!((h.src, h.dst), (src, dst));
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 
 use aya_ebpf::bindings::xdp_action;
 use lb_common::{
-    encap::{IPPROTO_IPIP, IPPROTO_IPV6, outer_ipv4, write_outer_ipv6},
+    encap::{IPPROTO_IPIP, IPPROTO_IPV6, write_outer_ipv4, write_outer_ipv6},
     maps::{BackendInfo, FAMILY_V6, LbConfig, MODE_L2DSR},
     packet::PacketBytes,
     parse::Parsed,
@@ -111,14 +111,13 @@ fn encapsulate(
     } else {
         eth.ether_type = ETHERTYPE_IPV4.to_be_bytes();
         let ip: &mut Ipv4Hdr = pkt.header_mut(ETH_HDR_LEN).ok_or(Counter::LbEncapFailed)?;
-        let dst = [
-            backend.addr[0],
-            backend.addr[1],
-            backend.addr[2],
-            backend.addr[3],
-        ];
-        *ip = outer_ipv4(
-            cfg.encap_src_v4,
+        // An IPv4 backend's address is the first 4 of its 16 bytes.
+        let Some(dst) = backend.addr.first_chunk::<4>() else {
+            return Err(Counter::LbEncapFailed);
+        };
+        write_outer_ipv4(
+            ip,
+            &cfg.encap_src_v4,
             dst,
             inner_len,
             parsed.tos,
