@@ -63,14 +63,8 @@ pub fn slot_of(key: &FlowKey) -> u32 {
     let client = word(&key.src, 0) ^ word(&key.src, 4).rotate_left(16) ^ word(&key.src, 12);
     let ports = key.src_port as u32 | (key.dst_port as u32) << 16;
     let kind = key.proto as u32 | (key.family as u32) << 8;
-    let mut h = client.rotate_left(11) ^ ports ^ kind.wrapping_mul(0x9e37_79b9);
     // Murmur3's finaliser: clients and ports arrive in structured runs.
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
+    crate::hash::fmix(client.rotate_left(11) ^ ports ^ kind.wrapping_mul(0x9e37_79b9))
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ const fn round(h: u32, k: u32) -> u32 {
 
 /// Murmur3's finaliser: full avalanche of `h`.
 #[inline(always)]
-const fn fmix(mut h: u32) -> u32 {
+pub(crate) const fn fmix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
