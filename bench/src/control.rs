@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use lb_common::{
     maglev::{self, MaglevBackend},
-    maps::{LbConfig, MODE_IPIP, VipKey},
+    maps::{LbConfig, Mode, VipKey},
 };
 use lb_userspace::{
     dataplane::{self, MapSizes},
@@ -82,11 +82,11 @@ pub fn run() -> Result<ControlResult> {
         family: 6,
     };
     let table = maglev::build(&backends(100), M, 0)?;
-    programming::install_vip(&mut ebpf, &key, 0, MODE_IPIP, &table)?;
+    programming::install_vip(&mut ebpf, &key, 0, Mode::Ipip, &table)?;
     let times: Vec<f64> = (0..3)
         .map(|_| {
             let t = Instant::now();
-            programming::publish_ring(&mut ebpf, &key, &table, std::time::Duration::from_secs(60))
+            programming::publish_ring(&mut ebpf, 0, &table, std::time::Duration::from_secs(60))
                 .map(|_| t.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<Result<_>>()

@@ -8,11 +8,9 @@ use aya::{
 };
 use aya_obj::programs::XdpAttachType;
 use lb_common::{
+    benchframe::{BENCH_FRAME_MAX, BenchFrame},
     maglev::{self, MaglevBackend},
-    maps::{
-        BACKEND_UP, BENCH_FRAME_MAX, BackendInfo, BenchFrame, FAMILY_V4, FAMILY_V6, LbConfig,
-        MODE_IPIP, MODE_L2DSR, VipKey,
-    },
+    maps::{BackendInfo, BackendState, Family, LbConfig, Mode, VipKey},
     parse::IPPROTO_TCP,
     testframe::{self, FrameSpec, L4},
     wire::tcp::{TCP_ACK, TCP_SYN},
@@ -116,8 +114,8 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
     for i in 0..10u32 {
         let b4 = BackendInfo {
             addr: v16([198, 18, 0, 20 + i as u8]),
-            family: FAMILY_V4,
-            state: BACKEND_UP,
+            family: Family::V4.wire(),
+            state: BackendState::Up.wire(),
             next_hop_mac: [2, 0, 0, 0, 0, 0x20 + i as u8],
             src_mac: testframe::LB_MAC,
             _pad: [0; 2],
@@ -132,7 +130,7 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
         });
         let b6 = BackendInfo {
             addr: testframe::v6(0x20 + i as u16),
-            family: FAMILY_V6,
+            family: Family::V6.wire(),
             ..b4
         };
         programming::set_backend(&mut ebpf, 21 + i, &b6)?;
@@ -145,9 +143,9 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
     let t4 = maglev::build(&v4, RING, 7)?;
     let t6 = maglev::build(&v6, RING, 7)?;
     let vips = [
-        (v16([198, 18, 100, 1]), FAMILY_V4, MODE_IPIP, &t4),
-        (testframe::v6_vip(1), FAMILY_V6, MODE_IPIP, &t6),
-        (v16([198, 18, 100, 2]), FAMILY_V4, MODE_L2DSR, &t4),
+        (v16([198, 18, 100, 1]), Family::V4.wire(), Mode::Ipip, &t4),
+        (testframe::v6_vip(1), Family::V6.wire(), Mode::Ipip, &t6),
+        (v16([198, 18, 100, 2]), Family::V4.wire(), Mode::L2dsr, &t4),
     ];
     for (id, (addr, family, mode, table)) in vips.into_iter().enumerate() {
         let key = VipKey {

@@ -96,12 +96,24 @@ pub struct ConnSlot {
     pub _reserved: [u8; 8],
 }
 
+crate::layout!(ConnSlot {
+    key,
+    backend_id,
+    last_seen,
+    flags,
+    _pad,
+    seal,
+    _reserved
+});
+
 /// One bucket's index: per way, `tag | stamp << 16` (0: empty).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BucketHead {
     pub ways: [u32; WAYS as usize],
 }
+
+crate::layout!(BucketHead { ways });
 
 #[cfg(feature = "user")]
 mod pod {
@@ -204,11 +216,20 @@ fn table_hash(key: &FlowKey, seed: u64) -> u64 {
 /// of two minus one).
 #[inline(always)]
 pub fn probe(key: &FlowKey, seed: u64, bucket_mask: u32) -> Probe {
-    let hash = table_hash(key, seed);
-    Probe {
-        hash,
-        buckets: [hash as u32 & bucket_mask, (hash >> 32) as u32 & bucket_mask],
-        tag: tag(hash, key.proto == crate::parse::IPPROTO_UDP),
+    Probe::of_hash(table_hash(key, seed), key.proto, bucket_mask)
+}
+
+impl Probe {
+    /// The probe of a flow of protocol `proto` whose hash is `hash`: a few
+    /// masks and a multiply, so a decision carries the hash (one register)
+    /// rather than the whole probe.
+    #[inline(always)]
+    pub const fn of_hash(hash: u64, proto: u8, bucket_mask: u32) -> Probe {
+        Probe {
+            hash,
+            buckets: [hash as u32 & bucket_mask, (hash >> 32) as u32 & bucket_mask],
+            tag: tag(hash, proto == crate::parse::IPPROTO_UDP),
+        }
     }
 }
 

@@ -36,6 +36,16 @@ pub struct CachedFlow {
     pub _pad: [u8; 7],
 }
 
+crate::layout!(CachedFlow {
+    key,
+    backend_id,
+    hits,
+    vip_epoch,
+    vip_id,
+    mode,
+    _pad
+});
+
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] plain-old-data without padding.
 unsafe impl aya::Pod for CachedFlow {}

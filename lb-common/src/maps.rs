@@ -2,20 +2,99 @@
 //! padding so the kernel and userspace agree on every byte, and so that hash
 //! keys never carry uninitialised padding.
 
-pub const FAMILY_V4: u8 = 4;
-pub const FAMILY_V6: u8 = 6;
+/// A C-like enum carried as one byte in map values. The byte, not the enum,
+/// is what crosses the kernel/userspace boundary (a Rust enum read from a
+/// map holding any other value would be undefined behaviour), so the fields
+/// stay `u8` and every conversion goes through `from_wire`/`wire` here.
+macro_rules! wire_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $value:literal => $label:literal,)+ } else $fallback:ident) => {
+        $(#[$doc])*
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant = $value,)+
+        }
 
-/// Forwarding modes (`VipInfo::mode`).
-pub const MODE_IPIP: u8 = 1;
-pub const MODE_L2DSR: u8 = 2;
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
 
-/// Backend states (`BackendInfo::state`).
-pub const BACKEND_UNUSED: u8 = 0;
-pub const BACKEND_UP: u8 = 1;
-/// Failed health checks: existing flows are re-picked.
-pub const BACKEND_DOWN: u8 = 2;
-/// Out of the ring, existing flows stay until they end.
-pub const BACKEND_DRAINING: u8 = 3;
+            /// The byte in the map value.
+            #[inline(always)]
+            pub const fn wire(self) -> u8 {
+                self as u8
+            }
+
+            /// The enum for a map byte; an unknown byte reads as
+            #[doc = concat!("`", stringify!($fallback), "`.")]
+            #[inline(always)]
+            pub const fn from_wire(b: u8) -> Self {
+                match b {
+                    $($value => $name::$variant,)+
+                    _ => $name::$fallback,
+                }
+            }
+
+            /// The name operators see (configuration, API, metrics).
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+        }
+
+        impl core::fmt::Display for $name {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str(self.label())
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// Address family of a key or backend.
+    Family {
+        V4 = 4 => "ipv4",
+        V6 = 6 => "ipv6",
+    } else V4
+}
+
+impl Family {
+    #[inline(always)]
+    pub const fn of(is_ipv6: bool) -> Self {
+        if is_ipv6 { Family::V6 } else { Family::V4 }
+    }
+}
+
+wire_enum! {
+    /// How a VIP's packets reach their backend (`VipInfo::mode`).
+    Mode {
+        /// IP-in-IP: 4in4, 6in6, or an IPv6 VIP over an IPv4 backend.
+        Ipip = 1 => "ipip",
+        /// Destination MAC rewritten; backends share the L2 segment.
+        L2dsr = 2 => "l2dsr",
+    } else Ipip
+}
+
+wire_enum! {
+    /// A backend slot's state (`BackendInfo::state`).
+    BackendState {
+        /// Free slot, or a removed backend: flows naming it are re-picked.
+        Unused = 0 => "unused",
+        Up = 1 => "up",
+        /// Failed health checks: existing flows are re-picked.
+        Down = 2 => "down",
+        /// Out of the ring, existing flows stay until they end.
+        Draining = 3 => "draining",
+    } else Unused
+}
+
+impl BackendState {
+    /// Whether flows already on the backend may stay there.
+    #[inline(always)]
+    pub const fn keeps_flows(self) -> bool {
+        matches!(self, BackendState::Up | BackendState::Draining)
+    }
+}
 
 /// `VIPS` key. `port` 0 matches every port of the address and protocol.
 #[repr(C)]
@@ -28,35 +107,82 @@ pub struct VipKey {
     pub family: u8,
 }
 
+crate::layout!(VipKey {
+    addr,
+    port,
+    proto,
+    family
+});
+
+/// What the VIP table says of a VIP. Its ring generation lives apart, in
+/// [`RingState`], so that publishing one VIP's ring rewrites neither the VIP
+/// table nor anything another VIP's flows depend on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
-    /// Index into `RINGS` and `STATS_VIP`.
+    /// Index into `RINGS`, `RING_STATE` and `STATS_VIP`.
     pub vip_id: u32,
-    pub flags: u32,
+    /// [`Mode`] as a byte.
     pub mode: u8,
-    /// Which of the two ring generations is live (0 or 1); the other is the
-    /// previous one, kept for the second chance.
-    pub ring_gen: u8,
-    pub _pad: [u8; 6],
-    /// `CLOCK_MONOTONIC` ns until which the previous generation may serve a
-    /// second chance. Bounded so that a flow placed after the flip and later
-    /// evicted is not sent to the old table's backend; 0 while the idle
-    /// generation is being rewritten.
-    pub second_chance_until_ns: u64,
+    pub _pad: [u8; 3],
 }
 
+crate::layout!(VipInfo { vip_id, mode, _pad });
+
 impl VipInfo {
-    /// A VIP whose live ring is generation 0, with no second chance yet.
-    pub const fn new(vip_id: u32, mode: u8) -> Self {
+    pub const fn new(vip_id: u32, mode: Mode) -> Self {
         VipInfo {
             vip_id,
-            flags: 0,
-            mode,
-            ring_gen: 0,
-            _pad: [0; 6],
-            second_chance_until_ns: 0,
+            mode: mode.wire(),
+            _pad: [0; 3],
         }
+    }
+
+    #[inline(always)]
+    pub const fn mode(&self) -> Mode {
+        Mode::from_wire(self.mode)
+    }
+}
+
+/// `RING_STATE[vip_id]`: which of the VIP's two ring generations is live,
+/// and until when the other one may serve a second chance, in one aligned
+/// word so that a reader never sees one without the other (userspace stores
+/// it through a shared mapping in one 8-byte store).
+///
+/// Bit 0 is the live generation; the rest is the `CLOCK_MONOTONIC` time in
+/// ns (its bit 0 dropped) until which the previous generation may serve a
+/// second chance, 0 for none. Bounded so that a flow placed after the flip
+/// and later evicted is not sent to the old table's backend; 0 while the idle
+/// generation is being rewritten.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingState {
+    pub word: u64,
+}
+
+crate::layout!(RingState { word });
+
+impl RingState {
+    pub const fn new(live_generation: u8, second_chance_until_ns: u64) -> Self {
+        RingState {
+            word: (second_chance_until_ns & !1) | (live_generation & 1) as u64,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn live_generation(&self) -> u8 {
+        (self.word & 1) as u8
+    }
+
+    /// Whether the previous generation may serve a second chance at `now_ns`.
+    #[inline(always)]
+    pub const fn second_chance_open(&self, now_ns: u64) -> bool {
+        let until = self.word & !1;
+        until != 0 && now_ns < until
+    }
+
+    pub const fn second_chance_until_ns(&self) -> u64 {
+        self.word & !1
     }
 }
 
@@ -65,15 +191,17 @@ impl VipInfo {
 pub struct BackendInfo {
     /// IPv4 in the first 4 bytes.
     pub addr: [u8; 16],
+    /// [`Family`] as a byte.
     pub family: u8,
+    /// [`BackendState`] as a byte.
     pub state: u8,
     /// Next hop's MAC (the backend itself on a shared segment, else a router).
     pub next_hop_mac: [u8; 6],
     /// MAC of the interface the packet leaves through.
     pub src_mac: [u8; 6],
     pub _pad: [u8; 2],
-    /// Egress interface; equal to the ingress one means XDP_TX, otherwise
-    /// XDP_REDIRECT through `TX_PORTS`.
+    /// The interface the next hop is on (the one the balancer is attached
+    /// to: frames leave with XDP_TX). Kept for the controller's checks.
     pub ifindex: u32,
     /// The VIP this slot serves. A connection-table entry or an old ring
     /// naming the slot after it was reused for another VIP's backend is
@@ -82,6 +210,17 @@ pub struct BackendInfo {
     pub vip_id: u32,
 }
 
+crate::layout!(BackendInfo {
+    addr,
+    family,
+    state,
+    next_hop_mac,
+    src_mac,
+    _pad,
+    ifindex,
+    vip_id
+});
+
 pub const BACKEND_ANY_VIP: u32 = u32::MAX;
 
 impl BackendInfo {
@@ -89,6 +228,22 @@ impl BackendInfo {
     #[inline(always)]
     pub const fn serves(&self, vip_id: u32) -> bool {
         self.vip_id == BACKEND_ANY_VIP || self.vip_id == vip_id
+    }
+
+    #[inline(always)]
+    pub const fn state(&self) -> BackendState {
+        BackendState::from_wire(self.state)
+    }
+
+    #[inline(always)]
+    pub const fn family(&self) -> Family {
+        Family::from_wire(self.family)
+    }
+
+    /// Whether a flow of VIP `vip_id` already on this backend stays there.
+    #[inline(always)]
+    pub const fn keeps_flows_of(&self, vip_id: u32) -> bool {
+        self.state().keeps_flows() && self.serves(vip_id)
     }
 }
 
@@ -105,6 +260,16 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+crate::layout!(FlowKey {
+    src,
+    dst,
+    src_port,
+    dst_port,
+    proto,
+    family,
+    _pad
+});
+
 /// `STATS_BACKEND` and `STATS_VIP` value (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -114,6 +279,12 @@ pub struct Traffic {
     pub bytes: u64,
     pub new_flows: u64,
 }
+
+crate::layout!(Traffic {
+    packets,
+    bytes,
+    new_flows
+});
 
 /// `LbConfig::flags`: data-plane debug events (aya-log) on. Off, they cost
 /// one test of a word the program reads anyway.
@@ -151,12 +322,27 @@ pub struct LbConfig {
     pub conntrack_seed: u64,
 }
 
+crate::layout!(LbConfig {
+    encap_src_v4,
+    encap_src_v6,
+    hash_seed,
+    ring_size,
+    flags,
+    udp_timeout_ns,
+    max_frame_len,
+    vip_slots,
+    flow_cache_slots,
+    conntrack_bucket_mask,
+    conntrack_seed
+});
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     // SAFETY: all are #[repr(C)] plain-old-data with explicit padding.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for RingState {}
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Traffic {}
@@ -173,29 +359,11 @@ mod tests {
     #[test]
     fn layout_is_stable() {
         assert_eq!(size_of::<VipKey>(), 20);
-        assert_eq!(size_of::<VipInfo>(), 24);
+        assert_eq!(size_of::<VipInfo>(), 8);
+        assert_eq!(size_of::<RingState>(), 8);
         assert_eq!(size_of::<BackendInfo>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Traffic>(), 24);
         assert_eq!(size_of::<LbConfig>(), 64);
     }
 }
-
-/// Longest frame the benchmark wrapper restores (a multiple of 8).
-pub const BENCH_FRAME_MAX: usize = 96;
-
-/// `BENCH_FRAME[0]`: the frame `bench_restore` puts back before every run.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BenchFrame {
-    /// Frame length, a multiple of 8, at most [`BENCH_FRAME_MAX`].
-    pub len: u32,
-    /// When non-zero, a per-CPU sequence number is written as 4 bytes at this
-    /// offset (inside the source address) so every run is a new flow.
-    pub vary_offset: u32,
-    pub bytes: [u8; BENCH_FRAME_MAX],
-}
-
-#[cfg(feature = "user")]
-// SAFETY: #[repr(C)] plain-old-data without padding.
-unsafe impl aya::Pod for BenchFrame {}

@@ -6,7 +6,7 @@
 //! at it (ICMP errors, for instance).
 
 use crate::{
-    maps::{FAMILY_V4, FAMILY_V6, FlowKey},
+    maps::{Family, FlowKey},
     packet::PacketBytes,
     stats::Counter,
     wire::{
@@ -75,7 +75,7 @@ impl Parsed {
             src_port: self.src_port,
             dst_port: self.dst_port,
             proto: self.proto,
-            family: if self.is_ipv6 { FAMILY_V6 } else { FAMILY_V4 },
+            family: Family::of(self.is_ipv6).wire(),
             _pad: [0; 2],
         }
     }

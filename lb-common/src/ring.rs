@@ -19,6 +19,8 @@ pub struct RingChunk {
     pub ids: [u32; RING_CHUNK as usize],
 }
 
+crate::layout!(RingChunk { ids });
+
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] plain-old-data without padding.
 unsafe impl aya::Pod for RingChunk {}

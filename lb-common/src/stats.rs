@@ -84,16 +84,14 @@ counters! {
     LbUnsupportedEncap = 27 => "lb_unsupported_encap",
     /// No configuration written yet (ring size 0): passed to the kernel.
     LbNotConfigured = 28 => "lb_not_configured",
-    /// The next hop's interface is missing from TX_PORTS: dropped.
-    LbRedirectFailed = 29 => "lb_redirect_failed",
     /// The encapsulated frame would exceed the egress MTU: dropped.
-    LbFrameTooBig = 30 => "lb_frame_too_big",
+    LbFrameTooBig = 29 => "lb_frame_too_big",
     /// Of the connection-table hits, those served by the per-CPU flow cache.
-    LbFlowCacheHit = 31 => "lb_flow_cache_hit",
+    LbFlowCacheHit = 30 => "lb_flow_cache_hit",
     /// A new entry displaced a live flow's (neither closed nor expired): the
     /// connection table is too small for the load. The displaced flow keeps
     /// its backend while the ring does not change.
-    LbConntrackEvicted = 32 => "lb_conntrack_evicted",
+    LbConntrackEvicted = 31 => "lb_conntrack_evicted",
 }
 
 impl Counter {

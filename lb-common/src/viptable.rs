@@ -22,6 +22,8 @@ pub struct VipSlot {
     pub info: VipInfo,
 }
 
+crate::layout!(VipSlot { key, _pad, info });
+
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] plain-old-data with explicit padding.
 unsafe impl aya::Pod for VipSlot {}
@@ -136,28 +138,71 @@ pub fn build(
     Ok(table)
 }
 
-/// Looks `key` up in one generation, the way the data plane does.
-#[cfg(any(test, feature = "std"))]
-pub fn lookup(table: &[VipSlot], key: &VipKey) -> Option<VipInfo> {
-    let words = key_words(key);
-    let h = slot_hash(&words);
-    let mask = table.len() as u32 - 1;
-    for i in 0..MAX_PROBES {
-        let s = &table[(h.wrapping_add(i) & mask) as usize];
-        if s.key.family == 0 {
+/// Index (in `0..=mask`) of the slot holding `words`, if any. Returns a
+/// plain index rather than the entry so that every way out of the probe
+/// loop leaves the verifier the same kind of state, and it can prune them.
+#[inline(always)]
+fn probe<'a>(
+    words: &[u32; 5],
+    mask: u32,
+    get: &impl Fn(u32) -> Option<&'a VipSlot>,
+) -> Option<u32> {
+    let h = slot_hash(words);
+    let mut i = 0;
+    while i < MAX_PROBES {
+        let idx = h.wrapping_add(i) & mask;
+        let slot = get(idx)?;
+        if slot.key.family == 0 {
             return None;
         }
-        if words_eq(&key_words(&s.key), &words) {
-            return Some(s.info);
+        if words_eq(&key_words(&slot.key), words) {
+            return Some(idx);
         }
+        i += 1;
     }
     None
+}
+
+/// The slot (an index into one generation of `mask + 1` slots, read
+/// through `get`) of the VIP for a destination: the exact port first, then
+/// port 0 (every port of that address and protocol). The data plane and
+/// userspace both look VIPs up through this.
+#[inline(always)]
+pub fn find<'a>(
+    addr: &[u8; 16],
+    port: u16,
+    proto: u8,
+    family: u8,
+    get: impl Fn(u32) -> Option<&'a VipSlot>,
+    mask: u32,
+) -> Option<u32> {
+    let mut key = VipKey {
+        addr: *addr,
+        port,
+        proto,
+        family,
+    };
+    match probe(&key_words(&key), mask, &get) {
+        Some(idx) => Some(idx),
+        None if port != 0 => {
+            key.port = 0;
+            probe(&key_words(&key), mask, &get)
+        }
+        None => None,
+    }
+}
+
+/// Looks `key` up in one generation (exactly: no fallback to port 0).
+pub fn lookup(table: &[VipSlot], key: &VipKey) -> Option<VipInfo> {
+    let mask = (table.len() as u32).wrapping_sub(1);
+    let idx = probe(&key_words(key), mask, &|i| table.get(i as usize))?;
+    Some(table.get(idx as usize)?.info)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::{FAMILY_V4, FAMILY_V6};
+    use crate::maps::{Family, Mode};
 
     fn key(n: u32, port: u16, v6: bool) -> VipKey {
         let mut addr = [0u8; 16];
@@ -171,7 +216,7 @@ mod tests {
             addr,
             port,
             proto: 6,
-            family: if v6 { FAMILY_V6 } else { FAMILY_V4 },
+            family: Family::of(v6).wire(),
         }
     }
 
@@ -183,7 +228,7 @@ mod tests {
                 .map(|i| {
                     (
                         key(i / 2, 80 + (i % 2) as u16, i % 3 == 0),
-                        VipInfo::new(i, 1),
+                        VipInfo::new(i, Mode::Ipip),
                     )
                 })
                 .collect();
@@ -200,7 +245,7 @@ mod tests {
     #[test]
     fn same_set_same_table_in_any_order() {
         let mut vips: Vec<_> = (0..50)
-            .map(|i| (key(i, 443, false), VipInfo::new(i, 1)))
+            .map(|i| (key(i, 443, false), VipInfo::new(i, Mode::Ipip)))
             .collect();
         let a = build(&vips, 256).unwrap();
         vips.reverse();
@@ -210,15 +255,15 @@ mod tests {
     #[test]
     fn refuses_overfull_and_duplicate() {
         let vips: Vec<_> = (0..9)
-            .map(|i| (key(i, 1, false), VipInfo::new(i, 1)))
+            .map(|i| (key(i, 1, false), VipInfo::new(i, Mode::Ipip)))
             .collect();
         assert!(matches!(
             build(&vips, 16),
             Err(VipTableError::TooMany { .. })
         ));
         let dup = vec![
-            (key(1, 1, false), VipInfo::new(0, 1)),
-            (key(1, 1, false), VipInfo::new(1, 1)),
+            (key(1, 1, false), VipInfo::new(0, Mode::Ipip)),
+            (key(1, 1, false), VipInfo::new(1, Mode::Ipip)),
         ];
         assert!(matches!(
             build(&dup, 16),
@@ -228,7 +273,7 @@ mod tests {
 
     #[test]
     fn slot_layout() {
-        assert_eq!(core::mem::size_of::<VipSlot>(), 48);
+        assert_eq!(core::mem::size_of::<VipSlot>(), 32);
         assert_eq!(slots_for(64), 512);
         assert_eq!(slots_for(1), 16);
     }

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    maps::{BENCH_FRAME_MAX, BenchFrame},
+    benchframe::{BENCH_FRAME_MAX, BenchFrame},
     packet::PacketBytes,
 };
 

@@ -56,11 +56,6 @@ impl<'a> XdpBytes<'a> {
     pub fn ctx(&self) -> &XdpContext {
         self.ctx
     }
-
-    #[inline(always)]
-    pub fn ingress_ifindex(&self) -> u32 {
-        self.ctx.ingress_ifindex() as u32
-    }
 }
 
 impl PacketBytes for XdpBytes<'_> {

@@ -1,10 +1,11 @@
 //! Sending the packet to its backend: L2 DSR (MAC rewrite) or IPIP
-//! encapsulation (4in4, 6in6, 6in4), then XDP_TX or XDP_REDIRECT.
+//! encapsulation (4in4, 6in6, 6in4), then XDP_TX out of the interface it
+//! came in on (lbd only accepts backends whose next hop is there).
 
 use aya_ebpf::bindings::xdp_action;
 use lb_common::{
     encap::{IPPROTO_IPIP, IPPROTO_IPV6, write_outer_ipv4, write_outer_ipv6},
-    maps::{BackendInfo, FAMILY_V6, LbConfig, MODE_L2DSR},
+    maps::{BackendInfo, Family, LbConfig, Mode},
     packet::PacketBytes,
     parse::Parsed,
     stats::Counter,
@@ -15,7 +16,7 @@ use lb_common::{
     },
 };
 
-use crate::{ctx::XdpBytes, maps::TX_PORTS};
+use crate::ctx::XdpBytes;
 
 /// Rewrites (and maybe encapsulates) the packet for `backend` and returns the
 /// verdict; `Err` carries the drop reason.
@@ -23,17 +24,17 @@ use crate::{ctx::XdpBytes, maps::TX_PORTS};
 pub fn forward(
     pkt: &XdpBytes,
     parsed: &Parsed,
-    mode: u8,
+    mode: Mode,
     backend: &BackendInfo,
     cfg: &LbConfig,
 ) -> Result<u32, Counter> {
-    if mode != MODE_L2DSR {
+    if mode != Mode::L2dsr {
         encapsulate(pkt, parsed, backend, cfg)?;
     }
     let eth: &mut EthHdr = pkt.header_mut(0).ok_or(Counter::LbEncapFailed)?;
     set_mac(&mut eth.dst, &backend.next_hop_mac);
     set_mac(&mut eth.src, &backend.src_mac);
-    transmit(pkt, backend)
+    Ok(xdp_action::XDP_TX)
 }
 
 /// Byte stores LLVM cannot merge into a `memmove` call (from a map value
@@ -45,16 +46,6 @@ fn set_mac(to: &mut [u8; 6], from: &[u8; 6]) {
         // SAFETY: `i` < 6, inside `to`.
         unsafe { core::ptr::write_volatile(to.as_mut_ptr().add(i), *byte) };
     }
-}
-
-#[inline(always)]
-fn transmit(pkt: &XdpBytes, backend: &BackendInfo) -> Result<u32, Counter> {
-    if backend.ifindex == 0 || backend.ifindex == pkt.ingress_ifindex() {
-        return Ok(xdp_action::XDP_TX);
-    }
-    TX_PORTS
-        .redirect(backend.ifindex, 0)
-        .map_err(|_| Counter::LbRedirectFailed)
 }
 
 /// Puts `[Ethernet][outer IP]` in front of the inner IP datagram. The inner
@@ -75,7 +66,7 @@ fn encapsulate(
         let ip: &Ipv4Hdr = pkt.header(parsed.l3_offset).ok_or(Counter::LbEncapFailed)?;
         (ip.total_len(), ip.ttl)
     };
-    let outer_v6 = backend.family == FAMILY_V6;
+    let outer_v6 = backend.family() == Family::V6;
     if outer_v6 && !parsed.is_ipv6 {
         return Err(Counter::LbUnsupportedEncap);
     }

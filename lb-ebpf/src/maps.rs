@@ -1,49 +1,49 @@
-//! Map definitions (DESIGN.md §3). Sizes here are compiled defaults; `lbd`
-//! sets the configured ones at load time (`EbpfLoader::set_max_entries`).
+//! The balancer's maps, declared from the manifest in `lb_common::manifest`
+//! (sizes here are compiled defaults; `lbd` sets the configured ones at load
+//! time), and the policy's map traits over them.
 
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, DevMapHash, PerCpuArray},
+    maps::{Array, PerCpuArray},
 };
 use lb_common::{
-    conntrack::{BucketHead, ConnSlot, Table},
+    conntrack::{BucketHead, ConnSlot, Found, Placement, Probe, Table, ticks},
     flowcache::CachedFlow,
-    maps::{BackendInfo, LbConfig, Traffic},
+    manifest::Size,
+    maps::{BackendInfo, FlowKey, RingState, Traffic},
+    policy::{Maps, MapsMut},
     ring::RingChunk,
     stats::Counter,
     viptable::VipSlot,
 };
 
-/// Two generations of `CONFIG.vip_slots` slots (see `lb_common::viptable`).
-#[map(name = "VIP_TABLE")]
-pub static VIP_TABLE: Array<VipSlot> = Array::with_max_entries(2 * 512, 0);
+/// `max_entries` in the object for a size source; lbd overrides every one
+/// but the fixed ones.
+const fn default_entries(size: Size) -> u32 {
+    match size {
+        Size::Fixed(n) => n,
+        Size::VipTable => 2 * 512,
+        Size::MaxVips => 64,
+        Size::MaxBackends => 4096,
+        Size::Rings => 16 * 2 * 4097,
+        Size::ConntrackSlots => 65536,
+        Size::ConntrackBuckets => 16384,
+        Size::FlowCacheSlots => 65536,
+        Size::Counters => Counter::COUNT,
+    }
+}
 
-/// The live `VIP_TABLE` generation (0 or 1).
-#[map(name = "VIP_TABLE_GEN")]
-pub static VIP_TABLE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+macro_rules! bpf_maps {
+    ($($(#[$doc:meta])* $name:ident : $kind:ident < $value:ty >, $size:ident $(($n:expr))?, $flags:expr;)+) => {$(
+        $(#[$doc])*
+        #[map]
+        pub static $name: $kind<$value> =
+            $kind::with_max_entries(default_entries(Size::$size $(($n))?), $flags);
+    )+};
+}
 
-/// Two generations of M slots per VIP, 16 slots per element (see
-/// `lb_common::ring`).
-#[map(name = "RINGS")]
-pub static RINGS: Array<RingChunk> = Array::with_max_entries(16 * 2 * 4097, 0);
-
-#[map(name = "BACKENDS")]
-pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(4096, 0);
-
-/// The connection table (see `lb_common::conntrack`). Mappable so that its
-/// values start on a page, every slot on a cache line of its own.
-#[map(name = "CONNTRACK")]
-pub static CONNTRACK: Array<ConnSlot> = Array::with_max_entries(65536, BPF_F_MMAPABLE);
-
-/// Per-CPU cache of established TCP flows (see `lb_common::flowcache`).
-#[map(name = "FLOW_CACHE")]
-pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(65536, 0);
-
-/// One head per `CONNTRACK` bucket (see `lb_common::conntrack`). Mappable:
-/// lbd counts live flows by reading the heads (4 bytes per flow).
-#[map(name = "CONNTRACK_HEADS")]
-pub static CONNTRACK_HEADS: Array<BucketHead> = Array::with_max_entries(16384, BPF_F_MMAPABLE);
+lb_common::for_each_map!(bpf_maps);
 
 /// `CONNTRACK` and its heads as the shared table logic sees them.
 pub struct ConnTable;
@@ -75,21 +75,123 @@ impl Table for ConnTable {
     }
 }
 
-#[map(name = "STATS_BACKEND")]
-pub static STATS_BACKEND: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(4096, 0);
+/// The maps and clocks, as the policy sees them. Holds nothing (the maps
+/// are statics): `&KERNEL_MAPS` is a `'static` borrow, so a decision's
+/// references into map values outlive any handle used to write.
+pub struct KernelMaps {
+    table: ConnTable,
+}
 
-#[map(name = "STATS_VIP")]
-pub static STATS_VIP: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(256, 0);
+pub const KERNEL_MAPS: KernelMaps = KernelMaps { table: ConnTable };
 
-#[map(name = "STATS_GLOBAL")]
-pub static STATS_GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+impl KernelMaps {
+    /// A handle to write through.
+    #[inline(always)]
+    pub const fn new() -> Self {
+        KERNEL_MAPS
+    }
+}
 
-#[map(name = "CONFIG")]
-pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+impl Maps for KernelMaps {
+    type Table = ConnTable;
 
-/// ifindex -> ifindex, for next hops on another interface (XDP_REDIRECT).
-#[map(name = "TX_PORTS")]
-pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+    #[inline(always)]
+    fn table(&self) -> &ConnTable {
+        &self.table
+    }
+
+    #[inline(always)]
+    fn vip_slot(&self, idx: u32) -> Option<&VipSlot> {
+        VIP_TABLE.get(idx)
+    }
+
+    #[inline(always)]
+    fn ring_state(&self, vip_id: u32) -> Option<&RingState> {
+        RING_STATE.get(vip_id)
+    }
+
+    #[inline(always)]
+    fn ring_chunk(&self, element: u32) -> Option<&RingChunk> {
+        RINGS.get(element)
+    }
+
+    #[inline(always)]
+    fn backend(&self, id: u32) -> Option<&BackendInfo> {
+        BACKENDS.get(id)
+    }
+
+    #[inline(always)]
+    fn cache(&self, idx: u32) -> Option<&CachedFlow> {
+        FLOW_CACHE.get(idx)
+    }
+
+    /// The coarse clock (the last timer tick's `CLOCK_MONOTONIC`): exact to
+    /// a few milliseconds, which ticks of 1 ms and timeouts of seconds do
+    /// not notice, and without `bpf_ktime_get_ns`'s serialised TSC read,
+    /// which cost a connection-table hit a third of its time.
+    #[inline(always)]
+    fn now_ticks(&self) -> u32 {
+        // SAFETY: no preconditions.
+        ticks(unsafe { bpf_ktime_get_coarse_ns() })
+    }
+
+    #[inline(always)]
+    fn now_ns(&self) -> u64 {
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    }
+
+    #[inline(always)]
+    fn find(&self, key: &FlowKey, probe: &Probe) -> Option<Found> {
+        match crate::lb::lb_find_slot(key, probe) {
+            crate::lb::NOT_FOUND => None,
+            found => Some(Found {
+                idx: found as u32,
+                backend_id: (found >> 32) as u32,
+            }),
+        }
+    }
+}
+
+impl MapsMut for KernelMaps {
+    #[inline(always)]
+    fn table_mut(&mut self) -> &mut ConnTable {
+        &mut self.table
+    }
+
+    #[inline(always)]
+    fn cache_mut(&mut self, idx: u32) -> Option<&mut CachedFlow> {
+        // SAFETY: per-CPU slot; XDP runs with preemption off, so nothing
+        // else touches it while this program holds it.
+        FLOW_CACHE.get_ptr_mut(idx).map(|p| unsafe { &mut *p })
+    }
+
+    #[inline(always)]
+    fn count(&mut self, counter: Counter) {
+        count(counter);
+    }
+
+    #[inline(always)]
+    fn entry_slot(
+        &mut self,
+        key: &FlowKey,
+        probe: &Probe,
+        now: u32,
+        udp_timeout: u32,
+        find_first: bool,
+    ) -> Option<(Placement, bool)> {
+        match crate::lb::lb_entry_slot(key, probe, now, udp_timeout, find_first as u32) {
+            u64::MAX => None,
+            at => Some((
+                Placement {
+                    idx: at as u32,
+                    evicts_live: at & 1 << 32 != 0,
+                },
+                at & 1 << 33 != 0,
+            )),
+        }
+    }
+}
 
 #[inline(always)]
 pub fn count(counter: Counter) {

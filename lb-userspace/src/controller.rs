@@ -11,11 +11,7 @@ use anyhow::{Context, Result};
 use aya::Ebpf;
 use lb_common::{
     maglev::{self, MaglevBackend},
-    maps::{
-        BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP, BackendInfo, FlowKey, LbConfig,
-        MODE_IPIP, MODE_L2DSR,
-    },
-    ring::flow_slot,
+    maps::{self as wire, BackendInfo, FlowKey, LbConfig, Mode},
 };
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +45,18 @@ pub struct BackendStatus {
     pub health: Health,
     pub drained: bool,
     pub state: BackendState,
+}
+
+/// The data plane's byte for a state is `lb_common::maps::BackendState`;
+/// this is the one place the two meet.
+impl From<BackendState> for wire::BackendState {
+    fn from(s: BackendState) -> Self {
+        match s {
+            BackendState::Up => wire::BackendState::Up,
+            BackendState::Down => wire::BackendState::Down,
+            BackendState::Draining => wire::BackendState::Draining,
+        }
+    }
 }
 
 impl BackendStatus {
@@ -87,13 +95,28 @@ pub struct VipStatus {
     pub backends: Vec<BackendStatus>,
 }
 
-/// Why `lbctl explain` says what it says.
+/// What the data plane would do with a packet of a client's flow now, and
+/// why (`lbctl explain`): the per-packet policy run over the live maps.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Explanation {
     pub vip: String,
     pub client: SocketAddr,
+    /// The packet asked about: `syn` (a new connection), `ack` (a TCP
+    /// packet mid-stream) or `udp`.
+    pub packet: String,
+    /// `forward`, `drop` or `pass`.
+    pub verdict: String,
     pub backend: Option<IpAddr>,
-    pub backend_state: Option<BackendState>,
+    /// The backend's `BACKENDS` slot.
+    pub backend_id: Option<u32>,
+    /// The backend's state in the data plane (`up`, `down`, `draining`,
+    /// `unused`).
+    pub backend_state: Option<String>,
+    /// How the backend was found: `flow_cache`, `conntrack`,
+    /// `second_chance`, `ring_syn`, `ring_no_entry`, `ring_repick`,
+    /// `ring_udp_expired`.
+    pub via: Option<String>,
+    /// For people.
     pub reason: String,
 }
 
@@ -231,13 +254,6 @@ pub struct Controller {
     vips: Vec<VipRuntime>,
     used_ids: std::collections::BTreeSet<u32>,
     next_token: u64,
-}
-
-fn mode_of(m: ForwardMode) -> u8 {
-    match m {
-        ForwardMode::Ipip => MODE_IPIP,
-        ForwardMode::L2dsr => MODE_L2DSR,
-    }
 }
 
 /// Reads the state file; a missing file is an empty state.
@@ -398,7 +414,7 @@ impl Controller {
                 // fall x interval while the checks catch up.
                 if ctl.adopted
                     && let Ok(live) = programming::backend(&mut ctl.ebpf, id)
-                    && live.state == BACKEND_DOWN
+                    && live.state() == wire::BackendState::Down
                     && live.addr == addr16(b.addr).0
                 {
                     status.health = Health::Down;
@@ -424,14 +440,14 @@ impl Controller {
             }
             let table = ctl.ring(v)?;
             let key = ctl.vips[v].config.spec.key();
-            let mode = mode_of(ctl.vips[v].config.mode);
+            let mode = Mode::from(ctl.vips[v].config.mode);
             let vip_id = ctl.vips[v].vip_id;
             match programming::get_vip(&mut ctl.ebpf, &key)? {
                 // Adopted and unchanged: a ring update like any other, so
                 // traffic never sees an empty ring.
-                Some(live) if live.vip_id == vip_id && live.mode == mode => {
+                Some(live) if live.vip_id == vip_id && live.mode() == mode => {
                     let window = ctl.config.second_chance_window;
-                    programming::publish_ring(&mut ctl.ebpf, &key, &table, window)?;
+                    programming::publish_ring(&mut ctl.ebpf, vip_id, &table, window)?;
                 }
                 _ => programming::install_vip(&mut ctl.ebpf, &key, vip_id, mode, &table)?,
             }
@@ -478,15 +494,10 @@ impl Controller {
             );
         }
         let (addr, family) = addr16(status.address);
-        let state = match status.state {
-            BackendState::Up => BACKEND_UP,
-            BackendState::Down => BACKEND_DOWN,
-            BackendState::Draining => BACKEND_DRAINING,
-        };
         let info = BackendInfo {
             addr,
-            family,
-            state,
+            family: family.wire(),
+            state: wire::BackendState::from(status.state).wire(),
             next_hop_mac: hop.mac,
             src_mac: hop.src_mac,
             _pad: [0; 2],
@@ -517,10 +528,9 @@ impl Controller {
     fn republish(&mut self, v: usize) -> Result<()> {
         self.vips[v].ring_flips += 1;
         let table = self.ring(v)?;
-        let key = self.vips[v].config.spec.key();
         programming::publish_ring(
             &mut self.ebpf,
-            &key,
+            self.vips[v].vip_id,
             &table,
             self.config.second_chance_window,
         )?;
@@ -606,10 +616,7 @@ impl Controller {
                 vip: v.config.spec.to_string(),
                 id: v.vip_id,
                 ring_flips: v.ring_flips,
-                mode: match v.config.mode {
-                    ForwardMode::Ipip => "ipip".into(),
-                    ForwardMode::L2dsr => "l2dsr".into(),
-                },
+                mode: v.config.mode.to_string(),
                 backends: v.backends.iter().map(|b| b.status.clone()).collect(),
             })
             .collect()
@@ -697,7 +704,7 @@ impl Controller {
         // After the ring no longer names it: flows still pointing at the id
         // see an unused backend and are re-picked.
         let info = BackendInfo {
-            state: BACKEND_UNUSED,
+            state: wire::BackendState::Unused.wire(),
             ..Default::default()
         };
         programming::set_backend(&mut self.ebpf, removed.status.id, &info)?;
@@ -738,13 +745,20 @@ impl Controller {
         Ok(self.vips[v].backends[b].status.clone())
     }
 
-    /// Which backend a client's flow goes to, and why.
+    /// What the data plane would do now with a packet of `client`'s flow to
+    /// `vip` (a SYN when `syn`), and why: `lb_common::policy::decide` over a
+    /// read-only snapshot of the live maps, the rules the data plane runs.
     pub fn explain(
-        &mut self,
+        &self,
         vip: &VipSpec,
         client: SocketAddr,
+        syn: bool,
     ) -> Result<Explanation, AdminError> {
-        let v = self.vip_index(vip)?;
+        use lb_common::{
+            policy::{Kind, Verdict},
+            wire::tcp::{TCP_ACK, TCP_SYN},
+        };
+        self.vip_index(vip)?;
         if client.is_ipv6() != vip.is_ipv6() {
             return Err(AdminError::Invalid(format!(
                 "client {client} and VIP {vip} are of different address families"
@@ -757,53 +771,56 @@ impl Controller {
             src_port: client.port(),
             dst_port: vip.port,
             proto: vip.proto.number(),
-            family,
+            family: family.wire(),
             _pad: [0; 2],
         };
-        let by_id = |id: u32| {
-            self.vips[v]
-                .backends
-                .iter()
-                .find(|b| b.status.id == id)
-                .map(|b| (b.status.address, b.status.state))
+        let (kind, packet) = match vip.proto {
+            crate::config::vip::Proto::Udp => (Kind::Udp, "udp"),
+            crate::config::vip::Proto::Tcp if syn => (Kind::Tcp { flags: TCP_SYN }, "syn"),
+            crate::config::vip::Proto::Tcp => (Kind::Tcp { flags: TCP_ACK }, "ack"),
         };
-        if let Some(id) = programming::conntrack_backend(&self.ebpf, &key)?
-            && let Some((addr, state)) = by_id(id)
-        {
-            let reason = match state {
-                BackendState::Down => "connection-table entry, but that backend is down: the next packet is re-picked from the ring".into(),
-                _ => format!("established flow: connection-table entry (backend is {state:?})"),
-            };
-            return Ok(Explanation {
-                vip: vip.to_string(),
-                client,
-                backend: Some(addr),
-                backend_state: Some(state),
-                reason,
-            });
-        }
-        let table = self.ring(v)?;
-        let slot = flow_slot(&key, self.config.hash_seed, self.config.sizes.ring_size);
-        let id = table[slot as usize];
-        let (backend, state) = match by_id(id) {
-            Some((a, s)) => (Some(a), Some(s)),
-            None => (None, None),
-        };
-        let reason = if backend.is_some() {
-            format!(
-                "new flow: Maglev slot {slot} of {} (flow hash of the 5-tuple)",
-                table.len()
-            )
-        } else {
-            "no backend is up: packets are dropped".into()
-        };
-        Ok(Explanation {
+        let snapshot = crate::snapshot::Snapshot::new(&self.ebpf, key)?;
+        let d = snapshot.decide(kind)?;
+        let via = d.via.map(|v| v.label().to_owned());
+        let mut out = Explanation {
             vip: vip.to_string(),
             client,
-            backend,
-            backend_state: state,
-            reason,
-        })
+            packet: packet.into(),
+            verdict: String::new(),
+            backend: None,
+            backend_id: None,
+            backend_state: None,
+            via,
+            reason: String::new(),
+        };
+        match d.verdict {
+            Verdict::Forward(f) => {
+                let b = f.backend;
+                out.verdict = "forward".into();
+                out.backend = Some(crate::config::vip::ip_of(&b.addr, b.family()));
+                out.backend_id = Some(f.backend_id);
+                out.backend_state = Some(b.state().label().into());
+                let how = d.via.map(|v| v.describe()).unwrap_or_default();
+                out.reason = match snapshot.cache_cpu() {
+                    Some(cpu) => format!("{how} (CPU {cpu})"),
+                    None => how.to_owned(),
+                };
+            }
+            Verdict::Drop(c) => {
+                out.verdict = "drop".into();
+                out.reason = match c {
+                    lb_common::stats::Counter::LbNoBackend => {
+                        "no backend: the VIP's ring is empty (no backend is up)".into()
+                    }
+                    other => format!("dropped ({})", other.name()),
+                };
+            }
+            Verdict::Pass(c) => {
+                out.verdict = "pass".into();
+                out.reason = format!("passed to the kernel ({})", c.name());
+            }
+        }
+        Ok(out)
     }
 
     /// Writes the runtime changes to the state file (atomically: temp file,
@@ -875,7 +892,7 @@ impl Controller {
                 ))
             })?;
         let empty = vec![0; self.config.sizes.ring_size as usize];
-        programming::install_vip(&mut self.ebpf, &spec.key(), vip_id, mode_of(mode), &empty)?;
+        programming::install_vip(&mut self.ebpf, &spec.key(), vip_id, mode.into(), &empty)?;
         self.vips.push(VipRuntime {
             config: VipConfig {
                 spec,
@@ -908,7 +925,7 @@ impl Controller {
         let mut ids = Vec::new();
         for b in rt.backends {
             let info = BackendInfo {
-                state: BACKEND_UNUSED,
+                state: wire::BackendState::Unused.wire(),
                 ..Default::default()
             };
             programming::set_backend(&mut self.ebpf, b.status.id, &info)?;
@@ -968,7 +985,7 @@ impl Controller {
 
     /// Turns the data plane's debug events on or off (one CONFIG update).
     pub fn set_debug(&mut self, on: bool) -> Result<(), AdminError> {
-        let mut cfg = programming::config(&mut self.ebpf)?;
+        let mut cfg = programming::config(&self.ebpf)?;
         if on {
             cfg.flags |= lb_common::maps::CONFIG_FLAG_DEBUG;
         } else {

@@ -7,6 +7,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
+use lb_common::manifest::{MAPS, Size};
 
 /// The balancer object built by `build.rs`, aligned for the ELF parser.
 pub static BALANCER_OBJECT: &[u8] =
@@ -104,24 +105,28 @@ pub fn load_balancer() -> Result<Ebpf> {
     load_balancer_with(&MapSizes::default())
 }
 
-/// Each sized map's `max_entries` for these sizes.
-pub fn map_sizes(sizes: &MapSizes) -> Result<[(&'static str, u32); 8]> {
-    Ok([
-        (
-            "VIP_TABLE",
-            2 * lb_common::viptable::slots_for(sizes.max_vips),
-        ),
-        ("STATS_VIP", sizes.max_vips),
-        ("BACKENDS", sizes.max_backends),
-        ("STATS_BACKEND", sizes.max_backends),
-        ("RINGS", sizes.ring_entries()?),
-        ("CONNTRACK", sizes.conntrack_slots()),
-        (
-            "CONNTRACK_HEADS",
-            sizes.conntrack_slots() / lb_common::conntrack::WAYS,
-        ),
-        ("FLOW_CACHE", sizes.flow_cache_slots.next_power_of_two()),
-    ])
+impl MapSizes {
+    /// `max_entries` of a map sized from `size`.
+    pub fn entries(&self, size: Size) -> Result<u32> {
+        Ok(match size {
+            Size::Fixed(n) => n,
+            Size::VipTable => 2 * lb_common::viptable::slots_for(self.max_vips),
+            Size::MaxVips => self.max_vips,
+            Size::MaxBackends => self.max_backends,
+            Size::Rings => self.ring_entries()?,
+            Size::ConntrackSlots => self.conntrack_slots(),
+            Size::ConntrackBuckets => self.conntrack_slots() / lb_common::conntrack::WAYS,
+            Size::FlowCacheSlots => self.flow_cache_slots.next_power_of_two(),
+            Size::Counters => lb_common::stats::Counter::COUNT,
+        })
+    }
+}
+
+/// Every map's `max_entries` for these sizes, from the manifest.
+pub fn map_sizes(sizes: &MapSizes) -> Result<Vec<(&'static str, u32)>> {
+    MAPS.iter()
+        .map(|m| Ok((m.name, sizes.entries(m.size)?)))
+        .collect()
 }
 
 /// Sets the configured map sizes on a loader.

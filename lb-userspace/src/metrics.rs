@@ -4,17 +4,15 @@
 
 use std::{collections::HashMap, fmt::Write};
 
-use anyhow::{Context, Result};
-use aya::{
-    Ebpf,
-    maps::{MapData, PerCpuArray},
-};
+use anyhow::Result;
+use aya::Ebpf;
 use lb_common::{maps::Traffic, stats::Counter};
 
 use crate::{
     controller::{BackendState, VipStatus},
     health::{CheckRecord, Health},
-    stats,
+    maps::{STATS_BACKEND, STATS_VIP},
+    stats::{self, traffic},
 };
 
 /// Label values escaped as the exposition format requires.
@@ -47,12 +45,12 @@ pub struct BackendTraffic {
 pub fn snapshot(vips: &[VipStatus], ebpf: &Ebpf) -> Result<Vec<VipTraffic>> {
     vips.iter()
         .map(|v| {
-            let t = traffic(ebpf, "STATS_VIP", v.id)?;
+            let t = traffic(ebpf, &STATS_VIP, v.id)?;
             let backends = v
                 .backends
                 .iter()
                 .map(|b| {
-                    let bt = traffic(ebpf, "STATS_BACKEND", b.id)?;
+                    let bt = traffic(ebpf, &STATS_BACKEND, b.id)?;
                     Ok(BackendTraffic {
                         backend: b.address.to_string(),
                         state: b.state,
@@ -72,21 +70,6 @@ pub fn snapshot(vips: &[VipStatus], ebpf: &Ebpf) -> Result<Vec<VipTraffic>> {
             })
         })
         .collect()
-}
-
-fn traffic(ebpf: &Ebpf, map: &str, id: u32) -> Result<Traffic> {
-    let m: PerCpuArray<&MapData, Traffic> = PerCpuArray::try_from(
-        ebpf.map(map)
-            .with_context(|| format!("map {map} missing"))?,
-    )?;
-    let per_cpu = m
-        .get(&id, 0)
-        .with_context(|| format!("reading {map}[{id}]"))?;
-    Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
-        packets: a.packets + t.packets,
-        bytes: a.bytes + t.bytes,
-        new_flows: a.new_flows + t.new_flows,
-    }))
 }
 
 struct Family<'a> {
@@ -124,7 +107,7 @@ pub fn render(
     let mut rows = Vec::new();
     for v in vips {
         for b in &v.backends {
-            rows.push((v, b, traffic(ebpf, "STATS_BACKEND", b.id)?));
+            rows.push((v, b, traffic(ebpf, &STATS_BACKEND, b.id)?));
         }
     }
     for (name, help, pick) in [
@@ -238,7 +221,7 @@ pub fn render(
     // Per VIP.
     let vip_rows: Vec<(&VipStatus, Traffic)> = vips
         .iter()
-        .map(|v| Ok((v, traffic(ebpf, "STATS_VIP", v.id)?)))
+        .map(|v| Ok((v, traffic(ebpf, &STATS_VIP, v.id)?)))
         .collect::<Result<_>>()?;
     for (name, help, pick) in [
         (

@@ -1,5 +1,6 @@
 //! Hitless restart: the data plane's maps and its XDP link are pinned under
-//! `/sys/fs/bpf/<instance>/v<layout>/`. A new lbd loads the program against
+//! `/sys/fs/bpf/<instance>/<layout fingerprint>/` (see
+//! `lb_common::manifest::fingerprint`). A new lbd loads the program against
 //! the pinned maps (connection table, rings and counters carry over) and
 //! swaps it into the pinned link atomically (`bpf_link_update`), so the
 //! interface never runs without a program.
@@ -17,30 +18,25 @@ use aya::{
 
 use crate::dataplane::{self, AttachMode, BALANCER_OBJECT, BALANCER_PROGRAM, MapSizes};
 
-/// Bumped whenever a map's key or value layout changes: a new lbd must not
-/// adopt maps it would misread.
-pub const LAYOUT_VERSION: u32 = 2;
+/// This build's layout: the manifest's fingerprint, as the pin directory's
+/// name. An lbd built with other map layouts looks in another directory,
+/// finds this one attached, and refuses to start rather than misread it.
+pub fn layout() -> String {
+    format!("{:016x}", lb_common::manifest::fingerprint())
+}
 
-/// The maps that carry state across restarts (benchmark maps are not).
-pub const PINNED_MAPS: &[&str] = &[
-    "VIP_TABLE",
-    "VIP_TABLE_GEN",
-    "RINGS",
-    "BACKENDS",
-    "CONNTRACK",
-    "CONNTRACK_HEADS",
-    "FLOW_CACHE",
-    "STATS_BACKEND",
-    "STATS_VIP",
-    "STATS_GLOBAL",
-    "CONFIG",
-    "TX_PORTS",
-];
+/// The maps that carry state across restarts.
+pub fn pinned_maps() -> impl Iterator<Item = &'static str> {
+    lb_common::manifest::MAPS
+        .iter()
+        .filter(|m| m.pinned)
+        .map(|m| m.name)
+}
 
 const LINK: &str = "link";
 
 pub fn pin_dir(instance: &str) -> PathBuf {
-    PathBuf::from(format!("/sys/fs/bpf/{instance}/v{LAYOUT_VERSION}"))
+    PathBuf::from(format!("/sys/fs/bpf/{instance}/{}", layout()))
 }
 
 /// The data plane, loaded against pinned maps, and whether it adopted a
@@ -60,9 +56,11 @@ pub fn load(dir: &Path, sizes: &MapSizes) -> Result<Pinned> {
         .find(|d| d.join(LINK).exists())
     {
         bail!(
-            "a data plane of another map layout is attached from {} and this lbd (layout v{LAYOUT_VERSION}) \
+            "a data plane of another map layout ({}) is attached from {}, and this lbd (layout {}) \
              cannot adopt its maps; `lbd --teardown` removes it (traffic stops until this lbd starts)",
-            old.display()
+            old.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+            old.display(),
+            layout()
         );
     }
     let adopted = dir.join(LINK).exists();
@@ -86,7 +84,7 @@ pub fn load(dir: &Path, sizes: &MapSizes) -> Result<Pinned> {
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+    let paths: Vec<(&str, PathBuf)> = pinned_maps().map(|m| (m, dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
     dataplane::size_maps(&mut loader, sizes)?;
     for (name, path) in &paths {
@@ -141,8 +139,9 @@ pub fn attach(
     Ok(())
 }
 
-/// Pin directories of the same instance for other layout versions (left by
-/// an older or newer lbd).
+/// Pin directories of the same instance for other layouts (left by an older
+/// or newer lbd): named by a fingerprint, or `v<n>` as lbds before the
+/// fingerprint named them.
 pub fn other_layouts(dir: &Path) -> Vec<PathBuf> {
     let Some(parent) = dir.parent() else {
         return Vec::new();
@@ -156,10 +155,17 @@ pub fn other_layouts(dir: &Path) -> Vec<PathBuf> {
             p != dir
                 && p.file_name()
                     .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_prefix('v'))
-                    .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .is_some_and(is_layout_name)
         })
         .collect()
+}
+
+fn is_layout_name(name: &str) -> bool {
+    let fingerprint = name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit());
+    let numbered = name
+        .strip_prefix('v')
+        .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+    fingerprint || numbered
 }
 
 /// Removes every pin of the instance, every layout version: the link goes
@@ -214,11 +220,11 @@ mod tests {
     #[test]
     fn another_layout_in_service_is_refused_before_touching_the_kernel() {
         let root = instance_with_v1("refuse");
-        let dir = root.join(format!("v{LAYOUT_VERSION}"));
+        let dir = root.join(layout());
         let err = load(&dir, &MapSizes::default()).err().expect("refused");
         let msg = format!("{err:#}");
-        assert!(msg.contains("another map layout"), "{msg}");
-        assert!(msg.contains("v1"), "{msg}");
+        assert!(msg.contains("another map layout (v1)"), "{msg}");
+        assert!(msg.contains(&layout()), "names this lbd's layout: {msg}");
         assert!(!dir.exists(), "nothing created for the new layout");
         std::fs::remove_dir_all(&root).unwrap();
     }
@@ -226,7 +232,7 @@ mod tests {
     #[test]
     fn teardown_removes_every_layout_of_the_instance() {
         let root = instance_with_v1("teardown");
-        let dir = root.join(format!("v{LAYOUT_VERSION}"));
+        let dir = root.join(layout());
         assert!(teardown(&dir).unwrap());
         assert!(!root.exists(), "instance directory removed");
         assert!(!teardown(&dir).unwrap(), "nothing left the second time");

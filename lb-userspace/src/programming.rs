@@ -6,33 +6,30 @@
 //! readable for the second chance. The VIP table itself is double-buffered
 //! the same way (see `lb_common::viptable`).
 
+use std::os::fd::{AsFd, AsRawFd};
+
 use anyhow::{Context, Result, bail};
-use aya::{
-    Ebpf,
-    maps::{Array, MapData},
-};
+use aya::Ebpf;
 use lb_common::{
-    maps::{BackendInfo, LbConfig, VipInfo, VipKey},
+    maps::{BackendInfo, LbConfig, Mode, RingState, VipInfo, VipKey},
     ring::{RING_CHUNK, RingChunk, chunks_per_vip, ring_pos},
-    viptable::{self, VipSlot},
+    viptable,
 };
 
-fn array<'a, T: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> Result<Array<&'a mut MapData, T>> {
-    Array::try_from(
-        ebpf.map_mut(name)
-            .with_context(|| format!("map {name} missing"))?,
-    )
-    .with_context(|| format!("map {name} has an unexpected type"))
-}
+use crate::maps::{
+    BACKENDS, CONFIG, CONNTRACK, CONNTRACK_HEADS, FLOW_CACHE, RING_STATE, RINGS, VIP_TABLE,
+    VIP_TABLE_GEN,
+};
 
 /// Slots per generation of `VIP_TABLE`, from the map's size.
 pub fn vip_slots(ebpf: &mut Ebpf) -> Result<u32> {
-    Ok(array::<VipSlot>(ebpf, "VIP_TABLE")?.len() / 2)
+    Ok(VIP_TABLE.array(ebpf)?.len() / 2)
 }
 
 /// `VIP_TABLE_GEN` counts table changes; its low bit is the live generation.
 fn vip_epoch(ebpf: &mut Ebpf) -> Result<u32> {
-    array::<u32>(ebpf, "VIP_TABLE_GEN")?
+    VIP_TABLE_GEN
+        .array(ebpf)?
         .get(&0, 0)
         .context("reading VIP_TABLE_GEN")
 }
@@ -42,10 +39,10 @@ fn live_generation(ebpf: &mut Ebpf) -> Result<u32> {
 }
 
 /// The live generation of the VIP table.
-fn live_table(ebpf: &mut Ebpf) -> Result<Vec<VipSlot>> {
+fn live_table(ebpf: &mut Ebpf) -> Result<Vec<viptable::VipSlot>> {
     let slots = vip_slots(ebpf)?;
     let base = live_generation(ebpf)? * slots;
-    let table = array::<VipSlot>(ebpf, "VIP_TABLE")?;
+    let table = VIP_TABLE.array(ebpf)?;
     (0..slots)
         .map(|i| table.get(&(base + i), 0).context("reading VIP_TABLE"))
         .collect()
@@ -68,7 +65,7 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
     let next_epoch = vip_epoch(ebpf)?.wrapping_add(1);
     let idle = next_epoch & 1;
     {
-        let mut table = array::<VipSlot>(ebpf, "VIP_TABLE")?;
+        let mut table = VIP_TABLE.array_mut(ebpf)?;
         for (i, slot) in built.iter().enumerate() {
             table
                 .set(idle * slots + i as u32, slot, 0)
@@ -76,7 +73,8 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
         }
     }
     // Also retires every flow-cache entry made under the old table.
-    array::<u32>(ebpf, "VIP_TABLE_GEN")?
+    VIP_TABLE_GEN
+        .array_mut(ebpf)?
         .set(0, next_epoch, 0)
         .context("flipping VIP_TABLE_GEN")
 }
@@ -87,27 +85,21 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
 /// already in `CONFIG` (an adopted table's entries depend on it), or a fresh
 /// random one on first start.
 pub fn set_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<()> {
-    let slots = array::<lb_common::conntrack::ConnSlot>(ebpf, "CONNTRACK")?.len();
+    let slots = CONNTRACK.array(ebpf)?.len();
     let ways = lb_common::conntrack::WAYS;
     if !slots.is_power_of_two() || slots < ways {
         bail!("CONNTRACK has {slots} slots: not a power of two of at least {ways}");
     }
-    let heads = array::<lb_common::conntrack::BucketHead>(ebpf, "CONNTRACK_HEADS")?.len();
+    let heads = CONNTRACK_HEADS.array(ebpf)?.len();
     if heads != slots / ways {
         bail!("CONNTRACK_HEADS has {heads} heads for {slots} slots, not one per {ways}");
     }
-    let current = array::<LbConfig>(ebpf, "CONFIG")?
-        .get(&0, 0)
-        .context("reading CONFIG")?;
+    let current = config(ebpf)?;
     let conntrack_seed = match current.conntrack_seed {
         0 => random_seed()?,
         seed => seed,
     };
-    let flow_cache_slots = aya::maps::PerCpuArray::<_, lb_common::flowcache::CachedFlow>::try_from(
-        ebpf.map("FLOW_CACHE").context("map FLOW_CACHE missing")?,
-    )
-    .context("map FLOW_CACHE has an unexpected type")?
-    .len();
+    let flow_cache_slots = FLOW_CACHE.per_cpu(ebpf)?.len();
     let cfg = LbConfig {
         vip_slots: vip_slots(ebpf)?,
         flow_cache_slots,
@@ -115,7 +107,8 @@ pub fn set_config(ebpf: &mut Ebpf, cfg: &LbConfig) -> Result<()> {
         conntrack_seed,
         ..*cfg
     };
-    array::<LbConfig>(ebpf, "CONFIG")?
+    CONFIG
+        .array_mut(ebpf)?
         .set(0, cfg, 0)
         .context("writing CONFIG")
 }
@@ -130,82 +123,19 @@ fn random_seed() -> Result<u64> {
     Ok(u64::from_ne_bytes(b).max(1))
 }
 
-/// Where `key` is in the connection table, as the data plane would find it:
-/// the index and contents of its slot, if it has a complete entry.
-pub fn conntrack_slot(
-    ebpf: &Ebpf,
-    key: &lb_common::maps::FlowKey,
-) -> Result<Option<(u32, lb_common::conntrack::ConnSlot)>> {
-    use std::collections::BTreeMap;
-
-    use lb_common::conntrack::{BucketHead, ConnSlot, Table, WAYS, find, probe};
-
-    /// The two candidate buckets, read at their own offsets.
-    #[derive(Default)]
-    struct Buckets {
-        heads: BTreeMap<u32, BucketHead>,
-        slots: BTreeMap<u32, ConnSlot>,
-    }
-    impl Table for Buckets {
-        fn head(&self, bucket: u32) -> Option<&BucketHead> {
-            self.heads.get(&bucket)
-        }
-        fn head_mut(&mut self, bucket: u32) -> Option<&mut BucketHead> {
-            self.heads.get_mut(&bucket)
-        }
-        fn slot(&self, idx: u32) -> Option<&ConnSlot> {
-            self.slots.get(&idx)
-        }
-        fn slot_mut(&mut self, idx: u32) -> Option<&mut ConnSlot> {
-            self.slots.get_mut(&idx)
-        }
-    }
-
-    let map = |name: &str| {
-        ebpf.map(name)
-            .with_context(|| format!("map {name} missing"))
-    };
-    let cfg = Array::<_, LbConfig>::try_from(map("CONFIG")?)
-        .context("map CONFIG has an unexpected type")?
-        .get(&0, 0)
-        .context("reading CONFIG")?;
-    let heads = Array::<_, BucketHead>::try_from(map("CONNTRACK_HEADS")?)
-        .context("map CONNTRACK_HEADS has an unexpected type")?;
-    let slots = Array::<_, ConnSlot>::try_from(map("CONNTRACK")?)
-        .context("map CONNTRACK has an unexpected type")?;
-    let p = probe(key, cfg.conntrack_seed, cfg.conntrack_bucket_mask);
-    let mut table = Buckets::default();
-    for bucket in p.buckets {
-        let head = heads
-            .get(&bucket, 0)
-            .with_context(|| format!("reading CONNTRACK_HEADS[{bucket}]"))?;
-        table.heads.insert(bucket, head);
-        for idx in bucket * WAYS..(bucket + 1) * WAYS {
-            let slot = slots
-                .get(&idx, 0)
-                .with_context(|| format!("reading CONNTRACK[{idx}]"))?;
-            table.slots.insert(idx, slot);
-        }
-    }
-    Ok(find(&table, key, &p).and_then(|f| Some((f.idx, *table.slot(f.idx)?))))
-}
-
-/// The backend of `key`'s connection-table entry, if it has one.
-pub fn conntrack_backend(ebpf: &Ebpf, key: &lb_common::maps::FlowKey) -> Result<Option<u32>> {
-    Ok(conntrack_slot(ebpf, key)?.map(|(_, s)| s.backend_id))
-}
-
 pub fn set_backend(ebpf: &mut Ebpf, id: u32, b: &BackendInfo) -> Result<()> {
     if id == 0 {
         bail!("backend id 0 is reserved for 'no backend'");
     }
-    array::<BackendInfo>(ebpf, "BACKENDS")?
+    BACKENDS
+        .array_mut(ebpf)?
         .set(id, b, 0)
         .with_context(|| format!("writing BACKENDS[{id}]"))
 }
 
 pub fn backend(ebpf: &mut Ebpf, id: u32) -> Result<BackendInfo> {
-    array::<BackendInfo>(ebpf, "BACKENDS")?
+    BACKENDS
+        .array(ebpf)?
         .get(&id, 0)
         .with_context(|| format!("reading BACKENDS[{id}]"))
 }
@@ -246,17 +176,13 @@ fn check_ring_bounds(rings_len: u32, vip_id: u32, m: u32) -> Result<()> {
 }
 
 /// The data plane's configuration as written.
-pub fn config(ebpf: &mut Ebpf) -> Result<LbConfig> {
-    array::<LbConfig>(ebpf, "CONFIG")?
-        .get(&0, 0)
-        .context("reading CONFIG")
+pub fn config(ebpf: &Ebpf) -> Result<LbConfig> {
+    CONFIG.array(ebpf)?.get(&0, 0).context("reading CONFIG")
 }
 
 /// The ring size the data plane was configured with.
 pub fn configured_ring_size(ebpf: &mut Ebpf) -> Result<u32> {
-    let cfg = array::<LbConfig>(ebpf, "CONFIG")?
-        .get(&0, 0)
-        .context("reading CONFIG")?;
+    let cfg = config(ebpf)?;
     if cfg.ring_size == 0 {
         bail!("CONFIG is not written yet: set the configuration before rings");
     }
@@ -272,7 +198,7 @@ pub fn write_ring(ebpf: &mut Ebpf, vip_id: u32, generation: u8, table: &[u32]) -
             table.len()
         );
     }
-    let mut rings = array::<RingChunk>(ebpf, "RINGS")?;
+    let mut rings = RINGS.array_mut(ebpf)?;
     check_ring_bounds(rings.len(), vip_id, m)?;
     for (n, ids) in table.chunks(RING_CHUNK as usize).enumerate() {
         let slot = n as u32 * RING_CHUNK;
@@ -288,52 +214,109 @@ pub fn write_ring(ebpf: &mut Ebpf, vip_id: u32, generation: u8, table: &[u32]) -
 
 /// Adds (or re-adds) a VIP: generation 0 gets `table`, generation 1 is
 /// cleared so a reused vip id cannot second-chance flows to a previous
-/// owner's backends, and only then does the VIP appear in `VIPS`.
+/// owner's backends, its ring state names generation 0 with no second
+/// chance, and only then does the VIP appear in the VIP table.
 pub fn install_vip(
     ebpf: &mut Ebpf,
     key: &VipKey,
     vip_id: u32,
-    mode: u8,
+    mode: Mode,
     table: &[u32],
 ) -> Result<()> {
     write_ring(ebpf, vip_id, 1, &vec![0; table.len()])?;
     write_ring(ebpf, vip_id, 0, table)?;
+    store_ring_state(ebpf, vip_id, RingState::new(0, 0))?;
     set_vip(ebpf, key, &VipInfo::new(vip_id, mode))
 }
 
 /// `CLOCK_MONOTONIC` in ns, the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns, the clock `bpf_ktime_get_coarse_ns`
+/// reads.
+pub fn monotonic_coarse_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: valid out-pointer; both clocks always exist.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A VIP's ring state as the data plane reads it.
+pub fn ring_state(ebpf: &Ebpf, vip_id: u32) -> Result<RingState> {
+    RING_STATE
+        .array(ebpf)?
+        .get(&vip_id, 0)
+        .with_context(|| format!("reading RING_STATE[{vip_id}]"))
+}
+
+/// Stores VIP `vip_id`'s ring state in one aligned 8-byte store through a
+/// shared mapping of `RING_STATE`: a map update copies the value with the
+/// kernel's `memcpy`, which a CPU reading it meanwhile could see half done
+/// (the new generation with the old deadline, say).
+pub fn store_ring_state(ebpf: &Ebpf, vip_id: u32, state: RingState) -> Result<()> {
+    let entries = RING_STATE.array(ebpf)?.len();
+    if vip_id >= entries {
+        bail!("vip id {vip_id} is past RING_STATE's {entries} entries (raise max_vips)");
+    }
+    let len = entries as usize * std::mem::size_of::<RingState>();
+    let fd = RING_STATE.data(ebpf)?.fd().as_fd().as_raw_fd();
+    // SAFETY: a shared read-write mapping of the map's value area, which is
+    // `len` bytes (BPF_F_MMAPABLE, 8-byte values); unmapped below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error()).context("mapping RING_STATE");
+    }
+    // SAFETY: in bounds (checked above) and 8-byte aligned (the mapping
+    // starts on a page); the data plane reads the word concurrently, which
+    // an atomic store is for.
+    unsafe {
+        let word = &*(base
+            .cast::<std::sync::atomic::AtomicU64>()
+            .add(vip_id as usize));
+        word.store(state.word, std::sync::atomic::Ordering::Release);
+        libc::munmap(base, len);
+    }
+    Ok(())
+}
+
 /// Writes `table` into the idle generation and flips the VIP to it; the old
-/// table then serves second chances for `second_chance` (see DESIGN §3).
+/// table then serves second chances for `second_chance`. Touches only this
+/// VIP's ring and ring state: no other VIP, and no flow cache, notices.
 /// Returns the generation now live.
 ///
 /// Order matters: the idle generation is what second chance reads, so it is
-/// switched off before that generation is rewritten, and the flip (one map
-/// update) turns it back on over the table just replaced.
+/// switched off before that generation is rewritten, and the flip (one
+/// store) turns it back on over the table just replaced.
 pub fn publish_ring(
     ebpf: &mut Ebpf,
-    key: &VipKey,
+    vip_id: u32,
     table: &[u32],
     second_chance: std::time::Duration,
 ) -> Result<u8> {
-    let mut info =
-        get_vip(ebpf, key)?.context("publishing a ring for a VIP that is not configured")?;
-    info.second_chance_until_ns = 0;
-    set_vip(ebpf, key, &info)?;
-    let idle = info.ring_gen ^ 1;
-    write_ring(ebpf, info.vip_id, idle, table)?;
-    info.ring_gen = idle;
-    info.second_chance_until_ns = monotonic_ns().saturating_add(second_chance.as_nanos() as u64);
-    set_vip(ebpf, key, &info)?;
+    let live = ring_state(ebpf, vip_id)?.live_generation();
+    store_ring_state(ebpf, vip_id, RingState::new(live, 0))?;
+    let idle = live ^ 1;
+    write_ring(ebpf, vip_id, idle, table)?;
+    let until = monotonic_ns().saturating_add(second_chance.as_nanos() as u64);
+    store_ring_state(ebpf, vip_id, RingState::new(idle, until))?;
     Ok(idle)
 }
 

@@ -3,25 +3,19 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use aya::{
-    Ebpf,
-    maps::{MapData, PerCpuArray},
-};
-use lb_common::stats::Counter;
+use aya::Ebpf;
+use lb_common::{maps::Traffic, stats::Counter};
 
-pub const STATS_GLOBAL: &str = "STATS_GLOBAL";
+use crate::maps::{CONFIG, CONNTRACK_HEADS, MapRef, STATS_GLOBAL, kind};
 
 /// Sum over CPUs of every global counter, by name.
 pub fn global_counters(ebpf: &Ebpf) -> Result<BTreeMap<&'static str, u64>> {
-    let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-        ebpf.map(STATS_GLOBAL)
-            .with_context(|| format!("map {STATS_GLOBAL} missing"))?,
-    )?;
+    let map = STATS_GLOBAL.per_cpu(ebpf)?;
     let mut out = BTreeMap::new();
     for c in Counter::ALL {
         let per_cpu = map
             .get(&c.index(), 0)
-            .with_context(|| format!("reading {STATS_GLOBAL}[{}]", c.name()))?;
+            .with_context(|| format!("reading {}[{}]", STATS_GLOBAL.name, c.name()))?;
         out.insert(c.name(), per_cpu.iter().sum());
     }
     Ok(out)
@@ -43,19 +37,11 @@ pub struct TableCount {
 pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
     use std::os::fd::{AsFd, AsRawFd};
 
-    use aya::maps::{Array, Map};
-    use lb_common::{
-        conntrack::{BucketHead, WAYS, live, ticks, udp_timeout_ticks},
-        maps::LbConfig,
-    };
-    let open = |name: &str| {
-        let path = dir.join(name);
-        MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
-    };
-    let config: Array<MapData, LbConfig> = Array::try_from(Map::Array(open("CONFIG")?))?;
+    use lb_common::conntrack::{BucketHead, WAYS, live, ticks, udp_timeout_ticks};
+    let config = CONFIG.pinned(dir)?;
     let udp_timeout =
         udp_timeout_ticks(config.get(&0, 0).context("reading CONFIG")?.udp_timeout_ns);
-    let heads = open("CONNTRACK_HEADS")?;
+    let heads = CONNTRACK_HEADS.pinned_data(dir)?;
     let info = heads.info().context("CONNTRACK_HEADS: map info")?;
     let head_size = std::mem::size_of::<BucketHead>();
     if info.value_size() as usize != head_size {
@@ -67,15 +53,7 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
     let buckets = info.max_entries() as usize;
     let len = buckets * head_size;
     // The data plane's clock is CLOCK_MONOTONIC (coarse), in ticks.
-    let now = {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: a valid out-pointer.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        ticks(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-    };
+    let now = ticks(crate::programming::monotonic_coarse_ns());
     // SAFETY: a read-only shared mapping of the map's value area, which is
     // `len` bytes (`BPF_F_MMAPABLE`); unmapped below.
     let base = unsafe {
@@ -109,4 +87,38 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
         entries: count as u64,
         slots: (buckets * WAYS as usize) as u64,
     })
+}
+
+/// One id's traffic summed over CPUs, from `STATS_VIP` or `STATS_BACKEND`.
+pub fn traffic(ebpf: &Ebpf, map: &MapRef<kind::PerCpuArray, Traffic>, id: u32) -> Result<Traffic> {
+    let per_cpu = map
+        .per_cpu(ebpf)?
+        .get(&id, 0)
+        .with_context(|| format!("reading {}[{id}]", map.name))?;
+    Ok(sum(per_cpu.iter()))
+}
+
+fn sum<'a>(per_cpu: impl Iterator<Item = &'a Traffic>) -> Traffic {
+    per_cpu.fold(Traffic::default(), |a, t| Traffic {
+        packets: a.packets + t.packets,
+        bytes: a.bytes + t.bytes,
+        new_flows: a.new_flows + t.new_flows,
+    })
+}
+
+/// Zeroes one id's traffic on every CPU: a backend or VIP id that is
+/// reused must not start with its previous owner's counts.
+pub fn reset_traffic(
+    ebpf: &mut Ebpf,
+    map: &MapRef<kind::PerCpuArray, Traffic>,
+    id: u32,
+) -> Result<()> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(_, e)| e)
+        .context("counting CPUs")?;
+    let zeros = aya::maps::PerCpuValues::try_from(vec![Traffic::default(); cpus])
+        .context("building per-CPU zeros")?;
+    map.per_cpu_mut(ebpf)?
+        .set(id, zeros, 0)
+        .with_context(|| format!("zeroing {}[{id}]", map.name))
 }

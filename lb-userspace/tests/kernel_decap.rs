@@ -5,7 +5,7 @@ mod kernel;
 
 use kernel::{Harness, XDP_PASS, XDP_TX};
 use lb_common::{
-    maps::{BACKEND_UP, BackendInfo, FAMILY_V4, FAMILY_V6, LbConfig, MODE_IPIP, VipKey},
+    maps::{BackendInfo, BackendState, Family, LbConfig, Mode, VipKey},
     parse::{IPPROTO_TCP, IPPROTO_UDP, parse},
     testframe::{self, FrameSpec, LB_MAC},
 };
@@ -38,16 +38,16 @@ fn setup(backend_v6: bool) -> Harness {
     )
     .unwrap();
     let (addr, family) = if backend_v6 {
-        (testframe::v6(0x20), FAMILY_V6)
+        (testframe::v6(0x20), Family::V6.wire())
     } else {
         let mut a = [0; 16];
         a[..4].copy_from_slice(&[198, 18, 0, 20]);
-        (a, FAMILY_V4)
+        (a, Family::V4.wire())
     };
     let b = BackendInfo {
         addr,
         family,
-        state: BACKEND_UP,
+        state: BackendState::Up.wire(),
         next_hop_mac: [2, 0, 0, 0, 0, 0x20],
         src_mac: LB_MAC,
         _pad: [0; 2],
@@ -56,8 +56,8 @@ fn setup(backend_v6: bool) -> Harness {
     };
     programming::set_backend(&mut h.ebpf, 1, &b).unwrap();
     for (id, (addr, fam)) in [
-        ([198u8, 18, 100, 1].as_slice(), FAMILY_V4),
-        (testframe::v6_vip(1).as_slice(), FAMILY_V6),
+        ([198u8, 18, 100, 1].as_slice(), Family::V4.wire()),
+        (testframe::v6_vip(1).as_slice(), Family::V6.wire()),
     ]
     .into_iter()
     .enumerate()
@@ -72,7 +72,7 @@ fn setup(backend_v6: bool) -> Harness {
                 family: fam,
             };
             let vip_id = id as u32 * 2 + (proto == IPPROTO_UDP) as u32;
-            programming::install_vip(&mut h.ebpf, &key, vip_id, MODE_IPIP, &[1; M as usize])
+            programming::install_vip(&mut h.ebpf, &key, vip_id, Mode::Ipip, &[1; M as usize])
                 .unwrap();
         }
     }

@@ -16,13 +16,12 @@ use std::{
 use aya::Ebpf;
 use lb_common::{
     maglev::{self, MaglevBackend},
-    maps::{
-        BACKEND_UP, BackendInfo, FAMILY_V4, FAMILY_V6, LbConfig, MODE_IPIP, MODE_L2DSR, VipKey,
-    },
+    maps::{BackendInfo, BackendState, Family, LbConfig, Mode, VipKey},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
 };
 use lb_tests::{HttpConn, Topology, addressing, in_netns, udp_echo_from};
 use lb_userspace::{
+    config::vip::addr16,
     dataplane::{self, AttachMode, MapSizes},
     programming, stats,
 };
@@ -32,17 +31,6 @@ const UDP_PORT: u16 = 53;
 const BACKENDS: usize = 3;
 const RING: u32 = 65537;
 const REQUESTS: usize = 45;
-
-fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
-    match ip {
-        IpAddr::V4(a) => {
-            let mut o = [0; 16];
-            o[..4].copy_from_slice(&a.octets());
-            (o, FAMILY_V4)
-        }
-        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
-    }
-}
 
 fn ifindex(t: &Topology, ns: &str, dev: &str) -> u32 {
     let out = t
@@ -57,7 +45,7 @@ struct Lb {
 }
 
 /// Loads and attaches everything in `mode`, and programs four VIPs.
-fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
+fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, Mode)>) {
     let lb = t.lb();
     let fabric = lb_tests::fabric::prepare(t, mode).unwrap();
     let lb_if = ifindex(t, lb.ns(), lb.ifname());
@@ -101,8 +89,8 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
             let (addr, family) = addr16(ip);
             let info = BackendInfo {
                 addr,
-                family,
-                state: BACKEND_UP,
+                family: family.wire(),
+                state: BackendState::Up.wire(),
                 next_hop_mac: b.mac(),
                 src_mac: lb.mac(),
                 _pad: [0; 2],
@@ -120,10 +108,10 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
     let table4 = maglev::build(&v4_ring, RING, 0x1b).unwrap();
     let table6 = maglev::build(&v6_ring, RING, 0x1b).unwrap();
     let vips = vec![
-        (IpAddr::from(addressing::vip_v4(1)), MODE_IPIP),
-        (IpAddr::from(addressing::vip_v4(2)), MODE_L2DSR),
-        (IpAddr::from(addressing::vip_v6(1)), MODE_IPIP),
-        (IpAddr::from(addressing::vip_v6(2)), MODE_L2DSR),
+        (IpAddr::from(addressing::vip_v4(1)), Mode::Ipip),
+        (IpAddr::from(addressing::vip_v4(2)), Mode::L2dsr),
+        (IpAddr::from(addressing::vip_v6(1)), Mode::Ipip),
+        (IpAddr::from(addressing::vip_v6(2)), Mode::L2dsr),
     ];
     let mut vip_id = 0;
     for &(vip, fwd) in &vips {
@@ -134,9 +122,9 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, u8)>) {
                 addr,
                 port,
                 proto,
-                family,
+                family: family.wire(),
             };
-            let table = if family == FAMILY_V4 {
+            let table = if family == Family::V4 {
                 &table4
             } else {
                 &table6

@@ -167,7 +167,7 @@ async fn route(
                 .client
                 .parse()
                 .map_err(|_| err(400, format!("client {:?} is not ADDRESS:PORT (e.g. 198.18.0.10:40000 or [fd00::10]:40000)", e.client)))?;
-            Ok(ok(ctl.explain(&vip, client).map_err(admin)?))
+            Ok(ok(ctl.explain(&vip, client, e.syn).map_err(admin)?))
         }
         (
             _,

@@ -37,6 +37,9 @@ pub struct VipRequest {
 pub struct ExplainRequest {
     pub vip: String,
     pub client: String,
+    /// Ask about a new connection (a SYN) rather than a packet mid-stream.
+    #[serde(default)]
+    pub syn: bool,
 }
 
 /// Body of `POST /v1/debug`.

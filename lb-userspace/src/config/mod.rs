@@ -52,6 +52,32 @@ pub enum ForwardMode {
     L2dsr,
 }
 
+/// The data plane's byte for a mode is `lb_common::maps::Mode`; this is the
+/// one place the two meet.
+impl From<ForwardMode> for lb_common::maps::Mode {
+    fn from(m: ForwardMode) -> Self {
+        match m {
+            ForwardMode::Ipip => lb_common::maps::Mode::Ipip,
+            ForwardMode::L2dsr => lb_common::maps::Mode::L2dsr,
+        }
+    }
+}
+
+impl From<lb_common::maps::Mode> for ForwardMode {
+    fn from(m: lb_common::maps::Mode) -> Self {
+        match m {
+            lb_common::maps::Mode::Ipip => ForwardMode::Ipip,
+            lb_common::maps::Mode::L2dsr => ForwardMode::L2dsr,
+        }
+    }
+}
+
+impl std::fmt::Display for ForwardMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(lb_common::maps::Mode::from(*self).label())
+    }
+}
+
 /// What `lbd` does with the data plane when it exits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

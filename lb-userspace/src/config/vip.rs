@@ -5,7 +5,7 @@
 use std::{fmt, net::IpAddr, str::FromStr};
 
 use lb_common::{
-    maps::{FAMILY_V4, FAMILY_V6, VipKey},
+    maps::{Family, VipKey},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -100,16 +100,24 @@ impl VipSpec {
             addr,
             port: self.port,
             proto: self.proto.number(),
-            family,
+            family: family.wire(),
         }
     }
 }
 
 /// An address in the maps' 16-byte form, with its family.
-pub fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
+pub fn addr16(ip: IpAddr) -> ([u8; 16], Family) {
     match ip {
-        IpAddr::V4(a) => (lb_common::parse::v4_in_16(a.octets()), FAMILY_V4),
-        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+        IpAddr::V4(a) => (lb_common::parse::v4_in_16(a.octets()), Family::V4),
+        IpAddr::V6(a) => (a.octets(), Family::V6),
+    }
+}
+
+/// The address a map's 16-byte form and family stand for.
+pub fn ip_of(addr: &[u8; 16], family: Family) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::from([addr[0], addr[1], addr[2], addr[3]]),
+        Family::V6 => IpAddr::from(*addr),
     }
 }
 
