@@ -6,7 +6,7 @@ use std::{collections::VecDeque, time::Duration};
 
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc};
 
-use crate::{config::GraphiteConfig, controller::BackendState, metrics::VipTraffic};
+use crate::{config::GraphiteConfig, api::BackendState, metrics::VipTraffic};
 
 /// A metric path component: Graphite splits on '.', so anything but
 /// `[A-Za-z0-9_-]` becomes '_' (`198.18.100.1:80/tcp` -> `198_18_100_1_80_tcp`).

@@ -9,7 +9,7 @@ use aya::Ebpf;
 use lb_common::{maps::Traffic, stats::Counter};
 
 use crate::{
-    controller::{BackendState, VipStatus},
+    api::{BackendState, VipStatus},
     health::{CheckRecord, Health},
     maps::{STATS_BACKEND, STATS_VIP},
     stats::{self, traffic},

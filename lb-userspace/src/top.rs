@@ -21,7 +21,7 @@ use ratatui::{
     widgets::{Block, Borders, Cell, Row, Table},
 };
 
-use crate::{api::client::call, controller::BackendState, metrics::VipTraffic};
+use crate::{api::client::call, api::BackendState, metrics::VipTraffic};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SortBy {

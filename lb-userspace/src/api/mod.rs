@@ -5,6 +5,9 @@ pub mod client;
 pub mod handler;
 pub mod http;
 pub mod server;
+pub mod types;
+
+pub use types::{BackendState, BackendStatus, Explanation, VipStatus};
 
 use serde::{Deserialize, Serialize};
 

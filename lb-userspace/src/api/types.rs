@@ -1,0 +1,102 @@
+//! What the control API answers with, shared by lbd (which serialises it)
+//! and lbctl and the tests (which read it back typed).
+
+use std::net::{IpAddr, SocketAddr};
+
+use lb_common::maps as wire;
+use serde::{Deserialize, Serialize};
+
+use crate::health::Health;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Up,
+    Down,
+    Draining,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: IpAddr,
+    pub id: u32,
+    pub weight: u32,
+    pub health: Health,
+    pub drained: bool,
+    pub state: BackendState,
+}
+
+/// The data plane's byte for a state is `lb_common::maps::BackendState`;
+/// this is the one place the two meet.
+impl From<BackendState> for wire::BackendState {
+    fn from(s: BackendState) -> Self {
+        match s {
+            BackendState::Up => wire::BackendState::Up,
+            BackendState::Down => wire::BackendState::Down,
+            BackendState::Draining => wire::BackendState::Draining,
+        }
+    }
+}
+
+impl BackendStatus {
+    pub fn new(address: IpAddr, id: u32, weight: u32) -> Self {
+        let mut s = BackendStatus {
+            address,
+            id,
+            weight,
+            health: Health::Up,
+            drained: false,
+            state: BackendState::Up,
+        };
+        s.refresh_state();
+        s
+    }
+
+    /// The state the data plane gets, from health, drain and weight.
+    pub fn refresh_state(&mut self) {
+        self.state = if self.health == Health::Down {
+            BackendState::Down
+        } else if self.drained || self.weight == 0 {
+            BackendState::Draining
+        } else {
+            BackendState::Up
+        };
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub vip: String,
+    /// Index into `RINGS` and `STATS_VIP`.
+    pub id: u32,
+    pub mode: String,
+    /// Ring changes published since this lbd started.
+    pub ring_flips: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+/// What the data plane would do with a packet of a client's flow now, and
+/// why (`lbctl explain`): the per-packet policy run over the live maps.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Explanation {
+    pub vip: String,
+    pub client: SocketAddr,
+    /// The packet asked about: `syn` (a new connection), `ack` (a TCP
+    /// packet mid-stream) or `udp`.
+    pub packet: String,
+    /// `forward`, `drop` or `pass`.
+    pub verdict: String,
+    pub backend: Option<IpAddr>,
+    /// The backend's `BACKENDS` slot.
+    pub backend_id: Option<u32>,
+    /// The backend's state in the data plane (`up`, `down`, `draining`,
+    /// `unused`).
+    pub backend_state: Option<String>,
+    /// How the backend was found: `flow_cache`, `conntrack`,
+    /// `second_chance`, `ring_syn`, `ring_no_entry`, `ring_repick`,
+    /// `ring_udp_expired`.
+    pub via: Option<String>,
+    /// For people.
+    pub reason: String,
+}
+
