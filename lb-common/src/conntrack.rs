@@ -338,6 +338,36 @@ pub fn find<T: Table + ?Sized>(table: &T, key: &FlowKey, p: &Probe) -> Option<Fo
     find_in(table, key, p, p.buckets[0]).or_else(|| find_in(table, key, p, p.buckets[1]))
 }
 
+/// A slot's backend and seal, each loaded exactly once.
+///
+/// The protocol: writers store a slot's fields in any order, without locks;
+/// the seal is a hash over the flow and the backend. A reader compares the
+/// key, loads backend and seal once, checks the seal against the backend it
+/// loaded, and from then on acts only on that loaded backend, never on the
+/// slot again (another CPU may be rewriting it). The two loads are volatile
+/// so the compiler can neither merge them with other reads nor load the
+/// backend again after the check, which would let a value from another
+/// write slip past the seal. The key needs no such care: it is only
+/// compared, and a key torn between two writes fails the seal like any
+/// other mix.
+struct SealedRead {
+    backend_id: u32,
+    seal: u32,
+}
+
+impl SealedRead {
+    #[inline(always)]
+    fn of(s: &ConnSlot) -> Self {
+        // SAFETY: plain fields of a live slot. Volatile: see above.
+        unsafe {
+            SealedRead {
+                backend_id: core::ptr::read_volatile(&s.backend_id),
+                seal: core::ptr::read_volatile(&s.seal),
+            }
+        }
+    }
+}
+
 /// [`find`] in one bucket.
 #[inline(always)]
 fn find_in<T: Table + ?Sized>(table: &T, key: &FlowKey, p: &Probe, bucket: u32) -> Option<Found> {
@@ -348,9 +378,12 @@ fn find_in<T: Table + ?Sized>(table: &T, key: &FlowKey, p: &Probe, bucket: u32) 
         if head.ways[way as usize] as u16 & !TAG_CLOSING == p.tag
             && let Some(s) = table.slot(idx)
         {
-            let backend_id = s.backend_id;
-            if same_flow(&s.key, key) && s.seal == seal(p.hash, backend_id) {
-                return Some(Found { idx, backend_id });
+            let read = SealedRead::of(s);
+            if same_flow(&s.key, key) && read.seal == seal(p.hash, read.backend_id) {
+                return Some(Found {
+                    idx,
+                    backend_id: read.backend_id,
+                });
             }
         }
         way += 1;

@@ -6,7 +6,7 @@ use std::{collections::VecDeque, time::Duration};
 
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc};
 
-use crate::{config::GraphiteConfig, api::BackendState, metrics::VipTraffic};
+use crate::{config::GraphiteConfig, metrics::VipTraffic};
 
 /// A metric path component: Graphite splits on '.', so anything but
 /// `[A-Za-z0-9_-]` becomes '_' (`198.18.100.1:80/tcp` -> `198_18_100_1_80_tcp`).
@@ -36,7 +36,7 @@ pub fn lines(prefix: &str, snapshot: &[VipTraffic], timestamp: u64) -> Vec<Strin
         }
         for b in &v.backends {
             let backend = component(&b.backend);
-            let up = u64::from(b.state == BackendState::Up);
+            let up = u64::from(b.up);
             for (metric, value) in [
                 ("packets", b.packets),
                 ("bytes", b.bytes),
@@ -115,6 +115,7 @@ async fn push_loop(cfg: GraphiteConfig, mut rx: mpsc::Receiver<Vec<String>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::BackendState;
     use crate::metrics::BackendTraffic;
 
     #[test]
@@ -126,7 +127,8 @@ mod tests {
             new_flows: 2,
             backends: vec![BackendTraffic {
                 backend: "fd00:198:18::20".into(),
-                state: BackendState::Up,
+                state: BackendState::Draining,
+                up: true,
                 weight: 100,
                 packets: 10,
                 bytes: 1000,
@@ -135,6 +137,8 @@ mod tests {
         }];
         let l = lines("lb", &snap, 1700000000);
         assert!(l.contains(&"lb.198_18_100_1_80_tcp.all.packets 10 1700000000".to_owned()));
+        // `up` is the health checks' verdict, as lb_backend_up: a drained
+        // backend whose checks pass is up.
         assert!(l.contains(&"lb.198_18_100_1_80_tcp.fd00_198_18__20.up 1 1700000000".to_owned()));
         assert_eq!(l.len(), 3 + 5);
     }

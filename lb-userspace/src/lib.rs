@@ -1,8 +1,10 @@
 //! Controller library: everything `lbd` and `lbctl` do, behind thin binaries.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod daemon;
 pub mod dataplane;
 pub mod debuglog;
 pub mod graphite;

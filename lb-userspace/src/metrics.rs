@@ -10,7 +10,7 @@ use lb_common::{maps::Traffic, stats::Counter};
 
 use crate::{
     api::{BackendState, VipStatus},
-    health::{CheckRecord, Health},
+    health::CheckRecord,
     maps::{STATS_BACKEND, STATS_VIP},
     stats::{self, traffic},
 };
@@ -36,6 +36,9 @@ pub struct VipTraffic {
 pub struct BackendTraffic {
     pub backend: String,
     pub state: BackendState,
+    /// [`crate::api::BackendStatus::up`]: what `lb_backend_up` and Graphite's `up` say.
+    #[serde(default)]
+    pub up: bool,
     pub weight: u32,
     pub packets: u64,
     pub bytes: u64,
@@ -54,6 +57,7 @@ pub fn snapshot(vips: &[VipStatus], ebpf: &Ebpf) -> Result<Vec<VipTraffic>> {
                     Ok(BackendTraffic {
                         backend: b.address.to_string(),
                         state: b.state,
+                        up: b.up(),
                         weight: b.weight,
                         packets: bt.packets,
                         bytes: bt.bytes,
@@ -140,13 +144,13 @@ pub fn render(
     f.head(
         "lb_backend_up",
         "gauge",
-        "1 if the backend's health checks pass.",
+        "1 if the backend's health checks pass (whether it is drained or not; see lb_backend_state).",
     );
     for (v, b, _) in &rows {
         f.sample(
             "lb_backend_up",
             &[("vip", &v.vip), ("backend", &b.address.to_string())],
-            u8::from(b.health == Health::Up),
+            u8::from(b.up()),
         );
     }
     f.head(

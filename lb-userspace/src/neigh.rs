@@ -3,6 +3,7 @@
 //! a shared segment, else the gateway).
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr, UdpSocket},
     time::Duration,
 };
@@ -30,6 +31,7 @@ pub struct NextHop {
     pub via: IpAddr,
 }
 
+#[derive(Clone)]
 pub struct Resolver {
     handle: Handle,
 }
@@ -103,79 +105,145 @@ impl Resolver {
         ))
     }
 
-    async fn neighbour(&self, ifindex: u32, addr: IpAddr) -> Result<Option<[u8; 6]>> {
-        let family = if addr.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
-        let mut neighbours = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute();
-        while let Some(n) = neighbours.try_next().await.context("dumping neighbours")? {
-            if n.header.ifindex != ifindex
-                || matches!(
+    /// Every resolved neighbour entry of both families, in one dump each:
+    /// (interface, address) -> MAC.
+    async fn neighbours(&self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>> {
+        let mut out = HashMap::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut dump = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute();
+            while let Some(n) = dump.try_next().await.context("dumping neighbours")? {
+                if matches!(
                     n.header.state,
                     NeighbourState::Incomplete | NeighbourState::Failed
-                )
-            {
-                continue;
-            }
-            let mut dst = None;
-            let mut mac = None;
-            for attr in n.attributes {
-                match attr {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
-                        dst = Some(IpAddr::V4(a))
+                ) {
+                    continue;
+                }
+                let mut dst = None;
+                let mut mac = None;
+                for attr in n.attributes {
+                    match attr {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                            dst = Some(IpAddr::V4(a))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                            dst = Some(IpAddr::V6(a))
+                        }
+                        NeighbourAttribute::LinkLayerAddress(l) => {
+                            mac = <[u8; 6]>::try_from(l.as_slice()).ok()
+                        }
+                        _ => {}
                     }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
-                        dst = Some(IpAddr::V6(a))
-                    }
-                    NeighbourAttribute::LinkLayerAddress(l) => {
-                        mac = <[u8; 6]>::try_from(l.as_slice()).ok()
-                    }
-                    _ => {}
+                }
+                if let (Some(dst), Some(mac)) = (dst, mac) {
+                    out.insert((n.header.ifindex, dst), mac);
                 }
             }
-            if dst == Some(addr) && mac.is_some() {
-                return Ok(mac);
-            }
         }
-        Ok(None)
+        Ok(out)
     }
 
-    /// Resolves the next hop for `backend`, prompting neighbour discovery if
-    /// the kernel has no entry yet (a datagram to the discard port makes it
-    /// ARP / solicit), and waiting up to `timeout` for the answer.
+    /// Resolves the next hop of `backend`; see [`Resolver::resolve_many`].
     pub async fn resolve(&self, backend: IpAddr, timeout: Duration) -> Result<NextHop> {
-        let (ifindex, gateway) = self.route(backend).await?;
-        let via = gateway.unwrap_or(backend);
-        let src_mac = self.link_mac(ifindex).await?;
+        self.resolve_many(&[backend], timeout)
+            .await
+            .pop()
+            .map(|(_, r)| r)
+            .context("no answer for the backend")?
+    }
+
+    /// Resolves the next hops of `backends` together: a route lookup each,
+    /// then one neighbour dump per round for all of them, prompting
+    /// neighbour discovery for those the kernel has no entry for yet (a
+    /// datagram to the discard port makes it ARP / solicit), until every
+    /// one is resolved or `timeout` has passed. Answers in `backends`'
+    /// order.
+    pub async fn resolve_many(
+        &self,
+        backends: &[IpAddr],
+        timeout: Duration,
+    ) -> Vec<(IpAddr, Result<NextHop>)> {
         let deadline = tokio::time::Instant::now() + timeout;
+        // Route and egress MAC per backend, or why not.
+        let mut routes: Vec<Result<(u32, IpAddr, [u8; 6])>> = Vec::new();
+        let mut macs: HashMap<u32, [u8; 6]> = HashMap::new();
+        for &b in backends {
+            let r = async {
+                let (ifindex, gateway) = self.route(b).await?;
+                let src_mac = match macs.get(&ifindex) {
+                    Some(m) => *m,
+                    None => {
+                        let m = self.link_mac(ifindex).await?;
+                        macs.insert(ifindex, m);
+                        m
+                    }
+                };
+                Ok((ifindex, gateway.unwrap_or(b), src_mac))
+            }
+            .await;
+            routes.push(r);
+        }
+        let mut hops: Vec<Option<Result<NextHop>>> = routes
+            .iter()
+            .map(|r| r.as_ref().err().map(|e| Err(anyhow::anyhow!("{e:#}"))))
+            .collect();
         let mut prompted = false;
         loop {
-            if let Some(mac) = self.neighbour(ifindex, via).await? {
-                return Ok(NextHop {
-                    ifindex,
-                    src_mac,
-                    mac,
-                    via,
-                });
+            let table = match self.neighbours().await {
+                Ok(t) => t,
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    for h in hops.iter_mut().filter(|h| h.is_none()) {
+                        *h = Some(Err(anyhow::anyhow!("{msg}")));
+                    }
+                    break;
+                }
+            };
+            for (i, r) in routes.iter().enumerate() {
+                if let (None, Ok((ifindex, via, src_mac))) = (&hops[i], r)
+                    && let Some(mac) = table.get(&(*ifindex, *via))
+                {
+                    hops[i] = Some(Ok(NextHop {
+                        ifindex: *ifindex,
+                        src_mac: *src_mac,
+                        mac: *mac,
+                        via: *via,
+                    }));
+                }
+            }
+            let missing: Vec<usize> = (0..hops.len()).filter(|i| hops[*i].is_none()).collect();
+            if missing.is_empty() {
+                break;
             }
             if !prompted {
-                prompt_discovery(via);
+                for &i in &missing {
+                    if let Ok((_, via, _)) = &routes[i] {
+                        prompt_discovery(*via);
+                    }
+                }
                 prompted = true;
             }
             if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "no neighbour entry (MAC) for {via}, next hop of backend {backend}, within {timeout:?}"
-                );
+                for &i in &missing {
+                    let via = routes[i].as_ref().map(|r| r.1).unwrap_or(backends[i]);
+                    hops[i] = Some(Err(anyhow::anyhow!(
+                        "no neighbour entry (MAC) for {via}, next hop of backend {}, within {timeout:?}",
+                        backends[i]
+                    )));
+                }
+                break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        backends
+            .iter()
+            .zip(hops)
+            .map(|(b, h)| (*b, h.unwrap_or_else(|| Err(anyhow::anyhow!("unresolved")))))
+            .collect()
     }
 }
 

@@ -3,11 +3,10 @@
 
 use std::{
     io,
-    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use crossterm::{
     event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
     execute,
@@ -21,7 +20,7 @@ use ratatui::{
     widgets::{Block, Borders, Cell, Row, Table},
 };
 
-use crate::{api::client::call, api::BackendState, metrics::VipTraffic};
+use crate::{api::BackendState, metrics::VipTraffic};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SortBy {
@@ -39,14 +38,6 @@ struct Line {
     bps: f64,
     flows: f64,
     packets: u64,
-}
-
-fn fetch(socket: &Path) -> Result<Vec<VipTraffic>> {
-    let (status, v) = call(socket, "GET", "/v1/stats", None)?;
-    if status != 200 {
-        bail!("{}", v["error"].as_str().unwrap_or("request failed"));
-    }
-    Ok(serde_json::from_value(v)?)
 }
 
 fn lines(prev: &[VipTraffic], cur: &[VipTraffic], secs: f64) -> Vec<Line> {
@@ -88,9 +79,15 @@ impl Drop for Screen {
     }
 }
 
-pub fn run(socket: &Path) -> Result<()> {
-    // Fail before taking over the terminal if lbd is not there.
-    let mut prev = fetch(socket)?;
+/// Runs until the operator quits. `first` is a sample the caller took
+/// before the terminal is taken over, so that an absent lbd is reported
+/// (with its own exit code) on a normal screen; `fetch` takes the next ones,
+/// and its errors are shown in the title while the view keeps running.
+pub fn run(
+    first: Vec<VipTraffic>,
+    mut fetch: impl FnMut() -> Result<Vec<VipTraffic>>,
+) -> Result<()> {
+    let mut prev = first;
     let mut prev_at = Instant::now();
     enable_raw_mode()
         .context("the terminal does not support raw mode (run lbctl top in a terminal)")?;
@@ -168,7 +165,7 @@ pub fn run(socket: &Path) -> Result<()> {
             }
         }
         if Instant::now() >= deadline {
-            match fetch(socket) {
+            match fetch() {
                 Ok(cur) => {
                     let secs = prev_at.elapsed().as_secs_f64();
                     rows = lines(&prev, &cur, secs);

@@ -18,9 +18,14 @@ use kernel::{Harness, XDP_DROP, XDP_PASS, XDP_TX, delta};
 use lb_common::{
     conntrack::{self, ticks},
     flowcache::{CachedFlow, slot_of},
-    maps::{BackendInfo, BackendState, Family, FlowKey, LbConfig, Mode, RingState, VipInfo, VipKey},
+    maps::{
+        BackendInfo, BackendState, Family, FlowKey, LbConfig, Mode, RingState, VipInfo, VipKey,
+    },
     parse::{IPPROTO_TCP, IPPROTO_UDP, parse},
-    policy::{self, Kind, Verdict, model::{Model, ModelSizes}},
+    policy::{
+        self, Kind, Verdict,
+        model::{Model, ModelSizes},
+    },
     ring::RING_CHUNK,
     stats::Counter,
     testframe::{self, FrameSpec, L4},
@@ -28,7 +33,9 @@ use lb_common::{
 };
 use lb_userspace::{
     dataplane::MapSizes,
-    maps::{BACKENDS, CONFIG, CONNTRACK, CONNTRACK_HEADS, FLOW_CACHE, RINGS, VIP_TABLE, VIP_TABLE_GEN},
+    maps::{
+        BACKENDS, CONFIG, CONNTRACK, CONNTRACK_HEADS, FLOW_CACHE, RINGS, VIP_TABLE, VIP_TABLE_GEN,
+    },
     programming,
 };
 
@@ -170,7 +177,11 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
     let mut present: Vec<(VipKey, VipInfo)> = Vec::new();
     for v in vips {
         if rng.chance(85) {
-            let mode = if rng.chance(70) { Mode::Ipip } else { Mode::L2dsr };
+            let mode = if rng.chance(70) {
+                Mode::Ipip
+            } else {
+                Mode::L2dsr
+            };
             present.push((v.key, VipInfo::new(v.id, mode)));
         }
     }
@@ -230,13 +241,24 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
             continue;
         }
         let slot = (slot_of(f) & (CACHE_SLOTS - 1)) as usize;
-        let vip = vips.iter().find(|v| v.key.addr == f.dst).map_or(0, |v| v.id);
+        let vip = vips
+            .iter()
+            .find(|v| v.key.addr == f.dst)
+            .map_or(0, |v| v.id);
         m.cache[slot] = CachedFlow {
             key: *f,
             backend_id: rng.pick(backend_ids(f)),
-            hits: if rng.chance(20) { 31 } else { rng.below(40) as u32 },
+            hits: if rng.chance(20) {
+                31
+            } else {
+                rng.below(40) as u32
+            },
             vip_epoch: if rng.chance(80) { m.epoch } else { m.epoch ^ 2 },
-            vip_id: if rng.chance(90) { vip } else { rng.below(MAX_VIPS as u64) as u32 },
+            vip_id: if rng.chance(90) {
+                vip
+            } else {
+                rng.below(MAX_VIPS as u64) as u32
+            },
             mode: rng.pick(&[Mode::Ipip, Mode::L2dsr]).wire(),
             _pad: [0; 7],
         };
@@ -248,7 +270,11 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
 fn random_flows(rng: &mut Rng) -> Vec<FlowKey> {
     (0..40)
         .map(|_| {
-            let family = if rng.chance(50) { Family::V4 } else { Family::V6 };
+            let family = if rng.chance(50) {
+                Family::V4
+            } else {
+                Family::V6
+            };
             let (host, port, proto) = match rng.below(6) {
                 0 => (1, 80, IPPROTO_TCP),
                 1 => (1, 53, IPPROTO_UDP),
@@ -347,7 +373,11 @@ fn write_kernel(h: &mut Harness, m: &Model) {
             t.set(i as u32, *s, 0).unwrap();
         }
     }
-    VIP_TABLE_GEN.array_mut(&mut h.ebpf).unwrap().set(0, m.epoch, 0).unwrap();
+    VIP_TABLE_GEN
+        .array_mut(&mut h.ebpf)
+        .unwrap()
+        .set(0, m.epoch, 0)
+        .unwrap();
     for (id, s) in m.ring_states.iter().enumerate() {
         programming::store_ring_state(&h.ebpf, id as u32, *s).unwrap();
     }
@@ -488,7 +518,11 @@ fn kernel_and_host_policy_agree_on_random_packets_and_states() {
         let flows = random_flows(&mut rng);
         random_state(&mut rng, &mut m, &vips, &flows, programming::monotonic_ns());
         write_kernel(&mut h, &m);
-        assert_eq!(model_view(&m), kernel_view(&h), "round {round}: state written");
+        assert_eq!(
+            model_view(&m),
+            kernel_view(&h),
+            "round {round}: state written"
+        );
         for n in 0..PACKETS_PER_ROUND {
             let f = rng.pick(&flows);
             let kind = random_kind(&mut rng, &f);
@@ -577,7 +611,10 @@ fn kernel_and_host_policy_agree_on_random_packets_and_states() {
         "pass/-",
         "drop/ring_no_entry",
     ] {
-        assert!(kinds.get(want).is_some_and(|n| *n > 0), "no {want} among {kinds:?}");
+        assert!(
+            kinds.get(want).is_some_and(|n| *n > 0),
+            "no {want} among {kinds:?}"
+        );
     }
 }
 

@@ -51,6 +51,28 @@ impl HttpConn {
     pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self> {
         let stream = TcpStream::connect_timeout(&addr, timeout)
             .with_context(|| format!("connecting to {addr}"))?;
+        Self::over(stream, addr, timeout)
+    }
+
+    /// Connects from `local` (address and port), so a test can ask where a
+    /// flow will go before it starts.
+    pub fn connect_from(local: SocketAddr, addr: SocketAddr, timeout: Duration) -> Result<Self> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket
+            .bind(&local.into())
+            .with_context(|| format!("binding {local}"))?;
+        socket
+            .connect_timeout(&addr.into(), timeout)
+            .with_context(|| format!("connecting to {addr} from {local}"))?;
+        Self::over(socket.into(), addr, timeout)
+    }
+
+    fn over(stream: TcpStream, addr: SocketAddr, timeout: Duration) -> Result<Self> {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;

@@ -20,6 +20,7 @@ pub mod launcher;
 pub mod lbd;
 pub mod netns;
 pub mod process;
+pub mod scrape;
 pub mod testserver;
 pub mod topology;
 

@@ -4,8 +4,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
+    io::Write,
+    net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -17,33 +17,13 @@ const DATAGRAMS: u16 = 200;
 const PAYLOAD: usize = 100;
 
 fn scrape(t: &Topology) -> String {
-    in_netns(t.lb().ns(), || {
-        let mut s = TcpStream::connect("127.0.0.1:9100").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-        body.to_owned()
-    })
-    .unwrap()
+    lb_tests::scrape::scrape(t, "127.0.0.1:9100").unwrap()
 }
 
 /// The value of the sample whose name and labels are exactly these.
 fn value(text: &str, name: &str, labels: &str) -> u64 {
-    let prefix = if labels.is_empty() {
-        format!("{name} ")
-    } else {
-        format!("{name}{{{labels}}} ")
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no sample {prefix:?} in\n{text}"))
-        .parse()
-        .unwrap()
+    lb_tests::scrape::sample(text, name, labels)
+        .unwrap_or_else(|| panic!("no sample {name}{{{labels}}} in\n{text}"))
 }
 
 fn send_one(t: &Topology, vip: IpAddr, port: u16) {

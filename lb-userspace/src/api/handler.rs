@@ -6,10 +6,14 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{BackendRequest, DebugRequest, ErrorBody, ExplainRequest, VipRequest, http::Request};
+use super::{
+    BackendRemoved, BackendRequest, DebugRequest, DebugSwitched, ErrorBody, ExplainRequest,
+    TeardownStarted, VipRemoved, VipRequest, http::Request,
+};
 use crate::{
-    config::{ForwardMode, VipSpec},
-    controller::{AdminError, Controller, HealthTarget},
+    config::{DEFAULT_WEIGHT, ForwardMode, VipSpec},
+    controller::{AdminError, Controller, HealthTarget, NewBackend},
+    neigh::NextHop,
     stats,
 };
 
@@ -53,73 +57,111 @@ fn body<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, (u16, Value)
     serde_json::from_slice(&req.body).map_err(|e| err(400, format!("bad request body: {e}")))
 }
 
+/// What became of a request. (One per request, moved once: its size does
+/// not matter.)
+#[allow(clippy::large_enum_variant)]
+pub enum Handled {
+    /// Answered (and applied, if it changed anything).
+    Answer((u16, Value), SideEffects),
+    /// A backend to add, checked: its next hop is resolved off the main
+    /// loop (it may take seconds of ARP), then [`commit_backend`] adds it.
+    Resolve(NewBackend),
+}
+
 /// Handles one request; mutating requests are persisted before answering.
-pub async fn handle(ctl: &mut Controller, req: &Request) -> ((u16, Value), SideEffects) {
+/// Never waits on the network.
+pub fn handle(ctl: &mut Controller, req: &Request) -> Handled {
     let mut fx = SideEffects::default();
-    let answer = match route(ctl, req, &mut fx).await {
-        Ok(a) => a,
+    let answer = match route(ctl, req, &mut fx) {
+        Ok(Routed::Answer(a)) => a,
+        Ok(Routed::Resolve(new)) => return Handled::Resolve(new),
         Err(a) => a,
     };
     let mutating = req.method == "POST"
         && (req.path.starts_with("/v1/backends/") || req.path.starts_with("/v1/vips/"));
-    // The change is live; if it cannot be saved it would not survive a
-    // restart, and the operator must know.
+    Handled::Answer(persisted(ctl, answer, mutating), fx)
+}
+
+/// Adds a backend whose next hop was resolved (or failed to be), and
+/// answers its request.
+pub fn commit_backend(
+    ctl: &mut Controller,
+    new: NewBackend,
+    hop: anyhow::Result<NextHop>,
+) -> ((u16, Value), SideEffects) {
+    let mut fx = SideEffects::default();
+    let answer = match ctl.commit_backend(new, hop) {
+        Ok(check) => {
+            fx.start_check = check;
+            ok(ctl
+                .list()
+                .into_iter()
+                .find(|v| v.vip == new.vip.to_string()))
+        }
+        Err(e) => admin(e),
+    };
+    (persisted(ctl, answer, true), fx)
+}
+
+/// The change is live; if it cannot be saved it would not survive a
+/// restart, and the operator must know.
+fn persisted(ctl: &Controller, answer: (u16, Value), mutating: bool) -> (u16, Value) {
     if mutating
         && answer.0 == 200
         && let Err(e) = ctl.persist()
     {
-        return (
-            err(
-                500,
-                format!("applied, but saving the state file failed: {e:#}"),
-            ),
-            fx,
+        return err(
+            500,
+            format!("applied, but saving the state file failed: {e:#}"),
         );
     }
-    (answer, fx)
+    answer
 }
 
-async fn route(
+enum Routed {
+    Answer((u16, Value)),
+    Resolve(NewBackend),
+}
+
+fn route(
     ctl: &mut Controller,
     req: &Request,
     fx: &mut SideEffects,
-) -> Result<(u16, Value), (u16, Value)> {
-    match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/v1/vips") => Ok(ok(ctl.list())),
+) -> Result<Routed, (u16, Value)> {
+    let answer = match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/v1/vips") => ok(ctl.list()),
         ("GET", "/v1/stats") => match crate::metrics::snapshot(&ctl.list(), &ctl.ebpf) {
-            Ok(s) => Ok(ok(s)),
-            Err(e) => Err(err(500, format!("{e:#}"))),
+            Ok(s) => ok(s),
+            Err(e) => err(500, format!("{e:#}")),
         },
         ("GET", "/v1/counters") => match stats::global_counters(&ctl.ebpf) {
-            Ok(c) => Ok(ok(c)),
-            Err(e) => Err(err(500, format!("{e:#}"))),
+            Ok(c) => ok(c),
+            Err(e) => err(500, format!("{e:#}")),
         },
         ("POST", "/v1/backends/add") => {
             let b: BackendRequest = body(req)?;
             let (vip, addr) = (parse_vip(&b.vip)?, parse_backend(&b.backend)?);
-            let check = ctl
-                .add_backend(&vip, addr, b.weight.unwrap_or(100))
-                .await
+            let new = ctl
+                .prepare_backend(&vip, addr, b.weight.unwrap_or(DEFAULT_WEIGHT))
                 .map_err(admin)?;
-            fx.start_check = check;
-            Ok(ok(ctl
-                .list()
-                .into_iter()
-                .find(|v| v.vip == vip.to_string())))
+            return Ok(Routed::Resolve(new));
         }
         ("POST", "/v1/backends/remove") => {
             let b: BackendRequest = body(req)?;
             let (vip, addr) = (parse_vip(&b.vip)?, parse_backend(&b.backend)?);
             fx.stop_checks
                 .push(ctl.remove_backend(&vip, addr).map_err(admin)?);
-            Ok(ok(json!({"removed": addr, "vip": vip.to_string()})))
+            ok(BackendRemoved {
+                removed: addr,
+                vip: vip.to_string(),
+            })
         }
         ("POST", path @ ("/v1/backends/drain" | "/v1/backends/undrain")) => {
             let b: BackendRequest = body(req)?;
             let (vip, addr) = (parse_vip(&b.vip)?, parse_backend(&b.backend)?);
-            Ok(ok(ctl
+            ok(ctl
                 .set_drain(&vip, addr, path.ends_with("/drain"))
-                .map_err(admin)?))
+                .map_err(admin)?)
         }
         ("POST", "/v1/backends/weight") => {
             let b: BackendRequest = body(req)?;
@@ -127,7 +169,7 @@ async fn route(
             let Some(w) = b.weight else {
                 return Err(err(400, "weight is required"));
             };
-            Ok(ok(ctl.set_weight(&vip, addr, w).map_err(admin)?))
+            ok(ctl.set_weight(&vip, addr, w).map_err(admin)?)
         }
         ("POST", "/v1/vips/add") => {
             let r: VipRequest = body(req)?;
@@ -140,25 +182,26 @@ async fn route(
             };
             ctl.add_vip(vip, mode, r.check.as_deref().unwrap_or("tcp"))
                 .map_err(admin)?;
-            Ok(ok(ctl
-                .list()
-                .into_iter()
-                .find(|v| v.vip == vip.to_string())))
+            ok(ctl.list().into_iter().find(|v| v.vip == vip.to_string()))
         }
         ("POST", "/v1/vips/remove") => {
             let r: VipRequest = body(req)?;
             let vip = parse_vip(&r.vip)?;
             fx.stop_checks = ctl.remove_vip(&vip).map_err(admin)?;
-            Ok(ok(json!({"removed": vip.to_string()})))
+            ok(VipRemoved {
+                removed: vip.to_string(),
+            })
         }
         ("POST", "/v1/debug") => {
             let r: DebugRequest = body(req)?;
             ctl.set_debug(r.enabled).map_err(admin)?;
-            Ok(ok(json!({"debug": r.enabled})))
+            ok(DebugSwitched { debug: r.enabled })
         }
         ("POST", "/v1/teardown") => {
             fx.teardown = true;
-            Ok(ok(json!({"teardown": "detaching and exiting"})))
+            ok(TeardownStarted {
+                teardown: "detaching and exiting".into(),
+            })
         }
         ("POST", "/v1/explain") => {
             let e: ExplainRequest = body(req)?;
@@ -167,7 +210,7 @@ async fn route(
                 .client
                 .parse()
                 .map_err(|_| err(400, format!("client {:?} is not ADDRESS:PORT (e.g. 198.18.0.10:40000 or [fd00::10]:40000)", e.client)))?;
-            Ok(ok(ctl.explain(&vip, client, e.syn).map_err(admin)?))
+            ok(ctl.explain(&vip, client, e.syn).map_err(admin)?)
         }
         (
             _,
@@ -181,10 +224,11 @@ async fn route(
             | "/v1/backends/drain"
             | "/v1/backends/undrain"
             | "/v1/backends/weight",
-        ) => Err(err(
+        ) => err(
             405,
             format!("{} is not allowed on {}", req.method, req.path),
-        )),
-        _ => Err(err(404, format!("no such endpoint: {}", req.path))),
-    }
+        ),
+        _ => err(404, format!("no such endpoint: {}", req.path)),
+    };
+    Ok(Routed::Answer(answer))
 }

@@ -7,7 +7,10 @@ pub mod http;
 pub mod server;
 pub mod types;
 
-pub use types::{BackendState, BackendStatus, Explanation, VipStatus};
+pub use types::{
+    BackendRemoved, BackendState, BackendStatus, DebugSwitched, Explanation, TeardownStarted,
+    VipRemoved, VipStatus,
+};
 
 use serde::{Deserialize, Serialize};
 

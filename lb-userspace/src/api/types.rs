@@ -52,6 +52,13 @@ impl BackendStatus {
         s
     }
 
+    /// Whether the backend's health checks pass: `lb_backend_up` on
+    /// /metrics and `up` in Graphite, whether it is drained or not (its
+    /// state says that).
+    pub fn up(&self) -> bool {
+        self.health == Health::Up
+    }
+
     /// The state the data plane gets, from health, drain and weight.
     pub fn refresh_state(&mut self) {
         self.state = if self.health == Health::Down {
@@ -100,3 +107,27 @@ pub struct Explanation {
     pub reason: String,
 }
 
+/// `POST /v1/backends/remove`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendRemoved {
+    pub removed: IpAddr,
+    pub vip: String,
+}
+
+/// `POST /v1/vips/remove`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipRemoved {
+    pub removed: String,
+}
+
+/// `POST /v1/debug`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DebugSwitched {
+    pub debug: bool,
+}
+
+/// `POST /v1/teardown`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TeardownStarted {
+    pub teardown: String,
+}

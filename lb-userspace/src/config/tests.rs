@@ -1,4 +1,5 @@
 use super::*;
+use std::collections::BTreeSet;
 
 const GOOD: &str = include_str!("../../config/example.toml");
 
@@ -330,4 +331,418 @@ fn graphite_section() {
         "graphite.max_buffered_lines",
         "1..=",
     );
+}
+
+/// Every message the loader gives, in full (file, line, column, field and
+/// text): splitting the validation by section must not change any of them.
+/// Long because it is one table, a row per message, read down in one go.
+#[test]
+fn messages_in_full() {
+    let ipip = "[[vip]]\naddress = \"198.18.100.1:80/tcp\"\nmode = \"ipip\"\n";
+    let ipip6 = "[[vip]]\naddress = \"[fd00:198:18:100::1]:80/tcp\"\nmode = \"ipip\"\n";
+    let l2dsr = "[[vip]]\naddress = \"198.18.100.1:80/tcp\"\nmode = \"l2dsr\"\n";
+    let l2dsr6 = "[[vip]]\naddress = \"[fd00:198:18:100::1]:80/tcp\"\nmode = \"l2dsr\"\n";
+    let hc = format!("{ipip}[vip.health_check]\n");
+    let be = |vip: &str, rest: &str| with_vip(&format!("{vip}{rest}"));
+    let graphite = format!("{MINIMAL}[graphite]\naddress = \"127.0.0.1:2003\"\n");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "[instance]\nname = \"lb0\"\n".into(),
+            "lb.toml:1:1: missing field `interface`",
+        ),
+        (
+            "[instance]\nname = \"\"\ninterface = \"eth0\"\n".into(),
+            "lb.toml:2:8: instance.name: 1 to 32 letters, digits, '-' or '_' (it names the pin directory)",
+        ),
+        (
+            "[instance]\nname = \"lb0\"\ninterface = \"eth 0\"\n".into(),
+            "lb.toml:3:13: instance.interface: an interface name of 1 to 15 characters",
+        ),
+        (
+            format!("{MINIMAL}xdp_mode = \"turbo\"\n"),
+            "lb.toml:4:12: instance.xdp_mode: unknown XDP mode \"turbo\": expected native, generic or auto",
+        ),
+        (
+            format!("{MINIMAL}metrics_listen = \"localhost\"\n"),
+            "lb.toml:4:18: instance.metrics_listen: expected ADDRESS:PORT, e.g. 127.0.0.1:9100",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nflow_cache_slots = 3\n"),
+            "lb.toml:5:20: dataplane.flow_cache_slots: must be a power of two up to 4194304 (per CPU)",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nring_size = 65536\n"),
+            "lb.toml:5:13: dataplane.ring_size: ring size 65536 is not prime; use a prime such as 65537",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nring_size = 1\n"),
+            "lb.toml:5:13: dataplane.ring_size: ring size 1 is too small; the minimum is 2 and the default is 65537",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nmax_vips = 4097\n"),
+            "lb.toml:5:12: dataplane.max_vips: must be 1..=4096",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nmax_backends = 1\n"),
+            "lb.toml:5:16: dataplane.max_backends: must be 2..=1048576 (id 0 is reserved)",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nconntrack_entries = 0\n"),
+            "lb.toml:5:21: dataplane.conntrack_entries: must be 1..=67108864",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nudp_timeout = \"0s\"\n"),
+            "lb.toml:5:15: dataplane.udp_timeout: must be greater than zero",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nudp_timeout = \"30\"\n"),
+            "lb.toml:5:15: dataplane.udp_timeout: \"30\" has no unit (use ms, s or m)",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nsecond_chance_window = \"2h\"\n"),
+            "lb.toml:5:24: dataplane.second_chance_window: \"2h\": unknown unit \"h\" (use ms, s or m)",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nencap_source_v4 = \"fd00::1\"\n"),
+            "lb.toml:5:19: dataplane.encap_source_v4: expected an IPv4 address",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nencap_source_v6 = \"198.18.0.2\"\n"),
+            "lb.toml:5:19: dataplane.encap_source_v6: expected an IPv6 address",
+        ),
+        (
+            format!("{MINIMAL}[graphite]\naddress = \"carbon\"\n"),
+            "lb.toml:5:11: graphite.address: expected ADDRESS:PORT of carbon's line receiver, e.g. 127.0.0.1:2003",
+        ),
+        (
+            format!("{graphite}prefix = \".lb\"\n"),
+            "lb.toml:6:10: graphite.prefix: letters, digits, '.', '_' or '-', not starting or ending with '.'",
+        ),
+        (
+            format!("{graphite}interval = \"0ms\"\n"),
+            "lb.toml:6:12: graphite.interval: must be greater than zero",
+        ),
+        (
+            format!("{graphite}max_buffered_lines = 10000001\n"),
+            "lb.toml:6:22: graphite.max_buffered_lines: must be 1..=10000000",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nmax_vips = 1\n{ipip}{l2dsr6}"),
+            "lb.toml:9:1: vip: 2 VIPs configured, dataplane.max_vips is 1",
+        ),
+        (
+            with_vip("[[vip]]\naddress = \"198.18.100.1:80\"\nmode = \"ipip\"\n"),
+            "lb.toml:7:11: vip[0].address: \"198.18.100.1:80\" is not a VIP: no /tcp or /udp (expected ADDRESS:PORT/PROTO, e.g. 198.18.100.1:80/tcp or [fd00:198:18:100::1]:53/udp)",
+        ),
+        (
+            with_vip(&format!("{ipip}{ipip}")),
+            "lb.toml:10:11: vip[1].address: 198.18.100.1:80/tcp is configured twice",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"icmp\"\n")),
+            "lb.toml:10:8: vip[0].health_check.type: \"icmp\": expected tcp, http, udp or none",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"tcp\"\ntimeout = \"3s\"\n")),
+            "lb.toml:11:11: vip[0].health_check.timeout: must not exceed the interval",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"tcp\"\nfall = 101\n")),
+            "lb.toml:11:8: vip[0].health_check.fall: must be 1..=100",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"tcp\"\nfastinter = \"0s\"\n")),
+            "lb.toml:11:13: vip[0].health_check.fastinter: must be greater than zero",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"tcp\"\ndowninter = \"1x\"\n")),
+            "lb.toml:11:13: vip[0].health_check.downinter: \"1x\": unknown unit \"x\" (use ms, s or m)",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"tcp\"\nport = 65536\n")),
+            "lb.toml:11:8: vip[0].health_check.port: must be 1..=65535",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"http\"\npath = \"/a b\"\n")),
+            "lb.toml:11:8: vip[0].health_check.path: must start with / and contain no spaces",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"http\"\nexpect_status = 600\n")),
+            "lb.toml:11:17: vip[0].health_check.expect_status: must be an HTTP status, 100..=599",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"udp\"\n")),
+            "lb.toml:9:1: vip[0].health_check.payload: a udp check needs a payload to send",
+        ),
+        (
+            with_vip(&format!("{hc}type = \"udp\"\npayload = \"\"\n")),
+            "lb.toml:11:11: vip[0].health_check.payload: must not be empty",
+        ),
+        (
+            be(ipip, "[[vip.backend]]\naddress = \"backend-1\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: \"backend-1\" is not an IP address",
+        ),
+        (
+            be(ipip, "[[vip.backend]]\naddress = \"127.0.0.1\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: 127.0.0.1 must be a unicast, non-loopback address",
+        ),
+        (
+            be(ipip, "[[vip.backend]]\naddress = \"0.0.0.0\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: 0.0.0.0 must be a unicast, non-loopback address",
+        ),
+        (
+            be(ipip, "[[vip.backend]]\naddress = \"224.0.0.1\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: 224.0.0.1 must be a unicast, non-loopback address",
+        ),
+        (
+            be(ipip6, "[[vip.backend]]\naddress = \"::1\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: ::1 must be a unicast, non-loopback address",
+        ),
+        (
+            be(ipip, "[[vip.backend]]\naddress = \"255.255.255.255\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: 255.255.255.255 must be a unicast, non-loopback address",
+        ),
+        (
+            with_vip("[[vip]]\naddress = \"255.255.255.255:80/tcp\"\nmode = \"ipip\"\n"),
+            "lb.toml:7:11: vip[0].address: \"255.255.255.255:80/tcp\" is not a VIP: the address must be a unicast address (expected ADDRESS:PORT/PROTO, e.g. 198.18.100.1:80/tcp or [fd00:198:18:100::1]:53/udp)",
+        ),
+        (
+            be(
+                ipip,
+                "[[vip.backend]]\naddress = \"198.18.0.20\"\n[[vip.backend]]\naddress = \"198.18.0.20\"\nweight = 70000\n",
+            ),
+            "lb.toml:12:11: vip[0].backend[1].address: backend 198.18.0.20 is listed twice for 198.18.100.1:80/tcp",
+        ),
+        (
+            be(ipip, "[[vip.backend]]\naddress = \"fd00:198:18::20\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: an IPv4 VIP cannot be tunnelled to an IPv6 backend (4in6 is not supported)",
+        ),
+        (
+            be(l2dsr, "[[vip.backend]]\naddress = \"fd00:198:18::20\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: l2dsr backends must be of the VIP's address family",
+        ),
+        (
+            be(l2dsr6, "[[vip.backend]]\naddress = \"198.18.0.20\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: l2dsr backends must be of the VIP's address family",
+        ),
+        (
+            format!("{MINIMAL}{ipip}[[vip.backend]]\naddress = \"198.18.0.20\"\n"),
+            "lb.toml:8:11: vip[0].backend[0].address: ipip to an IPv4 backend needs dataplane.encap_source_v4",
+        ),
+        (
+            be(ipip6, "[[vip.backend]]\naddress = \"fd00:198:18::20\"\n"),
+            "lb.toml:10:11: vip[0].backend[0].address: ipip to an IPv6 backend needs dataplane.encap_source_v6",
+        ),
+        (
+            be(
+                ipip,
+                "[[vip.backend]]\naddress = \"198.18.0.20\"\nweight = 65536\n",
+            ),
+            "lb.toml:11:10: vip[0].backend[0].weight: 65536 is out of range (0..=65535; 0 drains)",
+        ),
+        (
+            format!(
+                "{MINIMAL}[dataplane]\nencap_source_v4 = \"198.18.0.2\"\nmax_backends = 2\n{ipip}[[vip.backend]]\naddress = \"198.18.0.20\"\n[[vip.backend]]\naddress = \"198.18.0.21\"\n"
+            ),
+            "lb.toml:7:1: vip[0].backend: 2 backends in all, dataplane.max_backends is 2 (id 0 is reserved)",
+        ),
+    ];
+    for (text, want) in &cases {
+        assert_eq!(&err(text).to_string(), want, "for\n{text}");
+    }
+}
+
+#[test]
+fn vips_and_backends_are_unicast() {
+    for (vip, why) in [
+        ("127.0.0.1:80/tcp", "must not be a loopback address"),
+        ("[::1]:53/udp", "must not be a loopback address"),
+        ("255.255.255.255:80/tcp", "must be a unicast address"),
+        ("224.0.0.1:80/tcp", "must be a unicast address"),
+        ("[ff02::1]:80/tcp", "must be a unicast address"),
+        ("[::]:80/tcp", "must be a unicast address"),
+    ] {
+        rejects(
+            &with_vip(&format!("[[vip]]\naddress = \"{vip}\"\nmode = \"l2dsr\"\n")),
+            7,
+            "vip[0].address",
+            why,
+        );
+    }
+    assert_eq!(
+        err(&with_vip(
+            "[[vip]]\naddress = \"127.0.0.1:80/tcp\"\nmode = \"ipip\"\n"
+        ))
+        .to_string(),
+        "lb.toml:7:11: vip[0].address: \"127.0.0.1:80/tcp\" is not a VIP: the address must not be a loopback address (expected ADDRESS:PORT/PROTO, e.g. 198.18.100.1:80/tcp or [fd00:198:18:100::1]:53/udp)"
+    );
+    let vip = "[[vip]]\naddress = \"198.18.100.1:80/tcp\"\nmode = \"ipip\"\n";
+    for backend in ["255.255.255.255", "127.0.0.2", "239.1.2.3"] {
+        rejects(
+            &with_vip(&format!("{vip}[[vip.backend]]\naddress = \"{backend}\"\n")),
+            10,
+            "vip[0].backend[0].address",
+            &format!("{backend} must be a unicast, non-loopback address"),
+        );
+    }
+}
+
+fn spec(s: &str) -> VipSpec {
+    s.parse().expect("a valid VIP")
+}
+
+const V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 2);
+
+/// Long because it is one table, a row per rule and per way round it.
+#[test]
+fn backend_rules_one_by_one() {
+    let both = EncapSources {
+        v4: Some(V4),
+        v6: Some(V6),
+    };
+    let none = EncapSources::default();
+    let vip4 = spec("198.18.100.1:80/tcp");
+    let vip6 = spec("[fd00:198:18:100::1]:80/tcp");
+    let b4: IpAddr = "198.18.0.20".parse().expect("an address");
+    let b6: IpAddr = "fd00:198:18::20".parse().expect("an address");
+    let empty = BTreeSet::new();
+    let has_b4 = BTreeSet::from([b4]);
+    use BackendRule::*;
+    use ForwardMode::{Ipip, L2dsr};
+    /// VIP, mode, backend, weight, encap sources, existing backends, verdict.
+    type Case<'a> = (
+        &'a VipSpec,
+        ForwardMode,
+        IpAddr,
+        u32,
+        EncapSources,
+        &'a BTreeSet<IpAddr>,
+        Result<(), BackendRule>,
+    );
+    let cases: [Case; 14] = [
+        (&vip4, Ipip, b4, 100, both, &empty, Ok(())),
+        (&vip6, Ipip, b4, 100, both, &empty, Ok(())),
+        (&vip6, Ipip, b6, 0, both, &empty, Ok(())),
+        (&vip4, L2dsr, b4, MAX_WEIGHT, none, &empty, Ok(())),
+        (
+            &vip4,
+            Ipip,
+            IpAddr::V4(Ipv4Addr::BROADCAST),
+            100,
+            both,
+            &empty,
+            Err(NotUnicast {
+                addr: IpAddr::V4(Ipv4Addr::BROADCAST),
+            }),
+        ),
+        (
+            &vip6,
+            L2dsr,
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            100,
+            both,
+            &empty,
+            Err(NotUnicast {
+                addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            }),
+        ),
+        (
+            &vip4,
+            Ipip,
+            b4,
+            100,
+            both,
+            &has_b4,
+            Err(ListedTwice {
+                vip: vip4,
+                addr: b4,
+            }),
+        ),
+        // Listed twice is about the address, which is checked first.
+        (
+            &vip4,
+            Ipip,
+            b4,
+            MAX_WEIGHT + 1,
+            both,
+            &has_b4,
+            Err(ListedTwice {
+                vip: vip4,
+                addr: b4,
+            }),
+        ),
+        (&vip4, Ipip, b6, 100, both, &empty, Err(FourInSix)),
+        (&vip4, L2dsr, b6, 100, both, &empty, Err(L2dsrFamily)),
+        (&vip6, L2dsr, b4, 100, both, &empty, Err(L2dsrFamily)),
+        (&vip6, Ipip, b4, 100, none, &empty, Err(NoEncapSourceV4)),
+        (&vip6, Ipip, b6, 100, none, &empty, Err(NoEncapSourceV6)),
+        (
+            &vip4,
+            L2dsr,
+            b4,
+            MAX_WEIGHT + 1,
+            none,
+            &empty,
+            Err(Weight {
+                weight: MAX_WEIGHT + 1,
+            }),
+        ),
+    ];
+    for (vip, mode, addr, weight, encap, existing, want) in cases {
+        assert_eq!(
+            check_backend(vip, mode, addr, weight, encap, existing),
+            want,
+            "{vip} {mode} {addr} weight {weight}"
+        );
+    }
+}
+
+#[test]
+fn backend_rules_read_on_their_own_and_name_their_field() {
+    let vip = spec("198.18.100.1:80/tcp");
+    let addr: IpAddr = "198.18.0.20".parse().expect("an address");
+    for (rule, field, text) in [
+        (
+            BackendRule::NotUnicast {
+                addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            },
+            BackendField::Address,
+            "127.0.0.1 must be a unicast, non-loopback address",
+        ),
+        (
+            BackendRule::ListedTwice { vip, addr },
+            BackendField::Address,
+            "backend 198.18.0.20 is listed twice for 198.18.100.1:80/tcp",
+        ),
+        (
+            BackendRule::NoEncapSourceV6,
+            BackendField::Address,
+            "ipip to an IPv6 backend needs dataplane.encap_source_v6",
+        ),
+        (
+            BackendRule::Weight { weight: 70_000 },
+            BackendField::Weight,
+            "70000 is out of range (0..=65535; 0 drains)",
+        ),
+    ] {
+        assert_eq!(rule.to_string(), text);
+        assert_eq!(rule.field(), field, "{rule}");
+    }
+    assert_eq!(BackendField::Address.name(), "address");
+    assert_eq!(BackendField::Weight.name(), "weight");
+}
+
+#[test]
+fn config_gives_its_encap_sources() {
+    let c = Config::parse("example.toml", GOOD).expect("the example is valid");
+    assert_eq!(
+        c.encap_sources(),
+        EncapSources {
+            v4: Some(V4),
+            v6: Some(V6),
+        }
+    );
+    let c = Config::parse("lb.toml", MINIMAL).expect("the minimal config is valid");
+    assert_eq!(c.encap_sources(), EncapSources::default());
 }

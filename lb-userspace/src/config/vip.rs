@@ -67,8 +67,13 @@ impl FromStr for VipSpec {
         if matches!(addr, IpAddr::V6(_)) && !host_port.starts_with('[') {
             return Err(err("IPv6 addresses go in brackets"));
         }
-        if addr.is_unspecified() || addr.is_multicast() {
+        if !is_unicast(addr) {
             return Err(err("the address must be a unicast address"));
+        }
+        // XDP sees what arrives on the interface, and nothing arrives there for
+        // a loopback address.
+        if addr.is_loopback() {
+            return Err(err("the address must not be a loopback address"));
         }
         let port: u16 = port.parse().map_err(|_| err("port must be 0..=65535"))?;
         Ok(VipSpec { addr, port, proto })
@@ -103,6 +108,14 @@ impl VipSpec {
             family: family.wire(),
         }
     }
+}
+
+/// Neither unspecified, multicast nor the IPv4 broadcast address: an
+/// address one host can own, as VIPs and backends must be. Loopback is
+/// left to the callers, which word it differently.
+pub fn is_unicast(ip: IpAddr) -> bool {
+    let broadcast = matches!(ip, IpAddr::V4(a) if a.is_broadcast());
+    !(ip.is_unspecified() || ip.is_multicast() || broadcast)
 }
 
 /// An address in the maps' 16-byte form, with its family.
@@ -164,6 +177,13 @@ mod tests {
             ("fd00::1:80/tcp", "brackets"),
             ("[fd00::1]80/tcp", "[ADDRESS]:PORT"),
             ("0.0.0.0:80/tcp", "unicast"),
+            ("[::]:80/tcp", "unicast"),
+            ("224.0.0.1:80/tcp", "unicast"),
+            ("[ff02::1]:53/udp", "unicast"),
+            ("255.255.255.255:80/tcp", "unicast"),
+            ("127.0.0.1:80/tcp", "loopback"),
+            ("127.1.2.3:0/udp", "loopback"),
+            ("[::1]:80/tcp", "loopback"),
             ("", "no /tcp"),
         ] {
             let e = s.parse::<VipSpec>().unwrap_err();

@@ -1,0 +1,321 @@
+//! Changes made through the control API: backends added, removed, drained
+//! and reweighted, VIPs added and removed. Each is checked first, then
+//! applied to the maps (the VIP's ring republished), and reported to the
+//! caller with the HTTP status the control API answers with.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use lb_common::maps::{self as wire, BackendInfo};
+
+use super::{BackendRt, Controller, HealthTarget, VipRuntime, persist::SavedVip};
+use crate::{
+    api::BackendStatus,
+    config::{
+        BackendRule, CheckKind, ForwardMode, HealthCheck, MAX_WEIGHT, VipConfig, VipSpec,
+        check_backend,
+    },
+    neigh::NextHop,
+    programming,
+};
+
+/// Admin errors, each with the HTTP status the control API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no VIP {0} is configured")]
+    UnknownVip(String),
+    #[error("{backend} is not a backend of {vip}")]
+    UnknownBackend { vip: String, backend: IpAddr },
+    #[error("{backend} is already a backend of {vip}")]
+    DuplicateBackend { vip: String, backend: IpAddr },
+    #[error("weight {0} is out of range (0..={MAX_WEIGHT}; 0 drains)")]
+    Weight(u32),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl AdminError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AdminError::UnknownVip(_) | AdminError::UnknownBackend { .. } => 404,
+            AdminError::DuplicateBackend { .. } => 409,
+            AdminError::Weight(_) | AdminError::Invalid(_) => 400,
+            AdminError::Internal(_) => 500,
+        }
+    }
+}
+
+/// Health check from the `lbctl vip add --check` syntax: `none`, `tcp`,
+/// `http:/path` (default timings: 2 s interval, 1 s timeout, rise 2, fall 3).
+pub fn parse_check(s: &str) -> Result<HealthCheck, String> {
+    let kind = match s {
+        "none" => CheckKind::None,
+        "tcp" => CheckKind::Tcp,
+        _ => match s.strip_prefix("http:") {
+            Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+                CheckKind::Http {
+                    path: path.to_owned(),
+                    expect_status: 200,
+                    host: None,
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "health check {s:?}: expected none, tcp or http:/PATH"
+                ));
+            }
+        },
+    };
+    Ok(HealthCheck::with_defaults(kind))
+}
+
+/// A backend to add once its next hop is known: [`Controller::prepare_backend`]
+/// made it, [`Controller::commit_backend`] takes it with the next hop that
+/// was resolved off the main loop.
+#[derive(Clone, Copy, Debug)]
+pub struct NewBackend {
+    pub vip: VipSpec,
+    pub addr: IpAddr,
+    pub weight: u32,
+}
+
+impl Controller {
+    /// Checks a backend to add against the backend rules (the ones the
+    /// configuration file is checked with) and the VIP's backends; nothing
+    /// changes yet: its next hop is resolved next, off the main loop.
+    pub fn prepare_backend(
+        &self,
+        vip: &VipSpec,
+        addr: IpAddr,
+        weight: u32,
+    ) -> Result<NewBackend, AdminError> {
+        let v = self.vip_index(vip)?;
+        let existing: BTreeSet<IpAddr> = self.vips[v]
+            .backends
+            .iter()
+            .map(|b| b.status.address)
+            .collect();
+        let mode = self.vips[v].config.mode;
+        check_backend(
+            vip,
+            mode,
+            addr,
+            weight,
+            self.config.encap_sources(),
+            &existing,
+        )
+        .map_err(|rule| match rule {
+            BackendRule::ListedTwice { vip, addr } => AdminError::DuplicateBackend {
+                vip: vip.to_string(),
+                backend: addr,
+            },
+            BackendRule::Weight { weight } => AdminError::Weight(weight),
+            other => AdminError::Invalid(other.to_string()),
+        })?;
+        Ok(NewBackend {
+            vip: *vip,
+            addr,
+            weight,
+        })
+    }
+
+    /// Adds a checked backend with its resolved next hop; returns its health
+    /// check to start, if the VIP has one. Checked again: the VIP may have
+    /// changed while the next hop was resolved.
+    pub fn commit_backend(
+        &mut self,
+        new: NewBackend,
+        hop: anyhow::Result<NextHop>,
+    ) -> Result<Option<HealthTarget>, AdminError> {
+        let NewBackend { vip, addr, weight } =
+            self.prepare_backend(&new.vip, new.addr, new.weight)?;
+        let hop = hop.map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+        self.check_interface(addr, &hop)
+            .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+        let v = self.vip_index(&vip)?;
+        let id = self.alloc_id()?;
+        let token = self.next_token();
+        self.vips[v].backends.push(BackendRt {
+            token,
+            status: BackendStatus::new(addr, id, weight),
+            hop,
+        });
+        let b = self.vips[v].backends.len() - 1;
+        let programmed = self
+            .fresh_slot(id)
+            .and_then(|()| self.write_backend(v, b))
+            .and_then(|()| self.republish(v));
+        if let Err(e) = programmed {
+            self.vips[v].backends.pop();
+            self.used_ids.remove(&id);
+            return Err(e.into());
+        }
+        Ok(self.targets_of(v).into_iter().find(|t| t.id == id))
+    }
+
+    /// Removes a backend: out of the ring, and its flows re-picked. Returns
+    /// its id (to stop its health check).
+    pub fn remove_backend(&mut self, vip: &VipSpec, addr: IpAddr) -> Result<u32, AdminError> {
+        let v = self.vip_index(vip)?;
+        let b = self.backend_index(v, addr)?;
+        let removed = self.vips[v].backends.remove(b);
+        self.republish(v)?;
+        // After the ring no longer names it: flows still pointing at the id
+        // see an unused backend and are re-picked.
+        self.free_slot(removed.status.id)?;
+        Ok(removed.status.id)
+    }
+
+    pub fn set_drain(
+        &mut self,
+        vip: &VipSpec,
+        addr: IpAddr,
+        drained: bool,
+    ) -> Result<BackendStatus, AdminError> {
+        let v = self.vip_index(vip)?;
+        let b = self.backend_index(v, addr)?;
+        self.vips[v].backends[b].status.drained = drained;
+        self.vips[v].backends[b].status.refresh_state();
+        self.write_backend(v, b)?;
+        self.republish(v)?;
+        Ok(self.vips[v].backends[b].status.clone())
+    }
+
+    pub fn set_weight(
+        &mut self,
+        vip: &VipSpec,
+        addr: IpAddr,
+        weight: u32,
+    ) -> Result<BackendStatus, AdminError> {
+        if weight > MAX_WEIGHT {
+            return Err(AdminError::Weight(weight));
+        }
+        let v = self.vip_index(vip)?;
+        let b = self.backend_index(v, addr)?;
+        self.vips[v].backends[b].status.weight = weight;
+        self.vips[v].backends[b].status.refresh_state();
+        self.write_backend(v, b)?;
+        self.republish(v)?;
+        Ok(self.vips[v].backends[b].status.clone())
+    }
+
+    /// Adds a VIP with no backends yet.
+    pub fn add_vip(
+        &mut self,
+        spec: VipSpec,
+        mode: ForwardMode,
+        check: &str,
+    ) -> Result<(), AdminError> {
+        if self.vips.iter().any(|v| v.config.spec == spec) {
+            return Err(AdminError::Invalid(format!("VIP {spec} already exists")));
+        }
+        let health_check = parse_check(check).map_err(AdminError::Invalid)?;
+        let used: Vec<u32> = self.vips.iter().map(|v| v.vip_id).collect();
+        let vip_id = (0..self.config.sizes.max_vips)
+            .find(|i| !used.contains(i))
+            .ok_or_else(|| {
+                AdminError::Invalid(format!(
+                    "all {} VIP slots are in use (dataplane.max_vips)",
+                    self.config.sizes.max_vips
+                ))
+            })?;
+        let empty = vec![0; self.config.sizes.ring_size as usize];
+        self.install_vip(&spec, vip_id, mode, &empty)?;
+        self.vips.push(VipRuntime {
+            config: VipConfig {
+                spec,
+                mode,
+                health_check,
+                backends: Vec::new(),
+            },
+            vip_id,
+            backends: Vec::new(),
+            ring_flips: 0,
+        });
+        let name = spec.to_string();
+        self.overlay.removed_vips.remove(&name);
+        self.overlay.added_vips.insert(
+            name,
+            SavedVip {
+                mode,
+                check: check.to_owned(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a VIP: its traffic goes to the kernel again, its backends'
+    /// slots are freed. Returns their ids (to stop their health checks).
+    pub fn remove_vip(&mut self, spec: &VipSpec) -> Result<Vec<u32>, AdminError> {
+        let v = self.vip_index(spec)?;
+        programming::remove_vip(&mut self.ebpf, &spec.key())?;
+        let rt = self.vips.remove(v);
+        let mut ids = Vec::new();
+        for b in rt.backends {
+            self.free_slot(b.status.id)?;
+            ids.push(b.status.id);
+        }
+        let name = spec.to_string();
+        if self.overlay.added_vips.remove(&name).is_none() {
+            self.overlay.removed_vips.insert(name);
+        }
+        Ok(ids)
+    }
+
+    /// Turns the data plane's debug events on or off (one CONFIG update).
+    pub fn set_debug(&mut self, on: bool) -> Result<(), AdminError> {
+        let mut cfg = programming::config(&self.ebpf)?;
+        if on {
+            cfg.flags |= wire::CONFIG_FLAG_DEBUG;
+        } else {
+            cfg.flags &= !wire::CONFIG_FLAG_DEBUG;
+        }
+        programming::set_config(&mut self.ebpf, &cfg)?;
+        Ok(())
+    }
+
+    /// Marks a backend slot unused in the data plane and frees its id.
+    fn free_slot(&mut self, id: u32) -> anyhow::Result<()> {
+        let info = BackendInfo {
+            state: wire::BackendState::Unused.wire(),
+            ..Default::default()
+        };
+        programming::set_backend(&mut self.ebpf, id, &info)?;
+        self.used_ids.remove(&id);
+        Ok(())
+    }
+
+    /// Applies next hops resolved off the main loop: a backend whose next hop
+    /// moved (a backend replaced, a gateway failed over) is rewritten; one
+    /// that could not be resolved, or is now routed through another
+    /// interface, keeps its last working one. Returns how many changed.
+    pub fn apply_next_hops(&mut self, hops: &[(IpAddr, anyhow::Result<NextHop>)]) -> usize {
+        let mut changed = 0;
+        for (addr, hop) in hops {
+            let Ok(hop) = hop else { continue };
+            for v in 0..self.vips.len() {
+                for b in 0..self.vips[v].backends.len() {
+                    if self.vips[v].backends[b].status.address != *addr
+                        || self.vips[v].backends[b].hop == *hop
+                    {
+                        continue;
+                    }
+                    if let Err(e) = self.check_interface(*addr, hop) {
+                        tracing::warn!(backend = %addr, error = %format!("{e:#}"), "keeping the backend's last next hop");
+                        continue;
+                    }
+                    tracing::info!(backend = %addr, mac = ?hop.mac, "next hop changed");
+                    let old = std::mem::replace(&mut self.vips[v].backends[b].hop, *hop);
+                    if let Err(e) = self.write_backend(v, b) {
+                        self.vips[v].backends[b].hop = old;
+                        tracing::error!(backend = %addr, error = %format!("{e:#}"), "updating the next hop failed");
+                        continue;
+                    }
+                    changed += 1;
+                }
+            }
+        }
+        changed
+    }
+}

@@ -1,0 +1,435 @@
+//! The controller: the desired state (configuration, state file, health,
+//! admin changes) turned into map contents, and kept there as it changes.
+//!
+//! - `persist`: the state file, and how it is laid over the configuration;
+//! - `kernel`: writing backends, rings and VIPs into the maps;
+//! - `admin`: changes through the control API;
+//! - `explain`: the per-packet policy over a snapshot of the live maps.
+//!
+//! Starting reads top to bottom ([`Controller::start`]): validate, plan
+//! (ids and next hops, before anything in the kernel changes), apply.
+
+mod admin;
+mod explain;
+mod kernel;
+pub mod persist;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::Ebpf;
+use lb_common::maps::{self as wire, LbConfig};
+
+pub use self::{
+    admin::{AdminError, NewBackend, parse_check},
+    persist::{SavedBackend, SavedState, SavedVip},
+};
+use crate::{
+    api::{BackendStatus, VipStatus},
+    config::{CheckKind, Config, HealthCheck, OnExit, VipConfig, VipSpec, vip::addr16},
+    health::{Health, HealthEvent},
+    neigh::{NextHop, Resolver},
+    pinning::{self, Pinned},
+    programming,
+};
+
+/// How long next-hop resolution may take at start and for a backend added
+/// at runtime.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A health check to run: backend id, address and parameters.
+#[derive(Clone, Debug)]
+pub struct HealthTarget {
+    pub id: u32,
+    pub addr: SocketAddr,
+    pub check: HealthCheck,
+    /// Where the checker starts (down for a backend adopted as down).
+    pub initial: Health,
+    /// Echoed in its events (see `BackendRt::token`).
+    pub token: u64,
+}
+
+struct BackendRt {
+    status: BackendStatus,
+    hop: NextHop,
+    /// Unique per backend instance: a health event from the checker of a
+    /// removed backend whose id was reused must not touch the new one.
+    token: u64,
+}
+
+struct VipRuntime {
+    config: VipConfig,
+    vip_id: u32,
+    backends: Vec<BackendRt>,
+    ring_flips: u64,
+}
+
+pub struct Controller {
+    pub ebpf: Ebpf,
+    /// Runtime changes to VIPs, kept for the state file.
+    overlay: persist::Overlay,
+    /// Whether a running data plane was adopted (hitless restart).
+    pub adopted: bool,
+    pin_dir: PathBuf,
+    config: Config,
+    ifindex: u32,
+    vips: Vec<VipRuntime>,
+    used_ids: BTreeSet<u32>,
+    last_token: u64,
+}
+
+/// Ids for every VIP and backend: saved ones first (an adopted data
+/// plane's rings and connection-table entries name them), then the lowest
+/// free ones.
+struct Ids {
+    vips: Vec<u32>,
+    /// Per VIP, per backend.
+    backends: Vec<Vec<u32>>,
+    used: BTreeSet<u32>,
+    /// Backend ids given out now, not taken from the state file.
+    fresh: Vec<u32>,
+}
+
+fn plan_ids(config: &Config, saved: &SavedState) -> Result<Ids> {
+    let max_vips = config.sizes.max_vips;
+    let mut vips: Vec<Option<u32>> = Vec::new();
+    for v in &config.vips {
+        let id = saved.vip_ids.get(&v.spec.to_string()).copied();
+        vips.push(id.filter(|id| *id < max_vips && !vips.contains(&Some(*id))));
+    }
+    let mut taken: BTreeSet<u32> = vips.iter().flatten().copied().collect();
+    let mut vip_ids = Vec::new();
+    for id in vips {
+        vip_ids.push(match id {
+            Some(id) => id,
+            None => {
+                let free = (0..max_vips)
+                    .find(|i| !taken.contains(i))
+                    .context("more VIPs than dataplane.max_vips")?;
+                taken.insert(free);
+                free
+            }
+        });
+    }
+    let mut used: BTreeSet<u32> = saved.vips.values().flatten().filter_map(|b| b.id).collect();
+    let mut fresh = Vec::new();
+    let mut backends = Vec::new();
+    for v in &config.vips {
+        let prior = saved.vips.get(&v.spec.to_string());
+        let mut ids = Vec::new();
+        for b in &v.backends {
+            let saved_id = prior
+                .and_then(|l| l.iter().find(|s| s.address == b.addr))
+                .and_then(|s| s.id);
+            ids.push(match saved_id {
+                Some(id) => id,
+                None => {
+                    let id = free_id(&used, config.sizes.max_backends)?;
+                    used.insert(id);
+                    fresh.push(id);
+                    id
+                }
+            });
+        }
+        backends.push(ids);
+    }
+    Ok(Ids {
+        vips: vip_ids,
+        backends,
+        used,
+        fresh,
+    })
+}
+
+/// The lowest free `BACKENDS` slot (0 means "no backend").
+fn free_id(used: &BTreeSet<u32>, max: u32) -> Result<u32> {
+    (1..max).find(|i| !used.contains(i)).with_context(|| {
+        format!(
+            "all {} backend slots are in use (dataplane.max_backends)",
+            max.saturating_sub(1)
+        )
+    })
+}
+
+/// Every configured backend's next hop, resolved together; the first one
+/// that cannot be is a configuration error, reported before anything is
+/// attached.
+async fn resolve_all(resolver: &Resolver, config: &Config) -> Result<BTreeMap<IpAddr, NextHop>> {
+    let addrs: BTreeSet<IpAddr> = config
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| b.addr))
+        .collect();
+    let addrs: Vec<IpAddr> = addrs.into_iter().collect();
+    let mut hops = BTreeMap::new();
+    for (addr, hop) in resolver.resolve_many(&addrs, RESOLVE_TIMEOUT).await {
+        let vip = config
+            .vips
+            .iter()
+            .find(|v| v.backends.iter().any(|b| b.addr == addr))
+            .map(|v| v.spec.to_string())
+            .unwrap_or_default();
+        hops.insert(
+            addr,
+            hop.with_context(|| format!("vip {vip} backend {addr}"))?,
+        );
+    }
+    Ok(hops)
+}
+
+/// The interface's MTU, from sysfs (0: unknown, frames unchecked).
+fn interface_mtu(interface: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn lb_config(config: &Config) -> LbConfig {
+    let mtu = interface_mtu(&config.interface);
+    LbConfig {
+        encap_src_v4: config
+            .encap_source_v4
+            .map(|a| a.octets())
+            .unwrap_or_default(),
+        encap_src_v6: config
+            .encap_source_v6
+            .map(|a| a.octets())
+            .unwrap_or_default(),
+        hash_seed: config.hash_seed,
+        ring_size: config.sizes.ring_size,
+        udp_timeout_ns: config.udp_timeout.as_nanos() as u64,
+        max_frame_len: if mtu == 0 { 0 } else { mtu + 14 },
+        ..Default::default()
+    }
+}
+
+impl Controller {
+    /// Loads and attaches the data plane and programs the whole
+    /// configuration (with the state file's runtime changes on top).
+    pub async fn start(mut config: Config, resolver: &Resolver) -> Result<Controller> {
+        // Validate: the file, with the state file's runtime changes on top.
+        let saved = persist::load(&config.state_file)?;
+        let overlay = persist::merge(&mut config, &saved)?;
+        // Plan: ids and next hops, before anything in the kernel changes.
+        let ifindex = resolver
+            .ifindex(&config.interface)
+            .await
+            .with_context(|| format!("instance.interface {:?}", config.interface))?;
+        let ids = plan_ids(&config, &saved)?;
+        let hops = resolve_all(resolver, &config).await?;
+        // Apply: load (or adopt) the data plane, configure, program, attach.
+        let pin_dir = pinning::pin_dir(&config.name);
+        let Pinned {
+            mut ebpf, adopted, ..
+        } = pinning::load(&pin_dir, &config.sizes)?;
+        programming::set_config(&mut ebpf, &lb_config(&config))?;
+        let mut ctl = Controller {
+            ebpf,
+            overlay,
+            adopted,
+            pin_dir,
+            config,
+            ifindex,
+            vips: Vec::new(),
+            used_ids: ids.used.clone(),
+            last_token: 0,
+        };
+        ctl.build_runtime(&saved, &ids, &hops)?;
+        for id in &ids.fresh {
+            ctl.fresh_slot(*id)?;
+        }
+        ctl.program_all()?;
+        let (iface, mode) = (ctl.config.interface.clone(), ctl.config.xdp_mode);
+        pinning::attach(&mut ctl.ebpf, &ctl.pin_dir, ctl.adopted, &iface, mode)?;
+        // Records the backend ids the connection table now refers to.
+        ctl.persist()?;
+        Ok(ctl)
+    }
+
+    /// Every VIP and backend with its id, next hop and state: drains from
+    /// the state file, and, when adopting, a backend the running data plane
+    /// had down stays down until its checks pass (rather than coming back
+    /// for a fall x interval while the checks catch up).
+    fn build_runtime(
+        &mut self,
+        saved: &SavedState,
+        ids: &Ids,
+        hops: &BTreeMap<IpAddr, NextHop>,
+    ) -> Result<()> {
+        for (i, v) in self.config.vips.clone().into_iter().enumerate() {
+            let prior = saved.vips.get(&v.spec.to_string());
+            let mut backends = Vec::new();
+            for (j, b) in v.backends.iter().enumerate() {
+                let id = ids.backends[i][j];
+                let mut status = BackendStatus::new(b.addr, id, b.weight);
+                status.drained = prior
+                    .and_then(|l| l.iter().find(|s| s.address == b.addr))
+                    .is_some_and(|s| s.drained);
+                if self.adopted
+                    && let Ok(live) = programming::backend(&mut self.ebpf, id)
+                    && live.state() == wire::BackendState::Down
+                    && live.addr == addr16(b.addr).0
+                {
+                    status.health = Health::Down;
+                }
+                status.refresh_state();
+                let hop = *hops
+                    .get(&b.addr)
+                    .with_context(|| format!("no next hop for backend {}", b.addr))?;
+                let token = self.next_token();
+                backends.push(BackendRt { status, hop, token });
+            }
+            self.vips.push(VipRuntime {
+                config: v,
+                vip_id: ids.vips[i],
+                backends,
+                ring_flips: 0,
+            });
+        }
+        Ok(())
+    }
+
+    fn next_token(&mut self) -> u64 {
+        self.last_token += 1;
+        self.last_token
+    }
+
+    /// The lowest free `BACKENDS` slot, now taken.
+    fn alloc_id(&mut self) -> Result<u32> {
+        let id = free_id(&self.used_ids, self.config.sizes.max_backends)?;
+        self.used_ids.insert(id);
+        Ok(id)
+    }
+
+    fn find(&self, id: u32) -> Option<(usize, usize)> {
+        self.vips.iter().enumerate().find_map(|(v, rt)| {
+            rt.backends
+                .iter()
+                .position(|b| b.status.id == id)
+                .map(|b| (v, b))
+        })
+    }
+
+    fn vip_index(&self, vip: &VipSpec) -> Result<usize, AdminError> {
+        self.vips
+            .iter()
+            .position(|v| v.config.spec == *vip)
+            .ok_or_else(|| AdminError::UnknownVip(vip.to_string()))
+    }
+
+    fn backend_index(&self, v: usize, addr: IpAddr) -> Result<usize, AdminError> {
+        self.vips[v]
+            .backends
+            .iter()
+            .position(|b| b.status.address == addr)
+            .ok_or_else(|| AdminError::UnknownBackend {
+                vip: self.vips[v].config.spec.to_string(),
+                backend: addr,
+            })
+    }
+
+    /// Applies a health change: backend state, then only that VIP's ring.
+    pub fn on_health(&mut self, ev: &HealthEvent) -> Result<Option<(String, BackendStatus)>> {
+        let Some((v, b)) = self.find(ev.id) else {
+            // The backend was removed while its last check ran.
+            return Ok(None);
+        };
+        if self.vips[v].backends[b].token != ev.token {
+            // From the checker of a removed backend whose id was reused.
+            return Ok(None);
+        }
+        let status = &mut self.vips[v].backends[b].status;
+        status.health = ev.health;
+        status.refresh_state();
+        let status = status.clone();
+        let out = (self.vips[v].config.spec.to_string(), status);
+        self.write_backend(v, b)?;
+        self.republish(v)?;
+        Ok(Some(out))
+    }
+
+    /// Every health check to run.
+    pub fn health_targets(&self) -> Vec<HealthTarget> {
+        (0..self.vips.len())
+            .flat_map(|v| self.targets_of(v))
+            .collect()
+    }
+
+    fn targets_of(&self, v: usize) -> Vec<HealthTarget> {
+        let rt = &self.vips[v];
+        if rt.config.health_check.kind == CheckKind::None {
+            return Vec::new();
+        }
+        let port = rt.config.health_check.port.unwrap_or(rt.config.spec.port);
+        rt.backends
+            .iter()
+            .map(|b| HealthTarget {
+                id: b.status.id,
+                addr: SocketAddr::new(b.status.address, port),
+                check: rt.config.health_check.clone(),
+                initial: b.status.health,
+                token: b.token,
+            })
+            .collect()
+    }
+
+    pub fn list(&self) -> Vec<VipStatus> {
+        self.vips
+            .iter()
+            .map(|v| VipStatus {
+                vip: v.config.spec.to_string(),
+                id: v.vip_id,
+                ring_flips: v.ring_flips,
+                mode: v.config.mode.to_string(),
+                backends: v.backends.iter().map(|b| b.status.clone()).collect(),
+            })
+            .collect()
+    }
+
+    /// Every backend address (for refreshing next hops).
+    pub fn backend_addresses(&self) -> Vec<IpAddr> {
+        let set: BTreeSet<IpAddr> = self
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.status.address))
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// Where the data plane's maps are pinned (for counting the connection
+    /// table off the main loop).
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
+    }
+
+    /// From now on, exiting detaches and unpins everything.
+    pub fn detach_on_exit(&mut self) {
+        self.config.on_exit = OnExit::Detach;
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Ends this lbd. `on_exit = "keep"`: the pinned program and maps keep
+    /// forwarding until the next lbd adopts them. `"detach"`: everything is
+    /// unpinned and the program detaches.
+    pub fn shutdown(self) -> Result<()> {
+        match self.config.on_exit {
+            OnExit::Keep => {
+                tracing::info!(pins = %self.pin_dir.display(), "exiting; the data plane keeps running");
+            }
+            OnExit::Detach => {
+                pinning::teardown(&self.pin_dir)?;
+                tracing::info!("data plane detached and unpinned");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,189 @@
+//! The state file: what survives a restart on top of the configuration
+//! file (runtime changes made through the control API), and how the two
+//! are merged at start.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{Controller, admin::parse_check};
+use crate::config::{BackendConfig, Config, ForwardMode, VipConfig, VipSpec};
+
+/// What survives a restart on top of the configuration file: each VIP's
+/// backend list as changed at runtime.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SavedState {
+    pub vips: BTreeMap<String, Vec<SavedBackend>>,
+    /// VIPs added at runtime (not in the configuration file).
+    #[serde(default)]
+    pub added_vips: BTreeMap<String, SavedVip>,
+    /// Configured VIPs removed at runtime.
+    #[serde(default)]
+    pub removed_vips: BTreeSet<String>,
+    /// Each VIP's backends as the configuration file had them when this was
+    /// saved: if the file says otherwise now, the operator edited it, and the
+    /// file wins over the runtime changes for that VIP.
+    #[serde(default)]
+    pub configured: BTreeMap<String, Vec<(IpAddr, u32)>>,
+    /// VIP ids (`RINGS`/`STATS_VIP` slots), kept so an adopted data plane's
+    /// rings stay with their VIPs.
+    #[serde(default)]
+    pub vip_ids: BTreeMap<String, u32>,
+}
+
+/// A runtime-added VIP's definition.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedVip {
+    pub mode: ForwardMode,
+    /// `none`, `tcp` or `http:PATH`, with default timings.
+    pub check: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedBackend {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub drained: bool,
+    /// The `BACKENDS` slot: kept across restarts because adopted connection
+    /// table entries name backends by it.
+    #[serde(default)]
+    pub id: Option<u32>,
+}
+
+/// The runtime changes the controller keeps on top of the file, besides
+/// each VIP's backends.
+#[derive(Clone, Debug, Default)]
+pub struct Overlay {
+    pub added_vips: BTreeMap<String, SavedVip>,
+    pub removed_vips: BTreeSet<String>,
+    /// Each VIP's backends as the file has them now.
+    pub configured: BTreeMap<String, Vec<(IpAddr, u32)>>,
+}
+
+/// Reads the state file; a missing file is an empty state.
+pub fn load(path: &Path) -> Result<SavedState> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("state file {} is corrupt", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SavedState::default()),
+        Err(e) => Err(e).with_context(|| format!("reading state file {}", path.display())),
+    }
+}
+
+/// Lays the saved runtime changes over the configuration: VIPs removed and
+/// added at runtime, and each VIP's backends as changed at runtime, unless
+/// the operator has edited that VIP's backends in the file since (the file
+/// wins then).
+pub fn merge(config: &mut Config, saved: &SavedState) -> Result<Overlay> {
+    config
+        .vips
+        .retain(|v| !saved.removed_vips.contains(&v.spec.to_string()));
+    for (spec, def) in &saved.added_vips {
+        let spec: VipSpec = spec
+            .parse()
+            .with_context(|| format!("state file: VIP {spec:?}"))?;
+        let health_check =
+            parse_check(&def.check).map_err(|e| anyhow::anyhow!("state file: {e}"))?;
+        config.vips.push(VipConfig {
+            spec,
+            mode: def.mode,
+            health_check,
+            backends: Vec::new(),
+        });
+    }
+    // What the file says, before runtime changes are laid over it.
+    let configured: BTreeMap<String, Vec<(IpAddr, u32)>> = config
+        .vips
+        .iter()
+        .map(|v| {
+            (
+                v.spec.to_string(),
+                v.backends.iter().map(|b| (b.addr, b.weight)).collect(),
+            )
+        })
+        .collect();
+    for v in &mut config.vips {
+        let name = v.spec.to_string();
+        if let Some(old) = saved.configured.get(&name)
+            && configured.get(&name) != Some(old)
+        {
+            tracing::warn!(vip = %name, "backends edited in the configuration file: it overrides runtime changes");
+            continue;
+        }
+        if let Some(list) = saved.vips.get(&name) {
+            v.backends = list
+                .iter()
+                .map(|b| BackendConfig {
+                    addr: b.address,
+                    weight: b.weight,
+                })
+                .collect();
+        }
+    }
+    Ok(Overlay {
+        added_vips: saved.added_vips.clone(),
+        removed_vips: saved.removed_vips.clone(),
+        configured,
+    })
+}
+
+impl Controller {
+    /// The state to save: the overlay and every VIP's backends as they are.
+    fn saved_state(&self) -> SavedState {
+        SavedState {
+            added_vips: self.overlay.added_vips.clone(),
+            removed_vips: self.overlay.removed_vips.clone(),
+            configured: self.overlay.configured.clone(),
+            vip_ids: self
+                .vips
+                .iter()
+                .map(|v| (v.config.spec.to_string(), v.vip_id))
+                .collect(),
+            vips: self
+                .vips
+                .iter()
+                .map(|v| {
+                    let list = v
+                        .backends
+                        .iter()
+                        .map(|b| SavedBackend {
+                            address: b.status.address,
+                            weight: b.status.weight,
+                            drained: b.status.drained,
+                            id: Some(b.status.id),
+                        })
+                        .collect();
+                    (v.config.spec.to_string(), list)
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes the runtime changes to the state file (atomically: temp file,
+    /// then rename), so a restart keeps them.
+    pub fn persist(&self) -> Result<()> {
+        let state = self.saved_state();
+        let path = &self.config.state_file;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            f.write_all(&serde_json::to_vec_pretty(&state)?)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            // On disk before it replaces the old state: a crash must leave
+            // one whole file or the other.
+            f.sync_all()
+                .with_context(|| format!("syncing {}", tmp.display()))?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    }
+}

@@ -1,0 +1,384 @@
+//! lbd's main loop: one task owns the controller and applies, one at a
+//! time and in order, control requests, health events, next-hop changes and
+//! scrapes. It never waits on the network: next hops are resolved in tasks
+//! of their own (a backend that never answers ARP costs its resolver task
+//! seconds, not everyone else), and their results come back as messages.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+    time::Interval,
+};
+
+use crate::{
+    api::{
+        self,
+        handler::{Handled, SideEffects},
+        server::ApiCall,
+    },
+    config::Config,
+    controller::{Controller, HealthTarget, NewBackend, RESOLVE_TIMEOUT},
+    graphite,
+    health::{self, CheckStats, HealthEvent},
+    metrics,
+    neigh::{self, NextHop, Resolver},
+    stats::{self, TableCount},
+    sysctl,
+};
+
+/// How often the connection table is counted for `lb_conntrack_entries`: a
+/// scan of the mapped table costs tens of milliseconds per million slots, on
+/// a blocking thread.
+const CONNTRACK_COUNT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Next hops are looked at again when netlink reports a change (at most
+/// once a second), and every this many seconds regardless, in case an
+/// event was lost.
+const NEXT_HOP_REFRESH_TICKS: u32 = 10;
+
+/// How long one refresh waits for a neighbour it prompted: short, since the
+/// old next hop keeps working meanwhile and the next round tries again.
+const REFRESH_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// One line of JSON on stdout per event, for supervisors and tests.
+pub fn event(v: serde_json::Value) {
+    println!("{v}");
+}
+
+/// Prints the data plane's global counters as an event.
+pub fn print_counters(ebpf: &aya::Ebpf, name: &str) -> Result<()> {
+    let counters = stats::global_counters(ebpf)?;
+    event(json!({"event": name, "counters": counters}));
+    Ok(())
+}
+
+/// A backend whose next hop was resolved, with the request that added it.
+struct Resolved {
+    call: ApiCall,
+    new: NewBackend,
+    hop: Result<NextHop>,
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+    usr1: Signal,
+}
+
+impl Signals {
+    /// Installed first: whoever reads the ready line may signal at once.
+    fn install() -> Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?,
+        })
+    }
+}
+
+/// Everything the main loop holds besides the controller.
+struct Daemon {
+    ctl: Controller,
+    resolver: Resolver,
+    checks: HashMap<u32, JoinHandle<()>>,
+    check_stats: CheckStats,
+    health_tx: mpsc::Sender<HealthEvent>,
+    resolved_tx: mpsc::Sender<Resolved>,
+    hops_tx: mpsc::Sender<Vec<(std::net::IpAddr, Result<NextHop>)>>,
+    refresh_in_flight: Arc<AtomicBool>,
+    conntrack_count: Arc<Mutex<Option<TableCount>>>,
+    graphite: Option<(graphite::Pusher, String)>,
+}
+
+/// Runs lbd with a configuration until a signal or `lbctl teardown`.
+pub fn run(config: Config) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run_async(config))
+}
+
+fn apply_sysctls(config: &Config) {
+    if !config.sysctl_apply {
+        return;
+    }
+    // The LB profile; originals are recorded once, for
+    // `lbctl sysctl restore --backup` (see the README).
+    let backup =
+        std::path::PathBuf::from(format!("/var/lib/lb/{}.sysctl-backup.json", config.name));
+    match sysctl::Sysctls::new("/proc/sys").apply(sysctl::Role::Lb, &backup) {
+        Ok(rows) => {
+            tracing::info!(changed = rows.iter().filter(|r| r.ok).count(), backup = %backup.display(), "sysctl profile applied")
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "sysctl profile only partly applied")
+        }
+    }
+}
+
+async fn run_async(config: Config) -> Result<()> {
+    let mut signals = Signals::install()?;
+    apply_sysctls(&config);
+    let listener = api::server::bind(&config.api_socket)?;
+    let socket = config.api_socket.clone();
+    let resolver = Resolver::new()?;
+    let mut ctl = Controller::start(config, &resolver).await?;
+    crate::debuglog::spawn(&mut ctl.ebpf)?;
+    let (api_tx, mut api_rx) = mpsc::channel(64);
+    tokio::spawn(api::server::serve(listener, api_tx));
+    let dirty = Arc::new(AtomicBool::new(false));
+    neigh::watch(dirty.clone())?;
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<oneshot::Sender<String>>(16);
+    if let Some(addr) = ctl.config().metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding instance.metrics_listen {addr}"))?;
+        tokio::spawn(api::server::serve_metrics(listener, scrape_tx));
+    }
+    let (health_tx, mut health_rx) = mpsc::channel(256);
+    let (resolved_tx, mut resolved_rx) = mpsc::channel(64);
+    let (hops_tx, mut hops_rx) = mpsc::channel(4);
+    let graphite_cfg = ctl.config().graphite.clone();
+    let mut graphite_tick: Option<Interval> = graphite_cfg
+        .as_ref()
+        .map(|g| tokio::time::interval(g.interval));
+    let conntrack_count = count_conntrack_in_background(ctl.pin_dir().to_path_buf());
+    let mut d = Daemon {
+        resolver,
+        checks: HashMap::new(),
+        check_stats: CheckStats::default(),
+        health_tx,
+        resolved_tx,
+        hops_tx,
+        refresh_in_flight: Arc::new(AtomicBool::new(false)),
+        conntrack_count,
+        graphite: graphite_cfg.map(|g| (graphite::Pusher::spawn(g.clone()), g.prefix)),
+        ctl,
+    };
+    for t in d.ctl.health_targets() {
+        d.start_check(t);
+    }
+    event(json!({
+        "event": "ready",
+        "interface": d.ctl.config().interface,
+        "adopted": d.ctl.adopted,
+        "api_socket": socket,
+    }));
+    let mut refresh = tokio::time::interval(Duration::from_secs(1));
+    refresh.tick().await;
+    let mut ticks = 0u32;
+    loop {
+        tokio::select! {
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.usr1.recv() => print_counters(&d.ctl.ebpf, "counters")?,
+            Some(reply) = scrape_rx.recv() => {
+                let _ = reply.send(d.scrape());
+            }
+            _ = tick(graphite_tick.as_mut()) => d.push_graphite(),
+            _ = refresh.tick() => {
+                ticks = ticks.wrapping_add(1);
+                if dirty.swap(false, Ordering::Relaxed) || ticks.is_multiple_of(NEXT_HOP_REFRESH_TICKS) {
+                    d.refresh_next_hops();
+                }
+            }
+            Some(hops) = hops_rx.recv() => {
+                d.refresh_in_flight.store(false, Ordering::Relaxed);
+                let changed = d.ctl.apply_next_hops(&hops);
+                if changed > 0 {
+                    tracing::info!(changed, "next hops updated");
+                }
+            }
+            Some(call) = api_rx.recv() => {
+                if d.on_call(call).await {
+                    break;
+                }
+            }
+            Some(r) = resolved_rx.recv() => {
+                let (answer, fx) = api::handler::commit_backend(&mut d.ctl, r.new, r.hop);
+                if d.answer(r.call, answer, fx).await {
+                    break;
+                }
+            }
+            Some(ev) = health_rx.recv() => d.on_health(&ev),
+        }
+    }
+    for h in d.checks.into_values() {
+        h.abort();
+    }
+    print_counters(&d.ctl.ebpf, "final_counters")?;
+    let _ = std::fs::remove_file(&d.ctl.config().api_socket);
+    d.ctl.shutdown()
+}
+
+/// The next tick of an optional interval; never, without one.
+async fn tick(interval: Option<&mut Interval>) {
+    match interval {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Counts the connection table on a blocking thread, every few seconds:
+/// scanning a few million slots takes tens of milliseconds, too long for
+/// the main loop (and per scrape).
+fn count_conntrack_in_background(pin_dir: std::path::PathBuf) -> Arc<Mutex<Option<TableCount>>> {
+    let count: Arc<Mutex<Option<TableCount>>> = Arc::default();
+    let out = count.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CONNTRACK_COUNT_INTERVAL);
+        loop {
+            tick.tick().await;
+            let p = pin_dir.clone();
+            match tokio::task::spawn_blocking(move || stats::conntrack_entries(&p)).await {
+                Ok(Ok(n)) => {
+                    if let Ok(mut c) = out.lock() {
+                        *c = Some(n);
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!("counting the connection table: {e:#}"),
+                Err(e) => tracing::warn!("counting the connection table: {e}"),
+            }
+        }
+    });
+    count
+}
+
+impl Daemon {
+    fn start_check(&mut self, t: HealthTarget) {
+        let task = tokio::spawn(health::run(
+            t.id,
+            t.token,
+            t.addr,
+            t.check,
+            self.health_tx.clone(),
+            self.check_stats.clone(),
+            t.initial,
+        ));
+        self.checks.insert(t.id, task);
+    }
+
+    /// Stops a removed backend's check and forgets its statistics: a backend
+    /// given its id later starts from zero.
+    fn stop_check(&mut self, id: u32) {
+        if let Some(h) = self.checks.remove(&id) {
+            h.abort();
+        }
+        if let Ok(mut s) = self.check_stats.lock() {
+            s.remove(&id);
+        }
+    }
+
+    fn scrape(&self) -> String {
+        let checks = self
+            .check_stats
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default();
+        let n = self.conntrack_count.lock().ok().and_then(|c| *c);
+        metrics::render(&self.ctl.list(), &self.ctl.ebpf, &checks, n)
+            .unwrap_or_else(|e| format!("# lbd could not read its maps: {e:#}\n"))
+    }
+
+    fn push_graphite(&self) {
+        if let Some((pusher, prefix)) = &self.graphite
+            && let Ok(snap) = metrics::snapshot(&self.ctl.list(), &self.ctl.ebpf)
+        {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            pusher.offer(graphite::lines(prefix, &snap, now));
+        }
+    }
+
+    /// Re-resolves every backend's next hop in a task of its own (one
+    /// neighbour dump for all of them); the result comes back to the loop.
+    fn refresh_next_hops(&self) {
+        if self.refresh_in_flight.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let addrs = self.ctl.backend_addresses();
+        let (resolver, tx) = (self.resolver.clone(), self.hops_tx.clone());
+        tokio::spawn(async move {
+            let hops = resolver.resolve_many(&addrs, REFRESH_TIMEOUT).await;
+            let _ = tx.send(hops).await;
+        });
+    }
+
+    /// Handles one control request; true when lbd must exit.
+    async fn on_call(&mut self, call: ApiCall) -> bool {
+        match api::handler::handle(&mut self.ctl, &call.request) {
+            Handled::Answer(answer, fx) => self.answer(call, answer, fx).await,
+            Handled::Resolve(new) => {
+                let (resolver, tx) = (self.resolver.clone(), self.resolved_tx.clone());
+                tokio::spawn(async move {
+                    let hop = resolver.resolve(new.addr, RESOLVE_TIMEOUT).await;
+                    let _ = tx.send(Resolved { call, new, hop }).await;
+                });
+                false
+            }
+        }
+    }
+
+    /// Answers a request and carries out its side effects; true when lbd
+    /// must exit (after a teardown, once the answer is written).
+    async fn answer(
+        &mut self,
+        call: ApiCall,
+        answer: (u16, serde_json::Value),
+        fx: SideEffects,
+    ) -> bool {
+        for id in fx.stop_checks {
+            self.stop_check(id);
+        }
+        if let Some(t) = fx.start_check {
+            self.start_check(t);
+        }
+        if answer.0 == 200 && call.request.method == "POST" {
+            event(json!({"event": "admin", "path": call.request.path, "result": answer.1}));
+        }
+        let _ = call.reply.send(answer);
+        if fx.teardown {
+            self.ctl.detach_on_exit();
+            let _ = tokio::time::timeout(Duration::from_secs(2), call.written).await;
+            return true;
+        }
+        false
+    }
+
+    fn on_health(&mut self, ev: &HealthEvent) {
+        match self.ctl.on_health(ev) {
+            Ok(Some((vip, status))) => {
+                tracing::warn!(%vip, backend = %status.address, health = ?ev.health, reason = %ev.reason, "backend health changed");
+                event(json!({
+                    "event": "backend",
+                    "vip": vip,
+                    "backend": status.address,
+                    "health": ev.health,
+                    "state": status.state,
+                    "reason": ev.reason,
+                }));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "applying a health change failed")
+            }
+        }
+    }
+}
