@@ -206,15 +206,46 @@ fn teardown_one(dir: &Path) -> Result<bool> {
 mod tests {
     use super::*;
 
-    /// An instance directory as an older lbd left it: layout v1 attached.
-    fn instance_with_v1(name: &str) -> PathBuf {
+    /// An instance directory as another lbd left it: `layout` attached.
+    fn instance_with(name: &str, layout: &str) -> PathBuf {
         let root = std::env::temp_dir().join(format!("lb-pin-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("v1")).unwrap();
+        std::fs::create_dir_all(root.join(layout)).unwrap();
         for f in [LINK, "CONNTRACK", "RINGS"] {
-            std::fs::write(root.join("v1").join(f), b"").unwrap();
+            std::fs::write(root.join(layout).join(f), b"").unwrap();
         }
         root
+    }
+
+    fn instance_with_v1(name: &str) -> PathBuf {
+        instance_with(name, "v1")
+    }
+
+    /// An lbd built with other map layouts (another fingerprint) is refused
+    /// before anything is created, and the message names both layouts.
+    #[test]
+    fn another_fingerprint_in_service_is_refused() {
+        let other = if layout() == "0123456789abcdef" {
+            "fedcba9876543210"
+        } else {
+            "0123456789abcdef"
+        };
+        let root = instance_with("fingerprint", other);
+        let dir = root.join(layout());
+        let msg = format!(
+            "{:#}",
+            load(&dir, &MapSizes::default()).err().expect("refused")
+        );
+        assert!(
+            msg.contains(&format!("another map layout ({other})")),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!("this lbd (layout {})", layout())),
+            "{msg}"
+        );
+        assert!(!dir.exists(), "nothing created for the new layout");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

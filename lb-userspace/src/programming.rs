@@ -267,32 +267,39 @@ pub fn store_ring_state(ebpf: &Ebpf, vip_id: u32, state: RingState) -> Result<()
     if vip_id >= entries {
         bail!("vip id {vip_id} is past RING_STATE's {entries} entries (raise max_vips)");
     }
-    let len = entries as usize * std::mem::size_of::<RingState>();
+    // Only the page holding the word is mapped, so a store costs the same
+    // whatever `max_vips` is.
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let at = vip_id as usize * std::mem::size_of::<RingState>();
+    let offset = at / page * page;
     let fd = RING_STATE.data(ebpf)?.fd().as_fd().as_raw_fd();
-    // SAFETY: a shared read-write mapping of the map's value area, which is
-    // `len` bytes (BPF_F_MMAPABLE, 8-byte values); unmapped below.
+    // SAFETY: a shared read-write mapping of one page of the map's value
+    // area (BPF_F_MMAPABLE; the area is a whole number of pages, and
+    // `offset` is below its end since `at` is); unmapped below.
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len,
+            page,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             fd,
-            0,
+            offset as libc::off_t,
         )
     };
     if base == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error()).context("mapping RING_STATE");
     }
-    // SAFETY: in bounds (checked above) and 8-byte aligned (the mapping
-    // starts on a page); the data plane reads the word concurrently, which
-    // an atomic store is for.
+    // SAFETY: inside the page (`at - offset` < page, 8-byte values never
+    // straddle a page) and 8-byte aligned; the data plane reads the word
+    // concurrently, which an atomic store is for.
     unsafe {
         let word = &*(base
-            .cast::<std::sync::atomic::AtomicU64>()
-            .add(vip_id as usize));
+            .cast::<u8>()
+            .add(at - offset)
+            .cast::<std::sync::atomic::AtomicU64>());
         word.store(state.word, std::sync::atomic::Ordering::Release);
-        libc::munmap(base, len);
+        libc::munmap(base, page);
     }
     Ok(())
 }

@@ -1333,3 +1333,43 @@ fn a_reused_port_is_not_served_the_old_connections_cached_backend() {
     );
     assert_eq!(conntrack_entry(&b, &est), Some(2));
 }
+
+/// `RING_STATE` words are stored through a one-page mapping: an id on a
+/// later page lands in its own word, read back by the map and by the
+/// program (its second chance opens on the previous generation).
+#[test]
+fn ring_state_of_an_id_past_the_first_page() {
+    let mut h = kernel::Harness::load_with(&MapSizes {
+        max_vips: 1024,
+        max_backends: 16,
+        ring_size: M,
+        conntrack_entries: 1024,
+        ..Default::default()
+    });
+    programming::set_config(
+        &mut h.ebpf,
+        &LbConfig {
+            ring_size: M,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for id in [0u32, 511, 512, 1023] {
+        let s = lb_common::maps::RingState::new((id & 1) as u8, 1 << 40 | (id as u64) << 1);
+        programming::store_ring_state(&h.ebpf, id, s).unwrap();
+    }
+    for id in [0u32, 511, 512, 1023] {
+        let got = programming::ring_state(&h.ebpf, id).unwrap();
+        assert_eq!(got.live_generation(), (id & 1) as u8, "id {id}");
+        assert_eq!(
+            got.second_chance_until_ns(),
+            1 << 40 | (id as u64) << 1,
+            "id {id}"
+        );
+    }
+    assert_eq!(
+        programming::ring_state(&h.ebpf, 1).unwrap(),
+        Default::default()
+    );
+    assert!(programming::store_ring_state(&h.ebpf, 1024, Default::default()).is_err());
+}
