@@ -2,7 +2,7 @@
 //! `cargo build -p lb-userspace` on a fresh clone embeds a current object and
 //! never fails for lack of one. `cargo xtask setup` installs what this needs.
 //!
-//! This does what aya-build does (DESIGN.md §2) with one difference:
+//! This does what aya-build does with one difference:
 //! aya-build fixes the nested build's RUSTFLAGS, and we need two more (the
 //! list is `lb-ebpf/rustflags`, shared with `cargo xtask build-ebpf`):
 //! - `allows-misaligned-mem-access`. Without it LLVM splits every load and

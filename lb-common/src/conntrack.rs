@@ -2,7 +2,7 @@
 //! shared by all CPUs, with two candidate buckets per flow and a compact
 //! index of the buckets in front of the flows.
 //!
-//! Why not the kernel's LRU hash (DESIGN.md §3)? Every lookup and insert of
+//! Why not the kernel's LRU hash? Every lookup and insert of
 //! an LRU hash is a chain of helper calls, and on this kernel every call and
 //! return goes through a return thunk: the insert alone cost 220-750 ns per
 //! new flow (free-list pops, shrinking over cold nodes), five times the rest

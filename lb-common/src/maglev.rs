@@ -32,9 +32,9 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const MIN_RING_SIZE: u32 = 2;
 
 /// Largest accepted ring size, a prime. Each VIP holds two generations of
-/// `u32` slots in `RINGS`, so this is 8 MB of locked kernel memory per VIP;
-/// it still gives 100 slots per backend to 10,000 backends, and keeps
-/// `vip_id * 2 * m + slot` within a `u32` array index for 2,000 VIPs.
+/// `u32` slots in `RINGS` (16 to an element), so this is 8 MB of locked
+/// kernel memory per VIP; it still gives 100 slots per backend to 10,000
+/// backends.
 pub const MAX_RING_SIZE: u32 = 1_000_003;
 
 const _: () = assert!(is_prime(DEFAULT_RING_SIZE) && is_prime(MAX_RING_SIZE));

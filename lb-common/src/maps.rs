@@ -1,4 +1,4 @@
-//! Keys and values of the BPF maps (DESIGN.md §3). `#[repr(C)]` with explicit
+//! Keys and values of the BPF maps (docs/ARCHITECTURE.md). `#[repr(C)]` with explicit
 //! padding so the kernel and userspace agree on every byte, and so that hash
 //! keys never carry uninitialised padding.
 
@@ -96,7 +96,7 @@ impl BackendState {
     }
 }
 
-/// `VIPS` key. `port` 0 matches every port of the address and protocol.
+/// `VIP_TABLE` key. `port` 0 matches every port of the address and protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VipKey {
@@ -355,7 +355,8 @@ mod tests {
     use core::mem::size_of;
 
     /// Sizes are part of the kernel/userspace contract; a change here is a
-    /// map layout change (bump the pin directory version).
+    /// map layout change, which the manifest's fingerprint (the pin
+    /// directory's name) follows by itself.
     #[test]
     fn layout_is_stable() {
         assert_eq!(size_of::<VipKey>(), 20);

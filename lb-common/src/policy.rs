@@ -435,6 +435,59 @@ fn ring_pick<'a, M: Maps + ?Sized>(
     Some((id, maps.backend(id)?))
 }
 
+/// What the rules after the VIP lookup know of the packet.
+struct Ctx {
+    vip_id: u32,
+    /// [`Mode`] as a byte.
+    mode: u8,
+    now: u32,
+    closing: bool,
+    /// False for an ICMP error about a flow: it neither creates nor
+    /// refreshes state.
+    stateful: bool,
+}
+
+impl Ctx {
+    #[inline(always)]
+    fn forward<'a>(
+        &self,
+        backend_id: u32,
+        backend: &'a BackendInfo,
+        via: Via,
+        update: Update,
+    ) -> Decision<'a> {
+        let update = if self.stateful {
+            update
+        } else {
+            Update::Nothing
+        };
+        Decision {
+            verdict: Verdict::Forward(Forward {
+                backend_id,
+                backend,
+                plan: Plan {
+                    backend_id,
+                    vip_id: self.vip_id,
+                    mode: self.mode,
+                    now: self.now,
+                    update,
+                },
+            }),
+            via: Some(via),
+            icmp: !self.stateful,
+        }
+    }
+
+    #[inline(always)]
+    fn no_backend<'a>(&self, via: Via) -> Decision<'a> {
+        Decision {
+            verdict: Verdict::Drop(Counter::LbNoBackend),
+            via: Some(via),
+            icmp: !self.stateful,
+        }
+    }
+}
+
 /// Decides what happens to one packet of flow `key`. `epoch` is
 /// `VIP_TABLE_GEN` (its bit 0 the live VIP-table generation).
 #[inline(always)]
@@ -471,122 +524,104 @@ pub fn decide<'a, M: Maps + ?Sized>(
     let Some(vip) = lookup_vip(maps, key, epoch, cfg) else {
         return Decision::pass(Counter::LbNotVip);
     };
-    let (vip_id, mode) = (vip.info.vip_id, vip.info.mode);
+    let cx = Ctx {
+        vip_id: vip.info.vip_id,
+        mode: vip.info.mode,
+        now: maps.now_ticks(),
+        closing,
+        stateful,
+    };
     let probe = conntrack::probe(key, cfg.conntrack_seed, cfg.conntrack_bucket_mask);
-    let now = maps.now_ticks();
-    let icmp = !stateful;
-    // Rules 4 and 5.
+    // Rule 4: a SYN is not looked up; rule 5 otherwise.
     let (via, entry) = if syn {
         (Via::RingSyn, Entry::Unknown)
     } else {
-        match maps.find(key, &probe) {
-            None => (Via::RingNoEntry, Entry::Absent),
-            Some(found) => {
-                // The backend comes from `found`, checked against the seal;
-                // the slot itself may have been reused by another CPU since
-                // (then its other fields belong to another flow, which only
-                // affects expiry, never where this packet goes).
-                let udp_timeout = conntrack::udp_timeout_ticks(cfg.udp_timeout_ns);
-                let expired = maps
-                    .table()
-                    .slot(found.idx)
-                    .is_some_and(|s| s.expired(now, udp_timeout));
-                if stateful && expired {
-                    (Via::RingUdpExpired, Entry::At(found.idx))
-                } else if let Some(b) = maps.backend(found.backend_id)
-                    && b.keeps_flows_of(vip_id)
-                {
-                    let update = if stateful {
-                        Update::Refresh {
-                            idx: found.idx,
-                            closing,
-                        }
-                    } else {
-                        Update::Nothing
-                    };
-                    return Decision {
-                        verdict: Verdict::Forward(Forward {
-                            backend_id: found.backend_id,
-                            backend: b,
-                            plan: Plan {
-                                backend_id: found.backend_id,
-                                vip_id,
-                                mode,
-                                now,
-                                update,
-                            },
-                        }),
-                        via: Some(Via::ConnTable),
-                        icmp,
-                    };
-                } else {
-                    (Via::RingRepick, Entry::At(found.idx))
-                }
-            }
+        match from_table(maps, &cx, key, &probe, cfg) {
+            Ok(d) => return d,
+            Err(miss) => miss,
         }
     };
     let slot = match syn_slot {
         Some(s) => s,
         None => flow_slot(key, cfg.hash_seed, cfg.ring_size),
     };
-    // Rule 6: a mid-stream TCP packet we have no entry for belongs to a
-    // flow another node (or an evicted entry) placed, most likely on the
-    // ring before the last change. Keep it there while that backend lives,
-    // for a bounded time after the change (afterwards flows placed on the
-    // new ring are the likelier owners).
-    let Some(ring) = maps.ring_state(vip_id) else {
-        return Decision {
-            verdict: Verdict::Drop(Counter::LbNoBackend),
-            via: Some(via),
-            icmp,
-        };
+    let update = Update::Record {
+        hash: probe.hash,
+        entry,
+        closing,
+    };
+    from_ring(maps, &cx, key.proto, via, slot, update, cfg)
+}
+
+/// Rule 5: the flow's connection-table entry, if its backend keeps flows
+/// and serves the VIP; otherwise why the ring decides, and what is known of
+/// the entry for recording the new one.
+#[inline(always)]
+fn from_table<'a, M: Maps + ?Sized>(
+    maps: &'a M,
+    cx: &Ctx,
+    key: &FlowKey,
+    probe: &Probe,
+    cfg: &LbConfig,
+) -> Result<Decision<'a>, (Via, Entry)> {
+    let Some(found) = maps.find(key, probe) else {
+        return Err((Via::RingNoEntry, Entry::Absent));
+    };
+    // The backend comes from `found`, checked against the seal; the slot
+    // itself may have been reused by another CPU since (then its other
+    // fields belong to another flow, which only affects expiry, never
+    // where this packet goes).
+    let udp_timeout = conntrack::udp_timeout_ticks(cfg.udp_timeout_ns);
+    let expired = maps
+        .table()
+        .slot(found.idx)
+        .is_some_and(|s| s.expired(cx.now, udp_timeout));
+    if cx.stateful && expired {
+        return Err((Via::RingUdpExpired, Entry::At(found.idx)));
+    }
+    match maps.backend(found.backend_id) {
+        Some(b) if b.keeps_flows_of(cx.vip_id) => {
+            let refresh = Update::Refresh {
+                idx: found.idx,
+                closing: cx.closing,
+            };
+            Ok(cx.forward(found.backend_id, b, Via::ConnTable, refresh))
+        }
+        _ => Err((Via::RingRepick, Entry::At(found.idx))),
+    }
+}
+
+/// Rules 6 and 7: the ring. A mid-stream TCP packet we have no entry for
+/// belongs to a flow another node (or an evicted entry) placed, most
+/// likely on the ring before the last change: keep it there while that
+/// backend lives, for a bounded time after the change (afterwards flows
+/// placed on the new ring are the likelier owners). Otherwise the live
+/// ring; an empty slot drops the packet.
+#[inline(always)]
+fn from_ring<'a, M: Maps + ?Sized>(
+    maps: &'a M,
+    cx: &Ctx,
+    proto: u8,
+    via: Via,
+    slot: u32,
+    record: Update,
+    cfg: &LbConfig,
+) -> Decision<'a> {
+    let Some(ring) = maps.ring_state(cx.vip_id) else {
+        return cx.no_backend(via);
     };
     let live = ring.live_generation();
-    let mut picked = None;
     if matches!(via, Via::RingNoEntry)
-        && key.proto == IPPROTO_TCP
+        && proto == IPPROTO_TCP
         && ring.second_chance_open(maps.now_ns())
-        && let Some((id, b)) = ring_pick(maps, vip_id, live ^ 1, slot, cfg)
-        && b.keeps_flows_of(vip_id)
+        && let Some((id, b)) = ring_pick(maps, cx.vip_id, live ^ 1, slot, cfg)
+        && b.keeps_flows_of(cx.vip_id)
     {
-        picked = Some((id, b, Via::SecondChance));
+        return cx.forward(id, b, Via::SecondChance, record);
     }
-    let (backend_id, backend, via) = match picked {
-        Some(p) => p,
-        None => match ring_pick(maps, vip_id, live, slot, cfg) {
-            Some((id, b)) => (id, b, via),
-            None => {
-                return Decision {
-                    verdict: Verdict::Drop(Counter::LbNoBackend),
-                    via: Some(via),
-                    icmp,
-                };
-            }
-        },
-    };
-    let update = if stateful {
-        Update::Record {
-            hash: probe.hash,
-            entry,
-            closing,
-        }
-    } else {
-        Update::Nothing
-    };
-    Decision {
-        verdict: Verdict::Forward(Forward {
-            backend_id,
-            backend,
-            plan: Plan {
-                backend_id,
-                vip_id,
-                mode,
-                now,
-                update,
-            },
-        }),
-        via: Some(via),
-        icmp,
+    match ring_pick(maps, cx.vip_id, live, slot, cfg) {
+        Some((id, b)) => cx.forward(id, b, via, record),
+        None => cx.no_backend(via),
     }
 }
 

@@ -1,8 +1,8 @@
 //! Small helper programs shipped in the same object.
 //!
 //! - `pass`: attached to the peer of a veth that runs the balancer in native
-//!   mode. A veth delivers XDP_TX/REDIRECT frames only to a peer in XDP
-//!   (NAPI) mode; without a program there they vanish (DESIGN.md §2).
+//!   mode. A veth delivers XDP_TX frames only to a peer in XDP
+//!   (NAPI) mode; without a program there they vanish.
 //! - `mac_swap_tx`: the trivial forwarder benchmarks compare against.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -1,5 +1,5 @@
-//! The XDP entry points: the balancer and the backends' decapsulator. The
-//! balancer parses, asks `lb_common::policy` what to do, and does it.
+//! The balancer's entry point: it parses, asks `lb_common::policy` what to
+//! do, and does it (the backends' decapsulator is `decap.rs`).
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;

@@ -39,8 +39,8 @@ use crate::{
 };
 
 /// How often the connection table is counted for `lb_conntrack_entries`: a
-/// scan of the mapped table costs tens of milliseconds per million slots, on
-/// a blocking thread.
+/// scan of the mapped heads costs milliseconds per million slots, on a
+/// blocking thread.
 const CONNTRACK_COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Next hops are looked at again when netlink reports a change (at most
@@ -235,8 +235,8 @@ async fn tick(interval: Option<&mut Interval>) {
 }
 
 /// Counts the connection table on a blocking thread, every few seconds:
-/// scanning a few million slots takes tens of milliseconds, too long for
-/// the main loop (and per scrape).
+/// scanning a few million slots takes milliseconds, more than the main loop
+/// (or every scrape) should spend.
 fn count_conntrack_in_background(pin_dir: std::path::PathBuf) -> Arc<Mutex<Option<TableCount>>> {
     let count: Arc<Mutex<Option<TableCount>>> = Arc::default();
     let out = count.clone();

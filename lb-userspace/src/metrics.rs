@@ -98,6 +98,8 @@ impl Family<'_> {
     }
 }
 
+/// The whole exposition: per backend, per VIP, then the data plane's
+/// global counters.
 pub fn render(
     vips: &[VipStatus],
     ebpf: &Ebpf,
@@ -106,9 +108,21 @@ pub fn render(
 ) -> Result<String> {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
+    backends(&mut f, vips, ebpf, checks)?;
+    per_vip(&mut f, vips, ebpf)?;
+    globals(&mut f, ebpf, conntrack)?;
+    Ok(out)
+}
 
-    // Per backend.
-    let mut rows = Vec::new();
+type BackendRow<'a> = (&'a VipStatus, &'a crate::api::BackendStatus, Traffic);
+
+fn backends(
+    f: &mut Family,
+    vips: &[VipStatus],
+    ebpf: &Ebpf,
+    checks: &HashMap<u32, CheckRecord>,
+) -> Result<()> {
+    let mut rows: Vec<BackendRow> = Vec::new();
     for v in vips {
         for b in &v.backends {
             rows.push((v, b, traffic(ebpf, &STATS_BACKEND, b.id)?));
@@ -165,12 +179,18 @@ pub fn render(
             b.weight,
         );
     }
+    backend_states(f, &rows);
+    health_checks(f, &rows, checks);
+    Ok(())
+}
+
+fn backend_states(f: &mut Family, rows: &[BackendRow]) {
     f.head(
         "lb_backend_state",
         "gauge",
         "1 for the backend's current state (up, down, draining).",
     );
-    for (v, b, _) in &rows {
+    for (v, b, _) in rows {
         for (state, name) in [
             (BackendState::Up, "up"),
             (BackendState::Down, "down"),
@@ -187,12 +207,15 @@ pub fn render(
             );
         }
     }
+}
+
+fn health_checks(f: &mut Family, rows: &[BackendRow], checks: &HashMap<u32, CheckRecord>) {
     f.head(
         "lb_backend_health_check_latency_seconds",
         "gauge",
         "Duration of the backend's last health check.",
     );
-    for (v, b, _) in &rows {
+    for (v, b, _) in rows {
         if let Some(c) = checks.get(&b.id) {
             f.sample(
                 "lb_backend_health_check_latency_seconds",
@@ -206,7 +229,7 @@ pub fn render(
         "counter",
         "Health checks run, by result.",
     );
-    for (v, b, _) in &rows {
+    for (v, b, _) in rows {
         if let Some(c) = checks.get(&b.id) {
             for (result, n) in [("ok", c.ok_total), ("fail", c.fail_total)] {
                 f.sample(
@@ -221,8 +244,9 @@ pub fn render(
             }
         }
     }
+}
 
-    // Per VIP.
+fn per_vip(f: &mut Family, vips: &[VipStatus], ebpf: &Ebpf) -> Result<()> {
     let vip_rows: Vec<(&VipStatus, Traffic)> = vips
         .iter()
         .map(|v| Ok((v, traffic(ebpf, &STATS_VIP, v.id)?)))
@@ -278,8 +302,10 @@ pub fn render(
             v.ring_flips,
         );
     }
+    Ok(())
+}
 
-    // Data plane globals.
+fn globals(f: &mut Family, ebpf: &Ebpf, conntrack: Option<crate::stats::TableCount>) -> Result<()> {
     let global = stats::global_counters(ebpf)?;
     f.head(
         "lb_xdp_verdicts_total",
@@ -320,7 +346,7 @@ pub fn render(
         );
         f.sample("lb_conntrack_slots", &[], t.slots);
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! Writing desired state into the data plane's maps.
 //!
 //! Rings have two generations per VIP: a new table is written into the idle
-//! generation, then one VIP-table flip points the VIP at it, so the data
-//! plane never sees a half-written ring, and the old generation stays
-//! readable for the second chance. The VIP table itself is double-buffered
-//! the same way (see `lb_common::viptable`).
+//! generation, then one store to the VIP's `RING_STATE` word points it
+//! there, so the data plane never sees a half-written ring, and the old
+//! generation stays readable for the second chance. The VIP table itself is
+//! double-buffered (see `lb_common::viptable`): its idle generation is
+//! written whole, then `VIP_TABLE_GEN` flips.
 
 use std::os::fd::{AsFd, AsRawFd};
 

@@ -749,7 +749,7 @@ fn with_config(b: &mut Bench, f: impl FnOnce(&mut LbConfig)) {
 }
 
 /// Rules at the edges: SYN reuse, the second-chance window, re-added VIPs,
-/// ICMP about quiet UDP flows, VLAN with l2dsr, padding, redirect, MTU.
+/// ICMP about quiet UDP flows, VLAN with l2dsr, padding, MTU.
 #[test]
 fn edge_rules() {
     let mut b = Bench::new();

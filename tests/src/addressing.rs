@@ -1,4 +1,4 @@
-//! The address plan of the test topology (DESIGN.md §6).
+//! The address plan of the test topology.
 //!
 //! IPv4 comes from 198.18.0.0/15 (RFC 2544 benchmarking) and IPv6 from the
 //! ULA fd00:198:18::/48, so no test address can collide with a real network.

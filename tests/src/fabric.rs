@@ -24,7 +24,7 @@ fn small() -> MapSizes {
 
 /// Makes the topology carry balanced traffic in `mode`: the `decap` program
 /// on every backend (our test kernels have no ipip module), and for native
-/// mode the DESIGN.md §2 recipe (XDP on the LB's bridge port, no TX
+/// mode the recipe that works on veth (XDP on the LB's bridge port, no TX
 /// checksum offload on the client).
 pub fn prepare(t: &Topology, mode: AttachMode) -> Result<Fabric> {
     let peer = if mode == AttachMode::Native {

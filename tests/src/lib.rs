@@ -1,4 +1,4 @@
-//! End-to-end test harness for the load balancer (DESIGN.md §6).
+//! End-to-end test harness for the load balancer (docs/ARCHITECTURE.md, Testing).
 //!
 //! - [`Topology`]: client, LB and backend network namespaces on one bridge,
 //!   torn down on drop, even when a test panics.

@@ -1,4 +1,4 @@
-//! The end-to-end topology of DESIGN.md §6: client, LB and backends, each in
+//! The end-to-end topology: client, LB and backends, each in
 //! its own namespace, wired to one bridge in a `fabric` namespace.
 //!
 //! ```text

@@ -127,3 +127,52 @@ fn restart_under_load_loses_nothing() {
     assert!(tally.ok > 100, "the client kept requesting: {tally:?}");
     drop(lbd2);
 }
+
+/// A restart that would change the ring size is refused, not adopted: the
+/// ring size is no map size (65,537 and 65,539 slots fill as many `RINGS`
+/// elements), but every ring and every flow's slot depends on it.
+#[test]
+fn a_restart_with_another_ring_size_is_refused() {
+    let t = Topology::new(1).unwrap();
+    let vip: IpAddr = addressing::vip_v4(1).into();
+    let dir = std::env::temp_dir().join(format!("{}-ringsize", t.id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("lb.toml");
+    let write = |ring: u32| {
+        let pre = lbd::Preamble {
+            on_exit: "keep",
+            ..Default::default()
+        }
+        .render(&t, &dir);
+        std::fs::write(
+            &config,
+            format!(
+                "{}ring_size = {ring}\n[[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n{}",
+                pre,
+                lb_tests::lbd::backend_tables(t.backends())
+            ),
+        )
+        .unwrap();
+    };
+    write(65537);
+    let _teardown = lbd::Teardown(config.clone());
+    let (mut first, _) = lbd::start(&t, &config).unwrap();
+    lbd::stop(&mut first).unwrap();
+    write(65539);
+    let lbd_bin = lb_tests::lbd_path().unwrap();
+    let out = in_netns(t.lb().ns(), || {
+        std::process::Command::new(&lbd_bin)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    })
+    .unwrap();
+    assert!(!out.status.success(), "refused");
+    let out = String::from_utf8_lossy(&out.stderr);
+    let msg = out.to_string();
+    assert!(
+        msg.contains("ring size 65537") && msg.contains("asks for 65539"),
+        "{msg}"
+    );
+}

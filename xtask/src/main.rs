@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask <setup|build-ebpf|test>`.
+//! Project automation: `cargo xtask <setup|build-ebpf|test|demo|bench>`.
 
 mod setup;
 mod test;

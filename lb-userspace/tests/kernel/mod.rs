@@ -22,7 +22,7 @@ pub struct RunOutput {
     pub frame: Vec<u8>,
 }
 
-/// Keeps this test thread on CPU 0: the flow cache and the LRU lists are
+/// Keeps this test thread on CPU 0: the flow cache is
 /// per CPU, and BPF_PROG_TEST_RUN runs on the caller's CPU, so a thread that
 /// migrated between runs would see different per-CPU state.
 fn pin_to_cpu0() {
