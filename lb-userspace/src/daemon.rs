@@ -129,30 +129,43 @@ fn apply_sysctls(config: &Config) {
     }
 }
 
-async fn run_async(config: Config) -> Result<()> {
-    let mut signals = Signals::install()?;
+/// What reaches the main loop besides signals.
+struct Inbox {
+    api: mpsc::Receiver<ApiCall>,
+    scrapes: mpsc::Receiver<oneshot::Sender<String>>,
+    health: mpsc::Receiver<HealthEvent>,
+    resolved: mpsc::Receiver<Resolved>,
+    hops: mpsc::Receiver<Vec<(std::net::IpAddr, Result<NextHop>)>>,
+    graphite: Option<Interval>,
+    /// Set by netlink events: next hops may have moved.
+    dirty: Arc<AtomicBool>,
+}
+
+/// Everything up to the ready line: sysctls, the control socket, the
+/// controller (which attaches the data plane), the tasks that feed the
+/// loop, and every health check.
+async fn start(config: Config) -> Result<(Daemon, Inbox)> {
     apply_sysctls(&config);
     let listener = api::server::bind(&config.api_socket)?;
-    let socket = config.api_socket.clone();
     let resolver = Resolver::new()?;
     let mut ctl = Controller::start(config, &resolver).await?;
     crate::debuglog::spawn(&mut ctl.ebpf)?;
-    let (api_tx, mut api_rx) = mpsc::channel(64);
+    let (api_tx, api) = mpsc::channel(64);
     tokio::spawn(api::server::serve(listener, api_tx));
     let dirty = Arc::new(AtomicBool::new(false));
     neigh::watch(dirty.clone())?;
-    let (scrape_tx, mut scrape_rx) = mpsc::channel::<oneshot::Sender<String>>(16);
+    let (scrape_tx, scrapes) = mpsc::channel::<oneshot::Sender<String>>(16);
     if let Some(addr) = ctl.config().metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding instance.metrics_listen {addr}"))?;
         tokio::spawn(api::server::serve_metrics(listener, scrape_tx));
     }
-    let (health_tx, mut health_rx) = mpsc::channel(256);
-    let (resolved_tx, mut resolved_rx) = mpsc::channel(64);
-    let (hops_tx, mut hops_rx) = mpsc::channel(4);
+    let (health_tx, health) = mpsc::channel(256);
+    let (resolved_tx, resolved) = mpsc::channel(64);
+    let (hops_tx, hops) = mpsc::channel(4);
     let graphite_cfg = ctl.config().graphite.clone();
-    let mut graphite_tick: Option<Interval> = graphite_cfg
+    let graphite = graphite_cfg
         .as_ref()
         .map(|g| tokio::time::interval(g.interval));
     let conntrack_count = count_conntrack_in_background(ctl.pin_dir().to_path_buf());
@@ -171,6 +184,22 @@ async fn run_async(config: Config) -> Result<()> {
     for t in d.ctl.health_targets() {
         d.start_check(t);
     }
+    let inbox = Inbox {
+        api,
+        scrapes,
+        health,
+        resolved,
+        hops,
+        graphite,
+        dirty,
+    };
+    Ok((d, inbox))
+}
+
+async fn run_async(config: Config) -> Result<()> {
+    let mut signals = Signals::install()?;
+    let socket = config.api_socket.clone();
+    let (mut d, mut inbox) = start(config).await?;
     event(json!({
         "event": "ready",
         "interface": d.ctl.config().interface,
@@ -185,35 +214,35 @@ async fn run_async(config: Config) -> Result<()> {
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
             _ = signals.usr1.recv() => print_counters(&d.ctl.ebpf, "counters")?,
-            Some(reply) = scrape_rx.recv() => {
+            Some(reply) = inbox.scrapes.recv() => {
                 let _ = reply.send(d.scrape());
             }
-            _ = tick(graphite_tick.as_mut()) => d.push_graphite(),
+            _ = tick(inbox.graphite.as_mut()) => d.push_graphite(),
             _ = refresh.tick() => {
                 ticks = ticks.wrapping_add(1);
-                if dirty.swap(false, Ordering::Relaxed) || ticks.is_multiple_of(NEXT_HOP_REFRESH_TICKS) {
+                if inbox.dirty.swap(false, Ordering::Relaxed) || ticks.is_multiple_of(NEXT_HOP_REFRESH_TICKS) {
                     d.refresh_next_hops();
                 }
             }
-            Some(hops) = hops_rx.recv() => {
+            Some(hops) = inbox.hops.recv() => {
                 d.refresh_in_flight.store(false, Ordering::Relaxed);
                 let changed = d.ctl.apply_next_hops(&hops);
                 if changed > 0 {
                     tracing::info!(changed, "next hops updated");
                 }
             }
-            Some(call) = api_rx.recv() => {
+            Some(call) = inbox.api.recv() => {
                 if d.on_call(call).await {
                     break;
                 }
             }
-            Some(r) = resolved_rx.recv() => {
+            Some(r) = inbox.resolved.recv() => {
                 let (answer, fx) = api::handler::commit_backend(&mut d.ctl, r.new, r.hop);
                 if d.answer(r.call, answer, fx).await {
                     break;
                 }
             }
-            Some(ev) = health_rx.recv() => d.on_health(&ev),
+            Some(ev) = inbox.health.recv() => d.on_health(&ev),
         }
     }
     for h in d.checks.into_values() {

@@ -156,21 +156,11 @@ impl Resolver {
             .context("no answer for the backend")?
     }
 
-    /// Resolves the next hops of `backends` together: a route lookup each,
-    /// then one neighbour dump per round for all of them, prompting
-    /// neighbour discovery for those the kernel has no entry for yet (a
-    /// datagram to the discard port makes it ARP / solicit), until every
-    /// one is resolved or `timeout` has passed. Answers in `backends`'
-    /// order.
-    pub async fn resolve_many(
-        &self,
-        backends: &[IpAddr],
-        timeout: Duration,
-    ) -> Vec<(IpAddr, Result<NextHop>)> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        // Route and egress MAC per backend, or why not.
-        let mut routes: Vec<Result<(u32, IpAddr, [u8; 6])>> = Vec::new();
+    /// Each backend's egress interface, next-hop address (the backend, or
+    /// its gateway) and the interface's MAC, or why not.
+    async fn routes(&self, backends: &[IpAddr]) -> Vec<Result<(u32, IpAddr, [u8; 6])>> {
         let mut macs: HashMap<u32, [u8; 6]> = HashMap::new();
+        let mut out = Vec::new();
         for &b in backends {
             let r = async {
                 let (ifindex, gateway) = self.route(b).await?;
@@ -185,8 +175,24 @@ impl Resolver {
                 Ok((ifindex, gateway.unwrap_or(b), src_mac))
             }
             .await;
-            routes.push(r);
+            out.push(r);
         }
+        out
+    }
+
+    /// Resolves the next hops of `backends` together: a route lookup each,
+    /// then one neighbour dump per round for all of them, prompting
+    /// neighbour discovery for those the kernel has no entry for yet (a
+    /// datagram to the discard port makes it ARP / solicit), until every
+    /// one is resolved or `timeout` has passed. Answers in `backends`'
+    /// order.
+    pub async fn resolve_many(
+        &self,
+        backends: &[IpAddr],
+        timeout: Duration,
+    ) -> Vec<(IpAddr, Result<NextHop>)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let routes = self.routes(backends).await;
         let mut hops: Vec<Option<Result<NextHop>>> = routes
             .iter()
             .map(|r| r.as_ref().err().map(|e| Err(anyhow::anyhow!("{e:#}"))))

@@ -104,44 +104,7 @@ pub fn run(
             SortBy::Bps => b.bps.total_cmp(&a.bps),
             SortBy::Flows => b.flows.total_cmp(&a.flows),
         });
-        term.draw(|f| {
-            let header = Row::new([
-                "VIP", "backend", "state", "pkts/s", "bits/s", "flows/s", "packets",
-            ])
-            .style(Style::default().add_modifier(Modifier::BOLD));
-            let body = rows.iter().map(|l| {
-                Row::new(vec![
-                    Cell::from(l.vip.clone()),
-                    Cell::from(l.backend.clone()),
-                    Cell::from(l.state.clone()),
-                    Cell::from(format!("{:.1}", l.pps)),
-                    Cell::from(format!("{:.0}", l.bps)),
-                    Cell::from(format!("{:.1}", l.flows)),
-                    Cell::from(l.packets.to_string()),
-                ])
-            });
-            let title = format!(
-                " lbctl top  [sort: p pkts/s, b bits/s, f flows/s, n name]  q quits {}",
-                if error.is_empty() {
-                    String::new()
-                } else {
-                    format!(" | {error}")
-                }
-            );
-            let widths = [
-                Constraint::Length(30),
-                Constraint::Length(28),
-                Constraint::Length(9),
-                Constraint::Length(10),
-                Constraint::Length(12),
-                Constraint::Length(9),
-                Constraint::Length(12),
-            ];
-            let table = Table::new(body, widths)
-                .header(header)
-                .block(Block::default().borders(Borders::ALL).title(title));
-            f.render_widget(table, f.area());
-        })?;
+        term.draw(|f| draw(f, &rows, &error))?;
         // Keys are handled at once; data refreshes every second.
         let deadline = prev_at + Duration::from_secs(1);
         while Instant::now() < deadline {
@@ -180,4 +143,45 @@ pub fn run(
             }
         }
     }
+}
+
+/// One frame: the header, a row per VIP and backend, the title with the
+/// keys and the last fetch error.
+fn draw(f: &mut ratatui::Frame, rows: &[Line], error: &str) {
+    let header = Row::new([
+        "VIP", "backend", "state", "pkts/s", "bits/s", "flows/s", "packets",
+    ])
+    .style(Style::default().add_modifier(Modifier::BOLD));
+    let body = rows.iter().map(|l| {
+        Row::new(vec![
+            Cell::from(l.vip.clone()),
+            Cell::from(l.backend.clone()),
+            Cell::from(l.state.clone()),
+            Cell::from(format!("{:.1}", l.pps)),
+            Cell::from(format!("{:.0}", l.bps)),
+            Cell::from(format!("{:.1}", l.flows)),
+            Cell::from(l.packets.to_string()),
+        ])
+    });
+    let title = format!(
+        " lbctl top  [sort: p pkts/s, b bits/s, f flows/s, n name]  q quits {}",
+        if error.is_empty() {
+            String::new()
+        } else {
+            format!(" | {error}")
+        }
+    );
+    let widths = [
+        Constraint::Length(30),
+        Constraint::Length(28),
+        Constraint::Length(9),
+        Constraint::Length(10),
+        Constraint::Length(12),
+        Constraint::Length(9),
+        Constraint::Length(12),
+    ];
+    let table = Table::new(body, widths)
+        .header(header)
+        .block(Block::default().borders(Borders::ALL).title(title));
+    f.render_widget(table, f.area());
 }

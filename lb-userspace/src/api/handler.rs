@@ -123,6 +123,8 @@ enum Routed {
     Resolve(NewBackend),
 }
 
+/// One arm per endpoint: the routing table reads best whole, which is why
+/// this function is longer than the others.
 fn route(
     ctl: &mut Controller,
     req: &Request,

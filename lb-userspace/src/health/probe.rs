@@ -29,75 +29,86 @@ async fn run(kind: &CheckKind, addr: SocketAddr) -> Result<(), String> {
             path,
             expect_status,
             host,
-        } => {
-            let mut s = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let host = host.clone().unwrap_or_else(|| addr.ip().to_string());
-            let req = format!(
-                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n"
-            );
-            s.write_all(req.as_bytes())
-                .await
-                .map_err(|e| format!("send: {e}"))?;
-            // The status line is all we need; read a bounded amount.
-            let mut buf = vec![0u8; 512];
-            let mut got = 0;
-            while got < buf.len() && !buf[..got].windows(2).any(|w| w == b"\r\n") {
-                let n = s
-                    .read(&mut buf[got..])
-                    .await
-                    .map_err(|e| format!("read: {e}"))?;
-                if n == 0 {
-                    break;
-                }
-                got += n;
-            }
-            let line = String::from_utf8_lossy(&buf[..got]);
-            let status = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse::<u16>().ok())
-                .ok_or_else(|| {
-                    format!(
-                        "not an HTTP response: {:?}",
-                        line.lines().next().unwrap_or("")
-                    )
-                })?;
-            if status == *expect_status {
-                Ok(())
-            } else {
-                Err(format!("status {status}, expected {expect_status}"))
-            }
+        } => http(addr, path, *expect_status, host.as_deref()).await,
+        CheckKind::Udp { payload, expect } => udp(addr, payload, expect).await,
+    }
+}
+
+/// `GET path`: passes when the status line carries `expect_status`.
+async fn http(
+    addr: SocketAddr,
+    path: &str,
+    expect_status: u16,
+    host: Option<&str>,
+) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let host = host.map_or_else(|| addr.ip().to_string(), str::to_owned);
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    // The status line is all we need; read a bounded amount.
+    let mut buf = vec![0u8; 512];
+    let mut got = 0;
+    while got < buf.len() && !buf[..got].windows(2).any(|w| w == b"\r\n") {
+        let n = s
+            .read(&mut buf[got..])
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
         }
-        CheckKind::Udp { payload, expect } => {
-            let local: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            }
-            .parse()
-            .map_err(|_| "bad local address".to_owned())?;
-            let s = UdpSocket::bind(local)
-                .await
-                .map_err(|e| format!("bind: {e}"))?;
-            s.connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-            s.send(payload).await.map_err(|e| format!("send: {e}"))?;
-            let mut buf = vec![0u8; 2048];
-            let n = s.recv(&mut buf).await.map_err(|e| format!("recv: {e}"))?;
-            let reply = &buf[..n];
-            // An empty expectation accepts any reply; otherwise the reply
-            // must contain it (servers often prefix their own identity).
-            if expect.is_empty() || reply.windows(expect.len()).any(|w| w == expect.as_slice()) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "reply {:?} lacks {:?}",
-                    String::from_utf8_lossy(reply),
-                    String::from_utf8_lossy(expect)
-                ))
-            }
-        }
+        got += n;
+    }
+    let line = String::from_utf8_lossy(&buf[..got]);
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| {
+            format!(
+                "not an HTTP response: {:?}",
+                line.lines().next().unwrap_or("")
+            )
+        })?;
+    if status == expect_status {
+        Ok(())
+    } else {
+        Err(format!("status {status}, expected {expect_status}"))
+    }
+}
+
+/// A datagram out; passes when the reply contains `expect`.
+async fn udp(addr: SocketAddr, payload: &[u8], expect: &[u8]) -> Result<(), String> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .map_err(|_| "bad local address".to_owned())?;
+    let s = UdpSocket::bind(local)
+        .await
+        .map_err(|e| format!("bind: {e}"))?;
+    s.connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    s.send(payload).await.map_err(|e| format!("send: {e}"))?;
+    let mut buf = vec![0u8; 2048];
+    let n = s.recv(&mut buf).await.map_err(|e| format!("recv: {e}"))?;
+    let reply = &buf[..n];
+    // An empty expectation accepts any reply; otherwise the reply
+    // must contain it (servers often prefix their own identity).
+    if expect.is_empty() || reply.windows(expect.len()).any(|w| w == expect) {
+        Ok(())
+    } else {
+        Err(format!(
+            "reply {:?} lacks {:?}",
+            String::from_utf8_lossy(reply),
+            String::from_utf8_lossy(expect)
+        ))
     }
 }
 
