@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     service_rounds: usize,
     /// Repeat count per measurement.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 400_000)]
     repeat: u32,
     /// Connection-table entries (the new-flow paths fill and then evict).
     #[arg(long, default_value_t = 1 << 20)]
@@ -49,9 +49,13 @@ struct Args {
     /// Only the paths whose name contains this text (and the trivial baseline).
     #[arg(long)]
     only: Option<String>,
-    /// Measurements per path (interleaved); the median is reported.
-    #[arg(long, default_value_t = 9)]
+    /// Measurements per path (interleaved).
+    #[arg(long, default_value_t = 21)]
     rounds: usize,
+    /// Which of a path's rounds is reported: the fastest (`min`, steady on
+    /// a shared machine) or the `median`.
+    #[arg(long, value_enum, default_value = "min")]
+    stat: xdp::Stat,
     /// Also time another XDP balancer, pinned on bpffs, on the same frames
     /// behind the same wrapper, in the same rounds: `NAME=/sys/fs/bpf/PATH`
     /// (repeatable). Its maps must already serve the bench's VIPs
@@ -102,6 +106,7 @@ fn main() -> Result<()> {
         let r = xdp::run(
             args.repeat,
             args.rounds,
+            args.stat,
             args.conntrack,
             args.only.as_deref(),
             &args.compare_pinned,

@@ -12,7 +12,7 @@ use lb_common::{
     flowcache::CachedFlow,
     manifest::Size,
     maps::{BackendInfo, FlowKey, RingState, Traffic},
-    policy::{Maps, MapsMut},
+    policy::{CacheSlot, Maps, MapsMut},
     ring::RingChunk,
     stats::Counter,
     viptable::VipSlot,
@@ -75,6 +75,24 @@ impl Table for ConnTable {
     }
 }
 
+/// One of this CPU's flow-cache slots.
+pub struct KernelCacheSlot(*mut CachedFlow);
+
+impl CacheSlot for KernelCacheSlot {
+    #[inline(always)]
+    fn flow(&self) -> &CachedFlow {
+        // SAFETY: a per-CPU map value, valid for the program run; XDP runs
+        // with preemption off, so nothing else touches it meanwhile.
+        unsafe { &*self.0 }
+    }
+
+    #[inline(always)]
+    fn hit(&self, hits: u32) {
+        // SAFETY: as above; the only writer on this CPU.
+        unsafe { (*self.0).hits = hits };
+    }
+}
+
 /// The maps and clocks, as the policy sees them. Holds nothing (the maps
 /// are statics): `&KERNEL_MAPS` is a `'static` borrow, so a decision's
 /// references into map values outlive any handle used to write.
@@ -120,9 +138,16 @@ impl Maps for KernelMaps {
         BACKENDS.get(id)
     }
 
+    type Cache<'a> = KernelCacheSlot;
+
     #[inline(always)]
-    fn cache(&self, idx: u32) -> Option<&CachedFlow> {
-        FLOW_CACHE.get(idx)
+    fn cache(&self, idx: u32) -> Option<KernelCacheSlot> {
+        FLOW_CACHE.get_ptr_mut(idx).map(KernelCacheSlot)
+    }
+
+    #[inline(always)]
+    fn count(&self, counter: Counter) {
+        count(counter);
     }
 
     /// The coarse clock (the last timer tick's `CLOCK_MONOTONIC`): exact to
@@ -166,10 +191,6 @@ impl MapsMut for KernelMaps {
         FLOW_CACHE.get_ptr_mut(idx).map(|p| unsafe { &mut *p })
     }
 
-    #[inline(always)]
-    fn count(&mut self, counter: Counter) {
-        count(counter);
-    }
 
     #[inline(always)]
     fn entry_slot(

@@ -62,7 +62,6 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let decision = policy::decide(&KERNEL_MAPS, cfg, epoch, &key, kind);
-    decision.count(count);
     let fwd = match decision.verdict {
         Verdict::Forward(f) => f,
         Verdict::Pass(_) => return xdp_action::XDP_PASS,

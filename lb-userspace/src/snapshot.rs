@@ -19,7 +19,7 @@ use lb_common::{
     conntrack::{self, BucketHead, ConnSlot, Table},
     flowcache::CachedFlow,
     maps::{BackendInfo, FlowKey, LbConfig, RingState},
-    policy::{self, Decision, Kind, Maps},
+    policy::{self, CacheSlot, Decision, Kind, Maps},
     ring::RingChunk,
     viptable::VipSlot,
 };
@@ -256,8 +256,13 @@ impl<'e> Maps for Snapshot<'e> {
             )
         })
     }
+    type Cache<'a>
+        = SnapshotCacheSlot<'a>
+    where
+        Self: 'a;
+
     /// The entry some CPU holds for the snapshot's flow in slot `idx`.
-    fn cache(&self, idx: u32) -> Option<&CachedFlow> {
+    fn cache(&self, idx: u32) -> Option<SnapshotCacheSlot<'_>> {
         self.cache.get(idx, || {
             let per_cpu = self.read(
                 "FLOW_CACHE",
@@ -273,13 +278,26 @@ impl<'e> Maps for Snapshot<'e> {
             self.cache_cpu.store(cpu as u32, Ordering::Relaxed);
             Some(*entry)
         })
+        .map(SnapshotCacheSlot)
     }
+    /// A snapshot counts nothing.
+    fn count(&self, _counter: lb_common::stats::Counter) {}
     fn now_ticks(&self) -> u32 {
         self.now_ticks
     }
     fn now_ns(&self) -> u64 {
         self.now_ns
     }
+}
+
+/// A snapshot's cache entry: read, its hits not counted.
+pub struct SnapshotCacheSlot<'a>(&'a CachedFlow);
+
+impl CacheSlot for SnapshotCacheSlot<'_> {
+    fn flow(&self) -> &CachedFlow {
+        self.0
+    }
+    fn hit(&self, _hits: u32) {}
 }
 
 /// The flow's connection-table entry in a running data plane.

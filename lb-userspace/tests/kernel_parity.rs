@@ -235,7 +235,7 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
         }
     }
     // Cache entries: current, stale, near a refresh, or of another flow.
-    m.cache = vec![CachedFlow::default(); CACHE_SLOTS as usize];
+    m.cache = vec![std::cell::Cell::new(CachedFlow::default()); CACHE_SLOTS as usize];
     for f in flows {
         if f.proto != IPPROTO_TCP || !rng.chance(35) {
             continue;
@@ -245,7 +245,7 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
             .iter()
             .find(|v| v.key.addr == f.dst)
             .map_or(0, |v| v.id);
-        m.cache[slot] = CachedFlow {
+        m.cache[slot].set(CachedFlow {
             key: *f,
             backend_id: rng.pick(backend_ids(f)),
             hits: if rng.chance(20) {
@@ -261,7 +261,7 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
             },
             mode: rng.pick(&[Mode::Ipip, Mode::L2dsr]).wire(),
             _pad: [0; 7],
-        };
+        });
     }
 }
 
@@ -410,7 +410,7 @@ fn write_kernel(h: &mut Harness, m: &Model) {
     for (i, e) in m.cache.iter().enumerate() {
         // The tests run on CPU 0 (see `kernel::Harness`).
         let mut values = vec![CachedFlow::default(); cpus];
-        values[0] = *e;
+        values[0] = e.get();
         c.set(i as u32, PerCpuValues::try_from(values).unwrap(), 0)
             .unwrap();
     }
@@ -431,6 +431,7 @@ fn model_view(m: &Model) -> (TableView, CacheView) {
             .collect(),
         m.cache
             .iter()
+            .map(|c| c.get())
             .map(|c| (c.key, c.backend_id, c.hits, c.vip_epoch, c.vip_id, c.mode))
             .collect(),
     )
@@ -532,7 +533,7 @@ fn kernel_and_host_policy_agree_on_random_packets_and_states() {
                 .expect("every generated packet is one the policy classifies");
             assert_eq!(classified, kind);
             let before = h.counters();
-            m.counters.iter_mut().for_each(|c| *c = 0);
+            m.reset_counters();
             let t0 = programming::monotonic_coarse_ns();
             m.now_ticks = ticks(t0);
             m.now_ns = programming::monotonic_ns();
@@ -565,15 +566,10 @@ fn kernel_and_host_policy_agree_on_random_packets_and_states() {
                 Verdict::Pass(_) => assert_eq!(out.verdict, XDP_PASS, "{}: verdict", ctx()),
                 Verdict::Drop(_) => assert_eq!(out.verdict, XDP_DROP, "{}: verdict", ctx()),
             }
-            let mut counted = Vec::new();
-            d.count(|c| counted.push(c));
             let plan = match d.verdict {
                 Verdict::Forward(f) => Some(f.plan),
                 _ => None,
             };
-            for c in counted {
-                m.counters[c.index() as usize] += 1;
-            }
             if let Some(plan) = plan {
                 let epoch = m.epoch;
                 policy::apply(&mut m, &cfg_now, epoch, &key, &plan);
@@ -629,7 +625,7 @@ fn read_back(h: &Harness, m: &mut Model) {
         *s = heads.get(&(i as u32), 0).unwrap();
     }
     let c = FLOW_CACHE.per_cpu(&h.ebpf).unwrap();
-    for (i, e) in m.cache.iter_mut().enumerate() {
-        *e = c.get(&(i as u32), 0).unwrap()[0];
+    for (i, e) in m.cache.iter().enumerate() {
+        e.set(c.get(&(i as u32), 0).unwrap()[0]);
     }
 }

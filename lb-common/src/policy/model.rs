@@ -2,13 +2,14 @@
 //! tables and the kernel parity test run [`super::decide`] and
 //! [`super::apply`] over this, one CPU, with a clock the test sets.
 
+use core::cell::Cell;
 use std::{vec, vec::Vec};
 
 use crate::{
     conntrack::{BucketHead, ConnSlot, Table, WAYS},
     flowcache::CachedFlow,
     maps::{BackendInfo, LbConfig, RingState, VipInfo, VipKey},
-    policy::{Maps, MapsMut},
+    policy::{CacheSlot, Maps, MapsMut},
     ring::{RING_CHUNK, RingChunk, chunks_per_vip, ring_pos},
     stats::Counter,
     viptable::{self, VipSlot},
@@ -56,9 +57,10 @@ pub struct Model {
     pub rings: Vec<RingChunk>,
     pub backends: Vec<BackendInfo>,
     pub table: VecTable,
-    /// One CPU's flow cache.
-    pub cache: Vec<CachedFlow>,
-    pub counters: Vec<u64>,
+    /// One CPU's flow cache (cells: the decision counts hits in place).
+    pub cache: Vec<Cell<CachedFlow>>,
+    /// Cells: the decision counts as it goes.
+    pub counters: Vec<Cell<u64>>,
     pub now_ticks: u32,
     pub now_ns: u64,
 }
@@ -95,8 +97,8 @@ impl Model {
             ],
             backends: vec![BackendInfo::default(); sizes.max_backends as usize],
             table: VecTable::new(sizes.conntrack_buckets),
-            cache: vec![CachedFlow::default(); sizes.flow_cache_slots as usize],
-            counters: vec![0; Counter::COUNT as usize],
+            cache: vec![Cell::new(CachedFlow::default()); sizes.flow_cache_slots as usize],
+            counters: vec![Cell::new(0); Counter::COUNT as usize],
             now_ticks: 0,
             now_ns: 0,
         }
@@ -130,7 +132,12 @@ impl Model {
     }
 
     pub fn counter(&self, c: Counter) -> u64 {
-        self.counters[c.index() as usize]
+        self.counters[c.index() as usize].get()
+    }
+
+    /// Every counter back to zero.
+    pub fn reset_counters(&self) {
+        self.counters.iter().for_each(|c| c.set(0));
     }
 }
 
@@ -152,8 +159,18 @@ impl Maps for Model {
     fn backend(&self, id: u32) -> Option<&BackendInfo> {
         self.backends.get(id as usize)
     }
-    fn cache(&self, idx: u32) -> Option<&CachedFlow> {
-        self.cache.get(idx as usize)
+    type Cache<'a> = ModelCacheSlot<'a>;
+
+    fn cache(&self, idx: u32) -> Option<ModelCacheSlot<'_>> {
+        let cell = self.cache.get(idx as usize)?;
+        Some(ModelCacheSlot {
+            flow: cell.get(),
+            cell,
+        })
+    }
+    fn count(&self, counter: Counter) {
+        let c = &self.counters[counter.index() as usize];
+        c.set(c.get() + 1);
     }
     fn now_ticks(&self) -> u32 {
         self.now_ticks
@@ -168,9 +185,21 @@ impl MapsMut for Model {
         &mut self.table
     }
     fn cache_mut(&mut self, idx: u32) -> Option<&mut CachedFlow> {
-        self.cache.get_mut(idx as usize)
+        self.cache.get_mut(idx as usize).map(Cell::get_mut)
     }
-    fn count(&mut self, counter: Counter) {
-        self.counters[counter.index() as usize] += 1;
+}
+
+/// A slot of the model's flow cache: a copy to read, the cell to count in.
+pub struct ModelCacheSlot<'a> {
+    flow: CachedFlow,
+    cell: &'a Cell<CachedFlow>,
+}
+
+impl CacheSlot for ModelCacheSlot<'_> {
+    fn flow(&self) -> &CachedFlow {
+        &self.flow
+    }
+    fn hit(&self, hits: u32) {
+        self.cell.set(CachedFlow { hits, ..self.flow });
     }
 }

@@ -875,7 +875,7 @@ fn set_entry(m: &mut Model, key: &FlowKey, backend: u32, now: u32) {
 
 fn cache(m: &mut Model, key: &FlowKey, backend: u32, vip: u32, hits: u32, epoch: u32) {
     let slot = cache_slot(m, key);
-    m.cache[slot] = CachedFlow {
+    m.cache[slot].set(CachedFlow {
         key: *key,
         backend_id: backend,
         hits,
@@ -883,7 +883,7 @@ fn cache(m: &mut Model, key: &FlowKey, backend: u32, vip: u32, hits: u32, epoch:
         vip_id: vip,
         mode: Mode::Ipip.wire(),
         _pad: [0; 7],
-    };
+    });
 }
 
 fn given(m: &mut Model, family: Family, dst: Dst, g: Given) {
@@ -930,13 +930,13 @@ fn given(m: &mut Model, family: Family, dst: Dst, g: Given) {
             let slot = cache_slot(m, &key);
             let mut other = key;
             other.src_port ^= 1;
-            m.cache[slot] = CachedFlow {
+            m.cache[slot].set(CachedFlow {
                 key: other,
                 backend_id: b,
                 vip_epoch: m.epoch,
                 vip_id: vip,
                 ..CachedFlow::default()
-            };
+            });
         }
         G::AnyPortOnTcpVip(b) => {
             let mut vips: Vec<(VipKey, VipInfo)> = m
@@ -1044,17 +1044,12 @@ fn run(row: &Row, family: Family) -> Result<(), String> {
     if d.icmp != icmp {
         return Err(format!("icmp flag {} (decided {got})", d.icmp));
     }
-    let mut counted = Vec::new();
-    d.count(|c| counted.push(c));
-    for c in counted {
-        m.counters[c.index() as usize] += 1;
-    }
     if let Some(plan) = plan {
         apply(&mut m, &cfg, epoch, &key, &plan);
     }
     let now_entry = entry(&m, &key);
     let slot = cache_slot(&m, &key);
-    let cached = m.cache[slot];
+    let cached = m.cache[slot].get();
     let cached_here = cached.backend_id != 0 && conntrack::same_flow(&cached.key, &key);
     for a in row.after {
         let ok = match *a {
