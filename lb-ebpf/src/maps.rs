@@ -191,7 +191,6 @@ impl MapsMut for KernelMaps {
         FLOW_CACHE.get_ptr_mut(idx).map(|p| unsafe { &mut *p })
     }
 
-
     #[inline(always)]
     fn entry_slot(
         &mut self,

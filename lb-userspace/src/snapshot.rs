@@ -263,22 +263,23 @@ impl<'e> Maps for Snapshot<'e> {
 
     /// The entry some CPU holds for the snapshot's flow in slot `idx`.
     fn cache(&self, idx: u32) -> Option<SnapshotCacheSlot<'_>> {
-        self.cache.get(idx, || {
-            let per_cpu = self.read(
-                "FLOW_CACHE",
-                idx,
-                FLOW_CACHE
-                    .per_cpu(self.ebpf)
-                    .and_then(|a| a.get(&idx, 0).map_err(Into::into)),
-            )?;
-            let (cpu, entry) = per_cpu
-                .iter()
-                .enumerate()
-                .find(|(_, c)| c.backend_id != 0 && conntrack::same_flow(&c.key, &self.flow))?;
-            self.cache_cpu.store(cpu as u32, Ordering::Relaxed);
-            Some(*entry)
-        })
-        .map(SnapshotCacheSlot)
+        self.cache
+            .get(idx, || {
+                let per_cpu = self.read(
+                    "FLOW_CACHE",
+                    idx,
+                    FLOW_CACHE
+                        .per_cpu(self.ebpf)
+                        .and_then(|a| a.get(&idx, 0).map_err(Into::into)),
+                )?;
+                let (cpu, entry) = per_cpu
+                    .iter()
+                    .enumerate()
+                    .find(|(_, c)| c.backend_id != 0 && conntrack::same_flow(&c.key, &self.flow))?;
+                self.cache_cpu.store(cpu as u32, Ordering::Relaxed);
+                Some(*entry)
+            })
+            .map(SnapshotCacheSlot)
     }
     /// A snapshot counts nothing.
     fn count(&self, _counter: lb_common::stats::Counter) {}
