@@ -993,7 +993,7 @@ fn given(m: &mut Model, family: Family, dst: Dst, g: Given) {
 fn update_kind(u: &Update) -> Upd {
     match *u {
         Update::Nothing => U::Nothing,
-        Update::CacheHit { .. } => U::CacheHit,
+        Update::CacheHit => U::CacheHit,
         Update::Refresh { closing: false, .. } => U::Refresh,
         Update::Refresh { closing: true, .. } => U::RefreshClosing,
         Update::Record { closing: false, .. } => U::Record,
