@@ -5,7 +5,8 @@
 //! seconds, not everyone else), and their results come back as messages.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -17,12 +18,13 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
     task::JoinHandle,
     time::Interval,
 };
 
 use crate::{
+    announce::{self, Routes},
     api::{
         self,
         handler::{Handled, SideEffects},
@@ -88,8 +90,17 @@ impl Signals {
     }
 }
 
+/// Announcing VIPs: the routes, what is wanted of them (the announcer task
+/// follows), and what it last wrote.
+struct Announce {
+    routes: Routes,
+    want: watch::Sender<BTreeSet<IpAddr>>,
+    installed: announce::Shared,
+}
+
 /// Everything the main loop holds besides the controller.
 struct Daemon {
+    announce: Option<Announce>,
     ctl: Controller,
     resolver: Resolver,
     checks: HashMap<u32, JoinHandle<()>>,
@@ -145,6 +156,32 @@ struct Inbox {
 /// controller (which attaches the data plane), the tasks that feed the
 /// loop, and every health check.
 async fn start(config: Config) -> Result<(Daemon, Inbox)> {
+    // The announce device is checked before anything changes; and a start
+    // that fails after that withdraws whatever this node announced (nobody
+    // would answer for its data plane).
+    let routes = match &config.announce {
+        Some(a) => Some(Routes::new(a).await?),
+        None => None,
+    };
+    let started = start_with(config, routes.clone()).await;
+    if let (Err(_), Some(r)) = (&started, &routes) {
+        withdraw(r).await;
+    }
+    started
+}
+
+/// Deletes every announce route (best effort: the error is logged).
+async fn withdraw(routes: &Routes) {
+    match routes.sync(&BTreeSet::new()).await {
+        Ok((_, removed)) if !removed.is_empty() => {
+            tracing::info!(?removed, "VIPs withdrawn")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "withdrawing the VIPs failed"),
+    }
+}
+
+async fn start_with(config: Config, routes: Option<Routes>) -> Result<(Daemon, Inbox)> {
     apply_sysctls(&config);
     let listener = api::server::bind(&config.api_socket)?;
     let resolver = Resolver::new()?;
@@ -169,7 +206,16 @@ async fn start(config: Config) -> Result<(Daemon, Inbox)> {
         .as_ref()
         .map(|g| tokio::time::interval(g.interval));
     let conntrack_count = count_conntrack_in_background(ctl.pin_dir().to_path_buf());
+    let announce = routes.map(|routes| {
+        let (want, rx) = watch::channel(BTreeSet::new());
+        Announce {
+            installed: announce::spawn(routes.clone(), rx),
+            routes,
+            want,
+        }
+    });
     let mut d = Daemon {
+        announce,
         resolver,
         checks: HashMap::new(),
         check_stats: CheckStats::default(),
@@ -184,6 +230,7 @@ async fn start(config: Config) -> Result<(Daemon, Inbox)> {
     for t in d.ctl.health_targets() {
         d.start_check(t);
     }
+    d.reannounce();
     let inbox = Inbox {
         api,
         scrapes,
@@ -250,6 +297,13 @@ async fn run_async(config: Config) -> Result<()> {
     }
     print_counters(&d.ctl.ebpf, "final_counters")?;
     let _ = std::fs::remove_file(&d.ctl.config().api_socket);
+    // Keeping the data plane (a hitless restart) keeps its routes too: the
+    // fleet sees no change. Detaching withdraws them first.
+    if d.ctl.detaches_on_exit()
+        && let Some(a) = &d.announce
+    {
+        withdraw(&a.routes).await;
+    }
     d.ctl.shutdown()
 }
 
@@ -289,6 +343,28 @@ fn count_conntrack_in_background(pin_dir: std::path::PathBuf) -> Arc<Mutex<Optio
 }
 
 impl Daemon {
+    /// Hands the announcer the addresses this node should announce now (it
+    /// only wakes when the set changed).
+    fn reannounce(&self) {
+        if let Some(a) = &self.announce {
+            let want = announce::addresses(&self.ctl.announcement());
+            a.want.send_if_modified(|w| {
+                if *w == want {
+                    return false;
+                }
+                *w = want;
+                true
+            });
+        }
+    }
+
+    /// What the announcer last wrote, if lbd announces.
+    fn installed(&self) -> Option<announce::Installed> {
+        self.announce
+            .as_ref()
+            .and_then(|a| a.installed.lock().ok().map(|i| i.clone()))
+    }
+
     fn start_check(&mut self, t: HealthTarget) {
         let task = tokio::spawn(health::run(
             t.id,
@@ -320,7 +396,8 @@ impl Daemon {
             .map(|c| c.clone())
             .unwrap_or_default();
         let n = self.conntrack_count.lock().ok().and_then(|c| *c);
-        metrics::render(&self.ctl.list(), &self.ctl.ebpf, &checks, n)
+        let node = self.ctl.node_status(self.installed().as_ref());
+        metrics::render(&self.ctl.list(), &self.ctl.ebpf, &checks, n, &node)
             .unwrap_or_else(|e| format!("# lbd could not read its maps: {e:#}\n"))
     }
 
@@ -352,7 +429,8 @@ impl Daemon {
 
     /// Handles one control request; true when lbd must exit.
     async fn on_call(&mut self, call: ApiCall) -> bool {
-        match api::handler::handle(&mut self.ctl, &call.request) {
+        let installed = self.installed();
+        match api::handler::handle(&mut self.ctl, &call.request, installed.as_ref()) {
             Handled::Answer(answer, fx) => self.answer(call, answer, fx).await,
             Handled::Resolve(new) => {
                 let (resolver, tx) = (self.resolver.clone(), self.resolved_tx.clone());
@@ -382,6 +460,7 @@ impl Daemon {
         if answer.0 == 200 && call.request.method == "POST" {
             event(json!({"event": "admin", "path": call.request.path, "result": answer.1}));
         }
+        self.reannounce();
         let _ = call.reply.send(answer);
         if fx.teardown {
             self.ctl.detach_on_exit();
@@ -392,7 +471,9 @@ impl Daemon {
     }
 
     fn on_health(&mut self, ev: &HealthEvent) {
-        match self.ctl.on_health(ev) {
+        let applied = self.ctl.on_health(ev);
+        self.reannounce();
+        match applied {
             Ok(Some((vip, status))) => {
                 tracing::warn!(%vip, backend = %status.address, health = ?ev.health, reason = %ev.reason, "backend health changed");
                 event(json!({

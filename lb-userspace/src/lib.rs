@@ -1,5 +1,6 @@
 //! Controller library: everything `lbd` and `lbctl` do, behind thin binaries.
 
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -9,7 +9,7 @@ use aya::Ebpf;
 use lb_common::{maps::Traffic, stats::Counter};
 
 use crate::{
-    api::{BackendState, VipStatus},
+    api::{BackendState, NodeStatus, VipStatus},
     health::CheckRecord,
     maps::{STATS_BACKEND, STATS_VIP},
     stats::{self, traffic},
@@ -105,13 +105,41 @@ pub fn render(
     ebpf: &Ebpf,
     checks: &HashMap<u32, CheckRecord>,
     conntrack: Option<crate::stats::TableCount>,
+    node: &NodeStatus,
 ) -> Result<String> {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
     backends(&mut f, vips, ebpf, checks)?;
     per_vip(&mut f, vips, ebpf)?;
+    announcement(&mut f, node);
     globals(&mut f, ebpf, conntrack)?;
     Ok(out)
+}
+
+/// The node in its fleet: drained or not, and (when lbd announces) each
+/// VIP's announcement.
+fn announcement(f: &mut Family, node: &NodeStatus) {
+    f.head(
+        "lb_node_drained",
+        "gauge",
+        "1 while the node is drained (lbctl node drain): it announces no VIP.",
+    );
+    f.sample("lb_node_drained", &[], u8::from(node.drained));
+    if node.announce.is_none() {
+        return;
+    }
+    f.head(
+        "lb_vip_announced",
+        "gauge",
+        "1 while this node announces the VIP: it should receive its traffic and its route is in the announce table.",
+    );
+    for v in &node.vips {
+        f.sample(
+            "lb_vip_announced",
+            &[("vip", &v.decision.vip)],
+            u8::from(v.decision.announce && v.route_installed),
+        );
+    }
 }
 
 type BackendRow<'a> = (&'a VipStatus, &'a crate::api::BackendStatus, Traffic);

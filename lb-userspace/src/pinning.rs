@@ -83,24 +83,6 @@ pub fn load(dir: &Path, sizes: &MapSizes) -> Result<Pinned> {
             }
         }
     }
-    if adopted {
-        // The ring size is not a map size (rings are stored 16 slots to an
-        // element, so 65,537 and 65,539 fill as many), but every ring and
-        // every flow's slot depends on it.
-        let running = crate::maps::CONFIG
-            .pinned(dir)?
-            .get(&0, 0)
-            .with_context(|| format!("reading the running CONFIG in {}", dir.display()))?
-            .ring_size;
-        if running != 0 && running != sizes.ring_size {
-            bail!(
-                "the running data plane in {} has ring size {running}, the configuration asks for \
-                 {}: changing it needs `lbd --teardown` (a restart that drops connections)",
-                dir.display(),
-                sizes.ring_size
-            );
-        }
-    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let paths: Vec<(&str, PathBuf)> = pinned_maps().map(|m| (m, dir.join(m))).collect();
     let mut loader = EbpfLoader::new();

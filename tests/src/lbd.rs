@@ -86,19 +86,44 @@ pub fn stop(lbd: &mut Spawned) -> Result<(String, Option<ExitStatus>)> {
 
 /// Removes the pins of the lbd configured by the file it holds (lbd keeps
 /// its data plane on exit, for the hitless restart), and the file's
-/// directory, however the holder ends.
-pub struct Teardown(pub PathBuf);
+/// directory, however the holder ends. With a namespace, `lbd --teardown`
+/// runs in it, so an `[announce]` table is flushed there, not on the host.
+pub struct Teardown {
+    config: PathBuf,
+    ns: Option<String>,
+}
+
+impl Teardown {
+    pub fn new(config: PathBuf) -> Self {
+        Teardown { config, ns: None }
+    }
+
+    pub fn in_netns(config: PathBuf, ns: &str) -> Self {
+        Teardown {
+            config,
+            ns: Some(ns.to_owned()),
+        }
+    }
+}
 
 impl Drop for Teardown {
     fn drop(&mut self) {
         if let Ok(lbd) = lbd_path() {
-            let _ = Command::new(lbd)
-                .arg("--config")
-                .arg(&self.0)
-                .arg("--teardown")
-                .output();
+            let run = || {
+                let _ = Command::new(&lbd)
+                    .arg("--config")
+                    .arg(&self.config)
+                    .arg("--teardown")
+                    .output();
+            };
+            match &self.ns {
+                Some(ns) => {
+                    let _ = crate::in_netns(ns, run);
+                }
+                None => run(),
+            }
         }
-        if let Some(dir) = self.0.parent() {
+        if let Some(dir) = self.config.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }
     }

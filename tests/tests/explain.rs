@@ -126,7 +126,7 @@ fn explain_names_the_backend_packets_reach() {
         ),
     )
     .unwrap();
-    let _teardown = lbd::Teardown(cfg.clone());
+    let _teardown = lbd::Teardown::new(cfg.clone());
     let (mut lbd_proc, _) = lbd::start(&t, &cfg).unwrap();
     let socket = dir.join("lbd.sock");
     let vip = format!("{vip_ip}:{PORT}/tcp");

@@ -60,7 +60,7 @@ fn the_main_loop_answers_while_next_hops_are_resolved() {
         ),
     )
     .unwrap();
-    let _teardown = lbd::Teardown(cfg.clone());
+    let _teardown = lbd::Teardown::new(cfg.clone());
     let (mut lbd_proc, _) = lbd::start(&t, &cfg).unwrap();
     let socket = dir.join("lbd.sock");
     let vip = format!("{vip_ip}:{UDP_PORT}/udp");
@@ -145,7 +145,7 @@ fn a_reused_backend_id_starts_with_zeroed_counters() {
         ),
     )
     .unwrap();
-    let _teardown = lbd::Teardown(cfg.clone());
+    let _teardown = lbd::Teardown::new(cfg.clone());
     let (mut lbd_proc, _) = lbd::start(&t, &cfg).unwrap();
     let socket = dir.join("lbd.sock");
     let vip = format!("{vip_ip}:{UDP_PORT}/udp");

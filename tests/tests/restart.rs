@@ -49,7 +49,7 @@ fn restart_under_load_loses_nothing() {
         ),
     )
     .unwrap();
-    let _teardown = lbd::Teardown(config.clone());
+    let _teardown = lbd::Teardown::new(config.clone());
 
     let (mut lbd, ready) = lbd::start(&t, &config).unwrap();
     assert!(ready.contains("\"adopted\":false"), "{ready}");
@@ -130,7 +130,8 @@ fn restart_under_load_loses_nothing() {
 
 /// A restart that would change the ring size is refused, not adopted: the
 /// ring size is no map size (65,537 and 65,539 slots fill as many `RINGS`
-/// elements), but every ring and every flow's slot depends on it.
+/// elements), but every ring and every flow's slot depends on it (the
+/// hash seed likewise; `--accept-ring-change` lets it through).
 #[test]
 fn a_restart_with_another_ring_size_is_refused() {
     let t = Topology::new(1).unwrap();
@@ -155,7 +156,7 @@ fn a_restart_with_another_ring_size_is_refused() {
         .unwrap();
     };
     write(65537);
-    let _teardown = lbd::Teardown(config.clone());
+    let _teardown = lbd::Teardown::new(config.clone());
     let (mut first, _) = lbd::start(&t, &config).unwrap();
     lbd::stop(&mut first).unwrap();
     write(65539);
@@ -172,7 +173,8 @@ fn a_restart_with_another_ring_size_is_refused() {
     let out = String::from_utf8_lossy(&out.stderr);
     let msg = out.to_string();
     assert!(
-        msg.contains("ring size 65537") && msg.contains("asks for 65539"),
+        msg.contains("other rings (ring_size 65537 -> 65539)")
+            && msg.contains("--accept-ring-change"),
         "{msg}"
     );
 }

@@ -11,6 +11,7 @@ use super::{
     TeardownStarted, VipRemoved, VipRequest, http::Request,
 };
 use crate::{
+    announce::Installed,
     config::{DEFAULT_WEIGHT, ForwardMode, VipSpec},
     controller::{AdminError, Controller, HealthTarget, NewBackend},
     neigh::NextHop,
@@ -70,15 +71,18 @@ pub enum Handled {
 
 /// Handles one request; mutating requests are persisted before answering.
 /// Never waits on the network.
-pub fn handle(ctl: &mut Controller, req: &Request) -> Handled {
+/// `installed`: the announcer's last state, for `GET /v1/node`.
+pub fn handle(ctl: &mut Controller, req: &Request, installed: Option<&Installed>) -> Handled {
     let mut fx = SideEffects::default();
-    let answer = match route(ctl, req, &mut fx) {
+    let answer = match route(ctl, req, &mut fx, installed) {
         Ok(Routed::Answer(a)) => a,
         Ok(Routed::Resolve(new)) => return Handled::Resolve(new),
         Err(a) => a,
     };
     let mutating = req.method == "POST"
-        && (req.path.starts_with("/v1/backends/") || req.path.starts_with("/v1/vips/"));
+        && (req.path.starts_with("/v1/backends/")
+            || req.path.starts_with("/v1/vips/")
+            || req.path.starts_with("/v1/node/"));
     Handled::Answer(persisted(ctl, answer, mutating), fx)
 }
 
@@ -129,9 +133,15 @@ fn route(
     ctl: &mut Controller,
     req: &Request,
     fx: &mut SideEffects,
+    installed: Option<&Installed>,
 ) -> Result<Routed, (u16, Value)> {
     let answer = match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/v1/vips") => ok(ctl.list()),
+        ("GET", "/v1/node") => ok(ctl.node_status(installed)),
+        ("POST", path @ ("/v1/node/drain" | "/v1/node/undrain")) => {
+            ctl.set_node_drained(path.ends_with("/drain"));
+            ok(ctl.node_status(installed))
+        }
         ("GET", "/v1/stats") => match crate::metrics::snapshot(&ctl.list(), &ctl.ebpf) {
             Ok(s) => ok(s),
             Err(e) => err(500, format!("{e:#}")),
@@ -217,7 +227,7 @@ fn route(
         (
             _,
             "/v1/vips" | "/v1/counters" | "/v1/explain" | "/v1/vips/add" | "/v1/vips/remove"
-            | "/v1/teardown",
+            | "/v1/teardown" | "/v1/node" | "/v1/node/drain" | "/v1/node/undrain",
         )
         | (
             _,

@@ -8,8 +8,8 @@ pub mod server;
 pub mod types;
 
 pub use types::{
-    BackendRemoved, BackendState, BackendStatus, DebugSwitched, Explanation, TeardownStarted,
-    VipRemoved, VipStatus,
+    AnnounceTarget, BackendRemoved, BackendState, BackendStatus, DebugSwitched, Explanation,
+    NodeStatus, TeardownStarted, VipNodeStatus, VipRemoved, VipStatus,
 };
 
 use serde::{Deserialize, Serialize};

@@ -131,3 +131,37 @@ pub struct DebugSwitched {
 pub struct TeardownStarted {
     pub teardown: String,
 }
+
+/// `GET /v1/node`: this node as a member of a fleet.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// `lbctl node drain`: no VIP announced, forwarding unchanged.
+    pub drained: bool,
+    /// Where announced VIPs' routes go; `None`: lbd announces nothing.
+    pub announce: Option<AnnounceTarget>,
+    pub hash_seed: u32,
+    pub ring_size: u32,
+    /// Set when this lbd adopted a data plane built with other rings
+    /// (accepted with `--accept-ring-change`): what changed.
+    pub ring_change: Option<String>,
+    pub vips: Vec<VipNodeStatus>,
+    /// The last failure to write the announce routes, if the last attempt
+    /// failed.
+    pub routes_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnnounceTarget {
+    pub table: u32,
+    pub device: String,
+}
+
+/// One VIP: whether this node should announce it, why, and whether its
+/// route is in the table now.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VipNodeStatus {
+    #[serde(flatten)]
+    pub decision: crate::announce::VipAnnouncement,
+    /// Its address's route is in the announce table.
+    pub route_installed: bool,
+}

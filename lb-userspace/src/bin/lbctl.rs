@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use lb_userspace::{
-    cli::{CliError, Lbctl, sysctl::Sysctl},
+    cli::{CliError, Lbctl, NodeAction, sysctl::Sysctl},
     sysctl::Role,
 };
 
@@ -79,6 +79,12 @@ enum Cmd {
     },
     /// Detach and unpin the data plane, and stop lbd.
     Teardown,
+    /// This node in its fleet: drain or undrain it (withdraw or announce
+    /// every VIP), or show what it announces and why.
+    Node {
+        #[command(subcommand)]
+        action: NodeCmd,
+    },
     /// Data-plane debug events (new flows, drops) on lbd's stdout: on or off.
     Debug {
         #[arg(value_parser = ["on", "off"])]
@@ -90,6 +96,17 @@ enum Cmd {
         #[command(subcommand)]
         action: SysctlAction,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Drained or not, the announce table, each VIP's announcement and why.
+    Status,
+    /// Withdraw every VIP (for maintenance); the data plane keeps
+    /// forwarding whatever still arrives.
+    Drain,
+    /// Announce the VIPs again.
+    Undrain,
 }
 
 #[derive(Subcommand)]
@@ -166,6 +183,11 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         } => lbd.vip_remove(&vip),
         Cmd::Teardown => lbd.teardown(),
         Cmd::Debug { state } => lbd.debug(state == "on"),
+        Cmd::Node { action } => lbd.node(match action {
+            NodeCmd::Status => NodeAction::Status,
+            NodeCmd::Drain => NodeAction::Drain,
+            NodeCmd::Undrain => NodeAction::Undrain,
+        }),
         Cmd::Sysctl { action } => sysctl(action, cli.json),
     }
 }

@@ -25,9 +25,15 @@ struct Args {
     /// Only validate the configuration and exit.
     #[arg(long, requires = "config")]
     check: bool,
-    /// Remove the instance's pinned data plane (detaches the program) and exit.
+    /// Remove the instance's pinned data plane (detaches the program) and its
+    /// announce routes, and exit.
     #[arg(long, requires = "config")]
     teardown: bool,
+    /// Adopt a running data plane although this configuration changes its
+    /// rings (another hash_seed or ring size): every flow without a
+    /// connection-table entry moves. For a whole fleet changing together.
+    #[arg(long, requires = "config")]
+    accept_ring_change: bool,
     /// Without a configuration: attach to this interface and only count.
     #[arg(long, short = 'i', required_unless_present = "config")]
     interface: Option<String>,
@@ -46,7 +52,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(path) = &args.config {
         // Validation errors are for a person: file:line:col: field: why.
-        let config = match Config::load(path) {
+        let mut config = match Config::load(path) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("lbd: {e}");
@@ -67,21 +73,40 @@ fn main() -> ExitCode {
         };
         tracing::debug!(lock = %lock.path().display(), "instance lock held");
         if args.teardown {
-            let dir = lb_userspace::pinning::pin_dir(&config.name);
-            return report(lb_userspace::pinning::teardown(&dir).map(|removed| {
-                println!(
-                    "{}: {}",
-                    dir.display(),
-                    if removed { "removed" } else { "nothing pinned" }
-                );
-            }));
+            return report(teardown(&config));
         }
+        config.accept_ring_change = args.accept_ring_change;
         let result = daemon::run(config);
         drop(lock);
         return report(result);
     }
     let interface = args.interface.clone().unwrap_or_default();
     report(run_bare(interface, args.xdp_mode))
+}
+
+/// `lbd --teardown`: the VIPs withdrawn first (no router sends to a node
+/// about to stop forwarding), then the data plane unpinned.
+fn teardown(config: &Config) -> Result<()> {
+    if let Some(a) = &config.announce {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(async {
+                let routes = lb_userspace::announce::Routes::new(a).await?;
+                let (_, removed) = routes.sync(&Default::default()).await?;
+                println!("table {}: {} routes withdrawn", a.table, removed.len());
+                anyhow::Ok(())
+            })?;
+    }
+    let dir = lb_userspace::pinning::pin_dir(&config.name);
+    let removed = lb_userspace::pinning::teardown(&dir)?;
+    println!(
+        "{}: {}",
+        dir.display(),
+        if removed { "removed" } else { "nothing pinned" }
+    );
+    Ok(())
 }
 
 fn report(r: Result<()>) -> ExitCode {

@@ -191,6 +191,16 @@ impl Lbctl {
         self.run("POST", "/v1/teardown", None, render::teardown)
     }
 
+    /// `lbctl node status|drain|undrain`.
+    pub fn node(&self, action: NodeAction) -> Result<(), CliError> {
+        let (method, path) = match action {
+            NodeAction::Status => ("GET", "/v1/node"),
+            NodeAction::Drain => ("POST", "/v1/node/drain"),
+            NodeAction::Undrain => ("POST", "/v1/node/undrain"),
+        };
+        self.run(method, path, None, render::node)
+    }
+
     pub fn debug(&self, enabled: bool) -> Result<(), CliError> {
         let body = to_body(&DebugRequest { enabled })?;
         self.run("POST", "/v1/debug", Some(body), render::debug)
@@ -230,6 +240,14 @@ impl Lbctl {
         }
         Err(refusal(status, answer))
     }
+}
+
+/// What `lbctl node` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeAction {
+    Status,
+    Drain,
+    Undrain,
 }
 
 fn refusal(status: u16, answer: Value) -> CliError {

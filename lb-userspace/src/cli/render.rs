@@ -5,9 +5,10 @@ use std::{collections::BTreeMap, fmt::Write};
 
 use super::stats::{Rates, VipRates};
 use crate::{
+    announce::Reason,
     api::{
-        BackendRemoved, BackendState, BackendStatus, DebugSwitched, Explanation, TeardownStarted,
-        VipRemoved, VipStatus,
+        BackendRemoved, BackendState, BackendStatus, DebugSwitched, Explanation, NodeStatus,
+        TeardownStarted, VipRemoved, VipStatus,
     },
     health::Health,
     sysctl::Row,
@@ -79,6 +80,50 @@ pub fn vip_removed(r: &VipRemoved) -> String {
 pub fn debug(d: &DebugSwitched) -> String {
     let on = if d.debug { "on" } else { "off" };
     format!("data-plane debug events {on}\n")
+}
+
+/// `lbctl node status` (and what drain/undrain answer): the node, then
+/// one line per VIP with its announcement and why.
+pub fn node(n: &NodeStatus) -> String {
+    let mut out = String::new();
+    let announce = match &n.announce {
+        Some(a) => format!("routes in table {} dev {}", a.table, a.device),
+        None => "not announcing ([announce] not configured)".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "node {}; {announce}; hash_seed {}, ring size {}",
+        if n.drained { "DRAINED" } else { "in service" },
+        n.hash_seed,
+        n.ring_size
+    );
+    if let Some(c) = &n.ring_change {
+        let _ = writeln!(
+            out,
+            "WARNING: adopted a data plane with other rings ({c}): accepted with --accept-ring-change"
+        );
+    }
+    if let Some(e) = &n.routes_error {
+        let _ = writeln!(out, "WARNING: writing the announce routes failed: {e}");
+    }
+    for v in &n.vips {
+        let d = &v.decision;
+        let why = match d.reason {
+            Reason::Announced => "announced".to_owned(),
+            Reason::NoHealthyBackends { healthy, needed } => {
+                format!("withdrawn: {healthy} healthy backends, {needed} needed")
+            }
+            Reason::NodeDrained => "withdrawn: the node is drained".to_owned(),
+            Reason::Detached => "withdrawn: the data plane is detached".to_owned(),
+        };
+        let route = match (n.announce.is_some(), v.route_installed) {
+            (false, _) => "",
+            (true, true) => " (route installed)",
+            (true, false) => " (no route)",
+        };
+        let _ = writeln!(out, "  {:<40} {why}{route}", d.vip);
+    }
+    out
 }
 
 pub fn teardown(t: &TeardownStarted) -> String {

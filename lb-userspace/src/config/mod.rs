@@ -8,6 +8,7 @@
 //! health check and backends. The rules for a backend ([`check_backend`])
 //! are the control API's too.
 
+mod announce;
 mod backend;
 mod dataplane;
 mod graphite;
@@ -28,6 +29,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::dataplane::{AttachMode, MapSizes};
+pub use announce::DEFAULT_TABLE as DEFAULT_ANNOUNCE_TABLE;
 pub use backend::{BackendField, BackendRule, EncapSources, check_backend};
 pub use vip::{Proto, VipSpec};
 
@@ -160,6 +162,9 @@ pub struct VipConfig {
     pub mode: ForwardMode,
     pub health_check: HealthCheck,
     pub backends: Vec<BackendConfig>,
+    /// Healthy backends below which this node stops announcing the VIP;
+    /// `None`: `announce.min_healthy_backends`.
+    pub min_healthy_backends: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,7 +185,25 @@ pub struct Config {
     pub encap_source_v6: Option<Ipv6Addr>,
     pub sysctl_apply: bool,
     pub graphite: Option<GraphiteConfig>,
+    /// Announcing VIPs through a routing table; `None`: not at all (the
+    /// VIPs are routed to this node some other way).
+    pub announce: Option<AnnounceConfig>,
     pub vips: Vec<VipConfig>,
+    /// Accept a restart that changes every ring (another `hash_seed` or
+    /// ring size than the running data plane's): `lbd
+    /// --accept-ring-change`, never from the file.
+    pub accept_ring_change: bool,
+}
+
+/// `[announce]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnnounceConfig {
+    /// The kernel routing table announced VIPs go in.
+    pub table: u32,
+    /// The device of those routes (`lo`: the routes only say "this node").
+    pub device: String,
+    /// Healthy backends a VIP needs to be announced (per VIP overridable).
+    pub min_healthy_backends: u32,
 }
 
 /// Graphite plaintext push: `<prefix>.<vip>.<backend>.<metric> <value> <ts>`.
@@ -205,6 +228,8 @@ struct RawConfig {
     sysctl: Option<RawSysctl>,
     #[serde(default)]
     graphite: Option<Spanned<graphite::RawGraphite>>,
+    #[serde(default)]
+    announce: Option<announce::RawAnnounce>,
     #[serde(default)]
     vip: Vec<Spanned<vips::RawVip>>,
 }
@@ -325,6 +350,10 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         None => None,
         Some(g) => Some(graphite::graphite(src, g.into_inner())?),
     };
+    let announce = match raw.announce {
+        None => None,
+        Some(a) => Some(announce::announce(src, a)?),
+    };
     let vips = vips::vips(src, raw.vip, &dp.sizes, dp.encap)?;
     Ok(Config {
         name: inst.name,
@@ -342,7 +371,9 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         encap_source_v6: dp.encap.v6,
         sysctl_apply: raw.sysctl.unwrap_or_default().apply,
         graphite,
+        announce,
         vips,
+        accept_ring_change: false,
     })
 }
 

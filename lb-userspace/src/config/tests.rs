@@ -746,3 +746,49 @@ fn config_gives_its_encap_sources() {
     let c = Config::parse("lb.toml", MINIMAL).expect("the minimal config is valid");
     assert_eq!(c.encap_sources(), EncapSources::default());
 }
+
+#[test]
+fn announce_defaults_and_limits() {
+    let c = Config::parse("lb.toml", MINIMAL).unwrap();
+    assert_eq!(c.announce, None, "no [announce]: nothing announced");
+    let c = Config::parse("lb.toml", &format!("{MINIMAL}[announce]\n")).unwrap();
+    assert_eq!(
+        c.announce,
+        Some(AnnounceConfig {
+            table: DEFAULT_ANNOUNCE_TABLE,
+            device: "lo".into(),
+            min_healthy_backends: 1,
+        })
+    );
+    let c = Config::parse(
+        "lb.toml",
+        &with_vip(
+            "[announce]\ntable = 4242\nmin_healthy_backends = 2\n\
+             [[vip]]\naddress = \"198.18.100.1:80/tcp\"\nmode = \"ipip\"\nmin_healthy_backends = 3\n",
+        ),
+    )
+    .unwrap();
+    let a = c.announce.unwrap();
+    assert_eq!((a.table, a.min_healthy_backends), (4242, 2));
+    assert_eq!(c.vips[0].min_healthy_backends, Some(3));
+    for table in [0, 253, 254, 255] {
+        rejects(
+            &format!("{MINIMAL}[announce]\ntable = {table}\n"),
+            5,
+            "announce.table",
+            "a table of its own",
+        );
+    }
+    rejects(
+        &format!("{MINIMAL}[announce]\ndevice = \"\"\n"),
+        5,
+        "announce.device",
+        "1 to 15 characters",
+    );
+    rejects(
+        &format!("{MINIMAL}[announce]\nrouter = \"x\"\n"),
+        5,
+        "",
+        "unknown field",
+    );
+}

@@ -22,6 +22,8 @@ pub(super) struct RawVip {
     health_check: Option<Spanned<RawCheck>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
+    #[serde(default)]
+    min_healthy_backends: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -101,6 +103,7 @@ fn vip(
         mode: rv.mode,
         health_check,
         backends,
+        min_healthy_backends: rv.min_healthy_backends,
     })
 }
 

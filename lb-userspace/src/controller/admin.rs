@@ -228,6 +228,7 @@ impl Controller {
                 mode,
                 health_check,
                 backends: Vec::new(),
+                min_healthy_backends: None,
             },
             vip_id,
             backends: Vec::new(),

@@ -12,6 +12,7 @@
 mod admin;
 mod explain;
 mod kernel;
+mod node;
 pub mod persist;
 
 use std::{
@@ -81,6 +82,13 @@ pub struct Controller {
     vips: Vec<VipRuntime>,
     used_ids: BTreeSet<u32>,
     last_token: u64,
+    /// The data plane is attached and this lbd answers for it; false from
+    /// a teardown's start, so every VIP is withdrawn before the program
+    /// detaches.
+    attached: bool,
+    /// How this lbd's rings differ from the data plane it adopted (another
+    /// hash seed or ring size, accepted with `--accept-ring-change`).
+    ring_change: Option<String>,
 }
 
 /// Ids for every VIP and backend: saved ones first (an adopted data
@@ -228,6 +236,11 @@ impl Controller {
         let Pinned {
             mut ebpf, adopted, ..
         } = pinning::load(&pin_dir, &config.sizes)?;
+        let ring_change = if adopted {
+            node::ring_change(&ebpf, &config)?
+        } else {
+            None
+        };
         programming::set_config(&mut ebpf, &lb_config(&config))?;
         let mut ctl = Controller {
             ebpf,
@@ -239,6 +252,8 @@ impl Controller {
             vips: Vec::new(),
             used_ids: ids.used.clone(),
             last_token: 0,
+            attached: false,
+            ring_change,
         };
         ctl.build_runtime(&saved, &ids, &hops)?;
         for id in &ids.fresh {
@@ -247,6 +262,7 @@ impl Controller {
         ctl.program_all()?;
         let (iface, mode) = (ctl.config.interface.clone(), ctl.config.xdp_mode);
         pinning::attach(&mut ctl.ebpf, &ctl.pin_dir, ctl.adopted, &iface, mode)?;
+        ctl.attached = true;
         // Records the backend ids the connection table now refers to.
         ctl.persist()?;
         Ok(ctl)
@@ -408,9 +424,17 @@ impl Controller {
         &self.pin_dir
     }
 
-    /// From now on, exiting detaches and unpins everything.
+    /// From now on, exiting detaches and unpins everything; no VIP is
+    /// announced any more.
     pub fn detach_on_exit(&mut self) {
         self.config.on_exit = OnExit::Detach;
+        self.attached = false;
+    }
+
+    /// Whether exiting detaches the data plane (its VIPs must be withdrawn
+    /// first).
+    pub fn detaches_on_exit(&self) -> bool {
+        self.config.on_exit == OnExit::Detach
     }
 
     pub fn config(&self) -> &Config {

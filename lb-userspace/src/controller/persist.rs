@@ -34,6 +34,10 @@ pub struct SavedState {
     /// rings stay with their VIPs.
     #[serde(default)]
     pub vip_ids: BTreeMap<String, u32>,
+    /// `lbctl node drain`: the node announces no VIP, across restarts (an
+    /// operator drains for maintenance, and an upgrade restarts lbd).
+    #[serde(default)]
+    pub node_drained: bool,
 }
 
 /// A runtime-added VIP's definition.
@@ -63,6 +67,7 @@ pub struct Overlay {
     pub removed_vips: BTreeSet<String>,
     /// Each VIP's backends as the file has them now.
     pub configured: BTreeMap<String, Vec<(IpAddr, u32)>>,
+    pub node_drained: bool,
 }
 
 /// Reads the state file; a missing file is an empty state.
@@ -94,6 +99,7 @@ pub fn merge(config: &mut Config, saved: &SavedState) -> Result<Overlay> {
             mode: def.mode,
             health_check,
             backends: Vec::new(),
+            min_healthy_backends: None,
         });
     }
     // What the file says, before runtime changes are laid over it.
@@ -129,6 +135,7 @@ pub fn merge(config: &mut Config, saved: &SavedState) -> Result<Overlay> {
         added_vips: saved.added_vips.clone(),
         removed_vips: saved.removed_vips.clone(),
         configured,
+        node_drained: saved.node_drained,
     })
 }
 
@@ -139,6 +146,7 @@ impl Controller {
             added_vips: self.overlay.added_vips.clone(),
             removed_vips: self.overlay.removed_vips.clone(),
             configured: self.overlay.configured.clone(),
+            node_drained: self.overlay.node_drained,
             vip_ids: self
                 .vips
                 .iter()

@@ -204,7 +204,7 @@ fn run(keep: bool) -> Result<()> {
     std::fs::write(&config, text)?;
     // lbd keeps its data plane on exit (hitless restart): unpin it however
     // the demo ends.
-    let _unpin = lb_tests::lbd::Teardown(config.clone());
+    let _unpin = lb_tests::lbd::Teardown::new(config.clone());
 
     let lbd = start_lbd(&t, &config)?;
     println!(
