@@ -128,18 +128,19 @@ fn restart_under_load_loses_nothing() {
     drop(lbd2);
 }
 
-/// A restart that would change the ring size is refused, not adopted: the
-/// ring size is no map size (65,537 and 65,539 slots fill as many `RINGS`
-/// elements), but every ring and every flow's slot depends on it (the
-/// hash seed likewise; `--accept-ring-change` lets it through).
+/// A restart that would change every ring is refused, not adopted: another
+/// ring size (no map size: 65,537 and 65,539 slots fill as many `RINGS`
+/// elements) or another hash seed moves every flow's slot, and on a fleet
+/// would make this node disagree with its peers. `--accept-ring-change`
+/// lets it through, and `lbctl node status` says so.
 #[test]
-fn a_restart_with_another_ring_size_is_refused() {
+fn a_restart_with_other_rings_is_refused_unless_accepted() {
     let t = Topology::new(1).unwrap();
     let vip: IpAddr = addressing::vip_v4(1).into();
     let dir = std::env::temp_dir().join(format!("{}-ringsize", t.id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("lb.toml");
-    let write = |ring: u32| {
+    let write = |ring: u32, seed: u32| {
         let pre = lbd::Preamble {
             on_exit: "keep",
             ..Default::default()
@@ -148,33 +149,63 @@ fn a_restart_with_another_ring_size_is_refused() {
         std::fs::write(
             &config,
             format!(
-                "{}ring_size = {ring}\n[[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n{}",
+                "{}ring_size = {ring}
+hash_seed = {seed}
+[[vip]]
+address = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n{}",
                 pre,
                 lb_tests::lbd::backend_tables(t.backends())
             ),
         )
         .unwrap();
     };
-    write(65537);
+    let lbd_bin = lb_tests::lbd_path().unwrap();
+    let run = |extra: &[&str]| {
+        in_netns(t.lb().ns(), || {
+            std::process::Command::new(&lbd_bin)
+                .arg("--config")
+                .arg(&config)
+                .args(extra)
+                .output()
+                .unwrap()
+        })
+        .unwrap()
+    };
+    write(65537, 1);
     let _teardown = lbd::Teardown::new(config.clone());
     let (mut first, _) = lbd::start(&t, &config).unwrap();
     lbd::stop(&mut first).unwrap();
-    write(65539);
-    let lbd_bin = lb_tests::lbd_path().unwrap();
-    let out = in_netns(t.lb().ns(), || {
-        std::process::Command::new(&lbd_bin)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap()
-    })
-    .unwrap();
-    assert!(!out.status.success(), "refused");
-    let out = String::from_utf8_lossy(&out.stderr);
-    let msg = out.to_string();
+    for (ring, seed, change) in [
+        (65539, 1, "ring_size 65537 -> 65539"),
+        (65537, 2, "hash_seed 1 -> 2"),
+    ] {
+        write(ring, seed);
+        let out = run(&[]);
+        assert!(!out.status.success(), "{change}: refused");
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            msg.contains(&format!("other rings ({change})"))
+                && msg.contains("--accept-ring-change"),
+            "{msg}"
+        );
+    }
+    // Accepted: the node says so.
+    let mut cmd = std::process::Command::new(&lbd_bin);
+    cmd.arg("--config").arg(&config).arg("--accept-ring-change");
+    let mut accepted = t.spawn(t.lb().ns(), &mut cmd).unwrap();
+    accepted
+        .wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(30))
+        .unwrap();
+    let status = std::process::Command::new(lb_tests::lbctl_path().unwrap())
+        .arg("--socket")
+        .arg(dir.join("lbd.sock"))
+        .args(["node", "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
     assert!(
-        msg.contains("other rings (ring_size 65537 -> 65539)")
-            && msg.contains("--accept-ring-change"),
-        "{msg}"
+        status.contains("WARNING: adopted a data plane with other rings (hash_seed 1 -> 2)"),
+        "{status}"
     );
+    lbd::stop(&mut accepted).unwrap();
 }
