@@ -8,7 +8,7 @@ use lb_userspace::dataplane::{self, AttachMode, MapSizes};
 /// Programs that must stay loaded while a test runs.
 pub struct Fabric {
     _decaps: Vec<Ebpf>,
-    _peer: Option<Ebpf>,
+    _peers: Vec<Ebpf>,
 }
 
 /// Tiny maps: these loads only need the object's helper programs.
@@ -24,19 +24,18 @@ fn small() -> MapSizes {
 
 /// Makes the topology carry balanced traffic in `mode`: the `decap` program
 /// on every backend (our test kernels have no ipip module), and for native
-/// mode the recipe that works on veth (XDP on the LB's bridge port, no TX
-/// checksum offload on the client).
+/// mode the recipe that works on veth (XDP on every LB's bridge port, no TX
+/// checksum offload on the client). A fleet's router forwards without
+/// touching L4 checksums, so the client stays the one place to turn that off.
 pub fn prepare(t: &Topology, mode: AttachMode) -> Result<Fabric> {
-    let peer = if mode == AttachMode::Native {
+    let peers = if mode == AttachMode::Native {
         t.disable_tx_checksum_offload(t.client().ns())?;
-        let name = t.lb().peer_ifname().to_owned();
-        Some(in_netns(t.fabric_ns(), move || -> Result<Ebpf> {
-            let mut e = dataplane::load_balancer_with(&small())?;
-            dataplane::attach_program(&mut e, dataplane::PASS_PROGRAM, &name, AttachMode::Native)?;
-            Ok(e)
-        })??)
+        t.lbs()
+            .iter()
+            .map(|lb| pass_on_bridge_port(t, lb.peer_ifname()))
+            .collect::<Result<Vec<_>>>()?
     } else {
-        None
+        Vec::new()
     };
     let decaps = t
         .backends()
@@ -52,6 +51,16 @@ pub fn prepare(t: &Topology, mode: AttachMode) -> Result<Fabric> {
         .collect::<Result<Vec<_>>>()?;
     Ok(Fabric {
         _decaps: decaps,
-        _peer: peer,
+        _peers: peers,
     })
+}
+
+/// A veth delivers XDP_TX frames only to a peer in XDP mode.
+fn pass_on_bridge_port(t: &Topology, port: &str) -> Result<Ebpf> {
+    let name = port.to_owned();
+    in_netns(t.fabric_ns(), move || -> Result<Ebpf> {
+        let mut e = dataplane::load_balancer_with(&small())?;
+        dataplane::attach_program(&mut e, dataplane::PASS_PROGRAM, &name, AttachMode::Native)?;
+        Ok(e)
+    })?
 }

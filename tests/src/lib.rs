@@ -12,6 +12,7 @@
 //! Everything here needs root except the pure helpers and the test server.
 
 pub mod addressing;
+pub mod bird;
 pub mod client;
 pub mod cmd;
 pub mod fabric;
@@ -24,6 +25,7 @@ pub mod scrape;
 pub mod testserver;
 pub mod topology;
 
+pub use bird::Bird;
 pub use client::{HttpConn, Response, http_get, split_echo, udp_echo, udp_echo_from};
 pub use launcher::{lbctl_path, lbd_path, testserver_path};
 pub use netns::{NS_PREFIX, cleanup_stale, in_netns};

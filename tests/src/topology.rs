@@ -7,6 +7,16 @@
 //!  backend ns ×N ──┘
 //! ```
 //!
+//! A fleet ([`Topology::fleet`]) puts several LB nodes behind a router that
+//! spreads flows over them (ECMP); the client sits behind the router on a
+//! subnet of its own, and the backends answer it through the router:
+//!
+//! ```text
+//!  client ns ─veth─ router ns ─veth─┐
+//!  lb0 ns … lbN ns ──────veth ×N────┤ bridge (in a "fabric" ns)
+//!  backend ns ×M ───────────veth ×M─┘
+//! ```
+//!
 //! Nothing is ever created in the root namespace: veths are made inside the
 //! fabric namespace with their other end placed straight into the host's
 //! namespace, so deleting the namespaces removes everything.
@@ -27,6 +37,9 @@ use crate::{
 
 /// The interface name inside every host namespace.
 pub const HOST_IFNAME: &str = "eth0";
+/// A fleet router's interface towards the client (its `eth0` is on the
+/// bridge).
+pub const ROUTER_CLIENT_IFNAME: &str = "eth1";
 /// The bridge in the fabric namespace.
 pub const BRIDGE: &str = "br0";
 pub const MTU: u16 = 1500;
@@ -36,20 +49,23 @@ const MAX_IFNAME: usize = 15;
 /// Distinguishes the topologies of one process (tests run in parallel).
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
-/// One host (client, LB or backend): its namespace, addresses and the
-/// bridge port it hangs off.
+/// One host (client, router, LB or backend): its namespace, addresses and
+/// the other end of its veth (a bridge port, or the router for a fleet's
+/// client).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
     name: String,
     ns: String,
     peer: String,
+    peer_ns: String,
     mac: [u8; 6],
     ipv4: Ipv4Addr,
     ipv6: Ipv6Addr,
 }
 
 impl Host {
-    /// `client`, `lb` or `backend<i>`.
+    /// `client`, `lb` or `backend<i>`; in a fleet also `router` and
+    /// `lb<i>` (no plain `lb`).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -65,9 +81,17 @@ impl Host {
     }
 
     /// The other end of its veth: a bridge port in the fabric namespace
-    /// (where an XDP program can watch everything the host sends).
+    /// (where an XDP program can watch everything the host sends), except
+    /// for a fleet's client, whose peer is the router's
+    /// [`ROUTER_CLIENT_IFNAME`].
     pub fn peer_ifname(&self) -> &str {
         &self.peer
+    }
+
+    /// The namespace [`Host::peer_ifname`] is in: the fabric's, or the
+    /// router's for a fleet's client.
+    pub fn peer_ns(&self) -> &str {
+        &self.peer_ns
     }
 
     /// MAC address of its `eth0`.
@@ -122,7 +146,10 @@ pub struct Topology {
     id: String,
     fabric: String,
     client: Host,
-    lb: Host,
+    /// Only in a fleet.
+    router: Option<Host>,
+    /// Never empty: the LB, or a fleet's LB nodes.
+    lbs: Vec<Host>,
     backends: Vec<Host>,
     children: Children,
     // Last: dropped after `Drop::drop` stopped the children.
@@ -136,61 +163,10 @@ impl Topology {
         if n_backends > plan::MAX_BACKENDS {
             bail!("at most {} backends", plan::MAX_BACKENDS);
         }
-        // Best effort: leftovers only cost names we will not reuse anyway.
-        if let Err(e) = netns::cleanup_stale(NS_PREFIX) {
-            eprintln!("warning: cleaning up stale namespaces: {e:#}");
-        }
-        let pid = std::process::id();
-        let k = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{NS_PREFIX}{pid}x{k}");
-        // Peers only need to be unique in their fabric namespace, but the
-        // run's numbers in them make `ip link` output and logs readable.
-        let peer_base = format!("p{}x{k}", pid % 100_000);
-
-        let mut namespaces = OwnedNamespaces::default();
-        let fabric = format!("{id}-fabric");
-        netns::create(&fabric)?;
-        namespaces.0.push(fabric.clone());
-        setup_fabric(&fabric)?;
-
-        let mut plan_hosts = vec![
-            (
-                "client".to_owned(),
-                format!("{id}-client"),
-                format!("{peer_base}c"),
-                plan::CLIENT_HOST,
-            ),
-            (
-                "lb".to_owned(),
-                format!("{id}-lb"),
-                format!("{peer_base}l"),
-                plan::LB_HOST,
-            ),
-        ];
-        for i in 0..n_backends {
-            plan_hosts.push((
-                format!("backend{i}"),
-                format!("{id}-b{i}"),
-                format!("{peer_base}b{i}"),
-                plan::backend_host(i)?,
-            ));
-        }
-        let mut hosts = Vec::with_capacity(plan_hosts.len());
-        for (name, ns, peer, host) in plan_hosts {
-            if peer.len() > MAX_IFNAME {
-                bail!("interface name {peer} is longer than {MAX_IFNAME} bytes");
-            }
-            netns::create(&ns)?;
-            namespaces.0.push(ns.clone());
-            let host =
-                add_host(&fabric, name, ns, peer, host).context("setting up a host namespace")?;
-            hosts.push(host);
-        }
-        let mut hosts = hosts.into_iter();
-        let (Some(client), Some(lb)) = (hosts.next(), hosts.next()) else {
-            bail!("client and lb hosts missing");
-        };
-        let backends: Vec<Host> = hosts.collect();
+        let mut b = Builder::start()?;
+        let client = b.bridge_host("client", "client", "c", plan::CLIENT_HOST)?;
+        let lb = b.bridge_host("lb", "lb", "l", plan::LB_HOST)?;
+        let backends = b.backends(n_backends)?;
 
         // The client reaches VIPs through the LB.
         let vips4 = format!("{}/{}", plan::VIP_NET_V4, plan::VIP_PREFIX_LEN_V4);
@@ -204,15 +180,61 @@ impl Topology {
             &["-6", "route", "add", &vips6, "via", &lb.ipv6.to_string()],
         )?;
 
-        Ok(Topology {
-            id,
-            fabric,
-            client,
-            lb,
-            backends,
-            children: Children::default(),
-            namespaces,
-        })
+        Ok(b.finish(client, None, vec![lb], backends))
+    }
+
+    /// Builds a fleet: a router, `n_lbs` LB nodes and `n_backends` backends
+    /// on the bridge, and the client behind the router on its own subnet.
+    ///
+    /// The router forwards, hashes flows on their 5-tuple over the next hops
+    /// of a multipath route, and does no reverse-path filtering (backends
+    /// answer from the VIP, which it routes to the LB nodes). It has no route
+    /// to any VIP yet: that is for BGP to give it (see [`crate::bird`]).
+    /// Every other host routes through the router by default, so backends
+    /// answer the client directly (DSR). The LB nodes' `lo` is up, for the
+    /// VIP routes lbd announces from. Addresses on downed links stay
+    /// (`keep_addr_on_down`), so tests can take a link down and up again.
+    pub fn fleet(n_lbs: usize, n_backends: usize) -> Result<Topology> {
+        if n_lbs == 0 || n_lbs > plan::MAX_LBS {
+            bail!("a fleet has 1 to {} LB nodes, not {n_lbs}", plan::MAX_LBS);
+        }
+        if n_backends > plan::MAX_BACKENDS {
+            bail!("at most {} backends", plan::MAX_BACKENDS);
+        }
+        let mut b = Builder::start()?;
+        let router = b.bridge_host("router", "router", "r", plan::ROUTER_HOST)?;
+        let client = b.client_behind(&router)?;
+        let lbs = (0..n_lbs)
+            .map(|i| {
+                b.bridge_host(
+                    &format!("lb{i}"),
+                    &format!("lb{i}"),
+                    &format!("l{i}"),
+                    plan::lb_host(i)?,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let backends = b.backends(n_backends)?;
+
+        setup_router(&router)?;
+        default_route(&client, plan::client_net_v4(plan::ROUTER_HOST).into())?;
+        default_route(&client, plan::client_net_v6(plan::ROUTER_HOST).into())?;
+        for h in lbs.iter().chain(&backends) {
+            default_route(h, router.ipv4.into())?;
+            default_route(h, router.ipv6.into())?;
+        }
+        for h in [&client, &router].into_iter().chain(&lbs).chain(&backends) {
+            netns::sysctl(
+                h.ns(),
+                &[
+                    "net.ipv6.conf.all.keep_addr_on_down=1",
+                    "net.ipv6.conf.default.keep_addr_on_down=1",
+                ],
+            )
+            .with_context(|| format!("keep_addr_on_down on {}", h.name()))?;
+        }
+
+        Ok(b.finish(client, Some(router), lbs, backends))
     }
 
     /// This topology's unique prefix (`lbt<pid>x<k>`).
@@ -239,8 +261,33 @@ impl Topology {
         &self.client
     }
 
+    /// The LB; in a fleet, the first LB node.
     pub fn lb(&self) -> &Host {
-        &self.lb
+        // Both constructors put at least one LB in.
+        &self.lbs[0]
+    }
+
+    /// The LB nodes of a fleet (just the LB otherwise).
+    pub fn lbs(&self) -> &[Host] {
+        &self.lbs
+    }
+
+    /// LB node `i`; panics when there is no such node (a test bug).
+    pub fn lb_node(&self, i: usize) -> &Host {
+        match self.lbs.get(i) {
+            Some(lb) => lb,
+            None => panic!("lb{i} requested, topology has {} LB nodes", self.lbs.len()),
+        }
+    }
+
+    /// A fleet's router (its `eth0`, on the bridge; the client side is
+    /// [`ROUTER_CLIENT_IFNAME`]); panics for a topology without one, which
+    /// [`Topology::new`] builds (a test bug).
+    pub fn router(&self) -> &Host {
+        match &self.router {
+            Some(r) => r,
+            None => panic!("router requested, but only Topology::fleet has one"),
+        }
     }
 
     pub fn backends(&self) -> &[Host] {
@@ -255,9 +302,12 @@ impl Topology {
         }
     }
 
-    /// Every host: client, lb, then the backends.
+    /// Every host: client, router (in a fleet), the LB(s), then the backends.
     pub fn hosts(&self) -> impl Iterator<Item = &Host> {
-        [&self.client, &self.lb].into_iter().chain(&self.backends)
+        std::iter::once(&self.client)
+            .chain(&self.router)
+            .chain(&self.lbs)
+            .chain(&self.backends)
     }
 
     /// Every namespace this topology created (fabric first).
@@ -390,9 +440,104 @@ impl std::fmt::Debug for Topology {
         f.debug_struct("Topology")
             .field("id", &self.id)
             .field("client", &self.client)
-            .field("lb", &self.lb)
+            .field("router", &self.router)
+            .field("lbs", &self.lbs)
             .field("backends", &self.backends)
             .finish()
+    }
+}
+
+/// A topology being built: every namespace it creates is deleted if it is
+/// dropped, so a failure half-way leaves nothing behind; [`Builder::finish`]
+/// hands them to the [`Topology`].
+struct Builder {
+    id: String,
+    peer_base: String,
+    fabric: String,
+    namespaces: OwnedNamespaces,
+}
+
+impl Builder {
+    /// Sweeps up what killed runs left behind (see
+    /// [`netns::cleanup_stale`]), then makes the fabric and its bridge.
+    fn start() -> Result<Builder> {
+        // Best effort: leftovers only cost names we will not reuse anyway.
+        if let Err(e) = netns::cleanup_stale(NS_PREFIX) {
+            eprintln!("warning: cleaning up stale namespaces: {e:#}");
+        }
+        let pid = std::process::id();
+        let k = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{NS_PREFIX}{pid}x{k}");
+        // Peers only need to be unique in their fabric namespace, but the
+        // run's numbers in them make `ip link` output and logs readable.
+        let peer_base = format!("p{}x{k}", pid % 100_000);
+
+        let mut namespaces = OwnedNamespaces::default();
+        let fabric = format!("{id}-fabric");
+        netns::create(&fabric)?;
+        namespaces.0.push(fabric.clone());
+        setup_fabric(&fabric)?;
+        Ok(Builder {
+            id,
+            peer_base,
+            fabric,
+            namespaces,
+        })
+    }
+
+    /// Creates namespace `<id>-<role>`, to be deleted with the topology.
+    fn namespace(&mut self, role: &str) -> Result<String> {
+        let ns = format!("{}-{role}", self.id);
+        netns::create(&ns)?;
+        self.namespaces.0.push(ns.clone());
+        Ok(ns)
+    }
+
+    /// Host `name` in a new namespace `<id>-<role>`, on the bridge through
+    /// port `<peer base><port>`, as host number `host` of the shared subnet.
+    fn bridge_host(&mut self, name: &str, role: &str, port: &str, host: u8) -> Result<Host> {
+        let peer = format!("{}{port}", self.peer_base);
+        if peer.len() > MAX_IFNAME {
+            bail!("interface name {peer} is longer than {MAX_IFNAME} bytes");
+        }
+        let ns = self.namespace(role)?;
+        add_host(&self.fabric, name.to_owned(), ns, peer, host)
+            .context("setting up a host namespace")
+    }
+
+    fn backends(&mut self, n: usize) -> Result<Vec<Host>> {
+        (0..n)
+            .map(|i| {
+                let role = format!("b{i}");
+                self.bridge_host(&format!("backend{i}"), &role, &role, plan::backend_host(i)?)
+            })
+            .collect()
+    }
+
+    /// A fleet's client: its own namespace and a veth straight to the
+    /// router's [`ROUTER_CLIENT_IFNAME`], on the client subnet.
+    fn client_behind(&mut self, router: &Host) -> Result<Host> {
+        let ns = self.namespace("client")?;
+        add_client_behind(router, ns).context("setting up the client behind the router")
+    }
+
+    fn finish(
+        self,
+        client: Host,
+        router: Option<Host>,
+        lbs: Vec<Host>,
+        backends: Vec<Host>,
+    ) -> Topology {
+        Topology {
+            id: self.id,
+            fabric: self.fabric,
+            client,
+            router,
+            lbs,
+            backends,
+            children: Children::default(),
+            namespaces: self.namespaces,
+        }
     }
 }
 
@@ -425,23 +570,75 @@ fn setup_fabric(fabric: &str) -> Result<()> {
 
 /// Wires host namespace `ns` to the bridge and gives it its addresses.
 fn add_host(fabric: &str, name: String, ns: String, peer: String, host: u8) -> Result<Host> {
-    // New interfaces copy "default": without DAD, the nodad addresses and
-    // the link-local one are usable at once.
+    prepare_host_ns(&ns)?;
+    add_veth(fabric, &peer, &ns)?;
+    netns::ip(fabric, &["link", "set", &peer, "master", BRIDGE, "up"])?;
+    let ipv4 = plan::host_v4(host);
+    let ipv6 = plan::host_v6(host);
+    add_addresses(&ns, HOST_IFNAME, ipv4, ipv6)?;
+    netns::ip(&ns, &["link", "set", HOST_IFNAME, "up"])?;
+    let mac = read_mac(&ns, HOST_IFNAME)?;
+    Ok(Host {
+        name,
+        ns,
+        peer,
+        peer_ns: fabric.to_owned(),
+        mac,
+        ipv4,
+        ipv6,
+    })
+}
+
+/// Wires the fleet's client namespace `ns` to the router and addresses both
+/// ends on the client subnet.
+fn add_client_behind(router: &Host, ns: String) -> Result<Host> {
+    prepare_host_ns(&ns)?;
+    add_veth(router.ns(), ROUTER_CLIENT_IFNAME, &ns)?;
+    add_addresses(
+        router.ns(),
+        ROUTER_CLIENT_IFNAME,
+        plan::client_net_v4(plan::ROUTER_HOST),
+        plan::client_net_v6(plan::ROUTER_HOST),
+    )?;
+    netns::ip(router.ns(), &["link", "set", ROUTER_CLIENT_IFNAME, "up"])?;
+    let ipv4 = plan::client_net_v4(plan::CLIENT_HOST);
+    let ipv6 = plan::client_net_v6(plan::CLIENT_HOST);
+    add_addresses(&ns, HOST_IFNAME, ipv4, ipv6)?;
+    netns::ip(&ns, &["link", "set", HOST_IFNAME, "up"])?;
+    let mac = read_mac(&ns, HOST_IFNAME)?;
+    Ok(Host {
+        name: "client".to_owned(),
+        ns,
+        peer: ROUTER_CLIENT_IFNAME.to_owned(),
+        peer_ns: router.ns().to_owned(),
+        mac,
+        ipv4,
+        ipv6,
+    })
+}
+
+/// New interfaces copy "default": without DAD, the nodad addresses and the
+/// link-local one are usable at once.
+fn prepare_host_ns(ns: &str) -> Result<()> {
     netns::sysctl(
-        &ns,
+        ns,
         &[
             "net.ipv6.conf.all.accept_dad=0",
             "net.ipv6.conf.default.accept_dad=0",
             "net.ipv6.conf.default.router_solicitations=0",
         ],
-    )?;
+    )
+}
+
+/// A veth `name` in namespace `local` whose other end is `eth0` in `remote`.
+fn add_veth(local: &str, name: &str, remote: &str) -> Result<()> {
     let mtu = MTU.to_string();
     netns::ip(
-        fabric,
+        local,
         &[
             "link",
             "add",
-            &peer,
+            name,
             "mtu",
             &mtu,
             "type",
@@ -452,44 +649,71 @@ fn add_host(fabric: &str, name: String, ns: String, peer: String, host: u8) -> R
             "mtu",
             &mtu,
             "netns",
-            &ns,
+            remote,
         ],
-    )?;
-    netns::ip(fabric, &["link", "set", &peer, "master", BRIDGE, "up"])?;
-    let ipv4 = plan::host_v4(host);
-    let ipv6 = plan::host_v6(host);
+    )
+    .map(drop)
+}
+
+/// `ipv4` and `ipv6` on `dev` in `ns`, with the plan's prefix lengths.
+fn add_addresses(ns: &str, dev: &str, ipv4: Ipv4Addr, ipv6: Ipv6Addr) -> Result<()> {
     netns::ip(
-        &ns,
+        ns,
         &[
             "addr",
             "add",
             &format!("{ipv4}/{}", plan::PREFIX_LEN_V4),
             "dev",
-            HOST_IFNAME,
+            dev,
         ],
     )?;
     netns::ip(
-        &ns,
+        ns,
         &[
             "-6",
             "addr",
             "add",
             &format!("{ipv6}/{}", plan::PREFIX_LEN_V6),
             "dev",
-            HOST_IFNAME,
+            dev,
             "nodad",
         ],
-    )?;
-    netns::ip(&ns, &["link", "set", HOST_IFNAME, "up"])?;
-    let mac = read_mac(&ns, HOST_IFNAME)?;
-    Ok(Host {
-        name,
-        ns,
-        peer,
-        mac,
-        ipv4,
-        ipv6,
-    })
+    )
+    .map(drop)
+}
+
+/// The fleet router's forwarding: on; flows hashed on their 5-tuple
+/// (addresses, protocol, ports: fields 0x37) because policy 1 would reuse a
+/// hash the packet brings along, which over veth is the sending socket's own
+/// and which TCP re-draws after a timeout, moving the flow to another LB
+/// node; no reverse-path filter, as backends answer the client from a VIP
+/// (no route back to it before BGP provides one, and never via the client).
+fn setup_router(router: &Host) -> Result<()> {
+    let mut settings = vec![
+        "net.ipv4.ip_forward=1".to_owned(),
+        "net.ipv6.conf.all.forwarding=1".to_owned(),
+        "net.ipv4.fib_multipath_hash_policy=3".to_owned(),
+        "net.ipv4.fib_multipath_hash_fields=0x0037".to_owned(),
+        "net.ipv6.fib_multipath_hash_policy=3".to_owned(),
+        "net.ipv6.fib_multipath_hash_fields=0x0037".to_owned(),
+    ];
+    // rp_filter uses the larger of "all" and the interface's value.
+    for conf in ["all", "default", HOST_IFNAME, ROUTER_CLIENT_IFNAME] {
+        settings.push(format!("net.ipv4.conf.{conf}.rp_filter=0"));
+    }
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    netns::sysctl(router.ns(), &settings).context("routing sysctls on the router")
+}
+
+/// `host`'s default route of `via`'s family, through `via`.
+fn default_route(host: &Host, via: IpAddr) -> Result<()> {
+    let family = if via.is_ipv6() { "-6" } else { "-4" };
+    netns::ip(
+        host.ns(),
+        &[family, "route", "add", "default", "via", &via.to_string()],
+    )
+    .with_context(|| format!("default route of {} via {via}", host.name()))
+    .map(drop)
 }
 
 /// MAC of `dev` in `ns`, from `ip -j link`.

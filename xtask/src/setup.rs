@@ -24,6 +24,9 @@ const APT_PACKAGES: &[&str] = &[
     // A real terminal for the lbctl top test.
     "tmux",
     "python3-whisper",
+    // BGP between the router and the LB nodes of the fleet tests
+    // (scripts/bird-*.conf are written for BIRD 2).
+    "bird2",
     // For `cargo xtask bench`: the load generator, a contender, NAT state flushing.
     "wrk",
     "haproxy",
