@@ -315,7 +315,10 @@ mod tests {
     /// the expected reason.
     #[test]
     fn rows() {
-        let rows: &[(&str, &[BackendState], u32, bool, bool, Reason)] = &[
+        /// Description, the VIP's backends, its minimum, node drained,
+        /// attached, the reason expected.
+        type Row<'a> = (&'a str, &'a [BackendState], u32, bool, bool, Reason);
+        let rows: &[Row] = &[
             ("healthy", &[Up, Up], 1, false, true, Reason::Announced),
             (
                 "all down",
