@@ -40,18 +40,23 @@ impl Default for Preamble<'_> {
 impl Preamble<'_> {
     /// For this topology's LB, with socket and state under `dir`.
     pub fn render(&self, t: &Topology, dir: &Path) -> String {
+        self.render_for(t.lb(), &t.instance_name(), dir)
+    }
+
+    /// For LB host `lb` as instance `name` (the nodes of a fleet share one
+    /// bpffs and /run, so each needs a name of its own).
+    pub fn render_for(&self, lb: &Host, name: &str, dir: &Path) -> String {
         format!(
             "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"{mode}\"\non_exit = \"{on_exit}\"\n\
              api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\n{extra}\
              [dataplane]\nmax_vips = 4\nmax_backends = 16\nconntrack_entries = {ct}\nencap_source_v4 = \"{src}\"\n",
-            name = t.instance_name(),
-            dev = t.lb().ifname(),
+            dev = lb.ifname(),
             mode = self.xdp_mode,
             on_exit = self.on_exit,
             d = dir.display(),
             extra = self.instance_extra,
             ct = self.conntrack_entries,
-            src = t.lb().ipv4(),
+            src = lb.ipv4(),
         )
     }
 }
@@ -67,9 +72,14 @@ pub fn backend_tables(hosts: &[Host]) -> String {
 /// Starts `lbd --config config` in the LB namespace; returns it with its
 /// `ready` line.
 pub fn start(t: &Topology, config: &Path) -> Result<(Spawned, String)> {
+    start_on(t, t.lb(), config)
+}
+
+/// [`start`] on LB host `lb` (a node of a fleet).
+pub fn start_on(t: &Topology, lb: &Host, config: &Path) -> Result<(Spawned, String)> {
     let mut cmd = Command::new(lbd_path()?);
     cmd.arg("--config").arg(config);
-    let mut lbd = t.spawn(t.lb().ns(), &mut cmd)?;
+    let mut lbd = t.spawn(lb.ns(), &mut cmd)?;
     let ready = lbd.wait_for_line(|l| l.contains("\"ready\""), Duration::from_secs(30))?;
     Ok((lbd, ready))
 }

@@ -16,6 +16,7 @@ pub mod bird;
 pub mod client;
 pub mod cmd;
 pub mod fabric;
+pub mod fleet;
 pub mod http;
 pub mod launcher;
 pub mod lbd;
