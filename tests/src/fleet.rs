@@ -30,6 +30,8 @@ use crate::{
 use lb_userspace::dataplane::AttachMode;
 
 pub const PORT: u16 = 80;
+/// Every node's `hash_seed`.
+pub const SEED: u32 = 7;
 /// Health checks every node runs: a dead backend is out within 0.5 s.
 pub const CHECK_INTERVAL_MS: u64 = 200;
 pub const CHECK_FALL: u64 = 2;
@@ -70,6 +72,16 @@ impl Fleet {
     /// announcing both VIPs; returns once the router spreads both over all
     /// nodes.
     pub fn start(n_lbs: usize, n_backends: usize) -> Result<Fleet> {
+        Fleet::start_with_seeds(n_lbs, n_backends, |_| SEED)
+    }
+
+    /// [`Fleet::start`] with node `i`'s `hash_seed` from `seed(i)`: a node
+    /// whose rings differ from its peers' shows what identical rings buy.
+    pub fn start_with_seeds(
+        n_lbs: usize,
+        n_backends: usize,
+        seed: impl Fn(usize) -> u32,
+    ) -> Result<Fleet> {
         let t = Topology::fleet(n_lbs, n_backends)?;
         let servers = t.start_servers(PORT, 53)?;
         let fabric = fabric::prepare(&t, AttachMode::Generic)?;
@@ -88,7 +100,7 @@ impl Fleet {
             let dir = std::env::temp_dir().join(format!("{}-node{i}", fleet.t.id()));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let config = dir.join("lb.toml");
-            std::fs::write(&config, fleet.node_config(i, &dir))?;
+            std::fs::write(&config, fleet.node_config(i, &dir, seed(i)))?;
             let teardown = lbd::Teardown::in_netns(config.clone(), fleet.t.lb_node(i).ns());
             fleet.nodes.push(Node {
                 dir,
@@ -106,7 +118,7 @@ impl Fleet {
 
     /// Node `i`'s lbd configuration: the same VIPs, backends, checks and
     /// hash seed as every other node's; its own name, addresses and table.
-    pub fn node_config(&self, i: usize, dir: &Path) -> String {
+    pub fn node_config(&self, i: usize, dir: &Path, seed: u32) -> String {
         let node = self.t.lb_node(i);
         let name = format!("{}n{i}", self.t.instance_name());
         let check = format!(
@@ -122,7 +134,7 @@ impl Fleet {
             .collect();
         let [v4, v6] = vips();
         format!(
-            "{pre}encap_source_v6 = \"{lb6}\"\nhash_seed = 7\n\
+            "{pre}encap_source_v6 = \"{lb6}\"\nhash_seed = {seed}\n\
              [announce]\ntable = {table}\n\
              [[vip]]\naddress = \"{v4}:{PORT}/tcp\"\nmode = \"ipip\"\n{check}{b4}\
              [[vip]]\naddress = \"[{v6}]:{PORT}/tcp\"\nmode = \"ipip\"\n{check}{b6}",

@@ -125,3 +125,27 @@ fn a_node_that_sees_no_healthy_backend_withdraws_alone() {
     .unwrap();
     f.wait_announced_by(&[0, 1, 2]).unwrap();
 }
+
+/// The control: one node with another `hash_seed` builds other rings, and
+/// connections the router moves onto it reach other backends and break.
+/// What the test above shows holding is identical rings at work, not luck.
+#[test]
+fn a_node_with_other_rings_breaks_moved_connections() {
+    let f =
+        Fleet::start_with_seeds(NODES, BACKENDS, |i| if i == 2 { 8 } else { fleet::SEED }).unwrap();
+    let load = LongLived::start(&f.t, PER_VIP).unwrap();
+    settle(&load, 3);
+    f.lbctl(1, &["node", "drain"]).unwrap();
+    f.wait_announced_by(&[0, 2]).unwrap();
+    settle(&load, 5);
+    let report = load.finish();
+    eprintln!(
+        "other rings on node 2: {} of {} requests failed",
+        report.failures.len(),
+        report.requests
+    );
+    assert!(
+        !report.failures.is_empty(),
+        "flows moved onto a node with other rings must break"
+    );
+}
