@@ -45,3 +45,35 @@ fn the_demo_shows_failover_drain_and_restart() {
     );
     assert!(text.contains("http://127.0.0.1:9100/metrics"), "{text}");
 }
+
+/// `cargo xtask demo --fleet` runs `lb-fleet-demo`: it must succeed and
+/// show the spread over nodes, the router's view and zero failures.
+#[test]
+fn the_fleet_demo_shows_spread_drain_kill_and_no_failures() {
+    let demo = lbd_path().unwrap().with_file_name("lb-fleet-demo");
+    let out = Command::new(&demo)
+        .output()
+        .expect("lb-fleet-demo (cargo build -p lb-tests --bins)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fleet demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in 0..3 {
+        assert!(text.contains(&format!("node {node} forwarded ")), "{text}");
+    }
+    assert!(text.contains("router: 198.18.100.1 proto bird"), "{text}");
+    assert!(
+        text.contains("the router moved node 1's flows after"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the router moved node 2's flows after"),
+        "{text}"
+    );
+    assert!(
+        text.contains("100 connections, ") && text.contains(" 0 failed"),
+        "{text}"
+    );
+}

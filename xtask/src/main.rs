@@ -34,6 +34,10 @@ enum Cmd {
         /// Leave everything running for exploration (Ctrl-C tears down).
         #[arg(long)]
         keep: bool,
+        /// Three LB nodes behind an ECMP router (BGP with BIRD): flows
+        /// spread over the nodes and survive a node drained and killed.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Benchmarks (not tests), written to bench/RESULTS.md: all five sections, or `--xdp`, `--rate`, `--service`, `--control`.
     Bench {
@@ -64,7 +68,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             setup::run()?;
             build_ebpf(release)
         }
-        Cmd::Demo { keep } => {
+        Cmd::Demo { keep, fleet } => {
             setup::run()?;
             build_ebpf(true)?;
             run_step(
@@ -76,7 +80,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                 ]),
                 "demo: build",
             )?;
-            let mut demo = Command::new(workspace_root().join("target/debug/lb-demo"));
+            let bin = if fleet { "lb-fleet-demo" } else { "lb-demo" };
+            let mut demo = Command::new(workspace_root().join("target/debug").join(bin));
             if keep {
                 demo.arg("--keep");
             }
