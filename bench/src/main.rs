@@ -8,6 +8,7 @@
 
 mod control;
 mod failover;
+mod fleet;
 mod plot;
 mod rate;
 mod service;
@@ -31,6 +32,10 @@ struct Args {
     /// Packet rate through the topology (XDP live frames).
     #[arg(long)]
     rate: bool,
+    /// The fleet: how fast the router follows nodes leaving and joining,
+    /// and what long-lived connections went through.
+    #[arg(long)]
+    fleet: bool,
     /// Where the report goes (with its SVG plots beside it).
     #[arg(long, default_value = "bench/RESULTS.md")]
     out: std::path::PathBuf,
@@ -90,7 +95,7 @@ fn machine() -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let all = !args.xdp && !args.service && !args.control && !args.rate;
+    let all = !args.xdp && !args.service && !args.control && !args.rate && !args.fleet;
     let dir = args
         .out
         .parent()
@@ -98,7 +103,7 @@ fn main() -> Result<()> {
         .unwrap_or_default();
     std::fs::create_dir_all(&dir)?;
     let mut report = format!(
-        "# Benchmarks\n\nProduced by `cargo xtask bench` (this run: `{}`), every contender in the same invocation on this machine:\n\n{}\n\nOne section alone: `cargo xtask bench --xdp` (1), `--rate` (2), `--service` (3, `--service-rounds N --seconds S`), `--control` (4 and 5). Traffic stays inside the benchmark's own namespaces; the whole run takes about 3 minutes here.\n\n",
+        "# Benchmarks\n\nProduced by `cargo xtask bench` (this run: `{}`), every contender in the same invocation on this machine:\n\n{}\n\nOne section alone: `cargo xtask bench --xdp` (1), `--rate` (2), `--service` (3, `--service-rounds N --seconds S`), `--control` (4 and 5), `--fleet` (6). Traffic stays inside the benchmark's own namespaces; the whole run takes about 3 minutes here.\n\n",
         std::env::args().collect::<Vec<_>>().join(" "),
         machine()
     );
@@ -180,6 +185,11 @@ fn main() -> Result<()> {
             failover::run()?,
             control::memory()?
         ));
+    }
+    if args.fleet || all {
+        let md = fleet::run()?;
+        println!("{md}");
+        report.push_str(&format!("## 6. The fleet\n\n{md}\n"));
     }
     std::fs::write(&args.out, &report)?;
     eprintln!("wrote {}", args.out.display());

@@ -61,7 +61,7 @@ struct Node {
 pub struct Fleet {
     nodes: Vec<Node>,
     pub router: Bird,
-    _servers: Vec<Spawned>,
+    servers: Vec<Spawned>,
     _fabric: Fabric,
     // Last: its drop deletes the namespaces, after everything above.
     pub t: Topology,
@@ -82,17 +82,29 @@ impl Fleet {
         n_backends: usize,
         seed: impl Fn(usize) -> u32,
     ) -> Result<Fleet> {
+        Fleet::start_full(n_lbs, n_backends, seed, true)
+    }
+
+    /// [`Fleet::start_with_seeds`], with or without BFD between the router
+    /// and the nodes (without it, a silent node is found by the BGP hold
+    /// time).
+    pub fn start_full(
+        n_lbs: usize,
+        n_backends: usize,
+        seed: impl Fn(usize) -> u32,
+        bfd: bool,
+    ) -> Result<Fleet> {
         let t = Topology::fleet(n_lbs, n_backends)?;
         let servers = t.start_servers(PORT, 53)?;
         let fabric = fabric::prepare(&t, AttachMode::Generic)?;
         for vip in vips() {
             t.add_vip_on_backends(vip)?;
         }
-        let router = Bird::start_router(&t, true)?;
+        let router = Bird::start_router(&t, bfd)?;
         let mut fleet = Fleet {
             nodes: Vec::new(),
             router,
-            _servers: servers,
+            servers,
             _fabric: fabric,
             t,
         };
@@ -198,6 +210,28 @@ impl Fleet {
         self.t
             .exec(n.ns(), &["ip", "link", "set", "dev", n.ifname(), "up"])?;
         Ok(())
+    }
+
+    /// Stops every backend's servers: every VIP is left without a healthy
+    /// backend.
+    pub fn stop_servers(&mut self) {
+        for s in &mut self.servers {
+            s.stop();
+        }
+    }
+
+    /// Starts the backends' servers again.
+    pub fn start_servers(&mut self) -> Result<()> {
+        self.servers = self.t.start_servers(PORT, 53)?;
+        Ok(())
+    }
+
+    /// The router's next hops for `vip` (none: not routed).
+    pub fn router_nexthops(&self, vip: IpAddr) -> Result<std::collections::BTreeSet<IpAddr>> {
+        bird::router_nexthops(
+            &self.t,
+            &format!("{vip}/{}", addressing::host_prefix_len(vip)),
+        )
     }
 
     /// `lbctl ARGS` against node `i`'s lbd; its stdout.
