@@ -30,7 +30,10 @@ fn spread(mut v: Vec<Duration>) -> String {
 
 /// Drain, kill and link cut of one node, `REPEATS` times each, under
 /// long-lived connections; returns the rows and the connections' report.
-fn node_events(f: &mut Fleet) -> Result<(Vec<(String, Vec<Duration>)>, fleet::Report)> {
+/// An event's name and the router's times to follow it.
+type Row = (String, Vec<Duration>);
+
+fn node_events(f: &mut Fleet) -> Result<(Vec<Row>, fleet::Report)> {
     let all: Vec<usize> = (0..NODES).collect();
     let others = [0, 2];
     let load = LongLived::start(&f.t, PER_VIP)?;
