@@ -21,7 +21,7 @@ pub(super) struct RawCheck {
     downinter: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
     expect_status: Option<Spanned<u32>>,
-    host: Option<String>,
+    host: Option<Spanned<String>>,
     payload: Option<Spanned<String>>,
     expect: Option<String>,
 }
@@ -104,10 +104,22 @@ fn kind(
                     ));
                 }
             };
+            let host = match &r.host {
+                // A host is sent in the check's Host header: a CR or LF
+                // would end the header and let the file inject others.
+                Some(h) if h.get_ref().is_empty() || !h.get_ref().chars().all(|c| c.is_ascii_graphic()) => {
+                    return Err(src.err(
+                        h.span(),
+                        f("host"),
+                        "a host name or address: printable ASCII, no spaces or line breaks",
+                    ));
+                }
+                h => h.as_ref().map(|h| h.get_ref().clone()),
+            };
             Ok(CheckKind::Http {
                 path,
                 expect_status,
-                host: r.host.clone(),
+                host,
             })
         }
         "udp" => {

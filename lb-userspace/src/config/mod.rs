@@ -267,22 +267,35 @@ impl Source<'_> {
     }
 }
 
-/// "2s", "500ms", "1m": durations as operators write them.
+/// The longest duration any field takes: longer is a typo, and a bound
+/// keeps every duration far from overflowing the nanosecond counts the data
+/// plane and the timers use.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// "2s", "500ms", "1m": durations as operators write them, at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map(|i| s.split_at(i))
         .ok_or_else(|| format!("{s:?} has no unit (use ms, s or m)"))?;
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 2s or 500ms"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    let too_long = || format!("{s:?} is longer than the 1-day maximum (86400s)");
+    let n: u64 = match num.parse() {
+        Ok(n) => n,
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => return Err(too_long()),
+        Err(_) => return Err(format!("{s:?} is not a duration like 2s or 500ms")),
+    };
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_long)?),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    if d > MAX_DURATION {
+        return Err(too_long());
     }
+    Ok(d)
 }
 
 impl Config {

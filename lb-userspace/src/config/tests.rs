@@ -299,6 +299,13 @@ fn durations() {
     assert!(parse_duration("2").is_err());
     assert!(parse_duration("s").is_err());
     assert!(parse_duration("2h").is_err());
+    // Overflow and wrap-around are refused, not panicked on or accepted.
+    for huge in ["999999999999999999m", "99999999999999999999s", "18446744074s", "86401s", "1441m"] {
+        let e = parse_duration(huge).expect_err(huge);
+        assert!(e.contains("1-day maximum"), "{huge}: {e}");
+    }
+    assert_eq!(parse_duration("86400s"), Ok(MAX_DURATION));
+    assert_eq!(parse_duration("1440m"), Ok(MAX_DURATION));
 }
 
 #[test]
@@ -791,4 +798,19 @@ fn announce_defaults_and_limits() {
         "",
         "unknown field",
     );
+}
+
+#[test]
+fn a_check_host_cannot_inject_headers() {
+    for host in ["a\\r\\nX-Evil: 1", "a\\nb", "a b", ""] {
+        rejects(
+            &with_vip(&format!(
+                "[[vip]]\naddress = \"198.18.100.1:80/tcp\"\nmode = \"ipip\"\n\
+                 [vip.health_check]\ntype = \"http\"\npath = \"/h\"\nhost = \"{host}\"\n"
+            )),
+            12,
+            "vip[0].health_check.host",
+            "no spaces or line breaks",
+        );
+    }
 }
