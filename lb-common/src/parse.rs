@@ -53,6 +53,8 @@ pub struct Parsed {
     pub has_ip_options: bool,
     /// DSCP/ECN byte (IPv4 TOS, IPv6 traffic class).
     pub tos: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
 }
 
 impl Parsed {
@@ -131,6 +133,7 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
         tcp_flags: 0,
         has_ip_options: header_len > IPV4_MIN_HDR_LEN,
         tos: ip.tos,
+        ttl: ip.ttl,
     };
     let l4_len = total_len - header_len;
     parse_l4(pkt, parsed, l4_len)
@@ -161,6 +164,7 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
         tcp_flags: 0,
         has_ip_options: false,
         tos: ip.traffic_class(),
+        ttl: ip.hop_limit,
     };
     parse_l4(pkt, parsed, payload_len)
 }

@@ -92,6 +92,9 @@ counters! {
     /// connection table is too small for the load. The displaced flow keeps
     /// its backend while the ring does not change.
     LbConntrackEvicted = 31 => "lb_conntrack_evicted",
+    /// IPv4 TTL or IPv6 hop limit 0: not forwarded (a router would drop
+    /// it), dropped.
+    LbTtlExpired = 32 => "lb_ttl_expired",
 }
 
 impl Counter {

@@ -28,6 +28,11 @@ pub fn forward(
     backend: &BackendInfo,
     cfg: &LbConfig,
 ) -> Result<u32, Counter> {
+    // A packet at TTL 0 must not be forwarded; encapsulated, it would
+    // leave with an outer TTL of 0 as well.
+    if parsed.ttl == 0 {
+        return Err(Counter::LbTtlExpired);
+    }
     if mode != Mode::L2dsr {
         encapsulate(pkt, parsed, backend, cfg)?;
     }

@@ -913,6 +913,42 @@ fn edge_rules() {
         &encapsulated(&big, 1),
         TX_TCP_NEW,
     );
+
+    // TTL 0 (hop limit 0): never forwarded, counted, no entry recorded.
+    let v6 = testframe::v6_vip(1);
+    b.vip(2, vip_key(&v6, 80, IPPROTO_TCP), Mode::Ipip, 3);
+    b.vip(3, vip_key(&[198, 18, 100, 2], 80, IPPROTO_TCP), Mode::L2dsr, 1);
+    for (name, spec) in [
+        ("IPv4 TTL 0, ipip", tcp4(v4, 4010, 80)),
+        ("IPv6 hop limit 0, ipip", tcp6(v6, 4011, 80)),
+        ("IPv4 TTL 0, l2dsr", tcp4([198, 18, 100, 2], 4012, 80)),
+    ] {
+        let dead = testframe::build(&FrameSpec { ttl: 0, ..spec });
+        b.check(
+            name,
+            &dead,
+            XDP_DROP,
+            &dead,
+            &[
+                ("parse_tcp", 1),
+                ("lb_conntrack_miss", 1),
+                ("lb_ttl_expired", 1),
+                ("verdict_drop", 1),
+            ],
+        );
+        assert_eq!(conntrack_entry(&b, &dead), None, "{name}: no entry");
+    }
+    let one = testframe::build(&FrameSpec {
+        ttl: 1,
+        ..tcp4(v4, 4013, 80)
+    });
+    b.check(
+        "TTL 1 is forwarded (the outer header carries it on)",
+        &one,
+        XDP_TX,
+        &encapsulated(&one, 1),
+        TX_TCP_NEW,
+    );
 }
 
 /// For 10,000 random flows the backend the kernel picks is the one userspace
