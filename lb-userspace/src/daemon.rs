@@ -66,6 +66,13 @@ pub fn print_counters(ebpf: &aya::Ebpf, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a refresh of the network's view found: every backend's next hop,
+/// and the interface's MTU.
+struct Refreshed {
+    hops: Vec<(IpAddr, Result<NextHop>)>,
+    mtu: Result<u32>,
+}
+
 /// A backend whose next hop was resolved, with the request that added it.
 struct Resolved {
     call: ApiCall,
@@ -107,7 +114,7 @@ struct Daemon {
     check_stats: CheckStats,
     health_tx: mpsc::Sender<HealthEvent>,
     resolved_tx: mpsc::Sender<Resolved>,
-    hops_tx: mpsc::Sender<Vec<(std::net::IpAddr, Result<NextHop>)>>,
+    hops_tx: mpsc::Sender<Refreshed>,
     refresh_in_flight: Arc<AtomicBool>,
     conntrack_count: Arc<Mutex<Option<TableCount>>>,
     graphite: Option<(graphite::Pusher, String)>,
@@ -146,7 +153,7 @@ struct Inbox {
     scrapes: mpsc::Receiver<oneshot::Sender<String>>,
     health: mpsc::Receiver<HealthEvent>,
     resolved: mpsc::Receiver<Resolved>,
-    hops: mpsc::Receiver<Vec<(std::net::IpAddr, Result<NextHop>)>>,
+    hops: mpsc::Receiver<Refreshed>,
     graphite: Option<Interval>,
     /// Set by netlink events: next hops may have moved.
     dirty: Arc<AtomicBool>,
@@ -271,13 +278,7 @@ async fn run_async(config: Config) -> Result<()> {
                     d.refresh_next_hops();
                 }
             }
-            Some(hops) = inbox.hops.recv() => {
-                d.refresh_in_flight.store(false, Ordering::Relaxed);
-                let changed = d.ctl.apply_next_hops(&hops);
-                if changed > 0 {
-                    tracing::info!(changed, "next hops updated");
-                }
-            }
+            Some(r) = inbox.hops.recv() => d.on_refreshed(r),
             Some(call) = inbox.api.recv() => {
                 if d.on_call(call).await {
                     break;
@@ -420,11 +421,25 @@ impl Daemon {
             return;
         }
         let addrs = self.ctl.backend_addresses();
+        let ifindex = self.ctl.ifindex();
         let (resolver, tx) = (self.resolver.clone(), self.hops_tx.clone());
         tokio::spawn(async move {
             let hops = resolver.resolve_many(&addrs, REFRESH_TIMEOUT).await;
-            let _ = tx.send(hops).await;
+            let mtu = resolver.mtu(ifindex).await;
+            let _ = tx.send(Refreshed { hops, mtu }).await;
         });
+    }
+
+    fn on_refreshed(&mut self, r: Refreshed) {
+        self.refresh_in_flight.store(false, Ordering::Relaxed);
+        let changed = self.ctl.apply_next_hops(&r.hops);
+        if changed > 0 {
+            tracing::info!(changed, "next hops updated");
+        }
+        match r.mtu.and_then(|m| self.ctl.set_mtu(m)) {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "following the interface's MTU"),
+        }
     }
 
     /// Handles one control request; true when lbd must exit.

@@ -76,6 +76,25 @@ impl Resolver {
         bail!("interface {ifindex} has no Ethernet address")
     }
 
+    /// The interface's MTU, asked of the kernel over netlink: sysfs would
+    /// describe the root namespace's interface of that name when lbd was
+    /// moved into a namespace with `setns` (sysfs is per mount, not per
+    /// network namespace).
+    pub async fn mtu(&self, ifindex: u32) -> Result<u32> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let link = links
+            .try_next()
+            .await
+            .context("reading link")?
+            .with_context(|| format!("no interface with index {ifindex}"))?;
+        for attr in link.attributes {
+            if let LinkAttribute::Mtu(m) = attr {
+                return Ok(m);
+            }
+        }
+        bail!("interface {ifindex} reports no MTU")
+    }
+
     /// The kernel's route to `dst`: egress interface and gateway, if any.
     async fn route(&self, dst: IpAddr) -> Result<(u32, Option<IpAddr>)> {
         let len = if dst.is_ipv4() { 32 } else { 128 };

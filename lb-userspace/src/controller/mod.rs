@@ -190,16 +190,12 @@ async fn resolve_all(resolver: &Resolver, config: &Config) -> Result<BTreeMap<Ip
     Ok(hops)
 }
 
-/// The interface's MTU, from sysfs (0: unknown, frames unchecked).
-fn interface_mtu(interface: &str) -> u32 {
-    std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+/// The largest frame the interface sends: its MTU and the Ethernet header.
+pub fn max_frame_len(mtu: u32) -> u32 {
+    mtu.saturating_add(14)
 }
 
-fn lb_config(config: &Config) -> LbConfig {
-    let mtu = interface_mtu(&config.interface);
+fn lb_config(config: &Config, mtu: u32) -> LbConfig {
     LbConfig {
         encap_src_v4: config
             .encap_source_v4
@@ -212,7 +208,7 @@ fn lb_config(config: &Config) -> LbConfig {
         hash_seed: config.hash_seed,
         ring_size: config.sizes.ring_size,
         udp_timeout_ns: config.udp_timeout.as_nanos() as u64,
-        max_frame_len: if mtu == 0 { 0 } else { mtu + 14 },
+        max_frame_len: max_frame_len(mtu),
         ..Default::default()
     }
 }
@@ -229,6 +225,10 @@ impl Controller {
             .ifindex(&config.interface)
             .await
             .with_context(|| format!("instance.interface {:?}", config.interface))?;
+        let mtu = resolver
+            .mtu(ifindex)
+            .await
+            .with_context(|| format!("instance.interface {:?}", config.interface))?;
         let ids = plan_ids(&config, &saved)?;
         let hops = resolve_all(resolver, &config).await?;
         // Apply: load (or adopt) the data plane, configure, program, attach.
@@ -241,7 +241,7 @@ impl Controller {
         } else {
             None
         };
-        programming::set_config(&mut ebpf, &lb_config(&config))?;
+        programming::set_config(&mut ebpf, &lb_config(&config, mtu))?;
         let mut ctl = Controller {
             ebpf,
             overlay,
@@ -406,6 +406,26 @@ impl Controller {
                 backends: v.backends.iter().map(|b| b.status.clone()).collect(),
             })
             .collect()
+    }
+
+    /// The attached interface's index (for following its MTU).
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// Follows the interface's MTU: frames that would not fit are dropped
+    /// and counted rather than sent into the driver. Returns whether it
+    /// changed.
+    pub fn set_mtu(&mut self, mtu: u32) -> Result<bool> {
+        let mut cfg = programming::config(&self.ebpf)?;
+        let want = max_frame_len(mtu);
+        if cfg.max_frame_len == want {
+            return Ok(false);
+        }
+        tracing::info!(mtu, "interface MTU changed");
+        cfg.max_frame_len = want;
+        programming::set_config(&mut self.ebpf, &cfg)?;
+        Ok(true)
     }
 
     /// Every backend address (for refreshing next hops).
