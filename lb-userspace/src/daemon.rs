@@ -5,8 +5,9 @@
 //! seconds, not everyone else), and their results come back as messages.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -31,11 +32,12 @@ use crate::{
         server::ApiCall,
     },
     config::Config,
-    controller::{Controller, HealthTarget, NewBackend, RESOLVE_TIMEOUT},
+    controller::{Controller, HealthTarget, NewBackend, RESOLVE_TIMEOUT, persist},
     graphite,
     health::{self, CheckStats, HealthEvent},
     metrics,
     neigh::{self, NextHop, Resolver},
+    pinning,
     stats::{self, TableCount},
     sysctl,
 };
@@ -129,15 +131,80 @@ pub fn run(config: Config) -> Result<()> {
         .block_on(run_async(config))
 }
 
-fn apply_sysctls(config: &Config) {
-    if !config.sysctl_apply {
-        return;
+/// What a start has changed so far, undone in reverse order when a later
+/// step fails: a start either succeeds or leaves the machine as it was.
+#[derive(Default)]
+struct Undo {
+    /// Directories created for the state file.
+    created_dirs: Vec<PathBuf>,
+    /// The control socket this lbd bound.
+    socket: Option<PathBuf>,
+    sysctls: Option<SysctlsBefore>,
+    /// A fresh data plane's pins (an adopted one is left as it runs).
+    pins: Option<PathBuf>,
+    /// Announce routes to withdraw: only when no data plane was running,
+    /// since routes of an adopted one keep attracting the traffic it still
+    /// forwards.
+    routes: Option<Routes>,
+}
+
+/// Sysctl values before the profile was applied, and whether the backup
+/// file is this start's.
+struct SysctlsBefore {
+    values: BTreeMap<String, String>,
+    backup: PathBuf,
+    backup_is_new: bool,
+}
+
+impl Undo {
+    async fn run(self) {
+        if let Some(dir) = &self.pins {
+            pinning::discard(dir);
+        }
+        if let Some(r) = &self.routes {
+            withdraw(r).await;
+        }
+        if let Some(before) = self.sysctls {
+            match sysctl::Sysctls::new("/proc/sys").write_all(&before.values) {
+                Ok(()) => tracing::info!("failed start: sysctls restored"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "failed start: restoring sysctls")
+                }
+            }
+            if before.backup_is_new {
+                let _ = std::fs::remove_file(&before.backup);
+            }
+        }
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+        persist::remove_dirs(&self.created_dirs);
     }
-    // The LB profile; originals are recorded once, for
-    // `lbctl sysctl restore --backup` (see the README).
-    let backup =
-        std::path::PathBuf::from(format!("/var/lib/lb/{}.sysctl-backup.json", config.name));
-    match sysctl::Sysctls::new("/proc/sys").apply(sysctl::Role::Lb, &backup) {
+}
+
+/// Where the sysctl originals are recorded: beside the state file (by
+/// default /var/lib/lb/<name>.sysctl-backup.json).
+pub fn sysctl_backup(config: &Config) -> PathBuf {
+    config
+        .state_file
+        .with_file_name(format!("{}.sysctl-backup.json", config.name))
+}
+
+/// Applies the LB sysctl profile, if configured; returns what to restore
+/// should the start fail later.
+fn apply_sysctls(config: &Config) -> Option<SysctlsBefore> {
+    if !config.sysctl_apply {
+        return None;
+    }
+    let sysctls = sysctl::Sysctls::new("/proc/sys");
+    let backup = sysctl_backup(config);
+    let before = SysctlsBefore {
+        values: sysctls.snapshot(sysctl::Role::Lb),
+        backup_is_new: !backup.exists(),
+        backup: backup.clone(),
+    };
+    // The originals are recorded once, for `lbctl sysctl restore --backup`.
+    match sysctls.apply(sysctl::Role::Lb, &backup) {
         Ok(rows) => {
             tracing::info!(changed = rows.iter().filter(|r| r.ok).count(), backup = %backup.display(), "sysctl profile applied")
         }
@@ -145,6 +212,7 @@ fn apply_sysctls(config: &Config) {
             tracing::warn!(error = %format!("{e:#}"), "sysctl profile only partly applied")
         }
     }
+    Some(before)
 }
 
 /// What reaches the main loop besides signals.
@@ -159,22 +227,19 @@ struct Inbox {
     dirty: Arc<AtomicBool>,
 }
 
-/// Everything up to the ready line: sysctls, the control socket, the
-/// controller (which attaches the data plane), the tasks that feed the
-/// loop, and every health check.
+/// Everything up to the ready line. Every check is made and every socket
+/// bound before the first change to the system; then sysctls; then the data
+/// plane is loaded, programmed and attached. A failure undoes what was done,
+/// in reverse order.
 async fn start(config: Config) -> Result<(Daemon, Inbox)> {
-    // The announce device is checked before anything changes; and a start
-    // that fails after that withdraws whatever this node announced (nobody
-    // would answer for its data plane).
-    let routes = match &config.announce {
-        Some(a) => Some(Routes::new(a).await?),
-        None => None,
-    };
-    let started = start_with(config, routes.clone()).await;
-    if let (Err(_), Some(r)) = (&started, &routes) {
-        withdraw(r).await;
+    let mut undo = Undo::default();
+    match start_with(config, &mut undo).await {
+        Ok(started) => Ok(started),
+        Err(e) => {
+            undo.run().await;
+            Err(e)
+        }
     }
-    started
 }
 
 /// Deletes every announce route (best effort: the error is logged).
@@ -188,21 +253,41 @@ async fn withdraw(routes: &Routes) {
     }
 }
 
-async fn start_with(config: Config, routes: Option<Routes>) -> Result<(Daemon, Inbox)> {
-    apply_sysctls(&config);
+async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> {
+    // Checks and sockets: nothing on the system changes yet.
+    let routes = match &config.announce {
+        Some(a) => Some(Routes::new(a).await?),
+        None => None,
+    };
     let listener = api::server::bind(&config.api_socket)?;
+    undo.socket = Some(config.api_socket.clone());
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding instance.metrics_listen {addr}"))?,
+        ),
+        None => None,
+    };
+    undo.created_dirs = persist::probe(&config.state_file)?;
     let resolver = Resolver::new()?;
-    let mut ctl = Controller::start(config, &resolver).await?;
+    let dirty = Arc::new(AtomicBool::new(false));
+    neigh::watch(dirty.clone())?;
+    let plan = Controller::plan(config, &resolver).await?;
+    if !pinning::is_attached(&pinning::pin_dir(&plan.config().name)) {
+        undo.routes = routes.clone();
+    }
+    // Then sysctls, then the data plane.
+    undo.sysctls = apply_sysctls(plan.config());
+    let mut ctl = Controller::apply(plan)?;
+    if !ctl.adopted {
+        undo.pins = Some(ctl.pin_dir().to_path_buf());
+    }
     crate::debuglog::spawn(&mut ctl.ebpf)?;
     let (api_tx, api) = mpsc::channel(64);
     tokio::spawn(api::server::serve(listener, api_tx));
-    let dirty = Arc::new(AtomicBool::new(false));
-    neigh::watch(dirty.clone())?;
     let (scrape_tx, scrapes) = mpsc::channel::<oneshot::Sender<String>>(16);
-    if let Some(addr) = ctl.config().metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding instance.metrics_listen {addr}"))?;
+    if let Some(listener) = metrics_listener {
         tokio::spawn(api::server::serve_metrics(listener, scrape_tx));
     }
     let (health_tx, health) = mpsc::channel(256);

@@ -63,7 +63,7 @@ pub fn load(dir: &Path, sizes: &MapSizes) -> Result<Pinned> {
             layout()
         );
     }
-    let adopted = dir.join(LINK).exists();
+    let adopted = is_attached(dir);
     if adopted {
         // Sizes are read from the pinned maps themselves: nothing else
         // survives every kind of restart (systemd empties /run).
@@ -166,6 +166,22 @@ fn is_layout_name(name: &str) -> bool {
         .strip_prefix('v')
         .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
     fingerprint || numbered
+}
+
+/// Whether a data plane is attached from `dir` (a start adopts it).
+pub fn is_attached(dir: &Path) -> bool {
+    dir.join(LINK).exists()
+}
+
+/// Undoes a fresh start that failed: this layout's pins (the maps pinned
+/// before the one that could not be created, the link if it was pinned) and
+/// the directories, and nothing of any other layout. Best effort: logged.
+pub fn discard(dir: &Path) {
+    match teardown_one(dir) {
+        Ok(true) => tracing::info!(pins = %dir.display(), "failed start: pins removed"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "failed start: removing the pins"),
+    }
 }
 
 /// Removes every pin of the instance, every layout version: the link goes

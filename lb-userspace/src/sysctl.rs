@@ -180,6 +180,27 @@ impl Sysctls {
         Ok(self.show(role))
     }
 
+    /// The profile's keys as they are now (keys this kernel lacks left
+    /// out), for putting them back after a failed start.
+    pub fn snapshot(&self, role: Role) -> BTreeMap<String, String> {
+        profile(role)
+            .iter()
+            .filter_map(|s| self.read(s.key).map(|v| (s.key.to_owned(), v)))
+            .collect()
+    }
+
+    /// Writes every value back; every key is tried, the first error is
+    /// returned.
+    pub fn write_all(&self, values: &BTreeMap<String, String>) -> Result<()> {
+        let mut first = None;
+        for (k, v) in values {
+            if let Err(e) = self.write(k, v) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     /// Writes back what `apply` recorded and removes the backup.
     pub fn restore(&self, backup: &Path) -> Result<BTreeMap<String, String>> {
         let text = std::fs::read_to_string(backup)

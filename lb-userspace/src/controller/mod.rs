@@ -6,8 +6,9 @@
 //! - `admin`: changes through the control API;
 //! - `explain`: the per-packet policy over a snapshot of the live maps.
 //!
-//! Starting reads top to bottom ([`Controller::start`]): validate, plan
-//! (ids and next hops, before anything in the kernel changes), apply.
+//! Starting is two steps: [`Controller::plan`] validates and finds ids and
+//! next hops without changing anything; [`Controller::apply`] loads, programs
+//! and attaches, and unpins a fresh data plane again when it fails.
 
 mod admin;
 mod explain;
@@ -213,14 +214,32 @@ fn lb_config(config: &Config, mtu: u32) -> LbConfig {
     }
 }
 
+/// Everything a start needs to know, found without changing anything: the
+/// merged configuration, the interface, ids and next hops. A start that
+/// cannot be planned has not touched the kernel.
+pub struct Plan {
+    config: Config,
+    saved: SavedState,
+    overlay: persist::Overlay,
+    ifindex: u32,
+    mtu: u32,
+    ids: Ids,
+    hops: BTreeMap<IpAddr, NextHop>,
+}
+
+impl Plan {
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
 impl Controller {
-    /// Loads and attaches the data plane and programs the whole
-    /// configuration (with the state file's runtime changes on top).
-    pub async fn start(mut config: Config, resolver: &Resolver) -> Result<Controller> {
-        // Validate: the file, with the state file's runtime changes on top.
+    /// Validates and plans a start: the state file laid over the
+    /// configuration, the interface and its MTU, ids, every backend's next
+    /// hop. Nothing on the system changes.
+    pub async fn plan(mut config: Config, resolver: &Resolver) -> Result<Plan> {
         let saved = persist::load(&config.state_file)?;
         let overlay = persist::merge(&mut config, &saved)?;
-        // Plan: ids and next hops, before anything in the kernel changes.
         let ifindex = resolver
             .ifindex(&config.interface)
             .await
@@ -231,17 +250,50 @@ impl Controller {
             .with_context(|| format!("instance.interface {:?}", config.interface))?;
         let ids = plan_ids(&config, &saved)?;
         let hops = resolve_all(resolver, &config).await?;
-        // Apply: load (or adopt) the data plane, configure, program, attach.
-        let pin_dir = pinning::pin_dir(&config.name);
+        Ok(Plan {
+            config,
+            saved,
+            overlay,
+            ifindex,
+            mtu,
+            ids,
+            hops,
+        })
+    }
+
+    /// Loads (or adopts) the data plane and programs the plan into it, then
+    /// attaches. A fresh data plane that fails on the way is unpinned again
+    /// (the maps created so far included); an adopted one keeps running
+    /// under its old program, since the swap is the last step that can fail
+    /// before the state file is written.
+    pub fn apply(plan: Plan) -> Result<Controller> {
+        let pin_dir = pinning::pin_dir(&plan.config.name);
+        let fresh = !pinning::is_attached(&pin_dir);
+        let applied = Self::apply_to(plan, pin_dir.clone());
+        if applied.is_err() && fresh {
+            pinning::discard(&pin_dir);
+        }
+        applied
+    }
+
+    fn apply_to(plan: Plan, pin_dir: PathBuf) -> Result<Controller> {
+        let Plan {
+            config,
+            saved,
+            overlay,
+            ifindex,
+            mtu,
+            ids,
+            hops,
+        } = plan;
         let Pinned {
-            mut ebpf, adopted, ..
+            ebpf, adopted, ..
         } = pinning::load(&pin_dir, &config.sizes)?;
         let ring_change = if adopted {
             node::ring_change(&ebpf, &config)?
         } else {
             None
         };
-        programming::set_config(&mut ebpf, &lb_config(&config, mtu))?;
         let mut ctl = Controller {
             ebpf,
             overlay,
@@ -255,7 +307,9 @@ impl Controller {
             attached: false,
             ring_change,
         };
+        // Everything that can fail without writing a map comes first.
         ctl.build_runtime(&saved, &ids, &hops)?;
+        programming::set_config(&mut ctl.ebpf, &lb_config(&ctl.config, mtu))?;
         for id in &ids.fresh {
             ctl.fresh_slot(*id)?;
         }

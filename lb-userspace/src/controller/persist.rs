@@ -139,6 +139,50 @@ pub fn merge(config: &mut Config, saved: &SavedState) -> Result<Overlay> {
     })
 }
 
+/// Checks, before a start changes anything, that the state file can be
+/// written: its directory is created if missing (returned, outermost first,
+/// so a failed start can remove what it created) and a scratch file is
+/// written there and removed.
+pub fn probe(path: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut created = Vec::new();
+    if let Some(dir) = path.parent() {
+        let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+        for d in missing.iter().rev() {
+            if let Err(e) = std::fs::create_dir(d) {
+                remove_dirs(&created);
+                return Err(e).with_context(|| {
+                    format!(
+                        "instance.state_file {}: creating {}",
+                        path.display(),
+                        d.display()
+                    )
+                });
+            }
+            created.push(d.to_path_buf());
+        }
+    }
+    let scratch = path.with_extension("probe");
+    let written = std::fs::write(&scratch, b"").and_then(|_| std::fs::remove_file(&scratch));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&scratch);
+        remove_dirs(&created);
+        return Err(e).with_context(|| {
+            format!(
+                "instance.state_file {}: cannot write in its directory",
+                path.display()
+            )
+        });
+    }
+    Ok(created)
+}
+
+/// Removes directories [`probe`] created, innermost first (only if empty).
+pub fn remove_dirs(created: &[std::path::PathBuf]) {
+    for d in created.iter().rev() {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
 impl Controller {
     /// The state to save: the overlay and every VIP's backends as they are.
     fn saved_state(&self) -> SavedState {
