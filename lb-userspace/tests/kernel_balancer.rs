@@ -917,7 +917,12 @@ fn edge_rules() {
     // TTL 0 (hop limit 0): never forwarded, counted, no entry recorded.
     let v6 = testframe::v6_vip(1);
     b.vip(2, vip_key(&v6, 80, IPPROTO_TCP), Mode::Ipip, 3);
-    b.vip(3, vip_key(&[198, 18, 100, 2], 80, IPPROTO_TCP), Mode::L2dsr, 1);
+    b.vip(
+        3,
+        vip_key(&[198, 18, 100, 2], 80, IPPROTO_TCP),
+        Mode::L2dsr,
+        1,
+    );
     for (name, spec) in [
         ("IPv4 TTL 0, ipip", tcp4(v4, 4010, 80)),
         ("IPv6 hop limit 0, ipip", tcp6(v6, 4011, 80)),

@@ -67,7 +67,10 @@ fn sysctls(t: &Topology) -> Vec<String> {
 /// The program attached to the LB's interface, if any (`prog/xdp id N`).
 fn xdp_program(t: &Topology) -> Option<String> {
     let out = t
-        .exec(t.lb().ns(), &["ip", "-d", "link", "show", "dev", t.lb().ifname()])
+        .exec(
+            t.lb().ns(),
+            &["ip", "-d", "link", "show", "dev", t.lb().ifname()],
+        )
         .unwrap();
     let words: Vec<&str> = out.split_whitespace().collect();
     words
@@ -143,7 +146,9 @@ fn run_failing(t: &Topology, config: &Path, cgroup: Option<&MemoryCgroup>) -> St
     );
     // The cgroup first, then lbd in the same process: nothing of it runs
     // outside the limit.
-    let cgroup_dir = cgroup.map(|c| c.0.display().to_string()).unwrap_or_default();
+    let cgroup_dir = cgroup
+        .map(|c| c.0.display().to_string())
+        .unwrap_or_default();
     let out = in_netns(t.lb().ns(), || {
         Command::new("timeout")
             .args([
@@ -258,7 +263,10 @@ fn a_failed_start_changes_nothing() {
         assert!(!pins.exists(), "{name}: {} left", pins.display());
         assert!(!dir.join("lbd.sock").exists(), "{name}: socket left");
         assert!(!lock.exists(), "{name}: lock left");
-        assert!(!dir.join("state.json").exists(), "{name}: state file written");
+        assert!(
+            !dir.join("state.json").exists(),
+            "{name}: state file written"
+        );
         assert!(
             !dir.join(format!("{instance}.sysctl-backup.json")).exists(),
             "{name}: sysctl backup left"

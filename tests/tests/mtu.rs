@@ -32,7 +32,15 @@ fn frames_over_the_namespaces_mtu_are_dropped_and_counted() {
     let lb = t.lb();
     t.exec(
         lb.ns(),
-        &["ip", "link", "set", "dev", lb.ifname(), "mtu", &MTU.to_string()],
+        &[
+            "ip",
+            "link",
+            "set",
+            "dev",
+            lb.ifname(),
+            "mtu",
+            &MTU.to_string(),
+        ],
     )
     .unwrap();
     let dir = std::env::temp_dir().join(format!("{}-mtu", t.id()));
@@ -81,7 +89,10 @@ fn frames_over_the_namespaces_mtu_are_dropped_and_counted() {
     };
 
     // Exactly at the limit: through.
-    assert!(send(31_000, MTU + 14), "a frame of MTU + 14 bytes goes through");
+    assert!(
+        send(31_000, MTU + 14),
+        "a frame of MTU + 14 bytes goes through"
+    );
     assert_eq!(counts(), (0, 1));
     // One byte over: dropped, counted, in no backend's traffic.
     assert!(!send(31_001, MTU + 15), "one byte over the MTU is dropped");

@@ -107,7 +107,10 @@ fn kind(
             let host = match &r.host {
                 // A host is sent in the check's Host header: a CR or LF
                 // would end the header and let the file inject others.
-                Some(h) if h.get_ref().is_empty() || !h.get_ref().chars().all(|c| c.is_ascii_graphic()) => {
+                Some(h)
+                    if h.get_ref().is_empty()
+                        || !h.get_ref().chars().all(|c| c.is_ascii_graphic()) =>
+                {
                     return Err(src.err(
                         h.span(),
                         f("host"),

@@ -286,9 +286,7 @@ impl Controller {
             ids,
             hops,
         } = plan;
-        let Pinned {
-            ebpf, adopted, ..
-        } = pinning::load(&pin_dir, &config.sizes)?;
+        let Pinned { ebpf, adopted, .. } = pinning::load(&pin_dir, &config.sizes)?;
         let ring_change = if adopted {
             node::ring_change(&ebpf, &config)?
         } else {
