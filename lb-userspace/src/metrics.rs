@@ -125,6 +125,16 @@ fn announcement(f: &mut Family, node: &NodeStatus) {
         "1 while the node is drained (lbctl node drain): it announces no VIP.",
     );
     f.sample("lb_node_drained", &[], u8::from(node.drained));
+    f.head(
+        "lb_state_save_failures_total",
+        "counter",
+        "Changes applied to the data plane whose state file could not be written (they would not survive a restart).",
+    );
+    f.sample(
+        "lb_state_save_failures_total",
+        &[],
+        node.state_save_failures,
+    );
     if node.announce.is_none() {
         return;
     }

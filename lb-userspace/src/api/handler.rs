@@ -107,16 +107,21 @@ pub fn commit_backend(
     (persisted(ctl, answer, true), fx)
 }
 
+/// The status of a change applied to the data plane that could not be
+/// saved (507 Insufficient Storage: the usual cause is a full disk).
+pub const NOT_SAVED: u16 = 507;
+
 /// The change is live; if it cannot be saved it would not survive a
-/// restart, and the operator must know.
+/// restart, and the operator must know: a status of its own.
 fn persisted(ctl: &Controller, answer: (u16, Value), mutating: bool) -> (u16, Value) {
     if mutating
         && answer.0 == 200
         && let Err(e) = ctl.persist()
     {
+        tracing::error!(error = %format!("{e:#}"), "a change is live but not saved");
         return err(
-            500,
-            format!("applied, but saving the state file failed: {e:#}"),
+            NOT_SAVED,
+            format!("applied to the data plane, not saved: {e:#}"),
         );
     }
     answer

@@ -148,6 +148,13 @@ pub struct NodeStatus {
     /// The last failure to write the announce routes, if the last attempt
     /// failed.
     pub routes_error: Option<String>,
+    /// Changes applied to the data plane whose state file could not be
+    /// written, since lbd started.
+    #[serde(default)]
+    pub state_save_failures: u64,
+    /// Set while the last save failed: a restart would lose changes.
+    #[serde(default)]
+    pub state_save_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -12,6 +12,7 @@
 //! | 0 | done |
 //! | 1 | refused by lbd (any non-2xx answer: unknown VIP, duplicate backend, weight out of range, ...), or a local operation that failed (writing sysctls, the terminal for `top`, a 2xx answer this lbctl cannot read) |
 //! | 2 | usage: arguments that clap or the checks here refuse, before anything is sent; or lbd unreachable: no socket, connection refused, no answer |
+//! | 3 | applied to the data plane, not saved: lbd could not write its state file (disk full?); the change is live but a restart would lose it |
 //!
 //! [`CliError::exit_code`] is the policy; every subcommand returns a
 //! [`CliError`].
@@ -60,6 +61,10 @@ impl CliError {
     pub const fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) | CliError::Unreachable(_) => 2,
+            CliError::Refused {
+                status: crate::api::handler::NOT_SAVED,
+                ..
+            } => 3,
             CliError::Refused { .. } | CliError::Failed(_) => 1,
         }
     }

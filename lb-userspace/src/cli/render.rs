@@ -106,6 +106,13 @@ pub fn node(n: &NodeStatus) -> String {
     if let Some(e) = &n.routes_error {
         let _ = writeln!(out, "WARNING: writing the announce routes failed: {e}");
     }
+    if let Some(e) = &n.state_save_error {
+        let _ = writeln!(
+            out,
+            "WARNING: changes are live but not saved ({} failed saves): {e}",
+            n.state_save_failures
+        );
+    }
     for v in &n.vips {
         let d = &v.decision;
         let why = match d.reason {

@@ -158,6 +158,23 @@ fn a_refusal_exits_1_with_lbds_message() {
 }
 
 #[test]
+fn a_change_applied_but_not_saved_exits_3() {
+    let (lbctl, served) = fake_lbd(
+        "not-saved",
+        Some((
+            507,
+            r#"{"error":"applied to the data plane, not saved: state file /var/lib/lb/x.state.json: No space left on device"}"#,
+        )),
+    );
+    let e = lbctl
+        .drain("198.18.100.1:80/tcp", "198.18.0.20", true)
+        .unwrap_err();
+    served.join().unwrap();
+    assert_eq!(e.exit_code(), 3);
+    assert!(e.to_string().contains("not saved"), "{e}");
+}
+
+#[test]
 fn a_refusal_without_an_error_body_still_exits_1() {
     let (lbctl, served) = fake_lbd("bare", Some((500, "[]")));
     let e = lbctl.list().unwrap_err();

@@ -90,6 +90,8 @@ pub struct Controller {
     /// How this lbd's rings differ from the data plane it adopted (another
     /// hash seed or ring size, accepted with `--accept-ring-change`).
     ring_change: Option<String>,
+    /// Saving the state file: failures, and the last error while it lasts.
+    save_record: std::sync::Mutex<persist::SaveRecord>,
 }
 
 /// Ids for every VIP and backend: saved ones first (an adopted data
@@ -304,6 +306,7 @@ impl Controller {
             last_token: 0,
             attached: false,
             ring_change,
+            save_record: Default::default(),
         };
         // Everything that can fail without writing a map comes first.
         ctl.build_runtime(&saved, &ids, &hops)?;

@@ -91,6 +91,11 @@ impl Controller {
     /// `installed`: what the announcer last wrote.
     pub fn node_status(&self, installed: Option<&announce::Installed>) -> NodeStatus {
         let routes = installed.map(|i| &i.routes);
+        let saves = self
+            .save_record
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
         NodeStatus {
             drained: self.overlay.node_drained,
             announce: self.config.announce.as_ref().map(|a| AnnounceTarget {
@@ -109,6 +114,8 @@ impl Controller {
                 })
                 .collect(),
             routes_error: installed.and_then(|i| i.error.clone()),
+            state_save_failures: saves.failures,
+            state_save_error: saves.last_error,
         }
     }
 

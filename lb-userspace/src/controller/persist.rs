@@ -217,25 +217,62 @@ impl Controller {
     }
 
     /// Writes the runtime changes to the state file (atomically: temp file,
-    /// then rename), so a restart keeps them.
+    /// then rename), so a restart keeps them. The file is the operator's
+    /// (mode 0600). A failure is counted and remembered for `lbctl node
+    /// status`, and leaves no temporary file behind.
     pub fn persist(&self) -> Result<()> {
-        let state = self.saved_state();
-        let path = &self.config.state_file;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let saved = write_state(&self.config.state_file, &self.saved_state());
+        let mut record = self
+            .save_record
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &saved {
+            Ok(()) => record.last_error = None,
+            Err(e) => {
+                record.failures += 1;
+                record.last_error = Some(format!("{e:#}"));
+            }
         }
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(&serde_json::to_vec_pretty(&state)?)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            // On disk before it replaces the old state: a crash must leave
-            // one whole file or the other.
-            f.sync_all()
-                .with_context(|| format!("syncing {}", tmp.display()))?;
-        }
-        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+        saved
     }
+}
+
+/// How saving the state file has gone since lbd started.
+#[derive(Clone, Debug, Default)]
+pub struct SaveRecord {
+    pub failures: u64,
+    /// Set while the last save failed: the data plane holds changes the
+    /// file does not.
+    pub last_error: Option<String>,
+}
+
+fn write_state(path: &Path, state: &SavedState) -> Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let named = |what: &str| format!("state file {}: {what}", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| named(&format!("creating {}", dir.display())))?;
+    }
+    let body = serde_json::to_vec_pretty(state).with_context(|| named("encoding"))?;
+    let tmp = path.with_extension("tmp");
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // `mode` only applies to a file it creates.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        f.write_all(&body)?;
+        // On disk before it replaces the old state: a crash must leave one
+        // whole file or the other.
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| named(&format!("writing through {}", tmp.display())));
+    }
+    Ok(())
 }
