@@ -86,6 +86,9 @@ struct Signals {
     term: Signal,
     int: Signal,
     usr1: Signal,
+    /// Left to its default, SIGHUP would kill lbd; a supervisor sends it to
+    /// mean "reload". Until lbd reloads, it is logged and ignored.
+    hup: Signal,
 }
 
 impl Signals {
@@ -95,6 +98,7 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
             usr1: signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?,
+            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
         })
     }
 }
@@ -353,6 +357,7 @@ async fn run_async(config: Config) -> Result<()> {
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
             _ = signals.usr1.recv() => print_counters(&d.ctl.ebpf, "counters")?,
+            _ = signals.hup.recv() => ignore_hangup(),
             Some(reply) = inbox.scrapes.recv() => {
                 let _ = reply.send(d.scrape());
             }
@@ -391,6 +396,15 @@ async fn run_async(config: Config) -> Result<()> {
         withdraw(&a.routes).await;
     }
     d.ctl.shutdown()
+}
+
+/// SIGHUP: no reload yet (the configuration is read at start), and never
+/// an exit.
+pub fn ignore_hangup() {
+    tracing::warn!(
+        "SIGHUP ignored: lbd does not reload its configuration; restart it to apply a changed file"
+    );
+    event(json!({"event": "sighup_ignored"}));
 }
 
 /// The next tick of an optional interval; never, without one.

@@ -130,6 +130,7 @@ fn run_bare(interface: String, mode: AttachMode) -> Result<()> {
             let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
             let mut usr1 =
                 signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+            let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
             let mut ebpf = dataplane::load_balancer()?;
             let attached = dataplane::attach(&mut ebpf, &interface, mode)?;
             // A line on stdout that supervisors and tests can wait for.
@@ -139,6 +140,7 @@ fn run_bare(interface: String, mode: AttachMode) -> Result<()> {
                     _ = term.recv() => break,
                     _ = int.recv() => break,
                     _ = usr1.recv() => daemon::print_counters(&ebpf, "counters")?,
+                    _ = hup.recv() => daemon::ignore_hangup(),
                 }
             }
             attached.detach(&mut ebpf)?;
