@@ -320,6 +320,9 @@ pub struct LbConfig {
     /// Seed of the connection table's hash (`lb_common::conntrack`): random
     /// per instance, kept across restarts (the table's entries depend on it).
     pub conntrack_seed: u64,
+    /// An established TCP entry without a packet for this long is free for
+    /// reuse (0: never).
+    pub tcp_idle_timeout_ns: u64,
 }
 
 crate::layout!(LbConfig {
@@ -333,7 +336,8 @@ crate::layout!(LbConfig {
     vip_slots,
     flow_cache_slots,
     conntrack_bucket_mask,
-    conntrack_seed
+    conntrack_seed,
+    tcp_idle_timeout_ns
 });
 
 #[cfg(feature = "user")]
@@ -365,6 +369,6 @@ mod tests {
         assert_eq!(size_of::<BackendInfo>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Traffic>(), 24);
-        assert_eq!(size_of::<LbConfig>(), 64);
+        assert_eq!(size_of::<LbConfig>(), 72);
     }
 }

@@ -19,9 +19,11 @@
 //!    [`REFRESH_EVERY`] takes the full path so the connection table keeps
 //!    seeing the flow as recently used.
 //! 4. A SYN follows the live ring whatever an old entry says (a client
-//!    reusing a port lands on the current backends), and is recorded.
+//!    reusing a port lands on the current backends), and is recorded,
+//!    embryonic (see `conntrack`: so are the new flows of rules 5-7).
 //! 5. A connection-table entry whose backend keeps flows and serves the VIP:
-//!    that backend; the entry is refreshed (FIN/RST mark it closing), and
+//!    that backend; the entry is refreshed and established (FIN/RST mark it
+//!    closing), and
 //!    this CPU's cache filled unless it is closing. A UDP entry idle past
 //!    the timeout is a new flow instead; an entry whose backend is down or
 //!    gone is re-picked from the live ring.
@@ -35,7 +37,7 @@
 //!    state.
 
 use crate::{
-    conntrack::{self, Found, Placement, Probe, Table},
+    conntrack::{self, Found, Placement, Probe, Table, Timeouts},
     flowcache::{CachedFlow, REFRESH_EVERY, slot_of},
     icmp::too_big_quote,
     maps::{BackendInfo, Family, FlowKey, LbConfig, Mode, RingState},
@@ -107,10 +109,10 @@ pub trait MapsMut: Maps {
         key: &FlowKey,
         probe: &Probe,
         now: u32,
-        udp_timeout: u32,
+        timeouts: Timeouts,
         find_first: bool,
     ) -> Option<(Placement, bool)> {
-        conntrack::own_or_place(self.table(), key, probe, now, udp_timeout, find_first)
+        conntrack::own_or_place(self.table(), key, probe, now, timeouts, find_first)
     }
 }
 
@@ -698,8 +700,9 @@ pub fn apply<M: MapsMut + ?Sized>(
         Update::CacheHit => {}
         Update::Refresh { idx, closing } => {
             // A closing flow's last packets take this path, so its entry
-            // stays the one that ends it.
-            if conntrack::touch(maps.table_mut(), idx, plan.now, closing) == Some(false) {
+            // stays the one that ends it. A refresh is never a SYN (rule 4):
+            // the flow is established.
+            if conntrack::touch(maps.table_mut(), idx, plan.now, closing, true) == Some(false) {
                 cache_fill(maps, key, plan, epoch, cfg);
             }
         }
@@ -729,7 +732,7 @@ fn record<M: MapsMut + ?Sized>(
 ) {
     let placed = match entry {
         Entry::At(idx) => Some((
-            Placement {
+            Placement::Way {
                 idx,
                 evicts_live: false,
             },
@@ -739,25 +742,30 @@ fn record<M: MapsMut + ?Sized>(
             key,
             probe,
             plan.now,
-            conntrack::udp_timeout_ticks(cfg.udp_timeout_ns),
+            Timeouts::of(cfg.udp_timeout_ns, cfg.tcp_idle_timeout_ns),
             matches!(entry, Entry::Unknown),
         ),
     };
     let own = placed.is_some_and(|(_, own)| own);
-    let written = placed.and_then(|(p, _)| {
-        let table = maps.table_mut();
-        conntrack::fill(table, p.idx, key, probe, plan.backend_id, plan.now)?;
-        if closing {
-            conntrack::touch(table, p.idx, plan.now, true)?;
+    let written = match placed {
+        Some((Placement::Way { idx, evicts_live }, _)) => {
+            let table = maps.table_mut();
+            conntrack::fill(table, idx, key, probe, plan.backend_id, plan.now).and_then(|()| {
+                if closing {
+                    conntrack::touch(table, idx, plan.now, true, false)?;
+                }
+                Some(evicts_live)
+            })
         }
-        Some(p)
-    });
+        Some((Placement::Full, _)) => {
+            maps.count(Counter::LbConntrackFull);
+            Some(false)
+        }
+        None => None,
+    };
     match written {
-        Some(p) => {
-            if p.evicts_live {
-                maps.count(Counter::LbConntrackEvicted);
-            }
-        }
+        Some(true) => maps.count(Counter::LbConntrackEvicted),
+        Some(false) => {}
         None => maps.count(Counter::LbConntrackInsertFailed),
     }
     // A flow that had an entry (a SYN reusing a port, a re-pick) may be in

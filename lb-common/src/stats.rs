@@ -88,13 +88,19 @@ counters! {
     LbFrameTooBig = 29 => "lb_frame_too_big",
     /// Of the connection-table hits, those served by the per-CPU flow cache.
     LbFlowCacheHit = 30 => "lb_flow_cache_hit",
-    /// A new entry displaced a live flow's (neither closed nor expired): the
-    /// connection table is too small for the load. The displaced flow keeps
-    /// its backend while the ring does not change.
+    /// A new entry displaced an embryonic flow's (one packet seen, not yet
+    /// expired): during a flood, mostly the flood's own entries. Never an
+    /// established flow (see `conntrack`). The displaced flow keeps its
+    /// backend while the ring does not change.
     LbConntrackEvicted = 31 => "lb_conntrack_evicted",
     /// IPv4 TTL or IPv6 hop limit 0: not forwarded (a router would drop
     /// it), dropped.
     LbTtlExpired = 32 => "lb_ttl_expired",
+    /// A new flow was not recorded: every way it may take held an
+    /// established flow. The connection table is too small for its real
+    /// load (a flood of spoofed packets never fills it with established
+    /// flows). The flow follows the ring.
+    LbConntrackFull = 33 => "lb_conntrack_full",
 }
 
 impl Counter {

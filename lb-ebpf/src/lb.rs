@@ -11,7 +11,7 @@
 //! word, in a register.
 
 use lb_common::{
-    conntrack::{Probe, find, own_or_place},
+    conntrack::{Placement, Probe, Timeouts, find, own_or_place},
     maps::FlowKey,
 };
 
@@ -35,26 +35,32 @@ pub extern "C" fn lb_find_slot(key: *const FlowKey, probe: *const Probe) -> u64 
 }
 
 /// Where a new flow's entry goes (only new flows pay for the call): the
-/// slot the flow already has, or the free or stalest way of the emptier of
-/// its two buckets, read from their heads. `find_first` is 0 when the
+/// slot the flow already has, or the free or stalest embryonic way of the
+/// emptier of its two buckets, read from their heads. `timeouts` is
+/// [`lb_common::conntrack::Timeouts::to_word`]; `find_first` is 0 when the
 /// caller has looked the flow up already (only a SYN has not). Returns the
 /// slot in the low 32 bits, bit 32 set if it displaces a live flow, bit 33
-/// if it is the flow's own, `u64::MAX` if no slot could be read.
+/// if it is the flow's own, bit 34 alone if every way holds an established
+/// flow, `u64::MAX` if no slot could be read.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_entry_slot(
     key: *const FlowKey,
     probe: *const Probe,
     now: u32,
-    udp_timeout: u32,
+    timeouts: u32,
     find_first: u32,
 ) -> u64 {
     // SAFETY: null-checked; sized by the verifier from the types.
     let (Some(key), Some(probe)) = (unsafe { key.as_ref() }, unsafe { probe.as_ref() }) else {
         return u64::MAX;
     };
-    match own_or_place(&ConnTable, key, probe, now, udp_timeout, find_first != 0) {
-        Some((at, own)) => at.idx as u64 | (at.evicts_live as u64) << 32 | (own as u64) << 33,
+    let timeouts = Timeouts::from_word(timeouts);
+    match own_or_place(&ConnTable, key, probe, now, timeouts, find_first != 0) {
+        Some((Placement::Way { idx, evicts_live }, own)) => {
+            idx as u64 | (evicts_live as u64) << 32 | (own as u64) << 33
+        }
+        Some((Placement::Full, _)) => 1 << 34,
         None => u64::MAX,
     }
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
 };
 use lb_common::{
-    conntrack::{BucketHead, ConnSlot, Found, Placement, Probe, Table, ticks},
+    conntrack::{BucketHead, ConnSlot, Found, Placement, Probe, Table, Timeouts, ticks},
     flowcache::CachedFlow,
     manifest::Size,
     maps::{BackendInfo, FlowKey, RingState, Traffic},
@@ -197,13 +197,14 @@ impl MapsMut for KernelMaps {
         key: &FlowKey,
         probe: &Probe,
         now: u32,
-        udp_timeout: u32,
+        timeouts: Timeouts,
         find_first: bool,
     ) -> Option<(Placement, bool)> {
-        match crate::lb::lb_entry_slot(key, probe, now, udp_timeout, find_first as u32) {
+        match crate::lb::lb_entry_slot(key, probe, now, timeouts.to_word(), find_first as u32) {
             u64::MAX => None,
+            at if at & 1 << 34 != 0 => Some((Placement::Full, false)),
             at => Some((
-                Placement {
+                Placement::Way {
                     idx: at as u32,
                     evicts_live: at & 1 << 32 != 0,
                 },

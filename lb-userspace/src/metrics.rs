@@ -378,6 +378,12 @@ fn globals(f: &mut Family, ebpf: &Ebpf, conntrack: Option<crate::stats::TableCou
         );
         f.sample("lb_conntrack_entries", &[], t.entries);
         f.head(
+            "lb_conntrack_embryonic_entries",
+            "gauge",
+            "Of the live flows, those seen once (a handshake in progress, or a spoofed packet): most of the table during a flood.",
+        );
+        f.sample("lb_conntrack_embryonic_entries", &[], t.embryonic);
+        f.head(
             "lb_conntrack_slots",
             "gauge",
             "Capacity of the connection table in flows.",
@@ -421,6 +427,7 @@ mod dashboard {
             "lb_xdp_verdicts_total",
             "lb_xdp_packets_total",
             "lb_conntrack_entries",
+            "lb_conntrack_embryonic_entries",
             "lb_conntrack_slots",
         ];
         let src = include_str!("metrics.rs");

@@ -24,10 +24,13 @@ pub fn global_counters(ebpf: &Ebpf) -> Result<BTreeMap<&'static str, u64>> {
 /// The connection table's occupancy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableCount {
-    /// Flows neither closed (FIN/RST) nor expired (UDP); entries are never
-    /// deleted, only reused, so dead TCP flows whose end this node did not
-    /// see count until they are.
+    /// Flows neither closed (FIN/RST) nor expired (UDP timeout, TCP idle
+    /// timeout, embryonic timeout): embryonic and established.
     pub entries: u64,
+    /// Of those, embryonic: one packet seen, a handshake in progress or a
+    /// spoofed packet. Most of the table during a flood, free again seconds
+    /// after it.
+    pub embryonic: u64,
     pub slots: u64,
 }
 
@@ -37,10 +40,10 @@ pub struct TableCount {
 pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
     use std::os::fd::{AsFd, AsRawFd};
 
-    use lb_common::conntrack::{BucketHead, WAYS, live, ticks, udp_timeout_ticks};
+    use lb_common::conntrack::{BucketHead, Timeouts, WAYS, WayState, ticks, way_state};
     let config = CONFIG.pinned(dir)?;
-    let udp_timeout =
-        udp_timeout_ticks(config.get(&0, 0).context("reading CONFIG")?.udp_timeout_ns);
+    let config = config.get(&0, 0).context("reading CONFIG")?;
+    let timeouts = Timeouts::of(config.udp_timeout_ns, config.tcp_idle_timeout_ns);
     let heads = CONNTRACK_HEADS.pinned_data(dir)?;
     let info = heads.info().context("CONNTRACK_HEADS: map info")?;
     let head_size = std::mem::size_of::<BucketHead>();
@@ -70,21 +73,25 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
         return Err(std::io::Error::last_os_error()).context("mapping CONNTRACK_HEADS");
     }
     let words = base.cast::<u32>();
-    let count = (0..buckets * WAYS as usize)
+    let (mut entries, mut embryonic) = (0, 0);
+    for i in 0..buckets * WAYS as usize {
         // SAFETY: in bounds; volatile because the data plane writes heads
         // concurrently (each word is one aligned store).
-        .filter(|&i| {
-            live(
-                unsafe { std::ptr::read_volatile(words.add(i)) },
-                now,
-                udp_timeout,
-            )
-        })
-        .count();
+        let word = unsafe { std::ptr::read_volatile(words.add(i)) };
+        match way_state(word, now, timeouts) {
+            WayState::Free => {}
+            WayState::Embryonic => {
+                entries += 1;
+                embryonic += 1;
+            }
+            WayState::Established => entries += 1,
+        }
+    }
     // SAFETY: the mapping made above.
     unsafe { libc::munmap(base, len) };
     Ok(TableCount {
-        entries: count as u64,
+        entries,
+        embryonic,
         slots: (buckets * WAYS as usize) as u64,
     })
 }

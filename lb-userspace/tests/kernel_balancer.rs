@@ -1166,32 +1166,33 @@ fn age_entry(b: &mut Bench, frame: &[u8], stamps: u16) {
     heads.set(idx / WAYS, head, 0).unwrap();
 }
 
-/// A full table: closed flows are reused first, then the least recently
-/// used live flow, which is counted; a displaced flow is re-recorded from
-/// the ring. One bucket of four slots, so every flow competes for it.
+/// A full table: closed flows are reused first, then the stalest embryonic
+/// flow (counted); an established flow is never displaced: a new flow that
+/// finds only established flows is not recorded (counted) and follows the
+/// ring. One bucket of four slots, so every flow competes for it.
 #[test]
-fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
+fn a_full_table_reuses_closed_then_embryonic_flows_and_never_established_ones() {
     let mut b = Bench::with_conntrack(lb_common::conntrack::WAYS);
     let v4 = [198, 18, 100, 1];
     let tcp = b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), Mode::Ipip, 1);
-    let flows: Vec<FrameSpec> = (0..6).map(|i| tcp4(v4, 3000 + i, 80)).collect();
+    let flows: Vec<FrameSpec> = (0..7).map(|i| tcp4(v4, 3000 + i, 80)).collect();
     let syn = |i: usize| testframe::build(&flows[i]);
     let est = |i: usize| testframe::build(&ack(flows[i].clone()));
 
-    b.check(
-        "flow 0",
-        &syn(0),
-        XDP_TX,
-        &encapsulated(&syn(0), 1),
-        TX_TCP_NEW,
-    );
-    for i in 1..4 {
+    for i in 0..4 {
         b.check(
-            "flows 1-3",
+            "SYN",
             &syn(i),
             XDP_TX,
             &encapsulated(&syn(i), 1),
             TX_TCP_NEW,
+        );
+        b.check(
+            "its next packet establishes it",
+            &est(i),
+            XDP_TX,
+            &encapsulated(&est(i), 1),
+            TX_TCP_HIT,
         );
     }
     // The ring moves on and no second chance applies: a flow without an
@@ -1200,8 +1201,7 @@ fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
     for i in 0..4 {
         assert_eq!(conntrack_entry(&b, &est(i)), Some(1), "flow {i} recorded");
     }
-    // Stamps count 4.4 s: age flow 2 (not in the first way, which wins
-    // ties) by rewriting its head, as if it had been idle a minute.
+    // Flow 2 idle for a minute (stamps count 4.3 s): older, still kept.
     age_entry(&mut b, &est(2), 15);
 
     let fin1 = testframe::build(&fin(flows[1].clone()));
@@ -1213,13 +1213,6 @@ fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
         TX_TCP_HIT,
     );
     b.check(
-        "so does its last ACK",
-        &est(1),
-        XDP_TX,
-        &encapsulated(&est(1), 1),
-        TX_TCP_HIT,
-    );
-    b.check(
         "a new flow takes the closed flow's slot: nothing live is displaced",
         &syn(4),
         XDP_TX,
@@ -1227,12 +1220,8 @@ fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
         TX_TCP_NEW,
     );
     assert_eq!(conntrack_entry(&b, &est(1)), None);
-    for i in [0, 2, 3] {
-        assert_eq!(conntrack_entry(&b, &est(i)), Some(1), "flow {i} kept");
-    }
-
     b.check(
-        "with only live flows left, the least recently used one (flow 2) goes, and it is counted",
+        "the next new flow displaces the embryonic one (flow 4), counted, not the idle flow 2",
         &syn(5),
         XDP_TX,
         &encapsulated(&syn(5), 2),
@@ -1244,8 +1233,29 @@ fn a_full_table_reuses_closed_flows_first_then_the_least_recently_used() {
             ("verdict_tx", 1),
         ],
     );
-    assert_eq!(conntrack_entry(&b, &est(2)), None);
-    for (i, backend) in [(0, 1), (3, 1), (4, 2), (5, 2)] {
+    assert_eq!(conntrack_entry(&b, &est(4)), None);
+    b.check(
+        "flow 5's next packet establishes it",
+        &est(5),
+        XDP_TX,
+        &encapsulated(&est(5), 2),
+        TX_TCP_HIT,
+    );
+    b.check(
+        "every way established: a new flow follows the ring, not recorded, counted",
+        &syn(6),
+        XDP_TX,
+        &encapsulated(&syn(6), 2),
+        &[
+            ("parse_tcp", 1),
+            ("lb_conntrack_miss", 1),
+            ("lb_new_flow", 1),
+            ("lb_conntrack_full", 1),
+            ("verdict_tx", 1),
+        ],
+    );
+    assert_eq!(conntrack_entry(&b, &est(6)), None);
+    for (i, backend) in [(0, 1), (2, 1), (3, 1), (5, 2)] {
         assert_eq!(conntrack_entry(&b, &est(i)), Some(backend), "flow {i}");
     }
 }

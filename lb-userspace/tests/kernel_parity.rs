@@ -210,8 +210,9 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
         };
         m.ring_states[v.id as usize] = RingState::new(rng.below(2) as u8, until);
     }
-    // Entries for some of the flows: fresh, idle a while, or (UDP) long
-    // expired; some closing.
+    // Entries for some of the flows: fresh, idle a while, or long idle (UDP
+    // expired, TCP past the idle timeout); embryonic or established; some
+    // closing.
     m.table = lb_common::policy::model::VecTable::new(CONNTRACK_ENTRIES / conntrack::WAYS);
     for f in flows {
         if !rng.chance(45) {
@@ -224,14 +225,18 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
         };
         let at = now.wrapping_sub(age);
         let p = conntrack::probe(f, m.config.conntrack_seed, m.config.conntrack_bucket_mask);
-        let timeout = conntrack::udp_timeout_ticks(m.config.udp_timeout_ns);
-        let Some((place, _)) = conntrack::own_or_place(&m.table, f, &p, now, timeout, true) else {
+        let timeouts =
+            conntrack::Timeouts::of(m.config.udp_timeout_ns, m.config.tcp_idle_timeout_ns);
+        let Some((conntrack::Placement::Way { idx, .. }, _)) =
+            conntrack::own_or_place(&m.table, f, &p, now, timeouts, true)
+        else {
             continue;
         };
         let backend = rng.pick(backend_ids(f));
-        conntrack::fill(&mut m.table, place.idx, f, &p, backend, at).unwrap();
-        if rng.chance(15) {
-            conntrack::touch(&mut m.table, place.idx, at, true).unwrap();
+        conntrack::fill(&mut m.table, idx, f, &p, backend, at).unwrap();
+        let established = rng.chance(60);
+        if established || rng.chance(15) {
+            conntrack::touch(&mut m.table, idx, at, rng.chance(15), established).unwrap();
         }
     }
     // Cache entries: current, stale, near a refresh, or of another flow.
@@ -494,6 +499,8 @@ fn kernel_and_host_policy_agree_on_random_packets_and_states() {
             hash_seed: 0x5eed,
             ring_size: RING,
             udp_timeout_ns: UDP_TIMEOUT_S * 1_000_000_000,
+            // Short enough that some random entries are past it.
+            tcp_idle_timeout_ns: 60_000_000_000,
             ..LbConfig::default()
         },
     )

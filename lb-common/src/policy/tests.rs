@@ -14,7 +14,7 @@ use super::{
     model::{Model, ModelSizes},
 };
 use crate::{
-    conntrack::{self, TICK_SHIFT},
+    conntrack::{self, Placement, TICK_SHIFT, Timeouts, WayState},
     flowcache::{CachedFlow, REFRESH_EVERY, slot_of},
     maps::{
         BackendInfo, BackendState, Family, FlowKey, LbConfig, Mode, RingState, VipInfo, VipKey,
@@ -132,8 +132,12 @@ enum Given {
     /// A port-0 VIP on `.1` besides the exact ones, its ring all this
     /// backend.
     AnyPortOnTcpVip(u32),
-    /// Both of the flow's buckets full of live flows of other clients.
+    /// Both of the flow's buckets full of other clients' embryonic flows.
     BucketsFull,
+    /// ... of other clients' established flows.
+    BucketsFullEstablished,
+    /// An embryonic entry for the row's flow (one packet seen, just now).
+    EntryEmbryonic(u32),
 }
 
 /// What [`apply`] should leave behind, checked after it ran.
@@ -145,6 +149,9 @@ enum After {
     EntryOpen,
     /// The entry's last-seen time was not refreshed.
     EntryUntouched,
+    /// The entry's class (see `conntrack`).
+    Embryonic,
+    Established,
     Cached(u32),
     NotCached,
     CacheHits(u32),
@@ -384,11 +391,75 @@ const ROWS: &[Row] = &[
         after: &[A::Entry(1), A::EntryOpen],
     },
     Row {
-        name: "a new flow whose buckets are full displaces the stalest live flow, counted",
+        name: "a new flow whose buckets are full displaces the stalest embryonic flow, counted",
         given: &[G::BucketsFull],
         packet: Syn(Tcp80),
         expect: Fwd(1, Via::RingSyn, U::Record),
-        after: &[A::Entry(1), A::Count(Counter::LbConntrackEvicted, 1)],
+        after: &[
+            A::Entry(1),
+            A::Embryonic,
+            A::Count(Counter::LbConntrackEvicted, 1),
+        ],
+    },
+    Row {
+        name: "a new flow whose buckets hold only established flows is not recorded, counted",
+        given: &[G::BucketsFullEstablished],
+        packet: Syn(Tcp80),
+        expect: Fwd(1, Via::RingSyn, U::Record),
+        after: &[
+            A::NoEntry,
+            A::Count(Counter::LbConntrackFull, 1),
+            A::Count(Counter::LbConntrackEvicted, 0),
+        ],
+    },
+    Row {
+        name: "... and neither is its next packet: it follows the ring",
+        given: &[G::BucketsFullEstablished, G::Live(3)],
+        packet: Ack(Tcp80),
+        expect: Fwd(3, Via::RingNoEntry, U::Record),
+        after: &[A::NoEntry, A::Count(Counter::LbConntrackFull, 1)],
+    },
+    Row {
+        name: "a SYN's entry is embryonic",
+        given: &[],
+        packet: Syn(Tcp80),
+        expect: Fwd(1, Via::RingSyn, U::Record),
+        after: &[A::Entry(1), A::Embryonic],
+    },
+    Row {
+        name: "the next packet that is not a SYN establishes it",
+        given: &[G::EntryEmbryonic(2)],
+        packet: Ack(Tcp80),
+        expect: Fwd(2, Via::ConnTable, U::Refresh),
+        after: &[A::Entry(2), A::Established],
+    },
+    Row {
+        name: "a retransmitted SYN starts afresh, embryonic",
+        given: &[G::EntryEmbryonic(2)],
+        packet: Syn(Tcp80),
+        expect: Fwd(1, Via::RingSyn, U::Record),
+        after: &[A::Entry(1), A::Embryonic],
+    },
+    Row {
+        name: "a mid-stream packet without an entry is recorded embryonic",
+        given: &[],
+        packet: Ack(Tcp80),
+        expect: Fwd(1, Via::RingNoEntry, U::Record),
+        after: &[A::Entry(1), A::Embryonic],
+    },
+    Row {
+        name: "a UDP flow's first datagram is recorded embryonic",
+        given: &[],
+        packet: Udp(Udp53),
+        expect: Fwd(1, Via::RingNoEntry, U::Record),
+        after: &[A::Entry(1), A::Embryonic],
+    },
+    Row {
+        name: "its second datagram establishes it",
+        given: &[G::EntryEmbryonic(2)],
+        packet: Udp(Udp53),
+        expect: Fwd(2, Via::ConnTable, U::Refresh),
+        after: &[A::Entry(2), A::Established],
     },
     // Rule 5: the connection table.
     Row {
@@ -793,6 +864,7 @@ fn base() -> Model {
         LbConfig {
             hash_seed: 0x5eed,
             udp_timeout_ns: UDP_TIMEOUT_S * 1_000_000_000,
+            tcp_idle_timeout_ns: 3_600_000_000_000,
             conntrack_seed: 0x0123_4567_89ab_cdef,
             ..LbConfig::default()
         },
@@ -867,10 +939,29 @@ fn cache_slot(m: &Model, key: &FlowKey) -> usize {
     (slot_of(key) & (m.config.flow_cache_slots - 1)) as usize
 }
 
-fn set_entry(m: &mut Model, key: &FlowKey, backend: u32, now: u32) {
+/// An entry for `key`, established unless `embryonic`.
+fn set_entry(m: &mut Model, key: &FlowKey, backend: u32, now: u32, embryonic: bool) {
     let p = conntrack::probe(key, m.config.conntrack_seed, m.config.conntrack_bucket_mask);
-    let (at, _) = conntrack::own_or_place(&m.table, key, &p, now, 0, true).unwrap();
-    conntrack::fill(&mut m.table, at.idx, key, &p, backend, now).unwrap();
+    let t = Timeouts::of(m.config.udp_timeout_ns, m.config.tcp_idle_timeout_ns);
+    let Some((Placement::Way { idx, .. }, _)) =
+        conntrack::own_or_place(&m.table, key, &p, now, t, true)
+    else {
+        panic!("no way for the row's entry");
+    };
+    conntrack::fill(&mut m.table, idx, key, &p, backend, now).unwrap();
+    if !embryonic {
+        conntrack::touch(&mut m.table, idx, now, false, true).unwrap();
+    }
+}
+
+/// The state of `key`'s entry's head word now.
+fn entry_state(m: &Model, key: &FlowKey) -> Option<WayState> {
+    let p = conntrack::probe(key, m.config.conntrack_seed, m.config.conntrack_bucket_mask);
+    let f = conntrack::find(&m.table, key, &p)?;
+    let word =
+        m.table.heads[(f.idx / conntrack::WAYS) as usize].ways[(f.idx % conntrack::WAYS) as usize];
+    let t = Timeouts::of(m.config.udp_timeout_ns, m.config.tcp_idle_timeout_ns);
+    Some(conntrack::way_state(word, NOW_TICKS, t))
 }
 
 fn cache(m: &mut Model, key: &FlowKey, backend: u32, vip: u32, hits: u32, epoch: u32) {
@@ -912,7 +1003,8 @@ fn given(m: &mut Model, family: Family, dst: Dst, g: Given) {
             let live = m.ring_states[vip as usize].live_generation();
             m.ring_states[vip as usize] = RingState::new(live, until);
         }
-        G::Entry { backend, age } => set_entry(m, &key, backend, NOW_TICKS - age * SECOND),
+        G::Entry { backend, age } => set_entry(m, &key, backend, NOW_TICKS - age * SECOND, false),
+        G::EntryEmbryonic(backend) => set_entry(m, &key, backend, NOW_TICKS, true),
         G::EntryClosing => {
             let p = conntrack::probe(
                 &key,
@@ -920,9 +1012,9 @@ fn given(m: &mut Model, family: Family, dst: Dst, g: Given) {
                 m.config.conntrack_bucket_mask,
             );
             let f = conntrack::find(&m.table, &key, &p).expect("an entry to close");
-            conntrack::touch(&mut m.table, f.idx, NOW_TICKS, true).unwrap();
+            conntrack::touch(&mut m.table, f.idx, NOW_TICKS, true, true).unwrap();
         }
-        G::EntryAhead(backend) => set_entry(m, &key, backend, NOW_TICKS + 2),
+        G::EntryAhead(backend) => set_entry(m, &key, backend, NOW_TICKS + 2, false),
         G::Cached(b) => cache(m, &key, b, vip, 0, m.epoch),
         G::CachedHits(b, hits) => cache(m, &key, b, vip, hits, m.epoch),
         G::CachedStale(b) => cache(m, &key, b, vip, 0, m.epoch.wrapping_sub(2)),
@@ -955,7 +1047,9 @@ fn given(m: &mut Model, family: Family, dst: Dst, g: Given) {
             m.write_ring(id, 0, &[b; RING as usize]);
             m.set_vips(&vips).unwrap();
         }
-        G::BucketsFull => {
+        G::BucketsFull | G::BucketsFullEstablished => {
+            let established = matches!(g, G::BucketsFullEstablished);
+            let t = Timeouts::of(m.config.udp_timeout_ns, m.config.tcp_idle_timeout_ns);
             let p = conntrack::probe(
                 &key,
                 m.config.conntrack_seed,
@@ -978,10 +1072,16 @@ fn given(m: &mut Model, family: Family, dst: Dst, g: Given) {
                     m.config.conntrack_seed,
                     m.config.conntrack_bucket_mask,
                 );
-                if q.buckets.iter().any(|b| p.buckets.contains(b)) {
-                    let at = conntrack::place(&m.table, &q, NOW_TICKS, 0).unwrap();
-                    if p.buckets.contains(&(at.idx / conntrack::WAYS)) && !at.evicts_live {
-                        conntrack::fill(&mut m.table, at.idx, &other, &q, 2, NOW_TICKS).unwrap();
+                if q.buckets.iter().any(|b| p.buckets.contains(b))
+                    && let Some(Placement::Way {
+                        idx,
+                        evicts_live: false,
+                    }) = conntrack::place(&m.table, &q, NOW_TICKS, t)
+                    && p.buckets.contains(&(idx / conntrack::WAYS))
+                {
+                    conntrack::fill(&mut m.table, idx, &other, &q, 2, NOW_TICKS).unwrap();
+                    if established {
+                        conntrack::touch(&mut m.table, idx, NOW_TICKS, false, true).unwrap();
                     }
                 }
                 assert!(n < 1 << 20, "could not fill the buckets");
@@ -1058,6 +1158,8 @@ fn run(row: &Row, family: Family) -> Result<(), String> {
             A::EntryClosing => now_entry.is_some_and(|e| e.flags & conntrack::SLOT_CLOSING != 0),
             A::EntryOpen => now_entry.is_some_and(|e| e.flags & conntrack::SLOT_CLOSING == 0),
             A::EntryUntouched => now_entry.is_some() && now_entry == before,
+            A::Embryonic => entry_state(&m, &key) == Some(WayState::Embryonic),
+            A::Established => entry_state(&m, &key) == Some(WayState::Established),
             A::Cached(b) => cached_here && cached.backend_id == b && cached.vip_epoch == m.epoch,
             A::NotCached => !cached_here,
             A::CacheHits(h) => cached_here && cached.hits == h,
@@ -1106,7 +1208,7 @@ fn row_names_are_unique() {
 fn a_ring_flip_touches_one_vip_only() {
     let mut m = base();
     let key = flow(Family::V4, Tcp80);
-    set_entry(&mut m, &key, 2, NOW_TICKS);
+    set_entry(&mut m, &key, 2, NOW_TICKS, false);
     let epoch = m.epoch;
     cache(&mut m, &key, 2, 0, 0, epoch);
     // VIP 1 (the UDP VIP) flips to a new generation.

@@ -24,6 +24,7 @@ pub(super) struct RawDataplane {
     flow_cache_slots: Option<Spanned<u32>>,
     hash_seed: Option<u32>,
     udp_timeout: Option<Spanned<String>>,
+    tcp_idle_timeout: Option<Spanned<String>>,
     second_chance_window: Option<Spanned<String>>,
     encap_source_v4: Option<Spanned<String>>,
     encap_source_v6: Option<Spanned<String>>,
@@ -33,9 +34,13 @@ pub(super) struct Dataplane {
     pub sizes: MapSizes,
     pub hash_seed: u32,
     pub udp_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
     pub second_chance_window: Duration,
     pub encap: EncapSources,
 }
+
+/// The shortest `tcp_idle_timeout` accepted.
+const MIN_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The section, or its defaults when the file has none.
 pub(super) fn dataplane(
@@ -44,13 +49,30 @@ pub(super) fn dataplane(
 ) -> Result<Dataplane, ConfigError> {
     let span = raw.as_ref().map_or(0..0, |d| d.span());
     let dp = raw.map(Spanned::into_inner).unwrap_or_default();
-    let sizes = sizes(src, &dp, span)?;
+    let sizes = sizes(src, &dp, span.clone())?;
     let udp_timeout = duration_field(
         src,
         &dp.udp_timeout,
         "dataplane.udp_timeout",
         Duration::from_secs(30),
     )?;
+    let tcp_idle_timeout = duration_field(
+        src,
+        &dp.tcp_idle_timeout,
+        "dataplane.tcp_idle_timeout",
+        Duration::from_secs(3600),
+    )?;
+    if tcp_idle_timeout < MIN_TCP_IDLE_TIMEOUT {
+        let span = dp
+            .tcp_idle_timeout
+            .as_ref()
+            .map_or(span.clone(), |s| s.span());
+        return Err(src.err(
+            span,
+            "dataplane.tcp_idle_timeout",
+            "must be at least 1m: an established connection idle for less is common",
+        ));
+    }
     let second_chance_window = duration_field(
         src,
         &dp.second_chance_window,
@@ -61,6 +83,7 @@ pub(super) fn dataplane(
         sizes,
         hash_seed: dp.hash_seed.unwrap_or(0),
         udp_timeout,
+        tcp_idle_timeout,
         second_chance_window,
         encap: encap_sources(src, &dp)?,
     })

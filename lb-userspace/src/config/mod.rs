@@ -179,6 +179,9 @@ pub struct Config {
     pub sizes: MapSizes,
     pub hash_seed: u32,
     pub udp_timeout: Duration,
+    /// An established TCP connection-table entry idle this long is free for
+    /// reuse.
+    pub tcp_idle_timeout: Duration,
     /// How long after a ring change the previous ring serves second chances.
     pub second_chance_window: Duration,
     pub encap_source_v4: Option<Ipv4Addr>,
@@ -379,6 +382,7 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         sizes: dp.sizes,
         hash_seed: dp.hash_seed,
         udp_timeout: dp.udp_timeout,
+        tcp_idle_timeout: dp.tcp_idle_timeout,
         second_chance_window: dp.second_chance_window,
         encap_source_v4: dp.encap.v4,
         encap_source_v6: dp.encap.v6,
