@@ -4,19 +4,27 @@
 //! [`crate::in_netns`] (usually the client namespace).
 
 use std::{
-    io::{BufReader, Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::{
+    Method, Version,
+    body::Bytes,
+    client::conn::http1::SendRequest,
+    header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderMap, TRANSFER_ENCODING},
+};
+use hyper_util::rt::TokioIo;
 
-use crate::http::{self, MAX_BODY};
+use crate::http::MAX_BODY;
 
 /// A response as the test client saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
+    /// Names in lower case, as hyper gives them.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -38,16 +46,24 @@ impl Response {
 
 /// One keep-alive HTTP/1.1 connection: several requests, one TCP flow (so
 /// one conntrack entry and one backend on the LB).
+///
+/// hyper speaks the HTTP; the connection's own current-thread runtime runs
+/// it only while a request is under way, on the calling thread, so the
+/// socket stays in the namespace it was made in and no thread is left
+/// behind.
 pub struct HttpConn {
     addr: SocketAddr,
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    local: SocketAddr,
+    timeout: Duration,
+    sender: SendRequest<Empty<Bytes>>,
     open: bool,
+    /// Dropped last: the connection's task, and so its socket, go with it.
+    runtime: tokio::runtime::Runtime,
 }
 
 impl HttpConn {
-    /// Connects to `addr`; `timeout` bounds the connect and then every
-    /// single read and write on the connection.
+    /// Connects to `addr`; `timeout` bounds the connect and then each
+    /// request, from sending it to the end of the response.
     pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self> {
         let stream = TcpStream::connect_timeout(&addr, timeout)
             .with_context(|| format!("connecting to {addr}"))?;
@@ -73,26 +89,38 @@ impl HttpConn {
     }
 
     fn over(stream: TcpStream, addr: SocketAddr, timeout: Duration) -> Result<Self> {
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
-        let writer = stream.try_clone().context("cloning the socket")?;
+        stream.set_nonblocking(true)?;
+        let local = stream.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .context("starting the client's runtime")?;
+        let (sender, conn) = runtime.block_on(async {
+            let stream = tokio::net::TcpStream::from_std(stream)?;
+            anyhow::Ok(hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?)
+        })?;
+        // Ends with the connection; its errors reach the request's future.
+        runtime.spawn(conn);
         Ok(HttpConn {
             addr,
-            reader: BufReader::new(stream),
-            writer,
+            local,
+            timeout,
+            sender,
             open: true,
+            runtime,
         })
     }
 
     /// Our end of the connection.
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        Ok(self.writer.local_addr()?)
+        Ok(self.local)
     }
 
     /// Whether the server has not (yet) asked to close the connection.
     pub fn is_open(&self) -> bool {
-        self.open
+        self.open && !self.sender.is_closed()
     }
 
     /// Sends `GET path` and reads the whole response, whatever its status.
@@ -103,63 +131,74 @@ impl HttpConn {
     /// Sends `method path` (no body); `keep_alive: false` asks the server
     /// to close the connection after answering.
     pub fn request(&mut self, method: &str, path: &str, keep_alive: bool) -> Result<Response> {
-        if !self.open {
+        if !self.is_open() {
             bail!("connection to {} was closed by the server", self.addr);
         }
-        let conn = if keep_alive { "keep-alive" } else { "close" };
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: {conn}\r\n\r\n",
-            self.addr
-        );
-        self.writer
-            .write_all(req.as_bytes())
-            .with_context(|| format!("sending {method} {path} to {}", self.addr))?;
-        let resp = self.read_response(method == "HEAD").with_context(|| {
-            format!("reading the response to {method} {path} from {}", self.addr)
-        })?;
-        Ok(resp)
-    }
-
-    fn read_response(&mut self, head_only: bool) -> Result<Response> {
-        let head = http::read_head(&mut self.reader)?.context("server closed the connection")?;
-        let [version, status, _reason] = &head.start;
-        if !http::is_http1(version) {
-            bail!("not an HTTP/1.x response: {:?}", head.start);
-        }
-        let status: u16 = status
+        let method: Method = method
             .parse()
-            .ok()
-            .filter(|s| (100..1000).contains(s))
-            .with_context(|| format!("bad status {status:?}"))?;
-        if !head.keep_alive(false) {
+            .with_context(|| format!("bad method {method:?}"))?;
+        let req = hyper::Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(HOST, self.addr.to_string())
+            .header(CONNECTION, if keep_alive { "keep-alive" } else { "close" })
+            .body(Empty::new())
+            .with_context(|| format!("bad request {method} {path}"))?;
+        let (sender, timeout) = (&mut self.sender, self.timeout);
+        let exchange = async {
+            sender.ready().await?;
+            let (head, body) = sender.send_request(req).await?.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| anyhow::anyhow!("reading the body (at most {MAX_BODY} bytes): {e}"))?
+                .to_bytes();
+            anyhow::Ok((head, body))
+        };
+        let (head, body) = self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, exchange).await })
+            .map_err(|_| anyhow::anyhow!("no complete response within {timeout:?}"))
+            .and_then(|r| r)
+            .with_context(|| format!("{method} {path} on {}", self.addr))?;
+        let head_only = method == Method::HEAD || matches!(head.status.as_u16(), 204 | 304);
+        if !keep_alive || !stays_open(head.version, &head.headers, head_only) {
             self.open = false;
         }
-        let len = head.content_length().map_err(anyhow::Error::msg)?;
-        let body = match len {
-            _ if head_only || status == 204 || status == 304 => Vec::new(),
-            Some(n) => http::read_body(&mut self.reader, n)?,
-            None => {
-                // Without a length, the body runs to the end of the connection.
-                self.open = false;
-                let mut body = Vec::new();
-                (&mut self.reader)
-                    .take(MAX_BODY as u64 + 1)
-                    .read_to_end(&mut body)?;
-                if body.len() > MAX_BODY {
-                    bail!("body longer than {MAX_BODY} bytes");
-                }
-                body
-            }
-        };
-        if !self.open {
-            let _ = self.writer.shutdown(Shutdown::Both);
-        }
         Ok(Response {
-            status,
-            headers: head.headers,
-            body,
+            status: head.status.as_u16(),
+            headers: head
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                    (n.as_str().to_owned(), v)
+                })
+                .collect(),
+            body: body.to_vec(),
         })
     }
+}
+
+/// Whether a connection stays open after a response (RFC 9112 §9.3): not
+/// after `Connection: close`, nor an HTTP/1.0 answer without keep-alive,
+/// nor a body that runs to the end of the connection.
+fn stays_open(version: Version, headers: &HeaderMap, head_only: bool) -> bool {
+    let tokens = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    let (mut close, mut keep) = (false, false);
+    for t in tokens {
+        close |= t.eq_ignore_ascii_case("close");
+        keep |= t.eq_ignore_ascii_case("keep-alive");
+    }
+    let framed = head_only
+        || headers.contains_key(CONTENT_LENGTH)
+        || headers.contains_key(TRANSFER_ENCODING);
+    !close && (version == Version::HTTP_11 || keep) && framed
 }
 
 /// One GET on a fresh connection; returns the body, or an error unless the
@@ -222,6 +261,67 @@ pub fn split_echo(reply: &[u8]) -> Option<(&str, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// HEAD, asking to close, and a connection used from another thread,
+    /// against the test server on loopback.
+    #[test]
+    fn head_close_and_threads() {
+        let args = ["--name", "s", "--http", "127.0.0.1:0"].map(String::from);
+        let server =
+            crate::testserver::Server::bind(&crate::testserver::Config::from_args(args).unwrap())
+                .unwrap();
+        let line: serde_json::Value =
+            serde_json::from_str(&server.listening_line().unwrap()).unwrap();
+        let addr: SocketAddr = line["http"][0].as_str().unwrap().parse().unwrap();
+        // Serving threads run until the test process exits.
+        std::thread::spawn(move || server.serve());
+        let t = Duration::from_secs(5);
+
+        let mut c = HttpConn::connect(addr, t).unwrap();
+        let r = c.request("HEAD", "/", true).unwrap();
+        assert_eq!((r.status, r.body.len()), (200, 0));
+        assert_eq!(r.header("Content-Length"), Some("2"));
+        let mut c = std::thread::spawn(move || {
+            assert_eq!(c.get("/").unwrap().text(), "s\n");
+            c
+        })
+        .join()
+        .unwrap();
+        assert!(c.is_open());
+        assert_eq!(c.request("GET", "/", false).unwrap().text(), "s\n");
+        assert!(!c.is_open());
+        assert!(c.get("/").is_err());
+    }
+
+    #[test]
+    fn keep_alive_rules() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (n, v) in pairs {
+                m.append(
+                    hyper::header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        let len = ("content-length", "1");
+        assert!(stays_open(Version::HTTP_11, &h(&[len]), false));
+        assert!(!stays_open(
+            Version::HTTP_11,
+            &h(&[len, ("connection", "x, Close")]),
+            false
+        ));
+        assert!(!stays_open(Version::HTTP_10, &h(&[len]), false));
+        assert!(stays_open(
+            Version::HTTP_10,
+            &h(&[len, ("connection", "keep-alive")]),
+            false
+        ));
+        // No length: the body ends with the connection.
+        assert!(!stays_open(Version::HTTP_11, &h(&[]), false));
+        assert!(stays_open(Version::HTTP_11, &h(&[]), true));
+    }
 
     #[test]
     fn splits_echo() {

@@ -1,12 +1,13 @@
-//! Just enough HTTP/1.1 framing for the test server and client: message
-//! heads of bounded size, `Content-Length` bodies, keep-alive rules.
-//! Chunked transfer coding is refused on both sides; neither needs it.
+//! Just enough HTTP/1.1 framing for the test server: message heads of
+//! bounded size, `Content-Length` bodies, keep-alive rules. Chunked
+//! transfer coding is refused; no test client sends it. (The test client
+//! speaks through hyper, within [`MAX_BODY`] too.)
 
 use std::io::{self, BufRead, Read};
 
-/// Largest message head (start line plus headers) either side accepts.
+/// Largest message head (start line plus headers) the server accepts.
 pub const MAX_HEAD: usize = 16 * 1024;
-/// Largest body either side accepts.
+/// Largest body the server, and the test client, accept.
 pub const MAX_BODY: usize = 1024 * 1024;
 
 /// Why a message head could not be read.

@@ -34,6 +34,10 @@ struct Case<'a> {
     instance: &'a str,
     /// Replaces the state file's path.
     state_file: Option<PathBuf>,
+    /// Replaces the control socket's path.
+    api_socket: Option<PathBuf>,
+    /// Replaces the instance name.
+    instance_name: Option<&'a str>,
     conntrack_entries: u32,
     /// Extra backend addresses for the VIP.
     extra_backends: &'a [&'a str],
@@ -49,6 +53,8 @@ impl Default for Case<'_> {
             name: "",
             instance: "",
             state_file: None,
+            api_socket: None,
+            instance_name: None,
             conntrack_entries: 65536,
             extra_backends: &[],
             memory_limit: None,
@@ -91,6 +97,18 @@ fn config_text(t: &Topology, dir: &Path, vip: IpAddr, case: &Case, on_exit: &str
         pre = pre.replace(
             &format!("state_file = \"{}/state.json\"", dir.display()),
             &format!("state_file = \"{}\"", state.display()),
+        );
+    }
+    if let Some(socket) = &case.api_socket {
+        pre = pre.replace(
+            &format!("api_socket = \"{}/lbd.sock\"", dir.display()),
+            &format!("api_socket = \"{}\"", socket.display()),
+        );
+    }
+    if let Some(name) = case.instance_name {
+        pre = pre.replace(
+            &format!("name = \"{}\"", t.instance_name()),
+            &format!("name = \"{name}\""),
         );
     }
     let extra: String = case
@@ -236,6 +254,12 @@ fn a_failed_start_changes_nothing() {
             ..Default::default()
         },
         Case {
+            name: "a regular file at the control socket's path",
+            api_socket: Some(blocker.clone()),
+            expect: "a regular file, which lbd will not delete",
+            ..Default::default()
+        },
+        Case {
             name: "map creation fails (ENOMEM in a small memory cgroup)",
             conntrack_entries: 1 << 22,
             memory_limit: Some(48 << 20),
@@ -272,6 +296,7 @@ fn a_failed_start_changes_nothing() {
             "{name}: sysctl backup left"
         );
         assert!(!blocker.join("state").exists());
+        assert!(blocker.is_file(), "{name}: the file at the socket's path was touched");
         assert_eq!(sysctls(&t), sysctls_before, "{name}: sysctls changed");
     }
 
@@ -327,5 +352,41 @@ fn a_failed_start_changes_nothing() {
         );
         get().unwrap_or_else(|e| panic!("{name}: the running data plane stopped: {e:#}"));
     }
+
+    // Another lbd (another instance) configured with the running one's
+    // control socket: refused, and the running one stays reachable.
+    std::fs::write(&cfg, config_text(&t, &dir, vip, &good, "keep")).unwrap();
+    let (mut running, ready) = lbd::start(&t, &cfg).unwrap();
+    assert!(ready.contains("\"adopted\":true"), "{ready}");
+    let other_dir = root.join("second-instance");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other_cfg = other_dir.join("lb.toml");
+    let second = Case {
+        name: "another lbd's live control socket",
+        api_socket: Some(dir.join("lbd.sock")),
+        instance_name: Some("lbtsecond"),
+        expect: "is in use",
+        ..Default::default()
+    };
+    std::fs::write(&other_cfg, config_text(&t, &other_dir, vip, &second, "detach")).unwrap();
+    let stderr = run_failing(&t, &other_cfg, None);
+    assert!(stderr.contains(second.expect), "{stderr}");
+    assert!(!Path::new("/sys/fs/bpf/lbtsecond").exists());
+    let list = Command::new(lb_tests::lbctl_path().unwrap())
+        .arg("--socket")
+        .arg(dir.join("lbd.sock"))
+        .arg("list")
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "the first lbd is unreachable: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    // The running lbd swapped its own program in when it adopted; the
+    // refused one left it attached.
+    let adopted_program = xdp_program(&t);
+    assert!(adopted_program.is_some() && adopted_program.as_deref() != Some(program.as_str()));
+    lbd::stop(&mut running).unwrap();
     drop(held);
 }

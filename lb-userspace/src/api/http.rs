@@ -1,135 +1,135 @@
-//! Just enough HTTP/1.1 for the control API, with hard limits so a
-//! misbehaving client cannot make lbd buffer without bound.
+//! What lbd's servers take from hyper and give back: a request read whole
+//! within the body cap, and complete answers. hyper does the framing; the
+//! limits hyper cannot know about are here.
 
-use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::{
+    StatusCode,
+    body::{Body, Bytes, Incoming},
+    header::{self, HeaderValue},
+    http::request::Parts,
+};
 
+/// Largest request head (request line and headers); hyper answers 431 past it.
 pub const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body; answered 413 past it.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// A control request as the handler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub method: String,
+    /// The request target as sent (path and query).
     pub path: String,
     pub body: Vec<u8>,
 }
 
-pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(r: R) -> Result<Request> {
-    // Bounds everything read, a header line without a newline included.
-    let mut r = BufReader::new(r.take((MAX_HEAD + MAX_BODY) as u64));
-    let mut line = String::new();
-    let mut head_len = 0;
-    r.read_line(&mut line)
-        .await
-        .context("reading the request line")?;
-    head_len += line.len();
-    let mut parts = line.split_whitespace();
-    let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        bail!("malformed request line");
-    };
-    if !version.starts_with("HTTP/1.") {
-        bail!("unsupported protocol {version}");
-    }
-    let (method, path) = (method.to_owned(), path.to_owned());
-    let mut content_length = 0usize;
-    loop {
-        let mut h = String::new();
-        let n = r.read_line(&mut h).await.context("reading headers")?;
-        head_len += n;
-        if head_len > MAX_HEAD {
-            bail!("headers over {MAX_HEAD} bytes");
-        }
-        if n == 0 || h == "\r\n" || h == "\n" {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':')
-            && k.trim().eq_ignore_ascii_case("content-length")
-        {
-            content_length = v.trim().parse().context("bad Content-Length")?;
-        }
-    }
-    if content_length > MAX_BODY {
-        bail!("body of {content_length} bytes is over the {MAX_BODY}-byte limit");
-    }
-    let mut body = vec![0; content_length];
-    r.read_exact(&mut body).await.context("reading the body")?;
-    Ok(Request { method, path, body })
+/// Why a request was not read: the status to answer and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub why: String,
 }
 
-/// A Prometheus exposition answer.
-pub async fn write_text<W: AsyncWrite + Unpin>(w: W, status: u16, body: &str) -> Result<()> {
-    write_with_type(
-        w,
+/// An answer whose body is in memory.
+pub type Answer = hyper::Response<Full<Bytes>>;
+
+/// Reads the body of `req` up to [`MAX_BODY`]; an announced length over the
+/// cap is refused before a byte of the body is read.
+pub async fn read_whole(req: hyper::Request<Incoming>) -> Result<(Parts, Bytes), Refusal> {
+    let (parts, body) = req.into_parts();
+    let announced = body.size_hint().lower();
+    if announced > MAX_BODY as u64 {
+        return Err(too_large(Some(announced)));
+    }
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok((parts, collected.to_bytes())),
+        Err(e) if e.is::<LengthLimitError>() => Err(too_large(None)),
+        Err(e) => Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            why: format!("reading the request body: {e}"),
+        }),
+    }
+}
+
+fn too_large(announced: Option<u64>) -> Refusal {
+    let size = announced.map_or_else(|| "a body".to_owned(), |n| format!("a body of {n} bytes"));
+    Refusal {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        why: format!("{size} is over the {MAX_BODY}-byte limit"),
+    }
+}
+
+impl Request {
+    pub fn new(parts: &Parts, body: Bytes) -> Self {
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path(), |p| p.as_str());
+        Request {
+            method: parts.method.as_str().to_owned(),
+            path: path.to_owned(),
+            body: body.to_vec(),
+        }
+    }
+}
+
+/// A JSON answer.
+pub fn json(status: u16, body: &serde_json::Value) -> Answer {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    answer(status, "application/json", bytes.into())
+}
+
+/// A Prometheus exposition (or a plain-text refusal on that listener).
+pub fn text(status: u16, body: String) -> Answer {
+    answer(
         status,
         "text/plain; version=0.0.4; charset=utf-8",
-        body.as_bytes(),
+        body.into(),
     )
-    .await
 }
 
-pub async fn write_response<W: AsyncWrite + Unpin>(w: W, status: u16, body: &[u8]) -> Result<()> {
-    write_with_type(w, status, "application/json", body).await
-}
-
-async fn write_with_type<W: AsyncWrite + Unpin>(
-    mut w: W,
-    status: u16,
-    content_type: &str,
-    body: &[u8],
-) -> Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        _ => "Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    w.write_all(head.as_bytes()).await?;
-    w.write_all(body).await?;
-    w.flush().await?;
-    Ok(())
+fn answer(status: u16, content_type: &'static str, body: Bytes) -> Answer {
+    let mut a = hyper::Response::new(Full::new(body));
+    // The handler's statuses are all valid; anything else is our bug, and
+    // a 500 says so better than a panic.
+    *a.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    a.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    a
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn parses_a_request_with_a_body() {
-        let raw = b"POST /v1/backends/add HTTP/1.1\r\nHost: lbd\r\nContent-Length: 2\r\n\r\n{}";
-        let r = read_request(&raw[..]).await.unwrap();
+    #[test]
+    fn the_target_is_kept_whole() {
+        let (parts, ()) = hyper::Request::builder()
+            .method("POST")
+            .uri("/v1/backends/add?x=1")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let r = Request::new(&parts, Bytes::from_static(b"{}"));
         assert_eq!(
             (r.method.as_str(), r.path.as_str(), r.body.as_slice()),
-            ("POST", "/v1/backends/add", &b"{}"[..])
+            ("POST", "/v1/backends/add?x=1", &b"{}"[..])
         );
     }
 
-    #[tokio::test]
-    async fn refuses_garbage_and_oversize() {
-        assert!(read_request(&b"hello\r\n\r\n"[..]).await.is_err());
-        assert!(read_request(&b"GET / SPDY/3\r\n\r\n"[..]).await.is_err());
-        let big = format!(
-            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            MAX_BODY + 1
-        );
+    #[test]
+    fn answers_carry_their_type_and_status() {
+        let a = json(409, &serde_json::json!({"error": "no"}));
+        assert_eq!(a.status(), 409);
+        assert_eq!(a.headers()[header::CONTENT_TYPE], "application/json");
+        let a = text(200, "x 1\n".into());
         assert!(
-            read_request(big.as_bytes())
-                .await
-                .unwrap_err()
-                .to_string()
-                .contains("limit")
+            a.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
         );
-        let mut long = b"GET / HTTP/1.1\r\n".to_vec();
-        for _ in 0..2000 {
-            long.extend_from_slice(b"X-Filler: 0123456789\r\n");
-        }
-        assert!(read_request(long.as_slice()).await.is_err());
+        assert_eq!(json(1000, &serde_json::Value::Null).status(), 500);
     }
 }

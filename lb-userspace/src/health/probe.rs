@@ -1,9 +1,14 @@
 //! One health check against one backend.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{error::Error as _, net::SocketAddr, time::Duration};
 
+use http_body_util::Empty;
+use hyper::{
+    body::Bytes,
+    header::{CONNECTION, HOST, USER_AGENT},
+};
+use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
     time::timeout,
 };
@@ -34,51 +39,58 @@ async fn run(kind: &CheckKind, addr: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// `GET path`: passes when the status line carries `expect_status`.
+/// `GET path`: passes when the answer's status is `expect_status`. The
+/// body is not read: the status is the verdict.
 async fn http(
     addr: SocketAddr,
     path: &str,
     expect_status: u16,
     host: Option<&str>,
 ) -> Result<(), String> {
-    let mut s = TcpStream::connect(addr)
+    let host = host.map_or_else(|| addr.ip().to_string(), str::to_owned);
+    let request = hyper::Request::get(path)
+        .header(HOST, host)
+        .header(USER_AGENT, "lbd-health-check")
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("bad request ({e})"))?;
+    let s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let host = host.map_or_else(|| addr.ip().to_string(), str::to_owned);
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes())
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await
-        .map_err(|e| format!("send: {e}"))?;
-    // The status line is all we need; read a bounded amount.
-    let mut buf = vec![0u8; 512];
-    let mut got = 0;
-    while got < buf.len() && !buf[..got].windows(2).any(|w| w == b"\r\n") {
-        let n = s
-            .read(&mut buf[got..])
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    let line = String::from_utf8_lossy(&buf[..got]);
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| {
-            format!(
-                "not an HTTP response: {:?}",
-                line.lines().next().unwrap_or("")
-            )
-        })?;
+        .map_err(|e| format!("HTTP: {}", why(&e)))?;
+    // Driven here rather than spawned, so nothing outlives the probe's
+    // timeout; the connection closes when both are dropped.
+    let exchange = sender.send_request(request);
+    tokio::pin!(conn, exchange);
+    let answer = tokio::select! {
+        answer = &mut exchange => answer,
+        // The connection ended first (the answer may be in already).
+        _ = &mut conn => exchange.await,
+    };
+    let status = answer
+        .map_err(|e| {
+            if e.is_parse() {
+                format!("not an HTTP response: {}", why(&e))
+            } else {
+                why(&e)
+            }
+        })?
+        .status()
+        .as_u16();
     if status == expect_status {
         Ok(())
     } else {
         Err(format!("status {status}, expected {expect_status}"))
+    }
+}
+
+/// hyper's error and its cause, which says what happened on the wire.
+fn why(e: &hyper::Error) -> String {
+    match e.source() {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
     }
 }
 
@@ -115,7 +127,10 @@ async fn udp(addr: SocketAddr, payload: &[u8], expect: &[u8]) -> Result<(), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
 
     #[tokio::test]
     async fn tcp_and_http_against_loopback() {
@@ -155,6 +170,69 @@ mod tests {
                 .unwrap_err()
                 .contains("status 503")
         );
+    }
+
+    /// A server that reads one request head and answers `raw`; the heads
+    /// it read come out of the returned channel.
+    async fn answering(raw: &'static [u8]) -> (SocketAddr, tokio::sync::mpsc::Receiver<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(raw).await;
+                let _ = tx.send(String::from_utf8_lossy(&head).into_owned()).await;
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn http_sends_the_host_and_reads_only_the_status() {
+        // A body announced but never sent: the status alone decides.
+        let (addr, mut heads) = answering(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        let kind = CheckKind::Http {
+            path: "/ready?deep=1".into(),
+            expect_status: 204,
+            host: Some("app.example".into()),
+        };
+        assert_eq!(probe(&kind, addr, Duration::from_secs(2)).await, Ok(()));
+        let head = heads.recv().await.unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get /ready?deep=1 http/1.1\r\n"), "{head}");
+        assert!(head.contains("host: app.example\r\n"), "{head}");
+
+        let (addr, _heads) =
+            answering(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial").await;
+        let kind = CheckKind::Http {
+            path: "/".into(),
+            expect_status: 200,
+            host: None,
+        };
+        assert_eq!(probe(&kind, addr, Duration::from_secs(2)).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn http_garbage_and_hang_ups_fail_with_a_reason() {
+        let kind = CheckKind::Http {
+            path: "/health".into(),
+            expect_status: 200,
+            host: None,
+        };
+        let t = Duration::from_secs(2);
+        let (addr, _h) = answering(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
+        let e = probe(&kind, addr, t).await.unwrap_err();
+        assert!(e.contains("not an HTTP response"), "{e}");
+        let (addr, _h) = answering(b"").await;
+        let e = probe(&kind, addr, t).await.unwrap_err();
+        assert!(!e.is_empty() && !e.contains("no answer within"), "{e}");
     }
 
     #[tokio::test]
