@@ -17,6 +17,7 @@ pub mod client;
 pub mod cmd;
 pub mod fabric;
 pub mod fleet;
+pub mod flood;
 pub mod http;
 pub mod launcher;
 pub mod lbd;

@@ -1,0 +1,242 @@
+//! Established connections survive a spoofed SYN flood with ring changes
+//! during it. The flood (random sources and ports, as `hping3 --flood
+//! --rand-source`) sends far more new flows than the connection table has
+//! slots, and two ring changes move a share of every backend's flows; a
+//! long-lived connection whose entry the flood displaced would follow the
+//! new ring to another backend and be reset. The second-chance window is
+//! cut to nothing, so only the table protects them. Afterwards the flood's
+//! entries expire within seconds: the table is free again.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    HttpConn, Topology, addressing,
+    flood::{self, Target},
+    in_netns, lbctl_path, lbd, scrape,
+};
+use lb_userspace::dataplane::AttachMode;
+
+const PORT: u16 = 80;
+const METRICS: &str = "127.0.0.1:9133";
+const CONNECTIONS: usize = 24;
+/// 4,096 slots: the flood sends hundreds of times as many new flows.
+const TABLE: u32 = 4096;
+
+fn lbctl(socket: &Path, args: &[&str]) {
+    let out = Command::new(lbctl_path().unwrap())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lbctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    requests: usize,
+    /// Per broken connection, how it broke (it is not asked again).
+    broken: std::collections::BTreeMap<usize, String>,
+}
+
+#[test]
+fn established_connections_survive_a_spoofed_syn_flood_and_ring_changes() {
+    let t = Topology::new(4).unwrap();
+    let _servers = t.start_servers(PORT, 53).unwrap();
+    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
+    let vip = addressing::vip_v4(1);
+    t.add_vip_on_backends(vip.into()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-flood", t.id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("lb.toml");
+    // No health checks: the flood reaches the backends' listeners too, and a
+    // check failing under it would change rings for another reason.
+    std::fs::write(
+        &config,
+        format!(
+            "{pre}second_chance_window = \"10ms\"\n\
+             [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n{backends}",
+            pre = lbd::Preamble {
+                conntrack_entries: TABLE,
+                instance_extra: &format!("metrics_listen = \"{METRICS}\"\n"),
+                ..Default::default()
+            }
+            .render(&t, &dir),
+            backends = lbd::backend_tables(&t.backends()[..3]),
+        ),
+    )
+    .unwrap();
+    let _teardown = lbd::Teardown::new(config.clone());
+    let (mut running, _) = lbd::start(&t, &config).unwrap();
+    let socket = dir.join("lbd.sock");
+    let sample = |name: &str, labels: &str| {
+        let text = scrape::scrape(&t, METRICS).unwrap();
+        scrape::sample(&text, name, labels).unwrap_or(0)
+    };
+
+    // Long-lived connections, each asking every 100 ms; a request that fails
+    // or lands on another backend than the connection's first is a broken
+    // connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (ns, stop, ready) = (t.client().ns().to_owned(), stop.clone(), ready.clone());
+        std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                let target = SocketAddr::new(IpAddr::V4(vip), PORT);
+                let mut conns: Vec<(HttpConn, String)> = (0..CONNECTIONS)
+                    .map(|_| {
+                        let mut c = HttpConn::connect(target, Duration::from_secs(3)).unwrap();
+                        let who = c.get("/").unwrap().text();
+                        (c, who)
+                    })
+                    .collect();
+                ready.store(true, Ordering::SeqCst);
+                let mut tally = Tally::default();
+                while !stop.load(Ordering::SeqCst) {
+                    for (i, (c, who)) in conns.iter_mut().enumerate() {
+                        if tally.broken.contains_key(&i) {
+                            continue;
+                        }
+                        tally.requests += 1;
+                        match c.get("/") {
+                            Ok(r) if r.text() == *who => {}
+                            Ok(r) => {
+                                tally
+                                    .broken
+                                    .insert(i, format!("moved from {who} to {}", r.text()));
+                            }
+                            Err(e) => {
+                                tally.broken.insert(i, format!("{e:#}"));
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                tally
+            })
+            .unwrap()
+        })
+    };
+    while !ready.load(Ordering::SeqCst) {
+        assert!(!client.is_finished(), "the connections could not be opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The flood, and two ring changes during it.
+    let flood_stop = Arc::new(AtomicBool::new(false));
+    let flooder = {
+        let (client_host, lb_mac, stop) = (t.client().clone(), t.lb().mac(), flood_stop.clone());
+        std::thread::spawn(move || {
+            let target = Target {
+                vip,
+                port: PORT,
+                to_mac: lb_mac,
+            };
+            flood::syn_flood(
+                &client_host,
+                &target,
+                Duration::from_secs(6),
+                0,
+                stop,
+                0x5eed,
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let vip_spec = format!("{vip}:{PORT}/tcp");
+    lbctl(
+        &socket,
+        &["add-backend", &vip_spec, &t.backend(3).ipv4().to_string()],
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    lbctl(
+        &socket,
+        &[
+            "set-weight",
+            &vip_spec,
+            &t.backend(0).ipv4().to_string(),
+            "3",
+        ],
+    );
+    let flooded = flooder.join().unwrap().unwrap();
+    flood_stop.store(true, Ordering::SeqCst);
+    let embryonic_after_flood = sample("lb_conntrack_embryonic_entries", "");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let tally = client.join().unwrap();
+
+    let new_flows = sample("lb_xdp_packets_total", "reason=\"lb_new_flow\"");
+    eprintln!(
+        "flood: {} SYNs in {:.1} s ({:.0}/s), {new_flows} new flows counted; \
+         {} requests on {CONNECTIONS} connections, {} broken; {embryonic_after_flood} \
+         embryonic entries at its end",
+        flooded.sent,
+        flooded.elapsed.as_secs_f64(),
+        flooded.rate(),
+        tally.requests,
+        tally.broken.len()
+    );
+    assert!(
+        flooded.sent > 20 * TABLE as u64,
+        "the flood must be many times the table: {} SYNs",
+        flooded.sent
+    );
+    assert!(
+        new_flows > 10 * TABLE as u64,
+        "the flood must reach the data plane: {new_flows} new flows"
+    );
+    assert!(
+        tally.broken.is_empty(),
+        "{} of {CONNECTIONS} connections broken by the flood: {:?}",
+        tally.broken.len(),
+        tally.broken
+    );
+    assert_eq!(
+        sample("lb_xdp_packets_total", "reason=\"lb_conntrack_full\""),
+        0,
+        "a flood never fills the table with established flows"
+    );
+
+    // Seconds after the flood its entries are free; the table is usable.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let embryonic = sample("lb_conntrack_embryonic_entries", "");
+        if embryonic == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{embryonic} embryonic entries 30 s after the flood"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let target = SocketAddr::new(IpAddr::V4(vip), PORT);
+    let fresh = t
+        .in_client(|| -> anyhow::Result<usize> {
+            let mut ok = 0;
+            for _ in 0..20 {
+                let mut c = HttpConn::connect(target, Duration::from_secs(2))?;
+                c.get("/")?;
+                ok += 1;
+            }
+            Ok(ok)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(fresh, 20, "new connections after the flood");
+    lbd::stop(&mut running).unwrap();
+}
