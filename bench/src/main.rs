@@ -9,6 +9,7 @@
 mod control;
 mod failover;
 mod fleet;
+mod flood;
 mod plot;
 mod rate;
 mod service;
@@ -36,6 +37,10 @@ struct Args {
     /// and what long-lived connections went through.
     #[arg(long)]
     fleet: bool,
+    /// A spoofed SYN flood with ring changes: rate taken in, long-lived
+    /// connections kept, the table after it.
+    #[arg(long)]
+    flood: bool,
     /// Where the report goes (with its SVG plots beside it).
     #[arg(long, default_value = "bench/RESULTS.md")]
     out: std::path::PathBuf,
@@ -95,7 +100,8 @@ fn machine() -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let all = !args.xdp && !args.service && !args.control && !args.rate && !args.fleet;
+    let all =
+        !args.xdp && !args.service && !args.control && !args.rate && !args.fleet && !args.flood;
     let dir = args
         .out
         .parent()
@@ -103,7 +109,7 @@ fn main() -> Result<()> {
         .unwrap_or_default();
     std::fs::create_dir_all(&dir)?;
     let mut report = format!(
-        "# Benchmarks\n\nProduced by `cargo xtask bench` (this run: `{}`), every contender in the same invocation on this machine:\n\n{}\n\nOne section alone: `cargo xtask bench --xdp` (1), `--rate` (2), `--service` (3, `--service-rounds N --seconds S`), `--control` (4 and 5), `--fleet` (6). Traffic stays inside the benchmark's own namespaces; the whole run takes about 3 minutes here.\n\n",
+        "# Benchmarks\n\nProduced by `cargo xtask bench` (this run: `{}`), every contender in the same invocation on this machine:\n\n{}\n\nOne section alone: `cargo xtask bench --xdp` (1), `--rate` (2), `--service` (3, `--service-rounds N --seconds S`), `--control` (4 and 5), `--fleet` (6), `--flood` (7). Traffic stays inside the benchmark's own namespaces; the whole run takes about 5 minutes here.\n\n",
         std::env::args().collect::<Vec<_>>().join(" "),
         machine()
     );
@@ -190,6 +196,11 @@ fn main() -> Result<()> {
         let md = fleet::run()?;
         println!("{md}");
         report.push_str(&format!("## 6. The fleet\n\n{md}\n"));
+    }
+    if args.flood || all {
+        let md = flood::run()?;
+        println!("{md}");
+        report.push_str(&format!("## 7. A spoofed SYN flood\n\n{md}\n"));
     }
     std::fs::write(&args.out, &report)?;
     eprintln!("wrote {}", args.out.display());

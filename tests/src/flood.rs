@@ -6,18 +6,107 @@
 //! routed nowhere in them, so answers to them go nowhere.
 
 use std::{
-    net::Ipv4Addr,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Host, in_netns};
+use crate::{Host, HttpConn, Topology, in_netns};
+
+/// Long-lived connections from the client to a VIP, each asking at a steady
+/// pace; a request that fails, or lands on another backend than the
+/// connection's first, breaks the connection (it is not asked again).
+pub struct KeepAlive {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Tally>>,
+}
+
+/// What the connections of a [`KeepAlive`] went through.
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    pub connections: usize,
+    pub requests: usize,
+    /// Per broken connection, how it broke.
+    pub broken: BTreeMap<usize, String>,
+}
+
+impl KeepAlive {
+    /// Opens `n` connections to `target` from the client (returns once all
+    /// are open and have answered once), then asks on each every `every`.
+    pub fn start(t: &Topology, target: SocketAddr, n: usize, every: Duration) -> Result<KeepAlive> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (opened_tx, opened) = std::sync::mpsc::channel::<Result<()>>();
+        let (ns, flag) = (t.client().ns().to_owned(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            in_netns(&ns, move || -> Result<Tally> {
+                let open = || -> Result<Vec<(HttpConn, String)>> {
+                    (0..n)
+                        .map(|_| {
+                            let mut c = HttpConn::connect(target, Duration::from_secs(3))?;
+                            let who = c.get("/")?.text();
+                            Ok((c, who))
+                        })
+                        .collect()
+                };
+                let mut conns = match open() {
+                    Ok(c) => {
+                        let _ = opened_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                        return Err(e);
+                    }
+                };
+                let mut tally = Tally {
+                    connections: n,
+                    ..Tally::default()
+                };
+                while !flag.load(Ordering::SeqCst) {
+                    for (i, (c, who)) in conns.iter_mut().enumerate() {
+                        if tally.broken.contains_key(&i) {
+                            continue;
+                        }
+                        tally.requests += 1;
+                        match c.get("/") {
+                            Ok(r) if r.text() == *who => {}
+                            Ok(r) => {
+                                tally
+                                    .broken
+                                    .insert(i, format!("moved from {who} to {}", r.text()));
+                            }
+                            Err(e) => {
+                                tally.broken.insert(i, format!("{e:#}"));
+                            }
+                        }
+                    }
+                    std::thread::sleep(every);
+                }
+                Ok(tally)
+            })?
+        });
+        opened
+            .recv()
+            .context("the connections' thread ended before opening them")??;
+        Ok(KeepAlive { stop, thread })
+    }
+
+    /// Stops asking and reports.
+    pub fn finish(self) -> Result<Tally> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the connections' thread panicked"))?
+    }
+}
 
 /// Frames handed to the kernel per `sendmmsg`.
 const BATCH: usize = 64;

@@ -20,8 +20,8 @@ use std::{
 
 use lb_tests::{
     HttpConn, Topology, addressing,
-    flood::{self, Target},
-    in_netns, lbctl_path, lbd, scrape,
+    flood::{self, KeepAlive, Target},
+    lbctl_path, lbd, scrape,
 };
 use lb_userspace::dataplane::AttachMode;
 
@@ -43,13 +43,6 @@ fn lbctl(socket: &Path, args: &[&str]) {
         "lbctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-#[derive(Debug, Default)]
-struct Tally {
-    requests: usize,
-    /// Per broken connection, how it broke (it is not asked again).
-    broken: std::collections::BTreeMap<usize, String>,
 }
 
 #[test]
@@ -87,54 +80,9 @@ fn established_connections_survive_a_spoofed_syn_flood_and_ring_changes() {
         scrape::sample(&text, name, labels).unwrap_or(0)
     };
 
-    // Long-lived connections, each asking every 100 ms; a request that fails
-    // or lands on another backend than the connection's first is a broken
-    // connection.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ready = Arc::new(AtomicBool::new(false));
-    let client = {
-        let (ns, stop, ready) = (t.client().ns().to_owned(), stop.clone(), ready.clone());
-        std::thread::spawn(move || {
-            in_netns(&ns, move || {
-                let target = SocketAddr::new(IpAddr::V4(vip), PORT);
-                let mut conns: Vec<(HttpConn, String)> = (0..CONNECTIONS)
-                    .map(|_| {
-                        let mut c = HttpConn::connect(target, Duration::from_secs(3)).unwrap();
-                        let who = c.get("/").unwrap().text();
-                        (c, who)
-                    })
-                    .collect();
-                ready.store(true, Ordering::SeqCst);
-                let mut tally = Tally::default();
-                while !stop.load(Ordering::SeqCst) {
-                    for (i, (c, who)) in conns.iter_mut().enumerate() {
-                        if tally.broken.contains_key(&i) {
-                            continue;
-                        }
-                        tally.requests += 1;
-                        match c.get("/") {
-                            Ok(r) if r.text() == *who => {}
-                            Ok(r) => {
-                                tally
-                                    .broken
-                                    .insert(i, format!("moved from {who} to {}", r.text()));
-                            }
-                            Err(e) => {
-                                tally.broken.insert(i, format!("{e:#}"));
-                            }
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                tally
-            })
-            .unwrap()
-        })
-    };
-    while !ready.load(Ordering::SeqCst) {
-        assert!(!client.is_finished(), "the connections could not be opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Long-lived connections, each asking every 100 ms.
+    let target = SocketAddr::new(IpAddr::V4(vip), PORT);
+    let keep = KeepAlive::start(&t, target, CONNECTIONS, Duration::from_millis(100)).unwrap();
 
     // The flood, and two ring changes during it.
     let flood_stop = Arc::new(AtomicBool::new(false));
@@ -176,8 +124,7 @@ fn established_connections_survive_a_spoofed_syn_flood_and_ring_changes() {
     flood_stop.store(true, Ordering::SeqCst);
     let embryonic_after_flood = sample("lb_conntrack_embryonic_entries", "");
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let tally = client.join().unwrap();
+    let tally = keep.finish().unwrap();
 
     let new_flows = sample("lb_xdp_packets_total", "reason=\"lb_new_flow\"");
     eprintln!(
@@ -224,7 +171,6 @@ fn established_connections_survive_a_spoofed_syn_flood_and_ring_changes() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let target = SocketAddr::new(IpAddr::V4(vip), PORT);
     let fresh = t
         .in_client(|| -> anyhow::Result<usize> {
             let mut ok = 0;
