@@ -320,7 +320,10 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
         hops_tx,
         refresh_in_flight: Arc::new(AtomicBool::new(false)),
         conntrack_count,
-        graphite: graphite_cfg.map(|g| (graphite::Pusher::spawn(g.clone()), g.prefix)),
+        graphite: graphite_cfg.map(|g| {
+            let pusher = graphite::Pusher::spawn_with_spool(g.clone(), &ctl.config().state_file);
+            (pusher, g.prefix)
+        }),
         ctl,
     };
     for t in d.ctl.health_targets() {
@@ -497,7 +500,8 @@ impl Daemon {
             .unwrap_or_default();
         let n = self.conntrack_count.lock().ok().and_then(|c| *c);
         let node = self.ctl.node_status(self.installed().as_ref());
-        metrics::render(&self.ctl.list(), &self.ctl.ebpf, &checks, n, &node)
+        let pushed = self.graphite.as_ref().map(|(p, _)| p.stats());
+        metrics::render(&self.ctl.list(), &self.ctl.ebpf, &checks, n, &node, pushed)
             .unwrap_or_else(|e| format!("# lbd could not read its maps: {e:#}\n"))
     }
 

@@ -106,14 +106,51 @@ pub fn render(
     checks: &HashMap<u32, CheckRecord>,
     conntrack: Option<crate::stats::TableCount>,
     node: &NodeStatus,
+    graphite: Option<crate::graphite::PushStats>,
 ) -> Result<String> {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
     backends(&mut f, vips, ebpf, checks)?;
     per_vip(&mut f, vips, ebpf)?;
     announcement(&mut f, node);
+    if let Some(g) = graphite {
+        pushing(&mut f, &g);
+    }
     globals(&mut f, ebpf, conntrack)?;
     Ok(out)
+}
+
+/// The Graphite pusher: what it lost for good, and what waits for carbon.
+fn pushing(f: &mut Family, g: &crate::graphite::PushStats) {
+    for (name, kind, help, value) in [
+        (
+            "lb_graphite_dropped_lines_total",
+            "counter",
+            "Graphite lines lost for good: the spool's oldest at its bound, a failed spool write, or memory overflowing without a spool.",
+            g.dropped_lines,
+        ),
+        (
+            "lb_graphite_buffered_lines",
+            "gauge",
+            "Graphite lines waiting for carbon in memory.",
+            g.buffered_lines,
+        ),
+        (
+            "lb_graphite_spooled_lines",
+            "gauge",
+            "Graphite lines waiting for carbon in the spool on disk.",
+            g.spooled_lines,
+        ),
+        (
+            "lb_graphite_spool_bytes",
+            "gauge",
+            "Size of the Graphite spool on disk (bounded by graphite.spool_max_bytes).",
+            g.spool_bytes,
+        ),
+    ] {
+        f.head(name, kind, help);
+        f.sample(name, &[], value);
+    }
 }
 
 /// The node in its fleet: drained or not, and (when lbd announces) each
@@ -429,6 +466,10 @@ mod dashboard {
             "lb_conntrack_entries",
             "lb_conntrack_embryonic_entries",
             "lb_conntrack_slots",
+            "lb_graphite_dropped_lines_total",
+            "lb_graphite_buffered_lines",
+            "lb_graphite_spooled_lines",
+            "lb_graphite_spool_bytes",
         ];
         let src = include_str!("metrics.rs");
         for name in exported {

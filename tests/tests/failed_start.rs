@@ -296,7 +296,10 @@ fn a_failed_start_changes_nothing() {
             "{name}: sysctl backup left"
         );
         assert!(!blocker.join("state").exists());
-        assert!(blocker.is_file(), "{name}: the file at the socket's path was touched");
+        assert!(
+            blocker.is_file(),
+            "{name}: the file at the socket's path was touched"
+        );
         assert_eq!(sysctls(&t), sysctls_before, "{name}: sysctls changed");
     }
 
@@ -368,7 +371,11 @@ fn a_failed_start_changes_nothing() {
         expect: "is in use",
         ..Default::default()
     };
-    std::fs::write(&other_cfg, config_text(&t, &other_dir, vip, &second, "detach")).unwrap();
+    std::fs::write(
+        &other_cfg,
+        config_text(&t, &other_dir, vip, &second, "detach"),
+    )
+    .unwrap();
     let stderr = run_failing(&t, &other_cfg, None);
     assert!(stderr.contains(second.expect), "{stderr}");
     assert!(!Path::new("/sys/fs/bpf/lbtsecond").exists());

@@ -215,8 +215,13 @@ pub struct GraphiteConfig {
     pub address: SocketAddr,
     pub prefix: String,
     pub interval: Duration,
-    /// Lines kept while carbon is unreachable; the oldest go first.
+    /// Lines kept in memory while carbon is unreachable; the oldest go
+    /// first, to the spool.
     pub max_buffered_lines: usize,
+    /// Bound of the gzip spool next to the state file that takes what
+    /// memory cannot hold (its oldest segment goes first); 0: no spool.
+    /// Default 64 MiB.
+    pub spool_max_bytes: u64,
 }
 
 // ---- the file as written ----

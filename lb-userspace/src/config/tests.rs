@@ -300,7 +300,13 @@ fn durations() {
     assert!(parse_duration("s").is_err());
     assert!(parse_duration("2h").is_err());
     // Overflow and wrap-around are refused, not panicked on or accepted.
-    for huge in ["999999999999999999m", "99999999999999999999s", "18446744074s", "86401s", "1441m"] {
+    for huge in [
+        "999999999999999999m",
+        "99999999999999999999s",
+        "18446744074s",
+        "86401s",
+        "1441m",
+    ] {
         let e = parse_duration(huge).expect_err(huge);
         assert!(e.contains("1-day maximum"), "{huge}: {e}");
     }
@@ -813,4 +819,59 @@ fn a_check_host_cannot_inject_headers() {
             "no spaces or line breaks",
         );
     }
+}
+
+#[test]
+fn graphite_spool_bound() {
+    let graphite = format!("{MINIMAL}[graphite]\naddress = \"127.0.0.1:2003\"\n");
+    let bound = |extra: &str| {
+        Config::parse("lb.toml", &format!("{graphite}{extra}"))
+            .unwrap()
+            .graphite
+            .unwrap()
+            .spool_max_bytes
+    };
+    assert_eq!(bound(""), 64 << 20);
+    assert_eq!(bound("spool_max_bytes = 0\n"), 0, "0 turns the spool off");
+    assert_eq!(bound("spool_max_bytes = 4096\n"), 4096);
+    assert_eq!(bound("spool_max_bytes = 1099511627776\n"), 1 << 40);
+    for bad in ["1", "4095", "1099511627777"] {
+        let e = err(&format!("{graphite}spool_max_bytes = {bad}\n"));
+        assert_eq!(
+            e.to_string(),
+            "lb.toml:6:19: graphite.spool_max_bytes: must be 0 (no spool) or 4096..=1099511627776",
+            "{bad}"
+        );
+    }
+    rejects(&format!("{graphite}spool_max_bytes = -1\n"), 6, "", "-1");
+}
+
+#[test]
+fn tcp_idle_timeout_has_a_default_and_bounds() {
+    let idle = |extra: &str| {
+        Config::parse("lb.toml", &format!("{MINIMAL}[dataplane]\n{extra}"))
+            .unwrap()
+            .tcp_idle_timeout
+    };
+    assert_eq!(idle(""), Duration::from_secs(3600));
+    assert_eq!(
+        idle("tcp_idle_timeout = \"10m\"\n"),
+        Duration::from_secs(600)
+    );
+    assert_eq!(
+        idle("tcp_idle_timeout = \"1440m\"\n"),
+        Duration::from_secs(86_400)
+    );
+    let e = err(&format!(
+        "{MINIMAL}[dataplane]\ntcp_idle_timeout = \"30s\"\n"
+    ));
+    assert!(
+        e.to_string()
+            .contains("dataplane.tcp_idle_timeout: must be at least 1m"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{MINIMAL}[dataplane]\ntcp_idle_timeout = \"1441m\"\n"
+    ));
+    assert!(e.to_string().contains("dataplane.tcp_idle_timeout"), "{e}");
 }
