@@ -146,9 +146,10 @@ struct Undo {
     sysctls: Option<SysctlsBefore>,
     /// A fresh data plane's pins (an adopted one is left as it runs).
     pins: Option<PathBuf>,
-    /// Announce routes to withdraw: only when no data plane was running,
-    /// since routes of an adopted one keep attracting the traffic it still
-    /// forwards.
+    /// Announce routes to withdraw: after a failed start nothing supervises
+    /// the data plane (a kept one still forwards what reaches it, but no
+    /// health check takes a dead backend out), so the node stops attracting
+    /// traffic; the fleet's other nodes take its flows on the same rings.
     routes: Option<Routes>,
 }
 
@@ -263,6 +264,7 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
         Some(a) => Some(Routes::new(a).await?),
         None => None,
     };
+    undo.routes = routes.clone();
     let listener = api::server::bind(&config.api_socket)?;
     undo.socket = Some(config.api_socket.clone());
     let metrics_listener = match config.metrics_listen {
@@ -278,9 +280,6 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
     let dirty = Arc::new(AtomicBool::new(false));
     neigh::watch(dirty.clone())?;
     let plan = Controller::plan(config, &resolver).await?;
-    if !pinning::is_attached(&pinning::pin_dir(&plan.config().name)) {
-        undo.routes = routes.clone();
-    }
     // Then sysctls, then the data plane.
     undo.sysctls = apply_sysctls(plan.config());
     let mut ctl = Controller::apply(plan)?;
