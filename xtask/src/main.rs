@@ -1,5 +1,6 @@
-//! Project automation: `cargo xtask <setup|build-ebpf|test|demo|bench>`.
+//! Project automation: `cargo xtask <setup|build-ebpf|test|demo|bench|fuzz>`.
 
+mod fuzz;
 mod setup;
 mod test;
 
@@ -39,17 +40,27 @@ enum Cmd {
         #[arg(long)]
         fleet: bool,
     },
-    /// Benchmarks (not tests), written to bench/RESULTS.md: all five sections, or `--xdp`, `--rate`, `--service`, `--control`.
+    /// Benchmarks (not tests), written to bench/RESULTS.md: all seven sections, or `--xdp`, `--rate`, `--service`, `--control`, `--fleet`, `--flood`.
     Bench {
         /// Arguments for the benchmark binary (e.g. --xdp, --repeat N, --rounds N).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run all test tiers: lints, host unit, kernel (BPF_PROG_TEST_RUN), end-to-end (netns).
+    /// Run all test tiers: lints, host unit, fuzz (each target briefly), kernel (BPF_PROG_TEST_RUN), end-to-end (netns).
     Test {
-        /// Run only these tiers (lint, unit, kernel, e2e); default all.
+        /// Run only these tiers (lint, unit, fuzz, kernel, e2e); default all.
         #[arg(long, value_delimiter = ',')]
         tier: Vec<test::Tier>,
+    },
+    /// Fuzz the packet parser, ICMP quotes, the per-packet policy, the
+    /// configuration loader, the control API's request decoding and its
+    /// socket (cargo-fuzz, libFuzzer), each for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (parse, icmp, policy, config, api, http); default all.
+        targets: Vec<fuzz::Target>,
     },
 }
 
@@ -111,6 +122,10 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Test { tier } => {
             setup::run()?;
             test::run(&tier)
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            setup::run()?;
+            fuzz::run(&targets, seconds)
         }
     }
 }

@@ -40,6 +40,7 @@ pub fn run() -> Result<()> {
     host_components()?;
     apt_packages()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     Ok(())
 }
@@ -148,6 +149,22 @@ fn bpf_linker() -> Result<()> {
     )?;
     if !output_ok(Command::new("bpf-linker").arg("--version")) {
         bail!("setup: bpf-linker installed but not on PATH: add ~/.cargo/bin to PATH");
+    }
+    Ok(())
+}
+
+/// For `cargo xtask fuzz` and the test suite's fuzz tier.
+fn cargo_fuzz() -> Result<()> {
+    if crate::fuzz::installed() {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz (about a minute)");
+    run_step(
+        Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]),
+        "setup: cargo-fuzz",
+    )?;
+    if !crate::fuzz::installed() {
+        bail!("setup: cargo-fuzz installed but not on PATH: add ~/.cargo/bin to PATH");
     }
     Ok(())
 }

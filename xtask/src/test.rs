@@ -11,6 +11,7 @@ use crate::{run_step, workspace_root};
 pub enum Tier {
     Lint,
     Unit,
+    Fuzz,
     Kernel,
     E2e,
 }
@@ -21,16 +22,21 @@ impl FromStr for Tier {
         match s {
             "lint" => Ok(Tier::Lint),
             "unit" => Ok(Tier::Unit),
+            "fuzz" => Ok(Tier::Fuzz),
             "kernel" => Ok(Tier::Kernel),
             "e2e" => Ok(Tier::E2e),
             other => Err(format!(
-                "unknown tier {other:?}: expected lint, unit, kernel or e2e"
+                "unknown tier {other:?}: expected lint, unit, fuzz, kernel or e2e"
             )),
         }
     }
 }
 
-const ALL: [Tier; 4] = [Tier::Lint, Tier::Unit, Tier::Kernel, Tier::E2e];
+const ALL: [Tier; 5] = [Tier::Lint, Tier::Unit, Tier::Fuzz, Tier::Kernel, Tier::E2e];
+
+/// Seconds each fuzz target runs in the test suite: enough to replay the
+/// seeds and regressions and mutate a little; `cargo xtask fuzz` goes deeper.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new("cargo");
@@ -81,6 +87,25 @@ pub fn run(tiers: &[Tier]) -> Result<()> {
                     ]),
                     "lint: clippy (lb-ebpf for bpfel-unknown-none)",
                 )?;
+                // The fuzz crate is its own workspace.
+                let fuzz = workspace_root().join("fuzz/Cargo.toml");
+                let fuzz = fuzz.to_string_lossy();
+                run_step(
+                    &mut cargo(&["fmt", "--manifest-path", &fuzz, "--", "--check"]),
+                    "lint: cargo fmt (fuzz)",
+                )?;
+                run_step(
+                    &mut cargo(&[
+                        "clippy",
+                        "--manifest-path",
+                        &fuzz,
+                        "--all-targets",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ]),
+                    "lint: clippy (fuzz)",
+                )?;
             }
             Tier::Unit => {
                 run_step(
@@ -93,6 +118,7 @@ pub fn run(tiers: &[Tier]) -> Result<()> {
                     "unit tests: XDP object hygiene",
                 )?;
             }
+            Tier::Fuzz => crate::fuzz::run(&crate::fuzz::ALL, FUZZ_SECONDS_IN_TEST)?,
             Tier::Kernel => run_step(
                 &mut cargo(&["test", "-p", "lb-userspace", "--test", "kernel_*"]),
                 "kernel tests",

@@ -62,13 +62,15 @@ fn too_large(announced: Option<u64>) -> Refusal {
 
 impl Request {
     pub fn new(parts: &Parts, body: Bytes) -> Self {
+        // An authority-form target (`CONNECT lbd:80`) has no path; kept as
+        // sent, so that a refusal names what was asked for.
         let path = parts
             .uri
             .path_and_query()
-            .map_or_else(|| parts.uri.path(), |p| p.as_str());
+            .map_or_else(|| parts.uri.to_string(), |p| p.as_str().to_owned());
         Request {
             method: parts.method.as_str().to_owned(),
-            path: path.to_owned(),
+            path,
             body: body.to_vec(),
         }
     }
@@ -116,6 +118,21 @@ mod tests {
             (r.method.as_str(), r.path.as_str(), r.body.as_slice()),
             ("POST", "/v1/backends/add?x=1", &b"{}"[..])
         );
+    }
+
+    /// Found by the `http` fuzz target: a target without a path reached the
+    /// handler as an empty path ("no such endpoint: ").
+    #[test]
+    fn a_target_without_a_path_is_kept_as_sent() {
+        for target in ["lbd:80", "*"] {
+            let (parts, ()) = hyper::Request::builder()
+                .method("CONNECT")
+                .uri(target)
+                .body(())
+                .unwrap()
+                .into_parts();
+            assert_eq!(Request::new(&parts, Bytes::new()).path, target);
+        }
     }
 
     #[test]

@@ -320,8 +320,13 @@ where
     // One request per connection: a connection waiting for its next request
     // would be one more to evict or time out, for clients that do not reuse
     // connections anyway.
+    // A client may shut its side down once the request is sent (`nc -N`,
+    // scripts): it still gets its answer. Without half-close hyper drops
+    // the connection at that EOF, even while the main loop is applying the
+    // request, and a change would be made without its answer.
     let conn = http1::Builder::new()
         .keep_alive(false)
+        .half_close(true)
         .max_header_size(MAX_HEAD)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -659,6 +664,40 @@ mod tests {
         assert_eq!(status(&answers[2]), 413, "{}", answers[2]);
         assert_eq!(status(&answers[3]), 200, "{}", answers[3]);
         assert_eq!(body(&answers[3]), r#"{"path":"/v1/vips"}"#);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Found by the `http` fuzz target: a request whose sender shut its
+    /// side down reached the main loop, but its answer was never written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_half_closes_still_gets_its_answer() {
+        let dir = scratch("half-close");
+        let path = dir.join("lbd.sock");
+        let listener = bind(&path).unwrap();
+        let (tx, mut rx) = mpsc::channel::<ApiCall>(4);
+        tokio::spawn(async move {
+            while let Some(call) = rx.recv().await {
+                // Long enough for the server to have read the client's EOF.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = call.reply.send((200, json!({"applied": true})));
+            }
+        });
+        tokio::spawn(serve(listener, tx));
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"POST /v1/node/drain HTTP/1.0\r\n\r\n")
+                .unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        })
+        .await
+        .unwrap();
+        assert!(!answer.is_empty(), "no answer");
+        assert_eq!(status(&answer), 200, "{answer}");
+        assert_eq!(body(&answer), r#"{"applied":true}"#);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
