@@ -9,22 +9,16 @@
 //! keeps flows in place), once with the default window.
 
 use std::{
-    net::{IpAddr, SocketAddr},
-    path::Path,
-    process::Command,
     sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use lb_tests::{
-    HttpConn, Topology, addressing,
-    flood::{self, KeepAlive, Target},
-    lbctl_path, lbd, scrape,
+    HttpConn,
+    flood::{self, FloodedNode, KeepAlive},
 };
-use lb_userspace::dataplane::AttachMode;
 
-const PORT: u16 = 80;
 const METRICS: &str = "127.0.0.1:9134";
 const TABLE: u32 = 65_536;
 const CONNECTIONS: usize = 50;
@@ -44,85 +38,30 @@ struct Row {
     fresh_ok: usize,
 }
 
-fn lbctl(socket: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new(lbctl_path()?)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!("lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
 fn scenario(name: &'static str, window: &str) -> Result<Row> {
-    let t = Topology::new(4)?;
-    let _servers = t.start_servers(PORT, 53)?;
-    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic)?;
-    let vip = addressing::vip_v4(1);
-    t.add_vip_on_backends(vip.into())?;
-    let dir = std::env::temp_dir().join(format!("{}-bench-flood", t.id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("lb.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{pre}second_chance_window = \"{window}\"\n\
-             [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n{backends}",
-            pre = lbd::Preamble {
-                conntrack_entries: TABLE,
-                instance_extra: &format!("metrics_listen = \"{METRICS}\"\n"),
-                ..Default::default()
-            }
-            .render(&t, &dir),
-            backends = lbd::backend_tables(&t.backends()[..3]),
-        ),
-    )?;
-    let _teardown = lbd::Teardown::new(config.clone());
-    let (mut running, _) = lbd::start(&t, &config)?;
-    let socket = dir.join("lbd.sock");
-    let sample = |metric: &str, labels: &str| -> Result<u64> {
-        let text = scrape::scrape(&t, METRICS)?;
-        Ok(scrape::sample(&text, metric, labels).unwrap_or(0))
-    };
+    let node = FloodedNode::start("bench-flood", TABLE, window, METRICS)?;
+    let t = &node.t;
+    let sample = |metric: &str, labels: &str| node.sample(metric, labels);
     let reason = |r: &str| sample("lb_xdp_packets_total", &format!("reason=\"{r}\""));
 
-    let target = SocketAddr::new(IpAddr::V4(vip), PORT);
-    let keep = KeepAlive::start(&t, target, CONNECTIONS, Duration::from_millis(200))?;
+    let target = node.target();
+    let keep = KeepAlive::start(t, target, CONNECTIONS, Duration::from_millis(200))?;
     let (new0, evicted0, full0) = (
         reason("lb_new_flow")?,
         reason("lb_conntrack_evicted")?,
         reason("lb_conntrack_full")?,
     );
     let flooder = {
-        let (from, lb_mac) = (t.client().clone(), t.lb().mac());
+        let (from, target) = (t.client().clone(), node.flood_target());
         std::thread::spawn(move || {
-            let target = Target {
-                vip,
-                port: PORT,
-                to_mac: lb_mac,
-            };
             let stop = Arc::new(AtomicBool::new(false));
             flood::syn_flood(&from, &target, FLOOD, 0, stop, 0xf100d)
         })
     };
-    let vip_spec = format!("{vip}:{PORT}/tcp");
     std::thread::sleep(Duration::from_secs(5));
-    lbctl(
-        &socket,
-        &["add-backend", &vip_spec, &t.backend(3).ipv4().to_string()],
-    )?;
+    node.change_ring(0)?;
     std::thread::sleep(Duration::from_secs(7));
-    lbctl(
-        &socket,
-        &[
-            "set-weight",
-            &vip_spec,
-            &t.backend(0).ipv4().to_string(),
-            "3",
-        ],
-    )?;
+    node.change_ring(1)?;
     let flooded = flooder
         .join()
         .map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
@@ -162,7 +101,7 @@ fn scenario(name: &'static str, window: &str) -> Result<Row> {
         free_after,
         fresh_ok,
     };
-    lbd::stop(&mut running).context("stopping lbd")?;
+    node.stop().context("stopping lbd")?;
     Ok(row)
 }
 

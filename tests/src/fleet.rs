@@ -9,7 +9,6 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -17,15 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::{
     Bird, HttpConn, Spawned, Topology, addressing,
     bird::{self, Route},
     fabric::{self, Fabric},
-    in_netns,
-    launcher::lbctl_path,
-    lbd,
+    in_netns, lbd,
 };
 use lb_userspace::dataplane::AttachMode;
 
@@ -236,19 +233,8 @@ impl Fleet {
 
     /// `lbctl ARGS` against node `i`'s lbd; its stdout.
     pub fn lbctl(&self, i: usize, args: &[&str]) -> Result<String> {
-        let out = Command::new(lbctl_path()?)
-            .arg("--socket")
-            .arg(self.nodes[i].dir.join("lbd.sock"))
-            .args(args)
-            .output()
-            .context("running lbctl")?;
-        if !out.status.success() {
-            bail!(
-                "lbctl {args:?} on node {i}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::launcher::lbctl(&self.nodes[i].dir.join("lbd.sock"), args)
+            .with_context(|| format!("on node {i}"))
     }
 
     /// Blocks (or unblocks) node `i`'s health checks to every backend, with

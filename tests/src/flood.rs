@@ -7,8 +7,9 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -19,7 +20,122 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Host, HttpConn, Topology, in_netns};
+use lb_userspace::dataplane::AttachMode;
+
+use crate::{Host, HttpConn, Spawned, Topology, addressing, fabric::Fabric, in_netns, lbd, scrape};
+
+/// The VIP's port on a [`FloodedNode`].
+pub const PORT: u16 = 80;
+
+/// What the flood test and the flood benchmark run: one LB (generic XDP)
+/// in front of three backends serving `VIP:80/tcp`, a fourth backend ready
+/// to join. No health checks: the flood reaches the backends' listeners
+/// too, and a check failing under it would change rings for another
+/// reason. Dropped, it stops lbd and tears the topology down.
+pub struct FloodedNode {
+    // Fields drop in this order: lbd first, the topology last.
+    lbd: Spawned,
+    _teardown: lbd::Teardown,
+    _fabric: Fabric,
+    _servers: Vec<Spawned>,
+    pub vip: Ipv4Addr,
+    pub socket: PathBuf,
+    metrics: String,
+    pub t: Topology,
+}
+
+impl FloodedNode {
+    /// `table` connection-table slots, `second_chance_window` as the
+    /// configuration writes it, `/metrics` on `metrics` (host:port).
+    pub fn start(
+        tag: &str,
+        table: u32,
+        second_chance_window: &str,
+        metrics: &str,
+    ) -> Result<FloodedNode> {
+        let t = Topology::new(4)?;
+        let servers = t.start_servers(PORT, 53)?;
+        let fabric = crate::fabric::prepare(&t, AttachMode::Generic)?;
+        let vip = addressing::vip_v4(1);
+        t.add_vip_on_backends(vip.into())?;
+        let dir = std::env::temp_dir().join(format!("{}-{tag}", t.id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = dir.join("lb.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{pre}second_chance_window = \"{second_chance_window}\"\n\
+                 [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n{backends}",
+                pre = lbd::Preamble {
+                    conntrack_entries: table,
+                    instance_extra: &format!("metrics_listen = \"{metrics}\"\n"),
+                    ..Default::default()
+                }
+                .render(&t, &dir),
+                backends = lbd::backend_tables(&t.backends()[..3]),
+            ),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
+        let teardown = lbd::Teardown::new(config.clone());
+        let (lbd, _) = lbd::start(&t, &config)?;
+        Ok(FloodedNode {
+            lbd,
+            _teardown: teardown,
+            _fabric: fabric,
+            _servers: servers,
+            vip,
+            socket: dir.join("lbd.sock"),
+            metrics: metrics.to_owned(),
+            t,
+        })
+    }
+
+    pub fn target(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.vip), PORT)
+    }
+
+    /// The flood's target: the VIP's port, through the LB's MAC.
+    pub fn flood_target(&self) -> Target {
+        Target {
+            vip: self.vip,
+            port: PORT,
+            to_mac: self.t.lb().mac(),
+        }
+    }
+
+    /// A sample of lbd's `/metrics` (0 when it is not exported).
+    pub fn sample(&self, metric: &str, labels: &str) -> Result<u64> {
+        let text = scrape::scrape(&self.t, &self.metrics)?;
+        Ok(scrape::sample(&text, metric, labels).unwrap_or(0))
+    }
+
+    /// The two ring changes, each moving a share of every backend's flows:
+    /// the first adds the fourth backend, the second triples the first
+    /// backend's weight.
+    pub fn change_ring(&self, which: usize) -> Result<()> {
+        let vip = format!("{}:{PORT}/tcp", self.vip);
+        let args = match which {
+            0 => vec![
+                "add-backend".to_owned(),
+                vip,
+                self.t.backend(3).ipv4().to_string(),
+            ],
+            _ => vec![
+                "set-weight".to_owned(),
+                vip,
+                self.t.backend(0).ipv4().to_string(),
+                "3".to_owned(),
+            ],
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::lbctl(&self.socket, &args).map(drop)
+    }
+
+    /// Stops lbd with SIGTERM and checks how it exited.
+    pub fn stop(mut self) -> Result<()> {
+        lbd::stop(&mut self.lbd).map(drop)
+    }
+}
 
 /// Long-lived connections from the client to a VIP, each asking at a steady
 /// pace; a request that fails, or lands on another backend than the

@@ -1,7 +1,12 @@
 //! Starting `lb-testserver` from tests: finding the binary, building its
 //! command line, waiting until it listens.
 
-use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -33,6 +38,31 @@ pub const LBCTL_ENV: &str = "LB_LBCTL";
 /// The `lbctl` binary: `$LB_LBCTL`, or else next to the running test executable.
 pub fn lbctl_path() -> Result<PathBuf> {
     workspace_binary("lbctl", LBCTL_ENV, "lb-userspace")
+}
+
+/// `lbctl --socket SOCKET ARGS`: its exit code (-1 if killed), stdout and
+/// stderr.
+pub fn lbctl_output(socket: &Path, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(lbctl_path()?)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .with_context(|| format!("running lbctl {args:?}"))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `lbctl --socket SOCKET ARGS`, which must succeed: its stdout.
+pub fn lbctl(socket: &Path, args: &[&str]) -> Result<String> {
+    let (code, out, err) = lbctl_output(socket, args)?;
+    if code != 0 {
+        bail!("lbctl {args:?} exited with {code}: {err}");
+    }
+    Ok(out)
 }
 
 /// A binary of this workspace: `$env`, or else next to the running test

@@ -29,7 +29,7 @@ pub mod topology;
 
 pub use bird::Bird;
 pub use client::{HttpConn, Response, http_get, split_echo, udp_echo, udp_echo_from};
-pub use launcher::{lbctl_path, lbd_path, testserver_path};
+pub use launcher::{lbctl, lbctl_output, lbctl_path, lbd_path, testserver_path};
 pub use netns::{NS_PREFIX, cleanup_stale, in_netns};
 pub use process::{Spawned, spawn_in_netns};
 pub use topology::{Host, Topology};

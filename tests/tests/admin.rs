@@ -10,11 +10,10 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::{fs::PermissionsExt, net::UnixListener},
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
-use lb_tests::{HttpConn, Spawned, Topology, addressing, lbctl_path, lbd, lbd_path};
+use lb_tests::{HttpConn, Spawned, Topology, addressing, lbd, lbd_path};
 use lb_userspace::{api::client::call, dataplane::AttachMode};
 use serde_json::{Value, json};
 
@@ -61,17 +60,7 @@ fn stop_lbd(mut lbd: Spawned) {
 
 /// Runs lbctl; returns (exit code, stdout, stderr).
 fn lbctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(lbctl_path().unwrap())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    lb_tests::lbctl_output(socket, args).unwrap()
 }
 
 fn listing(socket: &Path) -> Value {

@@ -6,7 +6,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use lb_tests::{Spawned, Topology, addressing, in_netns, lbctl_path, lbd, lbd_path};
+use lb_tests::{Spawned, Topology, addressing, in_netns, lbd, lbd_path};
 use lb_userspace::api::NodeStatus;
 
 const TABLE: u32 = 4100;
@@ -50,18 +50,7 @@ fn wait_for(t: &Topology, want: &[&str], what: &str) {
 }
 
 fn lbctl(socket: &Path, args: &[&str]) -> String {
-    let out = Command::new(lbctl_path().unwrap())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lbctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lb_tests::lbctl(socket, args).unwrap()
 }
 
 fn config(t: &Topology, dir: &Path, extra_instance: &str) -> String {

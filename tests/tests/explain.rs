@@ -8,11 +8,10 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::Command,
     time::Duration,
 };
 
-use lb_tests::{HttpConn, Topology, addressing, lbctl_path, lbd};
+use lb_tests::{HttpConn, Topology, addressing, lbd};
 use lb_userspace::{api::Explanation, dataplane::AttachMode};
 
 const PORT: u16 = 80;
@@ -20,18 +19,7 @@ const FLOWS: usize = 100;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn lbctl(socket: &Path, args: &[&str]) -> String {
-    let out = Command::new(lbctl_path().unwrap())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lbctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lb_tests::lbctl(socket, args).unwrap()
 }
 
 fn explain(socket: &Path, vip: &str, client: SocketAddr, syn: bool) -> Explanation {

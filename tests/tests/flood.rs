@@ -8,9 +8,6 @@
 //! entries expire within seconds: the table is free again.
 
 use std::{
-    net::{IpAddr, SocketAddr},
-    path::Path,
-    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -19,81 +16,31 @@ use std::{
 };
 
 use lb_tests::{
-    HttpConn, Topology, addressing,
-    flood::{self, KeepAlive, Target},
-    lbctl_path, lbd, scrape,
+    HttpConn,
+    flood::{self, FloodedNode, KeepAlive},
 };
-use lb_userspace::dataplane::AttachMode;
 
-const PORT: u16 = 80;
 const METRICS: &str = "127.0.0.1:9133";
 const CONNECTIONS: usize = 24;
 /// 4,096 slots: the flood sends hundreds of times as many new flows.
 const TABLE: u32 = 4096;
 
-fn lbctl(socket: &Path, args: &[&str]) {
-    let out = Command::new(lbctl_path().unwrap())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lbctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn established_connections_survive_a_spoofed_syn_flood_and_ring_changes() {
-    let t = Topology::new(4).unwrap();
-    let _servers = t.start_servers(PORT, 53).unwrap();
-    let _fabric = lb_tests::fabric::prepare(&t, AttachMode::Generic).unwrap();
-    let vip = addressing::vip_v4(1);
-    t.add_vip_on_backends(vip.into()).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-flood", t.id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("lb.toml");
-    // No health checks: the flood reaches the backends' listeners too, and a
-    // check failing under it would change rings for another reason.
-    std::fs::write(
-        &config,
-        format!(
-            "{pre}second_chance_window = \"10ms\"\n\
-             [[vip]]\naddress = \"{vip}:{PORT}/tcp\"\nmode = \"ipip\"\n{backends}",
-            pre = lbd::Preamble {
-                conntrack_entries: TABLE,
-                instance_extra: &format!("metrics_listen = \"{METRICS}\"\n"),
-                ..Default::default()
-            }
-            .render(&t, &dir),
-            backends = lbd::backend_tables(&t.backends()[..3]),
-        ),
-    )
-    .unwrap();
-    let _teardown = lbd::Teardown::new(config.clone());
-    let (mut running, _) = lbd::start(&t, &config).unwrap();
-    let socket = dir.join("lbd.sock");
-    let sample = |name: &str, labels: &str| {
-        let text = scrape::scrape(&t, METRICS).unwrap();
-        scrape::sample(&text, name, labels).unwrap_or(0)
-    };
+    let node = FloodedNode::start("flood", TABLE, "10ms", METRICS).unwrap();
+    let t = &node.t;
+    let sample = |name: &str, labels: &str| node.sample(name, labels).unwrap();
 
     // Long-lived connections, each asking every 100 ms.
-    let target = SocketAddr::new(IpAddr::V4(vip), PORT);
-    let keep = KeepAlive::start(&t, target, CONNECTIONS, Duration::from_millis(100)).unwrap();
+    let target = node.target();
+    let keep = KeepAlive::start(t, target, CONNECTIONS, Duration::from_millis(100)).unwrap();
 
     // The flood, and two ring changes during it.
     let flood_stop = Arc::new(AtomicBool::new(false));
     let flooder = {
-        let (client_host, lb_mac, stop) = (t.client().clone(), t.lb().mac(), flood_stop.clone());
+        let (client_host, target, stop) =
+            (t.client().clone(), node.flood_target(), flood_stop.clone());
         std::thread::spawn(move || {
-            let target = Target {
-                vip,
-                port: PORT,
-                to_mac: lb_mac,
-            };
             flood::syn_flood(
                 &client_host,
                 &target,
@@ -105,21 +52,9 @@ fn established_connections_survive_a_spoofed_syn_flood_and_ring_changes() {
         })
     };
     std::thread::sleep(Duration::from_millis(1500));
-    let vip_spec = format!("{vip}:{PORT}/tcp");
-    lbctl(
-        &socket,
-        &["add-backend", &vip_spec, &t.backend(3).ipv4().to_string()],
-    );
+    node.change_ring(0).unwrap();
     std::thread::sleep(Duration::from_millis(2000));
-    lbctl(
-        &socket,
-        &[
-            "set-weight",
-            &vip_spec,
-            &t.backend(0).ipv4().to_string(),
-            "3",
-        ],
-    );
+    node.change_ring(1).unwrap();
     let flooded = flooder.join().unwrap().unwrap();
     flood_stop.store(true, Ordering::SeqCst);
     let embryonic_after_flood = sample("lb_conntrack_embryonic_entries", "");
@@ -184,5 +119,5 @@ fn established_connections_survive_a_spoofed_syn_flood_and_ring_changes() {
         .unwrap()
         .unwrap();
     assert_eq!(fresh, 20, "new connections after the flood");
-    lbd::stop(&mut running).unwrap();
+    node.stop().unwrap();
 }

@@ -12,7 +12,7 @@ use std::{
     process::Command,
 };
 
-use lb_tests::{Topology, addressing, lbctl_path, lbd, scrape};
+use lb_tests::{Topology, addressing, lbd, scrape};
 use serde_json::Value;
 
 const METRICS: &str = "127.0.0.1:9132";
@@ -56,17 +56,7 @@ impl Drop for Tmpfs {
 }
 
 fn lbctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(lbctl_path().unwrap())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    lb_tests::lbctl_output(socket, args).unwrap()
 }
 
 fn failures(t: &Topology) -> u64 {

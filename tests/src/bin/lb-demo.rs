@@ -134,15 +134,7 @@ fn watch(load: &Load, seconds: u64) -> Result<(BTreeMap<String, usize>, usize)> 
 }
 
 fn lbctl(socket: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(lbctl_path()?)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!("lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    lb_tests::lbctl(socket, args)
 }
 
 fn start_lbd(t: &Topology, config: &Path) -> Result<Spawned> {
