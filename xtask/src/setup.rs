@@ -160,7 +160,8 @@ fn cargo_fuzz() -> Result<()> {
     }
     eprintln!("setup: installing cargo-fuzz (about a minute)");
     run_step(
-        Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]),
+        // The version proven here; a newer one may want a newer rustc.
+        Command::new("cargo").args(["install", "cargo-fuzz", "--version", "0.13.2", "--locked"]),
         "setup: cargo-fuzz",
     )?;
     if !crate::fuzz::installed() {
