@@ -10,7 +10,10 @@
 
 use std::{fs, path::Path};
 
-use lb_common::testframe::{self, FrameSpec, L4};
+use lb_common::{
+    maps::Family,
+    testframe::{self, FrameSpec, L4},
+};
 use lb_fuzz::policy;
 use lb_userspace::config::Config;
 
@@ -19,7 +22,7 @@ const V4_VIP: [u8; 4] = [198, 18, 100, 1];
 const V4_ROUTER: [u8; 4] = [198, 18, 1, 1];
 
 fn v6(net: u8, host: u8) -> [u8; 16] {
-    [0xfd, 0, 1, 0x98, 0, 0x18, 0, net, 0, 0, 0, 0, 0, 0, 0, host]
+    policy::host(Family::V6, net, host)
 }
 
 fn frames() -> Vec<(String, Vec<u8>)> {

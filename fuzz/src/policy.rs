@@ -49,7 +49,7 @@ fn family(v6: bool) -> Family {
 }
 
 /// `198.18.<net>.<host>` or `fd00:198:18:<net>::<host>`.
-fn host(f: Family, net: u8, host: u8) -> [u8; 16] {
+pub fn host(f: Family, net: u8, host: u8) -> [u8; 16] {
     match f {
         Family::V4 => lb_common::parse::v4_in_16([198, 18, net, host]),
         Family::V6 => [0xfd, 0, 1, 0x98, 0, 0x18, 0, net, 0, 0, 0, 0, 0, 0, 0, host],

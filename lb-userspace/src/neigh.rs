@@ -59,14 +59,19 @@ impl Resolver {
         }
     }
 
-    async fn link_mac(&self, ifindex: u32) -> Result<[u8; 6]> {
+    /// The attributes the kernel reports for interface `ifindex`.
+    async fn link_attributes(&self, ifindex: u32) -> Result<Vec<LinkAttribute>> {
         let mut links = self.handle.link().get().match_index(ifindex).execute();
         let link = links
             .try_next()
             .await
             .context("reading link")?
             .with_context(|| format!("no interface with index {ifindex}"))?;
-        for attr in link.attributes {
+        Ok(link.attributes)
+    }
+
+    async fn link_mac(&self, ifindex: u32) -> Result<[u8; 6]> {
+        for attr in self.link_attributes(ifindex).await? {
             if let LinkAttribute::Address(a) = attr
                 && let Ok(mac) = <[u8; 6]>::try_from(a.as_slice())
             {
@@ -81,13 +86,7 @@ impl Resolver {
     /// moved into a namespace with `setns` (sysfs is per mount, not per
     /// network namespace).
     pub async fn mtu(&self, ifindex: u32) -> Result<u32> {
-        let mut links = self.handle.link().get().match_index(ifindex).execute();
-        let link = links
-            .try_next()
-            .await
-            .context("reading link")?
-            .with_context(|| format!("no interface with index {ifindex}"))?;
-        for attr in link.attributes {
+        for attr in self.link_attributes(ifindex).await? {
             if let LinkAttribute::Mtu(m) = attr {
                 return Ok(m);
             }

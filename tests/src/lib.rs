@@ -15,6 +15,7 @@ pub mod addressing;
 pub mod bird;
 pub mod client;
 pub mod cmd;
+pub mod demo;
 pub mod fabric;
 pub mod fleet;
 pub mod flood;

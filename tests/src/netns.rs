@@ -53,6 +53,13 @@ pub fn list() -> Result<Vec<String>> {
 /// A namespace of that name can only be left over from a dead process that
 /// had our pid (names carry the pid and a per-process counter), so it is
 /// deleted first rather than failing.
+/// Fails the test if any of `names` is still a namespace.
+pub fn assert_gone(names: &[String]) {
+    let left = list().expect("listing namespaces");
+    let still: Vec<_> = names.iter().filter(|n| left.contains(n)).collect();
+    assert!(still.is_empty(), "namespaces left behind: {still:?}");
+}
+
 pub fn create(ns: &str) -> Result<()> {
     if path(ns).exists() {
         delete(ns);

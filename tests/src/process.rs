@@ -181,6 +181,11 @@ impl Children {
     }
 }
 
+/// Whether a process with this pid exists (a zombie counts).
+pub fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Starts `cmd` inside network namespace `ns`, with stdin from /dev/null and
 /// stdout piped (see [`Spawned::wait_for_line`]); stderr is left as `cmd`
 /// has it, so by default it shows in the test output.

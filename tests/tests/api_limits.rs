@@ -10,11 +10,10 @@ use std::{
     net::{SocketAddr, TcpStream},
     os::unix::net::UnixStream,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use lb_tests::{HttpConn, Topology, addressing, in_netns, lbctl_path, lbd, scrape};
+use lb_tests::{HttpConn, Topology, addressing, in_netns, lbd, scrape};
 use lb_userspace::api::client::call;
 
 const METRICS: &str = "127.0.0.1:9103";
@@ -142,23 +141,10 @@ fn floods_and_oversize_requests_do_not_stall_lbd() {
     assert_eq!(vips.as_array().map(Vec::len), Some(1), "{vips}");
 
     let started = Instant::now();
-    let out = Command::new(lbctl_path().unwrap())
-        .arg("--socket")
-        .arg(&socket)
-        .arg("list")
-        .output()
-        .unwrap();
+    let (code, out, err) = lb_tests::lbctl_output(&socket, &["list"]).unwrap();
     let lbctl_took = started.elapsed();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(&vip.to_string()),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(code == 0, "{err}");
+    assert!(out.contains(&vip.to_string()), "{out}");
     println!(
         "with {FLOOD} idle connections on each listener: scrape {scrape_took:?}, \
          GET /v1/vips {call_took:?}, lbctl list {lbctl_took:?}"

@@ -7,7 +7,6 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr, UdpSocket},
-    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -39,15 +38,7 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-fn assert_gone(names: &[String]) {
-    let left = netns::list().unwrap();
-    let still: Vec<_> = names.iter().filter(|n| left.contains(n)).collect();
-    assert!(still.is_empty(), "namespaces left behind: {still:?}");
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
+use lb_tests::{netns::assert_gone, process::pid_alive};
 
 /// Both VIPs routed through `hosts`.
 fn both_vips<'a>(hosts: impl IntoIterator<Item = &'a Host> + Clone) -> [Route; 2] {

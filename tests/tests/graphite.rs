@@ -13,9 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    Spawned, Topology, addressing, fabric::Fabric, lbctl_path, lbd, split_echo, udp_echo_from,
-};
+use lb_tests::{Spawned, Topology, addressing, fabric::Fabric, lbd, split_echo, udp_echo_from};
 use lb_userspace::dataplane::AttachMode;
 
 const METRICS: &str = "127.0.0.1:9136";
@@ -389,16 +387,8 @@ fn pushes_land_in_carbon_and_survive_its_outage() {
     let socket = dir.join("lbd.sock");
     for _ in 0..8 {
         let started = Instant::now();
-        let out = Command::new(lbctl_path().unwrap())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("list")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lbd keeps answering while carbon is away"
-        );
+        let (code, _, _) = lb_tests::lbctl_output(&socket, &["list"]).unwrap();
+        assert!(code == 0, "lbd keeps answering while carbon is away");
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "and does not stall: {:?}",

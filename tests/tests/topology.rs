@@ -3,7 +3,6 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::Path,
     process::Command,
     time::Duration,
 };
@@ -16,15 +15,7 @@ const HTTP: u16 = 8080;
 const UDP: u16 = 9090;
 const T: Duration = Duration::from_secs(5);
 
-fn assert_gone(names: &[String]) {
-    let left = netns::list().unwrap();
-    let still: Vec<_> = names.iter().filter(|n| left.contains(n)).collect();
-    assert!(still.is_empty(), "namespaces left behind: {still:?}");
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
+use lb_tests::{netns::assert_gone, process::pid_alive};
 
 #[test]
 fn two_backends_reachable_and_cleaned_up() {

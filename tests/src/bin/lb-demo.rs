@@ -17,19 +17,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use lb_tests::{HttpConn, Spawned, Topology, addressing, fabric, in_netns, lbctl_path, lbd_path};
+use lb_tests::{
+    HttpConn, Spawned, Topology, addressing, demo, fabric, in_netns, lbctl_path, lbd_path,
+};
 use lb_userspace::dataplane::AttachMode;
 
 const PORT: u16 = 80;
 const INTERVAL_MS: u64 = 500;
 const FALL: u64 = 2;
 const TIMEOUT_MS: u64 = 300;
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
 
 /// One request of the load generator: when, and who answered (None: failed).
 struct Sample {
@@ -116,7 +112,7 @@ fn watch(load: &Load, seconds: u64) -> Result<(BTreeMap<String, usize>, usize)> 
     let mut total = BTreeMap::new();
     let mut failed_total = 0;
     for i in 0..seconds {
-        if STOP.load(Ordering::Relaxed) {
+        if demo::stopped() {
             bail!("interrupted");
         }
         let from = start + Duration::from_secs(i);
@@ -308,7 +304,7 @@ fn run(keep: bool) -> Result<()> {
         );
         println!("   ip netns exec {} curl -s http://{vip}/", t.client().ns());
         println!("   namespaces: {}", t.namespaces().join(" "));
-        while !STOP.load(Ordering::Relaxed) {
+        while !demo::stopped() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -329,17 +325,5 @@ fn run(keep: bool) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let keep = std::env::args().any(|a| a == "--keep");
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    match run(keep) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("demo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    demo::main("demo", run)
 }

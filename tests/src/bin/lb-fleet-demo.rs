@@ -8,27 +8,23 @@
 
 use std::{
     process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
-use lb_tests::fleet::{self, Fleet, LongLived};
+use lb_tests::{
+    demo,
+    fleet::{self, Fleet, LongLived},
+};
 
 const NODES: usize = 3;
 const BACKENDS: usize = 3;
 const PER_VIP: usize = 50;
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
 /// Stops the demo between steps on Ctrl-C (everything is torn down as the
 /// values drop).
 fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
+    if demo::stopped() {
         bail!("interrupted");
     }
     Ok(())
@@ -132,7 +128,7 @@ fn run(keep: bool) -> Result<()> {
             f.t.router().ns()
         );
         println!("   birdc -s <the router's socket, see ps> show route");
-        while !STOP.load(Ordering::Relaxed) {
+        while !demo::stopped() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -144,17 +140,5 @@ fn run(keep: bool) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let keep = std::env::args().any(|a| a == "--keep");
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    match run(keep) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fleet demo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    demo::main("fleet demo", run)
 }
