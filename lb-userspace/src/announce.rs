@@ -27,10 +27,7 @@ use rtnetlink::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::{
-    api::{BackendState, VipStatus},
-    config::AnnounceConfig,
-};
+use crate::{api::VipStatus, config::AnnounceConfig};
 
 /// Why a VIP is or is not announced by this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,11 +72,10 @@ pub fn plan(
                 .parse::<crate::config::VipSpec>()
                 .map(|s| s.addr)
                 .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            let healthy = v
-                .backends
-                .iter()
-                .filter(|b| b.state == BackendState::Up)
-                .count() as u32;
+            // Passing checks, not ring membership: in panic mode a node whose
+            // backends all fail (perhaps only from here) must still
+            // withdraw, so the fleet's other nodes take the traffic.
+            let healthy = v.backends.iter().filter(|b| b.healthy()).count() as u32;
             let needed = min_healthy.get(&v.vip).copied().unwrap_or(1);
             let reason = if !attached {
                 Reason::Detached
@@ -283,10 +279,14 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::{api::BackendStatus, health::Health};
+    use crate::{
+        api::{BackendState, BackendStatus},
+        health::Health,
+    };
 
     fn vip(name: &str, states: &[BackendState]) -> VipStatus {
         VipStatus {
+            panic: false,
             vip: name.into(),
             id: 0,
             mode: "ipip".into(),

@@ -35,6 +35,7 @@ use crate::{
     controller::{Controller, HealthTarget, NewBackend, RESOLVE_TIMEOUT, persist},
     graphite,
     health::{self, CheckStats, HealthEvent},
+    membership::FlapEvent,
     metrics,
     neigh::{self, NextHop, Resolver},
     pinning,
@@ -366,6 +367,7 @@ async fn run_async(config: Config) -> Result<()> {
             _ = tick(inbox.graphite.as_mut()) => d.push_graphite(),
             _ = refresh.tick() => {
                 ticks = ticks.wrapping_add(1);
+                d.tick();
                 if inbox.dirty.swap(false, Ordering::Relaxed) || ticks.is_multiple_of(NEXT_HOP_REFRESH_TICKS) {
                     d.refresh_next_hops();
                 }
@@ -587,11 +589,30 @@ impl Daemon {
         false
     }
 
+    /// Once a second: ramps step, flap holds end.
+    fn tick(&mut self) {
+        for (vip, backend, ev) in self.ctl.tick(std::time::Instant::now()) {
+            match ev {
+                FlapEvent::Released => {
+                    tracing::info!(%vip, %backend, "flap hold over: the backend may serve again once its checks pass")
+                }
+                FlapEvent::Held(d) => {
+                    tracing::warn!(%vip, %backend, hold_s = d.as_secs(), "still flapping: held down again, longer")
+                }
+            }
+            event(
+                json!({"event": "flap", "vip": vip, "backend": backend, "held": matches!(ev, FlapEvent::Held(_))}),
+            );
+        }
+        self.reannounce();
+    }
+
     fn on_health(&mut self, ev: &HealthEvent) {
-        let applied = self.ctl.on_health(ev);
+        let applied = self.ctl.on_health(ev, std::time::Instant::now());
         self.reannounce();
         match applied {
-            Ok(Some((vip, status))) => {
+            Ok(Some(a)) => {
+                let (vip, status) = (&a.vip, &a.status);
                 tracing::warn!(%vip, backend = %status.address, health = ?ev.health, reason = %ev.reason, "backend health changed");
                 event(json!({
                     "event": "backend",
@@ -601,6 +622,12 @@ impl Daemon {
                     "state": status.state,
                     "reason": ev.reason,
                 }));
+                if let Some(hold) = a.flap_hold {
+                    tracing::warn!(%vip, backend = %status.address, changes = status.health_changes, hold_s = hold.as_secs(), "FLAPPING: health changed too often; held out of the ring");
+                    event(
+                        json!({"event": "flap", "vip": vip, "backend": status.address, "held": true}),
+                    );
+                }
             }
             Ok(None) => {}
             Err(e) => {

@@ -12,6 +12,7 @@ pub mod graphite;
 pub mod health;
 pub mod instance_lock;
 pub mod maps;
+pub mod membership;
 pub mod metrics;
 pub mod neigh;
 pub mod pinning;

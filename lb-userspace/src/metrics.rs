@@ -254,6 +254,42 @@ fn backends(
             b.weight,
         );
     }
+    f.head(
+        "lb_backend_effective_weight",
+        "gauge",
+        "The backend's weight in the ring now: 0 out of it, below lb_backend_weight during slow start or a weight ramp.",
+    );
+    for (v, b, _) in &rows {
+        f.sample(
+            "lb_backend_effective_weight",
+            &[("vip", &v.vip), ("backend", &b.address.to_string())],
+            b.effective_weight,
+        );
+    }
+    f.head(
+        "lb_backend_flap_held",
+        "gauge",
+        "1 while flap damping holds the backend out of the ring: its health changed too often.",
+    );
+    for (v, b, _) in &rows {
+        f.sample(
+            "lb_backend_flap_held",
+            &[("vip", &v.vip), ("backend", &b.address.to_string())],
+            u8::from(b.flap_held),
+        );
+    }
+    f.head(
+        "lb_backend_flaps_total",
+        "counter",
+        "Health changes of the backend since lbd started (its first check result is not a change).",
+    );
+    for (v, b, _) in &rows {
+        f.sample(
+            "lb_backend_flaps_total",
+            &[("vip", &v.vip), ("backend", &b.address.to_string())],
+            b.health_changes,
+        );
+    }
     backend_states(f, &rows);
     health_checks(f, &rows, checks);
     Ok(())
@@ -355,15 +391,19 @@ fn per_vip(f: &mut Family, vips: &[VipStatus], ebpf: &Ebpf) -> Result<()> {
     f.head(
         "lb_vip_healthy_backends",
         "gauge",
-        "Backends of the VIP in its ring (up).",
+        "Backends of the VIP in service whose checks pass (not drained, not held by flap damping); in panic mode the ring keeps the others too.",
     );
     for v in vips {
-        let n = v
-            .backends
-            .iter()
-            .filter(|b| b.state == BackendState::Up)
-            .count();
+        let n = v.backends.iter().filter(|b| b.healthy()).count();
         f.sample("lb_vip_healthy_backends", &[("vip", &v.vip)], n);
+    }
+    f.head(
+        "lb_vip_panic",
+        "gauge",
+        "1 while the VIP is in panic mode: fewer healthy backends than its min_healthy, so every checked, non-drained backend is kept in the ring.",
+    );
+    for v in vips {
+        f.sample("lb_vip_panic", &[("vip", &v.vip)], u8::from(v.panic));
     }
     f.head(
         "lb_vip_ring_changes_total",
@@ -441,7 +481,6 @@ mod tests {
     }
 }
 
-#[cfg(test)]
 mod dashboard {
     /// Every `lb_*` metric the shipped Grafana dashboard queries must be one
     /// this exporter writes (a renamed metric would blank a panel silently).
@@ -453,6 +492,9 @@ mod dashboard {
             "lb_backend_new_flows_total",
             "lb_backend_up",
             "lb_backend_weight",
+            "lb_backend_effective_weight",
+            "lb_backend_flap_held",
+            "lb_backend_flaps_total",
             "lb_backend_state",
             "lb_backend_health_check_latency_seconds",
             "lb_backend_health_checks_total",
@@ -461,6 +503,7 @@ mod dashboard {
             "lb_vip_new_flows_total",
             "lb_vip_healthy_backends",
             "lb_vip_ring_changes_total",
+            "lb_vip_panic",
             "lb_xdp_verdicts_total",
             "lb_xdp_packets_total",
             "lb_conntrack_entries",

@@ -1,5 +1,6 @@
-//! `cargo xtask test`: lints, then the three test tiers, then a check that the
-//! tests left nothing behind.
+//! `cargo xtask test`: lints (rustfmt, clippy, and promtool on the alerting
+//! rules in `scripts/alerts.yml` with their unit tests), then the three test
+//! tiers, then a check that the tests left nothing behind.
 
 use std::{fs, process::Command, str::FromStr};
 
@@ -105,6 +106,20 @@ pub fn run(tiers: &[Tier]) -> Result<()> {
                         "warnings",
                     ]),
                     "lint: clippy (fuzz)",
+                )?;
+                // The Prometheus alerting rules and their unit tests.
+                let promtool = |args: &[&str]| {
+                    let mut c = Command::new("promtool");
+                    c.current_dir(workspace_root()).args(args);
+                    c
+                };
+                run_step(
+                    &mut promtool(&["check", "rules", "scripts/alerts.yml"]),
+                    "lint: promtool check rules",
+                )?;
+                run_step(
+                    &mut promtool(&["test", "rules", "scripts/alerts.test.yml"]),
+                    "lint: promtool test rules (alerts)",
                 )?;
             }
             Tier::Unit => {

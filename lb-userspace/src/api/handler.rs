@@ -186,7 +186,13 @@ fn route(
             let Some(w) = b.weight else {
                 return Err(err(400, "weight is required"));
             };
-            ok(ctl.set_weight(&vip, addr, w).map_err(admin)?)
+            let over = match b.over.as_deref() {
+                None => None,
+                Some(o) => Some(
+                    crate::config::parse_duration(o).map_err(|e| err(400, format!("over: {e}")))?,
+                ),
+            };
+            ok(ctl.set_weight(&vip, addr, w, over).map_err(admin)?)
         }
         ("POST", "/v1/vips/add") => {
             let r: VipRequest = body(req)?;

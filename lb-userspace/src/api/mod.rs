@@ -22,6 +22,9 @@ pub struct BackendRequest {
     pub backend: String,
     #[serde(default)]
     pub weight: Option<u32>,
+    /// `weight` only: reach it in steps over this long (`"60s"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over: Option<String>,
 }
 
 /// Body of `POST /v1/vips/add` and `/v1/vips/remove`.

@@ -24,6 +24,17 @@ pub struct BackendStatus {
     pub health: Health,
     pub drained: bool,
     pub state: BackendState,
+    /// The weight in the ring now: 0 when out of it, below `weight` during
+    /// slow start or a weight ramp, `weight` otherwise (and in panic mode
+    /// for a backend kept in the ring although its checks fail).
+    #[serde(default)]
+    pub effective_weight: u32,
+    /// Held down by flap damping: its health changed too often.
+    #[serde(default)]
+    pub flap_held: bool,
+    /// Health changes since lbd started.
+    #[serde(default)]
+    pub health_changes: u64,
 }
 
 /// The data plane's byte for a state is `lb_common::maps::BackendState`;
@@ -47,6 +58,9 @@ impl BackendStatus {
             health: Health::Up,
             drained: false,
             state: BackendState::Up,
+            effective_weight: 0,
+            flap_held: false,
+            health_changes: 0,
         };
         s.refresh_state();
         s
@@ -59,14 +73,28 @@ impl BackendStatus {
         self.health == Health::Up
     }
 
-    /// The state the data plane gets, from health, drain and weight.
+    /// In service and passing its checks: not drained, not held by flap
+    /// damping. What `lb_vip_healthy_backends` and the announcement count
+    /// (in panic mode the ring also keeps backends that are not).
+    pub fn healthy(&self) -> bool {
+        self.up() && !self.flap_held && self.state != BackendState::Draining
+    }
+
+    /// The state the data plane gets, from health, drain and weight alone
+    /// (the controller also weighs panic mode and flap damping: see
+    /// `membership`).
     pub fn refresh_state(&mut self) {
-        self.state = if self.health == Health::Down {
+        self.state = if self.health != Health::Up {
             BackendState::Down
         } else if self.drained || self.weight == 0 {
             BackendState::Draining
         } else {
             BackendState::Up
+        };
+        self.effective_weight = if self.state == BackendState::Up {
+            self.weight
+        } else {
+            0
         };
     }
 }
@@ -79,6 +107,10 @@ pub struct VipStatus {
     pub mode: String,
     /// Ring changes published since this lbd started.
     pub ring_flips: u64,
+    /// Panic mode: fewer healthy backends than `min_healthy`, so every
+    /// checked, non-drained backend is kept in the ring.
+    #[serde(default)]
+    pub panic: bool,
     pub backends: Vec<BackendStatus>,
 }
 

@@ -47,11 +47,16 @@ enum Cmd {
     Drain { vip: String, backend: String },
     /// Put a drained BACKEND back into VIP's ring.
     Undrain { vip: String, backend: String },
-    /// Change BACKEND's weight in VIP's ring.
+    /// Change BACKEND's weight in VIP's ring (0..=65535; 0 drains).
     SetWeight {
         vip: String,
         backend: String,
         weight: u32,
+        /// Move there in steps over this long (e.g. 60s, 10m): canary a new
+        /// backend up, or bleed one off. Any other change to the backend
+        /// stops the ramp where it is.
+        #[arg(long)]
+        over: Option<String>,
     },
     /// Which backend CLIENT (ADDRESS:PORT) reaches through VIP, and why.
     Explain {
@@ -170,7 +175,8 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             vip,
             backend,
             weight,
-        } => lbd.set_weight(&vip, &backend, weight),
+            over,
+        } => lbd.set_weight(&vip, &backend, weight, over.as_deref()),
         Cmd::Explain { vip, client, syn } => lbd.explain(&vip, &client, syn),
         Cmd::Stats { interval } => lbd.stats(interval),
         Cmd::Counters => lbd.counters(),

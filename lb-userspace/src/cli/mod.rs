@@ -119,8 +119,26 @@ impl Lbctl {
         })
     }
 
-    pub fn set_weight(&self, vip: &str, backend: &str, weight: u32) -> Result<(), CliError> {
-        let body = backend_request(vip, backend, Some(weight))?;
+    /// `over`: a duration like `60s`, to move the weight in steps.
+    pub fn set_weight(
+        &self,
+        vip: &str,
+        backend: &str,
+        weight: u32,
+        over: Option<&str>,
+    ) -> Result<(), CliError> {
+        check_vip(vip)?;
+        check_backend(backend)?;
+        if let Some(o) = over {
+            crate::config::parse_duration(o)
+                .map_err(|e| CliError::Usage(format!("--over: {e}")))?;
+        }
+        let body = to_body(&BackendRequest {
+            vip: vip.to_owned(),
+            backend: backend.to_owned(),
+            weight: Some(weight),
+            over: over.map(str::to_owned),
+        })?;
         self.run("POST", "/v1/backends/weight", Some(body), |b| {
             render::backend_change(vip, b)
         })
@@ -310,6 +328,7 @@ fn backend_request(vip: &str, backend: &str, weight: Option<u32>) -> Result<Valu
         vip: vip.to_owned(),
         backend: backend.to_owned(),
         weight,
+        over: None,
     })
 }
 

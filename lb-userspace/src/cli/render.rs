@@ -27,24 +27,39 @@ fn health(h: Health) -> &'static str {
     match h {
         Health::Up => "up",
         Health::Down => "down",
+        Health::Unchecked => "unchecked",
     }
 }
 
+/// The weight, and what the ring gives now when that differs (slow start,
+/// a ramp) or why the backend is out of it.
 fn backend_line(b: &BackendStatus) -> String {
-    format!(
-        "{:<40} {:<9} health={:<5} weight={}",
+    let mut line = format!(
+        "{:<40} {:<9} health={:<9} weight={}",
         b.address.to_string(),
         state(b.state),
         health(b.health),
         b.weight
-    )
+    );
+    if b.state == BackendState::Up && b.effective_weight != b.weight {
+        let _ = write!(line, " (now {})", b.effective_weight);
+    }
+    if b.flap_held {
+        line.push_str(" flap-held");
+    }
+    line
 }
 
 /// `lbctl list`: each VIP, then its backends indented.
 pub fn vips(vips: &[VipStatus]) -> String {
     let mut out = String::new();
     for v in vips {
-        let _ = writeln!(out, "{} ({})", v.vip, v.mode);
+        let panic = if v.panic {
+            " PANIC: too few healthy backends, all kept in the ring"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "{} ({}){panic}", v.vip, v.mode);
         for b in &v.backends {
             let _ = writeln!(out, "  {}", backend_line(b));
         }
@@ -299,12 +314,13 @@ mod tests {
             id: 0,
             mode: "ipip".into(),
             ring_flips: 3,
+            panic: false,
             backends: vec![
                 BackendStatus::new("198.18.0.20".parse().unwrap(), 1, 100),
                 drained,
             ],
         };
-        let text = vips(&[v]);
+        let text = vips(std::slice::from_ref(&v));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "198.18.100.1:80/tcp (ipip)");
         assert!(
@@ -312,6 +328,20 @@ mod tests {
             "{text}"
         );
         assert!(lines[2].contains(" draining  health=up "), "{text}");
+        let mut v = v;
+        v.panic = true;
+        v.backends[0].effective_weight = 25;
+        v.backends[1].flap_held = true;
+        let text = vips(&[v]);
+        assert!(
+            text.lines()
+                .next()
+                .unwrap()
+                .ends_with("PANIC: too few healthy backends, all kept in the ring"),
+            "{text}"
+        );
+        assert!(text.contains("weight=100 (now 25)\n"), "{text}");
+        assert!(text.contains(" flap-held\n"), "{text}");
     }
 
     #[test]

@@ -76,7 +76,10 @@ fn bad_arguments_are_usage_errors_and_nothing_is_sent() {
             "not an IP address",
         ),
         (lbctl.drain(VIP, "nope", true), "not an IP address"),
-        (lbctl.set_weight("x", "198.18.0.22", 1), "no /tcp or /udp"),
+        (
+            lbctl.set_weight("x", "198.18.0.22", 1, None),
+            "no /tcp or /udp",
+        ),
         (lbctl.explain(VIP, "198.18.0.10", true), "ADDRESS:PORT"),
         (lbctl.stats(0.0), "greater than 0 and at most 3600"),
         (lbctl.stats(7200.0), "(got 7200)"),

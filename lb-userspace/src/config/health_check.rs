@@ -6,6 +6,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{CheckKind, ConfigError, HealthCheck, Source, duration_field};
+use crate::membership::FlapDamping;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +25,9 @@ pub(super) struct RawCheck {
     host: Option<Spanned<String>>,
     payload: Option<Spanned<String>>,
     expect: Option<String>,
+    flap_limit: Option<Spanned<u32>>,
+    flap_window: Option<Spanned<String>>,
+    flap_hold: Option<Spanned<String>>,
 }
 
 /// The check at `field` (`vip[0].health_check`); none without the section.
@@ -60,7 +64,9 @@ pub(super) fn health_check(
         Some(p) if (1..=65535).contains(p.get_ref()) => Some(*p.get_ref() as u16),
         Some(p) => return Err(src.err(p.span(), f("port"), "must be 1..=65535")),
     };
+    let flap = flap_damping(src, &r, field)?;
     Ok(HealthCheck {
+        flap,
         kind: kind(src, &r, span, field)?,
         port,
         interval,
@@ -69,6 +75,27 @@ pub(super) fn health_check(
         fall,
         fastinter,
         downinter,
+    })
+}
+
+/// `flap_limit` changes within `flap_window` hold a backend down for
+/// `flap_hold` (doubling while it keeps flapping, up to 10 minutes or the
+/// hold itself if that is longer).
+fn flap_damping(src: &Source, r: &RawCheck, field: &str) -> Result<FlapDamping, ConfigError> {
+    let f = |name: &str| format!("{field}.{name}");
+    let d = FlapDamping::default();
+    let limit = match &r.flap_limit {
+        None => d.limit,
+        Some(n) if (1..=1000).contains(n.get_ref()) => *n.get_ref(),
+        Some(n) => return Err(src.err(n.span(), f("flap_limit"), "must be 1..=1000")),
+    };
+    let window = duration_field(src, &r.flap_window, &f("flap_window"), d.window)?;
+    let hold = duration_field(src, &r.flap_hold, &f("flap_hold"), d.hold)?;
+    Ok(FlapDamping {
+        limit,
+        window,
+        hold,
+        max_hold: (hold * 20).min(d.max_hold.max(hold)),
     })
 }
 

@@ -28,10 +28,14 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::dataplane::{AttachMode, MapSizes};
+use crate::{
+    dataplane::{AttachMode, MapSizes},
+    membership::FlapDamping,
+};
 pub use announce::DEFAULT_TABLE as DEFAULT_ANNOUNCE_TABLE;
 pub use backend::{BackendField, BackendRule, EncapSources, check_backend};
 pub use vip::{Proto, VipSpec};
+pub use vips::MAX_SLOWSTART;
 
 /// Largest backend weight; 0 drains.
 pub const MAX_WEIGHT: u32 = 65_535;
@@ -131,6 +135,8 @@ pub struct HealthCheck {
     pub fastinter: Duration,
     /// Interval while down.
     pub downinter: Duration,
+    /// When a backend's health changes too often to be believed.
+    pub flap: FlapDamping,
 }
 
 impl HealthCheck {
@@ -146,6 +152,7 @@ impl HealthCheck {
             fall: 3,
             fastinter: Duration::from_secs(2),
             downinter: Duration::from_secs(2),
+            flap: FlapDamping::default(),
         }
     }
 }
@@ -154,6 +161,18 @@ impl HealthCheck {
 pub struct BackendConfig {
     pub addr: IpAddr,
     pub weight: u32,
+    /// This backend's slow start, if not the VIP's.
+    pub slowstart: Option<Duration>,
+}
+
+impl BackendConfig {
+    pub fn new(addr: IpAddr, weight: u32) -> Self {
+        BackendConfig {
+            addr,
+            weight,
+            slowstart: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,6 +184,36 @@ pub struct VipConfig {
     /// Healthy backends below which this node stops announcing the VIP;
     /// `None`: `announce.min_healthy_backends`.
     pub min_healthy_backends: Option<u32>,
+    /// A backend that becomes a member ramps up to its weight over this
+    /// long; zero: at once.
+    pub slowstart: Duration,
+    /// Panic mode below this fraction of healthy backends, in thousandths;
+    /// 0: never.
+    pub min_healthy_permille: u32,
+}
+
+impl VipConfig {
+    /// A VIP with no backends, no slow start and no panic mode.
+    pub fn new(spec: VipSpec, mode: ForwardMode, health_check: HealthCheck) -> Self {
+        VipConfig {
+            spec,
+            mode,
+            health_check,
+            backends: Vec::new(),
+            min_healthy_backends: None,
+            slowstart: Duration::ZERO,
+            min_healthy_permille: 0,
+        }
+    }
+
+    /// Backend `addr`'s slow start: its own, or the VIP's.
+    pub fn slowstart_of(&self, addr: IpAddr) -> Duration {
+        self.backends
+            .iter()
+            .find(|b| b.addr == addr)
+            .and_then(|b| b.slowstart)
+            .unwrap_or(self.slowstart)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -24,6 +24,10 @@ pub(super) struct RawVip {
     backend: Vec<Spanned<RawBackend>>,
     #[serde(default)]
     min_healthy_backends: Option<u32>,
+    #[serde(default)]
+    slowstart: Option<Spanned<String>>,
+    #[serde(default)]
+    min_healthy: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -32,6 +36,8 @@ struct RawBackend {
     address: Spanned<String>,
     #[serde(default)]
     weight: Option<Spanned<u32>>,
+    #[serde(default)]
+    slowstart: Option<Spanned<String>>,
 }
 
 /// Every VIP, within the map sizes.
@@ -98,12 +104,29 @@ fn vip(
     }
     let health_check = health_check(src, rv.health_check, &f("health_check"))?;
     let backends = backends(src, &f("backend"), &spec, rv.mode, rv.backend, encap)?;
+    let slowstart = slowstart(src, &rv.slowstart, &f("slowstart"))?.unwrap_or_default();
+    let min_healthy_permille = match &rv.min_healthy {
+        None => 0,
+        Some(m) if (0.0..=1.0).contains(m.get_ref()) => (m.get_ref() * 1000.0).round() as u32,
+        Some(m) => {
+            return Err(src.err(
+                m.span(),
+                f("min_healthy"),
+                format!(
+                    "{} is not a fraction 0.0..=1.0 of the VIP's backends (0 turns panic mode off)",
+                    m.get_ref()
+                ),
+            ));
+        }
+    };
     Ok(VipConfig {
         spec,
         mode: rv.mode,
         health_check,
         backends,
         min_healthy_backends: rv.min_healthy_backends,
+        slowstart,
+        min_healthy_permille,
     })
 }
 
@@ -141,7 +164,29 @@ fn backends(
             src.err(at, f(rule.field().name()), rule.to_string())
         })?;
         seen.insert(addr);
-        backends.push(BackendConfig { addr, weight });
+        backends.push(BackendConfig {
+            addr,
+            weight,
+            slowstart: slowstart(src, &rb.slowstart, &f("slowstart"))?,
+        });
     }
     Ok(backends)
 }
+
+/// A slow start: `"0s"` turns it off, at most 1 hour.
+fn slowstart(
+    src: &Source,
+    v: &Option<Spanned<String>>,
+    field: &str,
+) -> Result<Option<std::time::Duration>, ConfigError> {
+    let Some(s) = v else { return Ok(None) };
+    let d = super::parse_duration(s.get_ref()).map_err(|m| src.err(s.span(), field, m))?;
+    if d > MAX_SLOWSTART {
+        return Err(src.err(s.span(), field, "must be at most 1h (60m)"));
+    }
+    Ok(Some(d))
+}
+
+/// A ramp longer than an hour is a typo, and keeps the ring changing for
+/// that long.
+pub const MAX_SLOWSTART: std::time::Duration = std::time::Duration::from_secs(3600);

@@ -3,7 +3,11 @@
 //! applied to the maps (the VIP's ring republished), and reported to the
 //! caller with the HTTP status the control API answers with.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use lb_common::maps::{self as wire, BackendInfo};
 
@@ -11,9 +15,11 @@ use super::{BackendRt, Controller, HealthTarget, VipRuntime, persist::SavedVip};
 use crate::{
     api::BackendStatus,
     config::{
-        BackendRule, CheckKind, ForwardMode, HealthCheck, MAX_WEIGHT, VipConfig, VipSpec,
-        check_backend,
+        BackendRule, CheckKind, ForwardMode, HealthCheck, MAX_SLOWSTART, MAX_WEIGHT, VipConfig,
+        VipSpec, check_backend,
     },
+    health::Health,
+    membership::WeightRamp,
     neigh::NextHop,
     programming,
 };
@@ -136,16 +142,24 @@ impl Controller {
         let v = self.vip_index(&vip)?;
         let id = self.alloc_id()?;
         let token = self.next_token();
-        self.vips[v].backends.push(BackendRt {
-            token,
-            status: BackendStatus::new(addr, id, weight),
-            hop,
-        });
+        let now = Instant::now();
+        // In the ring after its first passing check; at once (slow start
+        // permitting) for a VIP that is not checked.
+        let mut status = BackendStatus::new(addr, id, weight);
+        if self.vips[v].config.health_check.kind != CheckKind::None {
+            status.health = Health::Unchecked;
+            status.refresh_state();
+        }
+        let mut rt = BackendRt::new(status, hop, token);
+        if rt.status.health == Health::Up {
+            rt.member_since = Some(now);
+        }
+        self.vips[v].backends.push(rt);
         let b = self.vips[v].backends.len() - 1;
         let programmed = self
             .fresh_slot(id)
             .and_then(|()| self.write_backend(v, b))
-            .and_then(|()| self.republish(v));
+            .and_then(|()| self.refresh_vip(v, now).map(drop));
         if let Err(e) = programmed {
             self.vips[v].backends.pop();
             self.used_ids.remove(&id);
@@ -160,7 +174,7 @@ impl Controller {
         let v = self.vip_index(vip)?;
         let b = self.backend_index(v, addr)?;
         let removed = self.vips[v].backends.remove(b);
-        self.republish(v)?;
+        self.refresh_vip(v, Instant::now())?;
         // After the ring no longer names it: flows still pointing at the id
         // see an unused backend and are re-picked.
         self.free_slot(removed.status.id)?;
@@ -175,28 +189,50 @@ impl Controller {
     ) -> Result<BackendStatus, AdminError> {
         let v = self.vip_index(vip)?;
         let b = self.backend_index(v, addr)?;
-        self.vips[v].backends[b].status.drained = drained;
-        self.vips[v].backends[b].status.refresh_state();
-        self.write_backend(v, b)?;
-        self.republish(v)?;
+        let now = Instant::now();
+        let rt = &mut self.vips[v].backends[b];
+        rt.cancel_ramp(now);
+        if rt.status.drained && !drained {
+            // Back in: slow start, as for a recovered backend.
+            rt.member_since = Some(now);
+        }
+        rt.status.drained = drained;
+        self.refresh_vip(v, now)?;
         Ok(self.vips[v].backends[b].status.clone())
     }
 
+    /// Sets a backend's weight: at once, or `over` a period in steps (from
+    /// where its weight is now), a ramp any other change to the backend
+    /// cancels where it stands.
     pub fn set_weight(
         &mut self,
         vip: &VipSpec,
         addr: IpAddr,
         weight: u32,
+        over: Option<Duration>,
     ) -> Result<BackendStatus, AdminError> {
         if weight > MAX_WEIGHT {
             return Err(AdminError::Weight(weight));
         }
+        if let Some(d) = over
+            && (d.is_zero() || d > MAX_SLOWSTART)
+        {
+            return Err(AdminError::Invalid(format!(
+                "--over {d:?}: expected more than 0 and at most 1h"
+            )));
+        }
         let v = self.vip_index(vip)?;
         let b = self.backend_index(v, addr)?;
-        self.vips[v].backends[b].status.weight = weight;
-        self.vips[v].backends[b].status.refresh_state();
-        self.write_backend(v, b)?;
-        self.republish(v)?;
+        let now = Instant::now();
+        let rt = &mut self.vips[v].backends[b];
+        rt.cancel_ramp(now);
+        rt.ramp = over.map(|over| WeightRamp {
+            from: rt.status.weight,
+            start: now,
+            over,
+        });
+        rt.status.weight = weight;
+        self.refresh_vip(v, now)?;
         Ok(self.vips[v].backends[b].status.clone())
     }
 
@@ -222,18 +258,9 @@ impl Controller {
             })?;
         let empty = vec![0; self.config.sizes.ring_size as usize];
         self.install_vip(&spec, vip_id, mode, &empty)?;
-        self.vips.push(VipRuntime {
-            config: VipConfig {
-                spec,
-                mode,
-                health_check,
-                backends: Vec::new(),
-                min_healthy_backends: None,
-            },
-            vip_id,
-            backends: Vec::new(),
-            ring_flips: 0,
-        });
+        let mut rt = VipRuntime::new(VipConfig::new(spec, mode, health_check), vip_id, Vec::new());
+        rt.published = Some(Vec::new());
+        self.vips.push(rt);
         let name = spec.to_string();
         self.overlay.removed_vips.remove(&name);
         self.overlay.added_vips.insert(

@@ -1,7 +1,7 @@
 //! The controller's state written into the data plane's maps: backend
 //! slots, rings (built by Maglev from the backends that are up), VIPs.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use lb_common::{
@@ -10,6 +10,7 @@ use lb_common::{
 };
 
 use super::Controller;
+use crate::membership::{self, Member};
 use crate::{
     api::BackendState,
     config::{ForwardMode, VipSpec, vip::addr16},
@@ -59,20 +60,89 @@ impl Controller {
         stats::reset_traffic(&mut self.ebpf, &STATS_BACKEND, id)
     }
 
-    /// The VIP's Maglev table: backends that are up, by weight.
+    /// The VIP's Maglev table: its members by their weight in the ring now
+    /// (see [`Controller::refresh_vip`]).
     pub(super) fn ring(&self, v: usize) -> Result<Vec<u32>> {
         let members: Vec<MaglevBackend> = self.vips[v]
             .backends
             .iter()
-            .filter(|b| b.status.state == BackendState::Up)
+            .filter(|b| b.status.effective_weight > 0)
             .map(|b| MaglevBackend {
                 id: b.status.id,
                 identity: addr16(b.status.address).0,
-                weight: b.status.weight,
+                weight: b.status.effective_weight,
             })
             .collect();
         maglev::build(&members, self.config.sizes.ring_size, self.config.hash_seed)
             .with_context(|| format!("building the ring of {}", self.vips[v].config.spec))
+    }
+
+    /// The members and their weights as [`Controller::ring`] builds from.
+    fn ring_members(&self, v: usize) -> Vec<(u32, u32)> {
+        self.vips[v]
+            .backends
+            .iter()
+            .filter(|b| b.status.effective_weight > 0)
+            .map(|b| (b.status.id, b.status.effective_weight))
+            .collect()
+    }
+
+    /// Works out the VIP's ring now (health, drains, panic mode, slow
+    /// start, ramps: see `membership`) and brings the maps in line: a
+    /// backend joining is marked up before the ring names it, one leaving
+    /// is marked after the ring stops naming it. The ring is only
+    /// republished when its members or weights changed. Returns whether it
+    /// was.
+    pub(super) fn refresh_vip(&mut self, v: usize, now: Instant) -> Result<bool> {
+        let rt = &self.vips[v];
+        let members: Vec<Member> = rt.backends.iter().map(|b| b.member(&rt.config)).collect();
+        let plan = membership::plan(&members, rt.config.min_healthy_permille, now);
+        if plan.panic != rt.panic {
+            self.panic_changed(v, plan.panic, &members);
+        }
+        let mut joining = Vec::new();
+        let mut leaving = Vec::new();
+        for (b, (state, weight)) in plan.backends.into_iter().enumerate() {
+            let status = &mut self.vips[v].backends[b].status;
+            status.effective_weight = weight;
+            if status.state != state {
+                status.state = state;
+                if state == BackendState::Up {
+                    joining.push(b);
+                } else {
+                    leaving.push(b);
+                }
+            }
+        }
+        for b in joining {
+            self.write_backend(v, b)?;
+        }
+        let members = self.ring_members(v);
+        let republish = self.vips[v].published.as_ref() != Some(&members);
+        if republish {
+            self.republish(v)?;
+        }
+        for b in leaving {
+            self.write_backend(v, b)?;
+        }
+        Ok(republish)
+    }
+
+    /// Panic mode entered or left: said loudly, once.
+    fn panic_changed(&mut self, v: usize, panic: bool, members: &[Member]) {
+        let rt = &mut self.vips[v];
+        rt.panic = panic;
+        let healthy = members.iter().filter(|m| m.healthy()).count();
+        let vip = rt.config.spec.to_string();
+        let min_healthy = f64::from(rt.config.min_healthy_permille) / 1000.0;
+        if panic {
+            tracing::error!(%vip, healthy, backends = members.len(), min_healthy, "PANIC MODE: too few healthy backends; every checked, non-drained backend stays in the ring (fail open) rather than the survivors taking the whole load");
+        } else {
+            tracing::warn!(%vip, healthy, backends = members.len(), min_healthy, "panic mode over: enough backends are healthy again");
+        }
+        crate::daemon::event(serde_json::json!({
+            "event": "panic", "vip": vip, "panic": panic, "healthy": healthy,
+        }));
     }
 
     /// Rebuilds and publishes one VIP's ring (idle generation, then flip).
@@ -85,6 +155,7 @@ impl Controller {
             &table,
             self.config.second_chance_window,
         )?;
+        self.vips[v].published = Some(self.ring_members(v));
         Ok(())
     }
 
@@ -107,7 +178,19 @@ impl Controller {
     /// ring. VIPs the running data plane has but the configuration no
     /// longer does are removed.
     pub(super) fn program_all(&mut self) -> Result<()> {
+        let now = Instant::now();
         for v in 0..self.vips.len() {
+            let rt = &self.vips[v];
+            let members: Vec<Member> = rt.backends.iter().map(|b| b.member(&rt.config)).collect();
+            let plan = membership::plan(&members, rt.config.min_healthy_permille, now);
+            if plan.panic {
+                self.panic_changed(v, true, &members);
+            }
+            for (b, (state, weight)) in plan.backends.into_iter().enumerate() {
+                let status = &mut self.vips[v].backends[b].status;
+                status.state = state;
+                status.effective_weight = weight;
+            }
             for b in 0..self.vips[v].backends.len() {
                 self.write_backend(v, b)?;
             }
@@ -122,6 +205,7 @@ impl Controller {
                 }
                 _ => self.install_vip(&spec, vip_id, mode, &table)?,
             }
+            self.vips[v].published = Some(self.ring_members(v));
         }
         let wanted: Vec<_> = self.vips.iter().map(|v| v.config.spec.key()).collect();
         for (key, _) in programming::list_vips(&mut self.ebpf)? {

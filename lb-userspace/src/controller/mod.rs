@@ -20,7 +20,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -32,9 +32,10 @@ pub use self::{
     persist::{SavedBackend, SavedState, SavedVip},
 };
 use crate::{
-    api::{BackendStatus, VipStatus},
+    api::{BackendState, BackendStatus, VipStatus},
     config::{CheckKind, Config, HealthCheck, OnExit, VipConfig, VipSpec, vip::addr16},
-    health::{Health, HealthEvent},
+    health::{self, Health, HealthEvent},
+    membership::{self, FlapEvent, FlapRecord, Member, WeightRamp},
     neigh::{NextHop, Resolver},
     pinning::{self, Pinned},
     programming,
@@ -43,6 +44,14 @@ use crate::{
 /// How long next-hop resolution may take at start and for a backend added
 /// at runtime.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A health change as applied: the backend as it is now, and the flap hold
+/// the change started.
+pub struct HealthApplied {
+    pub vip: String,
+    pub status: BackendStatus,
+    pub flap_hold: Option<Duration>,
+}
 
 /// A health check to run: backend id, address and parameters.
 #[derive(Clone, Debug)]
@@ -62,6 +71,44 @@ struct BackendRt {
     /// Unique per backend instance: a health event from the checker of a
     /// removed backend whose id was reused must not touch the new one.
     token: u64,
+    /// When it last became a member of the ring after lbd started (slow
+    /// start runs from here).
+    member_since: Option<Instant>,
+    ramp: Option<WeightRamp>,
+    flaps: FlapRecord,
+}
+
+impl BackendRt {
+    fn new(status: BackendStatus, hop: NextHop, token: u64) -> Self {
+        BackendRt {
+            status,
+            hop,
+            token,
+            member_since: None,
+            ramp: None,
+            flaps: FlapRecord::default(),
+        }
+    }
+
+    fn member(&self, vip: &VipConfig) -> Member {
+        Member {
+            health: self.status.health,
+            drained: self.status.drained,
+            weight: self.status.weight,
+            flap_held: self.flaps.held(),
+            member_since: self.member_since,
+            slowstart: vip.slowstart_of(self.status.address),
+            ramp: self.ramp,
+        }
+    }
+
+    /// Stops a weight ramp where it is now: any other change to the backend
+    /// cancels it.
+    fn cancel_ramp(&mut self, now: Instant) {
+        if let Some(r) = self.ramp.take() {
+            self.status.weight = membership::ramped(self.status.weight, Some(r), now);
+        }
+    }
 }
 
 struct VipRuntime {
@@ -69,6 +116,22 @@ struct VipRuntime {
     vip_id: u32,
     backends: Vec<BackendRt>,
     ring_flips: u64,
+    panic: bool,
+    /// The ring last published: (backend id, weight) of each member.
+    published: Option<Vec<(u32, u32)>>,
+}
+
+impl VipRuntime {
+    fn new(config: VipConfig, vip_id: u32, backends: Vec<BackendRt>) -> Self {
+        VipRuntime {
+            config,
+            vip_id,
+            backends,
+            ring_flips: 0,
+            panic: false,
+            published: None,
+        }
+    }
 }
 
 pub struct Controller {
@@ -228,6 +291,41 @@ pub struct Plan {
     mtu: u32,
     ids: Ids,
     hops: BTreeMap<IpAddr, NextHop>,
+    /// The first round of checks: each backend's health before its VIP's
+    /// ring is first published (unless an adopted data plane knows it).
+    first_round: BTreeMap<(VipSpec, IpAddr), Health>,
+}
+
+/// Checks every backend once, together, before anything is published.
+async fn first_round(config: &Config) -> BTreeMap<(VipSpec, IpAddr), Health> {
+    let started = Instant::now();
+    let targets: Vec<_> = config
+        .vips
+        .iter()
+        .flat_map(|v| {
+            let port = v.health_check.port.unwrap_or(v.spec.port);
+            v.backends.iter().map(move |b| {
+                (
+                    (v.spec, b.addr),
+                    SocketAddr::new(b.addr, port),
+                    v.health_check.clone(),
+                )
+            })
+        })
+        .collect();
+    let total = targets.len();
+    let results = health::first_round(targets).await;
+    let passed = results.iter().filter(|r| r.1).count();
+    tracing::info!(
+        passed,
+        total,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "first round of health checks"
+    );
+    results
+        .into_iter()
+        .map(|(k, ok)| (k, if ok { Health::Up } else { Health::Down }))
+        .collect()
 }
 
 impl Plan {
@@ -253,6 +351,7 @@ impl Controller {
             .with_context(|| format!("instance.interface {:?}", config.interface))?;
         let ids = plan_ids(&config, &saved)?;
         let hops = resolve_all(resolver, &config).await?;
+        let first_round = first_round(&config).await;
         Ok(Plan {
             config,
             saved,
@@ -261,6 +360,7 @@ impl Controller {
             mtu,
             ids,
             hops,
+            first_round,
         })
     }
 
@@ -288,6 +388,7 @@ impl Controller {
             mtu,
             ids,
             hops,
+            first_round,
         } = plan;
         let Pinned { ebpf, adopted, .. } = pinning::load(&pin_dir, &config.sizes)?;
         let ring_change = if adopted {
@@ -310,7 +411,7 @@ impl Controller {
             save_record: Default::default(),
         };
         // Everything that can fail without writing a map comes first.
-        ctl.build_runtime(&saved, &ids, &hops)?;
+        ctl.build_runtime(&saved, &ids, &hops, &first_round)?;
         programming::set_config(&mut ctl.ebpf, &lb_config(&ctl.config, mtu))?;
         for id in &ids.fresh {
             ctl.fresh_slot(*id)?;
@@ -325,14 +426,15 @@ impl Controller {
     }
 
     /// Every VIP and backend with its id, next hop and state: drains from
-    /// the state file, and, when adopting, a backend the running data plane
-    /// had down stays down until its checks pass (rather than coming back
-    /// for a fall x interval while the checks catch up).
+    /// the state file; health from the running data plane when adopting
+    /// (a backend it had down stays down until its checks pass, one it had
+    /// in service stays in), otherwise from the first round of checks.
     fn build_runtime(
         &mut self,
         saved: &SavedState,
         ids: &Ids,
         hops: &BTreeMap<IpAddr, NextHop>,
+        first_round: &BTreeMap<(VipSpec, IpAddr), Health>,
     ) -> Result<()> {
         for (i, v) in self.config.vips.clone().into_iter().enumerate() {
             let prior = saved.vips.get(&v.spec.to_string());
@@ -343,26 +445,30 @@ impl Controller {
                 status.drained = prior
                     .and_then(|l| l.iter().find(|s| s.address == b.addr))
                     .is_some_and(|s| s.drained);
-                if self.adopted
-                    && let Ok(live) = programming::backend(&mut self.ebpf, id)
-                    && live.state() == wire::BackendState::Down
-                    && live.addr == addr16(b.addr).0
-                {
-                    status.health = Health::Down;
-                }
+                let live = if self.adopted {
+                    programming::backend(&mut self.ebpf, id)
+                        .ok()
+                        .filter(|live| live.addr == addr16(b.addr).0)
+                        .map(|live| live.state())
+                } else {
+                    None
+                };
+                status.health = match live {
+                    Some(wire::BackendState::Down) => Health::Down,
+                    Some(wire::BackendState::Up | wire::BackendState::Draining) => Health::Up,
+                    _ => first_round
+                        .get(&(v.spec, b.addr))
+                        .copied()
+                        .unwrap_or(Health::Unchecked),
+                };
                 status.refresh_state();
                 let hop = *hops
                     .get(&b.addr)
                     .with_context(|| format!("no next hop for backend {}", b.addr))?;
                 let token = self.next_token();
-                backends.push(BackendRt { status, hop, token });
+                backends.push(BackendRt::new(status, hop, token));
             }
-            self.vips.push(VipRuntime {
-                config: v,
-                vip_id: ids.vips[i],
-                backends,
-                ring_flips: 0,
-            });
+            self.vips.push(VipRuntime::new(v, ids.vips[i], backends));
         }
         Ok(())
     }
@@ -407,7 +513,9 @@ impl Controller {
     }
 
     /// Applies a health change: backend state, then only that VIP's ring.
-    pub fn on_health(&mut self, ev: &HealthEvent) -> Result<Option<(String, BackendStatus)>> {
+    /// A change counts towards flap damping (a first result does not: it is
+    /// news, not a change); returns the hold it started, if any.
+    pub fn on_health(&mut self, ev: &HealthEvent, now: Instant) -> Result<Option<HealthApplied>> {
         let Some((v, b)) = self.find(ev.id) else {
             // The backend was removed while its last check ran.
             return Ok(None);
@@ -416,14 +524,57 @@ impl Controller {
             // From the checker of a removed backend whose id was reused.
             return Ok(None);
         }
-        let status = &mut self.vips[v].backends[b].status;
-        status.health = ev.health;
-        status.refresh_state();
-        let status = status.clone();
-        let out = (self.vips[v].config.spec.to_string(), status);
-        self.write_backend(v, b)?;
-        self.republish(v)?;
-        Ok(Some(out))
+        let damping = self.vips[v].config.health_check.flap;
+        let rt = &mut self.vips[v].backends[b];
+        let was = rt.status.health;
+        rt.status.health = ev.health;
+        let mut hold = None;
+        if was != Health::Unchecked {
+            rt.status.health_changes += 1;
+            if let Some(FlapEvent::Held(d)) = rt.flaps.change(now, &damping) {
+                hold = Some(d);
+            }
+        }
+        rt.status.flap_held = rt.flaps.held();
+        if ev.health == Health::Up && rt.status.state != BackendState::Up {
+            rt.member_since = Some(now);
+        }
+        self.refresh_vip(v, now)?;
+        Ok(Some(HealthApplied {
+            vip: self.vips[v].config.spec.to_string(),
+            status: self.vips[v].backends[b].status.clone(),
+            flap_hold: hold,
+        }))
+    }
+
+    /// What passes with time: slow starts and weight ramps step, flap holds
+    /// end. Republishes only the rings that changed; returns the holds that
+    /// ended or were extended, for the log.
+    pub fn tick(&mut self, now: Instant) -> Vec<(String, IpAddr, FlapEvent)> {
+        let mut events = Vec::new();
+        for v in 0..self.vips.len() {
+            let damping = self.vips[v].config.health_check.flap;
+            let spec = self.vips[v].config.spec.to_string();
+            for rt in &mut self.vips[v].backends {
+                if let Some(ev) = rt.flaps.tick(now, &damping) {
+                    if ev == FlapEvent::Released && rt.status.health == Health::Up {
+                        rt.member_since = Some(now);
+                    }
+                    rt.status.flap_held = rt.flaps.held();
+                    events.push((spec.clone(), rt.status.address, ev));
+                }
+                if rt
+                    .ramp
+                    .is_some_and(|r| now.saturating_duration_since(r.start) >= r.over)
+                {
+                    rt.ramp = None;
+                }
+            }
+            if let Err(e) = self.refresh_vip(v, now) {
+                tracing::error!(vip = %spec, error = %format!("{e:#}"), "republishing a ring");
+            }
+        }
+        events
     }
 
     /// Every health check to run.
@@ -458,6 +609,7 @@ impl Controller {
                 vip: v.config.spec.to_string(),
                 id: v.vip_id,
                 ring_flips: v.ring_flips,
+                panic: v.panic,
                 mode: v.config.mode.to_string(),
                 backends: v.backends.iter().map(|b| b.status.clone()).collect(),
             })

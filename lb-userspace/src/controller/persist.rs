@@ -94,13 +94,9 @@ pub fn merge(config: &mut Config, saved: &SavedState) -> Result<Overlay> {
             .with_context(|| format!("state file: VIP {spec:?}"))?;
         let health_check =
             parse_check(&def.check).map_err(|e| anyhow::anyhow!("state file: {e}"))?;
-        config.vips.push(VipConfig {
-            spec,
-            mode: def.mode,
-            health_check,
-            backends: Vec::new(),
-            min_healthy_backends: None,
-        });
+        config
+            .vips
+            .push(VipConfig::new(spec, def.mode, health_check));
     }
     // What the file says, before runtime changes are laid over it.
     let configured: BTreeMap<String, Vec<(IpAddr, u32)>> = config
@@ -122,11 +118,16 @@ pub fn merge(config: &mut Config, saved: &SavedState) -> Result<Overlay> {
             continue;
         }
         if let Some(list) = saved.vips.get(&name) {
+            // A backend the file also lists keeps the file's own settings.
             v.backends = list
                 .iter()
                 .map(|b| BackendConfig {
-                    addr: b.address,
                     weight: b.weight,
+                    ..v.backends
+                        .iter()
+                        .find(|f| f.addr == b.address)
+                        .cloned()
+                        .unwrap_or_else(|| BackendConfig::new(b.address, b.weight))
                 })
                 .collect();
         }

@@ -78,3 +78,28 @@ pub async fn run(
         tokio::time::sleep(wait).await;
     }
 }
+
+/// One check of every target at once, each bounded by its own timeout:
+/// the states a fresh start publishes its first rings with, so no backend
+/// gets traffic before a check has passed. Returns, per target, whether
+/// its check passed (`CheckKind::None` passes without a probe).
+pub async fn first_round<K: Send + 'static>(
+    targets: Vec<(K, SocketAddr, HealthCheck)>,
+) -> Vec<(K, bool)> {
+    let mut set = tokio::task::JoinSet::new();
+    for (key, addr, check) in targets {
+        set.spawn(async move {
+            let ok = probe::probe(&check.kind, addr, check.timeout).await.is_ok();
+            (key, ok)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        // A probe task cannot panic short of a bug; its backend then stays
+        // unchecked and its checker decides.
+        if let Ok(r) = r {
+            out.push(r);
+        }
+    }
+    out
+}

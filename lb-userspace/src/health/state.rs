@@ -12,6 +12,9 @@ use crate::config::HealthCheck;
 pub enum Health {
     Up,
     Down,
+    /// Not checked yet: a backend enters the ring on its first passing
+    /// check, not before.
+    Unchecked,
 }
 
 #[derive(Clone, Debug)]
@@ -23,8 +26,7 @@ pub struct HealthState {
 }
 
 impl HealthState {
-    /// Backends start up, as in HAProxy: a restart must not take a healthy
-    /// fleet out of service while the first checks run.
+    /// Starting up (see [`HealthState::starting`] for any other state).
     pub fn new(rise: u32, fall: u32) -> Self {
         HealthState {
             health: Health::Up,
@@ -46,8 +48,13 @@ impl HealthState {
         self.health
     }
 
-    /// Feeds one check result; returns the new state when it changed.
+    /// Feeds one check result; returns the new state when it changed. The
+    /// first result decides an unchecked backend's state at once.
     pub fn observe(&mut self, ok: bool) -> Option<Health> {
+        if self.health == Health::Unchecked {
+            self.health = if ok { Health::Up } else { Health::Down };
+            return Some(self.health);
+        }
         let agrees = matches!(
             (self.health, ok),
             (Health::Up, true) | (Health::Down, false)
@@ -59,7 +66,7 @@ impl HealthState {
         self.streak += 1;
         let needed = match self.health {
             Health::Up => self.fall,
-            Health::Down => self.rise,
+            Health::Down | Health::Unchecked => self.rise,
         };
         if self.streak < needed {
             return None;
@@ -67,7 +74,7 @@ impl HealthState {
         self.streak = 0;
         self.health = match self.health {
             Health::Up => Health::Down,
-            Health::Down => Health::Up,
+            Health::Down | Health::Unchecked => Health::Up,
         };
         Some(self.health)
     }
@@ -99,6 +106,7 @@ mod tests {
             fall: 3,
             fastinter: Duration::from_millis(500),
             downinter: Duration::from_secs(5),
+            flap: Default::default(),
         }
     }
 
@@ -121,6 +129,20 @@ mod tests {
         assert_eq!(s.observe(true), None);
         assert_eq!(s.observe(false), None, "a failure resets the count");
         assert_eq!(s.observe(true), None);
+        assert_eq!(s.observe(true), Some(Health::Up));
+    }
+
+    #[test]
+    fn the_first_result_decides_an_unchecked_backend() {
+        let mut s = HealthState::starting(2, 3, Health::Unchecked);
+        assert_eq!(s.observe(true), Some(Health::Up), "one pass, not rise");
+        let mut s = HealthState::starting(2, 3, Health::Unchecked);
+        assert_eq!(
+            s.observe(false),
+            Some(Health::Down),
+            "one failure, not fall"
+        );
+        assert_eq!(s.observe(true), None, "then rise applies");
         assert_eq!(s.observe(true), Some(Health::Up));
     }
 
