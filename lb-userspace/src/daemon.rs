@@ -83,12 +83,19 @@ struct Resolved {
     hop: Result<NextHop>,
 }
 
+/// A reload whose new backends' next hops were resolved, with the request
+/// that asked for it (none for SIGHUP).
+struct ReloadResolved {
+    call: Option<ApiCall>,
+    file: Config,
+    hops: Vec<(IpAddr, Result<NextHop>)>,
+}
+
 struct Signals {
     term: Signal,
     int: Signal,
     usr1: Signal,
-    /// Left to its default, SIGHUP would kill lbd; a supervisor sends it to
-    /// mean "reload". Until lbd reloads, it is logged and ignored.
+    /// Reload the configuration file (as `lbctl reload`).
     hup: Signal,
 }
 
@@ -121,6 +128,7 @@ struct Daemon {
     check_stats: CheckStats,
     health_tx: mpsc::Sender<HealthEvent>,
     resolved_tx: mpsc::Sender<Resolved>,
+    reload_tx: mpsc::Sender<ReloadResolved>,
     hops_tx: mpsc::Sender<Refreshed>,
     refresh_in_flight: Arc<AtomicBool>,
     conntrack_count: Arc<Mutex<Option<TableCount>>>,
@@ -227,6 +235,7 @@ struct Inbox {
     scrapes: mpsc::Receiver<oneshot::Sender<String>>,
     health: mpsc::Receiver<HealthEvent>,
     resolved: mpsc::Receiver<Resolved>,
+    reloads: mpsc::Receiver<ReloadResolved>,
     hops: mpsc::Receiver<Refreshed>,
     graphite: Option<Interval>,
     /// Set by netlink events: next hops may have moved.
@@ -296,6 +305,7 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
     }
     let (health_tx, health) = mpsc::channel(256);
     let (resolved_tx, resolved) = mpsc::channel(64);
+    let (reload_tx, reloads) = mpsc::channel(4);
     let (hops_tx, hops) = mpsc::channel(4);
     let graphite_cfg = ctl.config().graphite.clone();
     let graphite = graphite_cfg
@@ -317,6 +327,7 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
         check_stats: CheckStats::default(),
         health_tx,
         resolved_tx,
+        reload_tx,
         hops_tx,
         refresh_in_flight: Arc::new(AtomicBool::new(false)),
         conntrack_count,
@@ -335,6 +346,7 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
         scrapes,
         health,
         resolved,
+        reloads,
         hops,
         graphite,
         dirty,
@@ -360,7 +372,7 @@ async fn run_async(config: Config) -> Result<()> {
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
             _ = signals.usr1.recv() => print_counters(&d.ctl.ebpf, "counters")?,
-            _ = signals.hup.recv() => ignore_hangup(),
+            _ = signals.hup.recv() => d.reload_on_signal(),
             Some(reply) = inbox.scrapes.recv() => {
                 let _ = reply.send(d.scrape());
             }
@@ -384,6 +396,11 @@ async fn run_async(config: Config) -> Result<()> {
                     break;
                 }
             }
+            Some(r) = inbox.reloads.recv() => {
+                if d.on_reload_resolved(r).await {
+                    break;
+                }
+            }
             Some(ev) = inbox.health.recv() => d.on_health(&ev),
         }
     }
@@ -402,12 +419,10 @@ async fn run_async(config: Config) -> Result<()> {
     d.ctl.shutdown()
 }
 
-/// SIGHUP: no reload yet (the configuration is read at start), and never
-/// an exit.
+/// SIGHUP without a configuration file to reload (`lbd --interface`):
+/// logged, and never an exit.
 pub fn ignore_hangup() {
-    tracing::warn!(
-        "SIGHUP ignored: lbd does not reload its configuration; restart it to apply a changed file"
-    );
+    tracing::warn!("SIGHUP ignored: lbd runs without a configuration file");
     event(json!({"event": "sighup_ignored"}));
 }
 
@@ -559,6 +574,74 @@ impl Daemon {
                 });
                 false
             }
+            Handled::Reload(file, addrs) => {
+                self.resolve_for_reload(Some(call), file, addrs);
+                false
+            }
+        }
+    }
+
+    /// SIGHUP: the configuration file read again and applied, as `lbctl
+    /// reload`; a bad file is logged and changes nothing.
+    fn reload_on_signal(&mut self) {
+        let path = self.ctl.config().file.clone();
+        tracing::info!(file = %path.display(), "SIGHUP: reloading the configuration");
+        let planned = crate::config::Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|file| {
+                let addrs = self.ctl.reload_needs(&file).map_err(|e| e.to_string())?;
+                Ok((file, addrs))
+            });
+        match planned {
+            Ok((file, addrs)) => self.resolve_for_reload(None, file, addrs),
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; nothing was changed");
+                event(json!({"event": "reload", "ok": false, "error": e}));
+            }
+        }
+    }
+
+    /// Resolves a reload's new backends' next hops in a task of its own;
+    /// the result comes back to the main loop, which applies the reload.
+    fn resolve_for_reload(&self, call: Option<ApiCall>, file: Config, addrs: Vec<IpAddr>) {
+        let (resolver, tx) = (self.resolver.clone(), self.reload_tx.clone());
+        tokio::spawn(async move {
+            let hops = if addrs.is_empty() {
+                Vec::new()
+            } else {
+                resolver.resolve_many(&addrs, RESOLVE_TIMEOUT).await
+            };
+            let _ = tx.send(ReloadResolved { call, file, hops }).await;
+        });
+    }
+
+    /// Applies a reload whose next hops are known; true when lbd must exit.
+    async fn on_reload_resolved(&mut self, r: ReloadResolved) -> bool {
+        let (answer, fx) = api::handler::commit_reload(&mut self.ctl, r.file, r.hops);
+        let ok = answer.0 == 200;
+        if ok {
+            tracing::info!(changes = %answer.1["changes"], "configuration reloaded");
+        } else {
+            tracing::error!(error = %answer.1["error"], "reload refused");
+        }
+        event(json!({"event": "reload", "ok": ok, "result": answer.1}));
+        match r.call {
+            Some(call) => self.answer(call, answer, fx).await,
+            None => {
+                self.carry_out(fx);
+                self.reannounce();
+                false
+            }
+        }
+    }
+
+    /// Starts and stops the health checks a change asked for.
+    fn carry_out(&mut self, fx: SideEffects) {
+        for id in fx.stop_checks {
+            self.stop_check(id);
+        }
+        for t in fx.start_checks {
+            self.start_check(t);
         }
     }
 
@@ -570,18 +653,14 @@ impl Daemon {
         answer: (u16, serde_json::Value),
         fx: SideEffects,
     ) -> bool {
-        for id in fx.stop_checks {
-            self.stop_check(id);
-        }
-        if let Some(t) = fx.start_check {
-            self.start_check(t);
-        }
+        let teardown = fx.teardown;
+        self.carry_out(fx);
         if answer.0 == 200 && call.request.method == "POST" {
             event(json!({"event": "admin", "path": call.request.path, "result": answer.1}));
         }
         self.reannounce();
         let _ = call.reply.send(answer);
-        if fx.teardown {
+        if teardown {
             self.ctl.detach_on_exit();
             let _ = tokio::time::timeout(Duration::from_secs(2), call.written).await;
             return true;

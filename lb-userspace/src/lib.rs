@@ -8,6 +8,7 @@ pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod debuglog;
+pub mod diff;
 pub mod graphite;
 pub mod health;
 pub mod instance_lock;

@@ -7,12 +7,12 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{
-    BackendRemoved, BackendRequest, DebugRequest, DebugSwitched, ErrorBody, ExplainRequest,
-    TeardownStarted, VipRemoved, VipRequest, http::Request,
+    BackendRemoved, BackendRequest, DebugRequest, DebugSwitched, DiffRequest, ErrorBody,
+    ExplainRequest, TeardownStarted, VipRemoved, VipRequest, http::Request,
 };
 use crate::{
     announce::Installed,
-    config::{DEFAULT_WEIGHT, ForwardMode, VipSpec},
+    config::{Config, DEFAULT_WEIGHT, ForwardMode, VipSpec},
     controller::{AdminError, Controller, HealthTarget, NewBackend},
     neigh::NextHop,
     stats,
@@ -21,7 +21,8 @@ use crate::{
 /// What the main loop must do besides answering.
 #[derive(Default)]
 pub struct SideEffects {
-    pub start_check: Option<HealthTarget>,
+    /// Stopped first, then the new ones started.
+    pub start_checks: Vec<HealthTarget>,
     pub stop_checks: Vec<u32>,
     /// Exit after answering, detaching and unpinning the data plane.
     pub teardown: bool,
@@ -67,6 +68,9 @@ pub enum Handled {
     /// A backend to add, checked: its next hop is resolved off the main
     /// loop (it may take seconds of ARP), then [`commit_backend`] adds it.
     Resolve(NewBackend),
+    /// A reload whose new backends' next hops are resolved off the main
+    /// loop, then [`commit_reload`] applies it.
+    Reload(Config, Vec<std::net::IpAddr>),
 }
 
 /// Handles one request; mutating requests are persisted before answering.
@@ -77,6 +81,12 @@ pub fn handle(ctl: &mut Controller, req: &Request, installed: Option<&Installed>
     let answer = match route(ctl, req, &mut fx, installed) {
         Ok(Routed::Answer(a)) => a,
         Ok(Routed::Resolve(new)) => return Handled::Resolve(new),
+        Ok(Routed::Reload(file)) => {
+            return match ctl.reload_needs(&file) {
+                Ok(addrs) => Handled::Reload(file, addrs),
+                Err(e) => Handled::Answer(admin(e), fx),
+            };
+        }
         Err(a) => a,
     };
     let mutating = req.method == "POST"
@@ -96,7 +106,7 @@ pub fn commit_backend(
     let mut fx = SideEffects::default();
     let answer = match ctl.commit_backend(new, hop) {
         Ok(check) => {
-            fx.start_check = check;
+            fx.start_checks.extend(check);
             ok(ctl
                 .list()
                 .into_iter()
@@ -105,6 +115,32 @@ pub fn commit_backend(
         Err(e) => admin(e),
     };
     (persisted(ctl, answer, true), fx)
+}
+
+/// Applies a reload whose new backends' next hops were resolved (or failed
+/// to be), and answers with what changed.
+pub fn commit_reload(
+    ctl: &mut Controller,
+    file: Config,
+    hops: Vec<(std::net::IpAddr, anyhow::Result<NextHop>)>,
+) -> ((u16, Value), SideEffects) {
+    let mut fx = SideEffects::default();
+    let hops = hops.into_iter().collect();
+    let answer = match ctl.apply_reload(file, &hops) {
+        Ok(r) => {
+            fx.start_checks = r.start_checks;
+            fx.stop_checks = r.stop_checks;
+            ok(r.diff)
+        }
+        Err(e) => admin(e),
+    };
+    (persisted(ctl, answer, true), fx)
+}
+
+/// Reads a configuration file for a reload or a preview; an error names
+/// the file, line and field.
+fn read_config(path: &std::path::Path) -> Result<Config, (u16, Value)> {
+    Config::load(path).map_err(|e| err(400, format!("{e}; nothing was changed")))
 }
 
 /// The status of a change applied to the data plane that could not be
@@ -130,6 +166,7 @@ fn persisted(ctl: &Controller, answer: (u16, Value), mutating: bool) -> (u16, Va
 enum Routed {
     Answer((u16, Value)),
     Resolve(NewBackend),
+    Reload(Config),
 }
 
 /// One arm per endpoint: the routing table reads best whole, which is why
@@ -215,6 +252,21 @@ fn route(
                 removed: vip.to_string(),
             })
         }
+        ("POST", "/v1/reload") => {
+            let file = ctl.config().file.clone();
+            return Ok(Routed::Reload(read_config(&file)?));
+        }
+        ("POST", "/v1/diff") => {
+            let r: DiffRequest = body(req)?;
+            let path = std::path::Path::new(&r.file);
+            if !path.is_absolute() {
+                return Err(err(
+                    400,
+                    format!("file {:?} must be an absolute path", r.file),
+                ));
+            }
+            ok(ctl.preview(read_config(path)?).map_err(admin)?)
+        }
         ("POST", "/v1/debug") => {
             let r: DebugRequest = body(req)?;
             ctl.set_debug(r.enabled).map_err(admin)?;
@@ -238,7 +290,8 @@ fn route(
         (
             _,
             "/v1/vips" | "/v1/counters" | "/v1/explain" | "/v1/vips/add" | "/v1/vips/remove"
-            | "/v1/teardown" | "/v1/node" | "/v1/node/drain" | "/v1/node/undrain",
+            | "/v1/teardown" | "/v1/node" | "/v1/node/drain" | "/v1/node/undrain" | "/v1/reload"
+            | "/v1/diff",
         )
         | (
             _,

@@ -51,6 +51,14 @@ pub struct ExplainRequest {
     pub syn: bool,
 }
 
+/// Body of `POST /v1/diff`: a configuration file lbd reads (an absolute
+/// path: lbd's working directory is not the caller's).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffRequest {
+    pub file: String,
+}
+
 /// Body of `POST /v1/debug`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

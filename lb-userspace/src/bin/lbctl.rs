@@ -58,6 +58,13 @@ enum Cmd {
         #[arg(long)]
         over: Option<String>,
     },
+    /// Read lbd's configuration file again and apply what changed (VIPs,
+    /// backends, weights, modes, checks), without a restart; a bad file
+    /// changes nothing. Same as SIGHUP.
+    Reload,
+    /// What reloading FILE would change, per VIP, with the share of ring
+    /// slots that would move; nothing is applied.
+    Diff { file: PathBuf },
     /// Which backend CLIENT (ADDRESS:PORT) reaches through VIP, and why.
     Explain {
         vip: String,
@@ -178,6 +185,8 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             over,
         } => lbd.set_weight(&vip, &backend, weight, over.as_deref()),
         Cmd::Explain { vip, client, syn } => lbd.explain(&vip, &client, syn),
+        Cmd::Reload => lbd.reload(),
+        Cmd::Diff { file } => lbd.diff(&file),
         Cmd::Stats { interval } => lbd.stats(interval),
         Cmd::Counters => lbd.counters(),
         Cmd::Top => lbd.top(),

@@ -25,6 +25,14 @@ struct Args {
     /// Only validate the configuration and exit.
     #[arg(long, requires = "config")]
     check: bool,
+    /// With --check: what reloading FILE would change for the lbd running
+    /// --config (its state file and pinned data plane), per VIP with the
+    /// share of ring slots that move. Nothing is applied.
+    #[arg(long, requires = "check", value_name = "FILE")]
+    diff: Option<PathBuf>,
+    /// With --diff: print JSON for scripts.
+    #[arg(long, requires = "diff")]
+    json: bool,
     /// Remove the instance's pinned data plane (detaches the program) and its
     /// announce routes, and exit.
     #[arg(long, requires = "config")]
@@ -60,6 +68,9 @@ fn main() -> ExitCode {
             }
         };
         if args.check {
+            if let Some(new) = &args.diff {
+                return diff(config, new, args.json);
+            }
             println!("{}: ok ({} VIPs)", path.display(), config.vips.len());
             return ExitCode::SUCCESS;
         }
@@ -82,6 +93,34 @@ fn main() -> ExitCode {
     }
     let interface = args.interface.clone().unwrap_or_default();
     report(run_bare(interface, args.xdp_mode))
+}
+
+/// `lbd --check --diff NEW`: validates NEW whole, then previews it.
+fn diff(current: Config, new: &Path, json: bool) -> ExitCode {
+    let new = match Config::load(new) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lbd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match lb_userspace::controller::offline_diff(current, new) {
+        Ok(d) if json => {
+            println!("{}", serde_json::to_string(&d).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(d) => {
+            print!(
+                "{}",
+                lb_userspace::cli::render::config_diff(&d, "would change")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lbd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `lbd --teardown`: the VIPs withdrawn first (no router sends to a node

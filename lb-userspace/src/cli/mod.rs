@@ -23,7 +23,7 @@ pub mod sysctl;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -32,12 +32,13 @@ use serde_json::Value;
 pub use crate::api::{BackendRemoved, DebugSwitched, TeardownStarted, VipRemoved};
 use crate::{
     api::{
-        BackendRequest, BackendStatus, DebugRequest, ErrorBody, ExplainRequest, VipRequest,
-        VipStatus,
+        BackendRequest, BackendStatus, DebugRequest, DiffRequest, ErrorBody, ExplainRequest,
+        VipRequest, VipStatus,
         client::{ClientError, call},
     },
     config::VipSpec,
     controller::parse_check,
+    diff::ConfigDiff,
     metrics::VipTraffic,
 };
 
@@ -88,6 +89,33 @@ impl Lbctl {
     pub fn list(&self) -> Result<(), CliError> {
         self.run("GET", "/v1/vips", None, |v: &Vec<VipStatus>| {
             render::vips(v)
+        })
+    }
+
+    /// `lbctl reload`: lbd reads its configuration file again and applies
+    /// the difference.
+    pub fn reload(&self) -> Result<(), CliError> {
+        self.run("POST", "/v1/reload", None, |d: &ConfigDiff| {
+            render::config_diff(d, "applied")
+        })
+    }
+
+    /// `lbctl diff FILE`: what a reload to FILE would change; nothing is
+    /// applied.
+    pub fn diff(&self, file: &Path) -> Result<(), CliError> {
+        let abs = std::path::absolute(file)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+        if !abs.is_file() {
+            return Err(CliError::Usage(format!(
+                "{}: not a readable file",
+                file.display()
+            )));
+        }
+        let body = to_body(&DiffRequest {
+            file: abs.display().to_string(),
+        })?;
+        self.run("POST", "/v1/diff", Some(body), |d: &ConfigDiff| {
+            render::config_diff(d, "would change")
         })
     }
 

@@ -67,6 +67,57 @@ pub fn vips(vips: &[VipStatus]) -> String {
     out
 }
 
+/// `lbctl diff` and `lbctl reload`: per VIP what changes, and the share of
+/// ring slots that move; `verb` says whether it is done or would be.
+pub fn config_diff(d: &crate::diff::ConfigDiff, verb: &str) -> String {
+    use crate::diff::VipChange;
+    let mut out = String::new();
+    for v in &d.vips {
+        match v.change {
+            VipChange::Unchanged => {
+                let _ = writeln!(out, "{}: unchanged", v.vip);
+                continue;
+            }
+            VipChange::Added => {
+                let _ = writeln!(out, "{}: added, {} backends", v.vip, v.added.len());
+            }
+            VipChange::Removed => {
+                let _ = writeln!(out, "{}: removed, its traffic goes to the kernel", v.vip);
+            }
+            VipChange::Changed => {
+                let moved = v.slots_moved.map_or(String::new(), |m| {
+                    format!(", {:.2}% of ring slots move", m * 100.0)
+                });
+                let _ = writeln!(out, "{}: changed{moved}", v.vip);
+            }
+        }
+        if v.change != VipChange::Added {
+            for a in &v.added {
+                let _ = writeln!(out, "  + {a} (in the ring after its first passing check)");
+            }
+        }
+        if v.change != VipChange::Removed {
+            for r in &v.removed {
+                let _ = writeln!(out, "  - {r}");
+            }
+        }
+        for w in &v.reweighted {
+            let _ = writeln!(out, "  ~ {} weight {} -> {}", w.backend, w.from, w.to);
+        }
+        if let Some([from, to]) = &v.mode {
+            let _ = writeln!(out, "  mode {from} -> {to}");
+        }
+        if let Some([from, to]) = &v.health_check {
+            let _ = writeln!(out, "  health check: {from}\n             -> {to}");
+        }
+        for s in &v.settings {
+            let _ = writeln!(out, "  {s}");
+        }
+    }
+    let _ = writeln!(out, "{} of {} VIPs {verb}", d.changes, d.vips.len());
+    out
+}
+
 /// A VIP as a change left it (`add-backend`, `vip add`).
 pub fn vip_answer(v: &Option<VipStatus>) -> String {
     match v {

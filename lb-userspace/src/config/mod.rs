@@ -218,6 +218,8 @@ impl VipConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
+    /// The file this was read from (reloads read it again).
+    pub file: PathBuf,
     pub name: String,
     pub interface: String,
     pub xdp_mode: AttachMode,
@@ -391,7 +393,54 @@ impl Config {
                 .to_owned();
             src.err(span, "", msg)
         })?;
-        validate(&src, raw)
+        let mut config = validate(&src, raw)?;
+        config.file = PathBuf::from(file);
+        Ok(config)
+    }
+
+    /// The settings a reload cannot change (they shape the maps, the
+    /// sockets or the fleet's rings: a restart applies them) that differ
+    /// between `self` and `other`, by their names in the file.
+    pub fn restart_only_changes(&self, other: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut check = |differ: bool, name: &'static str| {
+            if differ {
+                out.push(name);
+            }
+        };
+        check(self.name != other.name, "instance.name");
+        check(self.interface != other.interface, "instance.interface");
+        check(self.xdp_mode != other.xdp_mode, "instance.xdp_mode");
+        check(self.api_socket != other.api_socket, "instance.api_socket");
+        check(self.state_file != other.state_file, "instance.state_file");
+        check(
+            self.metrics_listen != other.metrics_listen,
+            "instance.metrics_listen",
+        );
+        check(self.on_exit != other.on_exit, "instance.on_exit");
+        check(self.sizes != other.sizes, "dataplane sizes");
+        check(self.hash_seed != other.hash_seed, "dataplane.hash_seed");
+        check(
+            self.udp_timeout != other.udp_timeout,
+            "dataplane.udp_timeout",
+        );
+        check(
+            self.tcp_idle_timeout != other.tcp_idle_timeout,
+            "dataplane.tcp_idle_timeout",
+        );
+        check(
+            self.second_chance_window != other.second_chance_window,
+            "dataplane.second_chance_window",
+        );
+        check(
+            self.encap_source_v4 != other.encap_source_v4
+                || self.encap_source_v6 != other.encap_source_v6,
+            "dataplane.encap_source",
+        );
+        check(self.sysctl_apply != other.sysctl_apply, "sysctl.apply");
+        check(self.graphite != other.graphite, "[graphite]");
+        check(self.announce != other.announce, "[announce]");
+        out
     }
 }
 
@@ -426,6 +475,7 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let vips = vips::vips(src, raw.vip, &dp.sizes, dp.encap)?;
     Ok(Config {
+        file: PathBuf::new(),
         name: inst.name,
         interface: inst.interface,
         xdp_mode: inst.xdp_mode,

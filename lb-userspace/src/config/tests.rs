@@ -875,3 +875,81 @@ fn tcp_idle_timeout_has_a_default_and_bounds() {
     ));
     assert!(e.to_string().contains("dataplane.tcp_idle_timeout"), "{e}");
 }
+
+#[test]
+fn safe_change_settings_parse_with_defaults_and_limits() {
+    let text = with_vip(
+        "[[vip]]\naddress = \"198.18.100.1:80/tcp\"\nmode = \"ipip\"\nslowstart = \"30s\"\nmin_healthy = 0.5\n\
+         [vip.health_check]\ntype = \"tcp\"\nflap_limit = 6\nflap_window = \"20s\"\nflap_hold = \"5s\"\n\
+         [[vip.backend]]\naddress = \"198.18.0.20\"\n\
+         [[vip.backend]]\naddress = \"198.18.0.21\"\nslowstart = \"0s\"\n",
+    );
+    let c = Config::parse("lb.toml", &text).unwrap();
+    let v = &c.vips[0];
+    assert_eq!(v.slowstart, Duration::from_secs(30));
+    assert_eq!(v.min_healthy_permille, 500);
+    assert_eq!(v.health_check.flap.limit, 6);
+    assert_eq!(v.health_check.flap.window, Duration::from_secs(20));
+    assert_eq!(v.health_check.flap.hold, Duration::from_secs(5));
+    assert_eq!(v.slowstart_of(v.backends[0].addr), Duration::from_secs(30));
+    assert_eq!(
+        v.slowstart_of(v.backends[1].addr),
+        Duration::ZERO,
+        "per backend"
+    );
+    // Defaults: no slow start, no panic mode, flap damping on.
+    let plain = Config::parse(
+        "lb.toml",
+        &with_vip("[[vip]]\naddress = \"198.18.100.1:80/tcp\"\nmode = \"ipip\"\n"),
+    )
+    .unwrap();
+    assert_eq!(plain.vips[0].slowstart, Duration::ZERO);
+    assert_eq!(plain.vips[0].min_healthy_permille, 0);
+    assert_eq!(plain.vips[0].health_check.flap, FlapDamping::default());
+
+    let vip = |extra: &str| {
+        with_vip(&format!(
+            "[[vip]]\naddress = \"198.18.100.1:80/tcp\"\nmode = \"ipip\"\n{extra}"
+        ))
+    };
+    rejects(
+        &vip("min_healthy = 1.5\n"),
+        9,
+        "vip[0].min_healthy",
+        "fraction 0.0..=1.0",
+    );
+    rejects(
+        &vip("slowstart = \"61m\"\n"),
+        9,
+        "vip[0].slowstart",
+        "at most 60m",
+    );
+    rejects(&vip("slowstart = \"soon\"\n"), 9, "vip[0].slowstart", "");
+    rejects(
+        &vip("[vip.health_check]\ntype = \"tcp\"\nflap_limit = 0\n"),
+        11,
+        "vip[0].health_check.flap_limit",
+        "1..=1000",
+    );
+    rejects(
+        &vip("[[vip.backend]]\naddress = \"198.18.0.20\"\nslowstart = \"1x\"\n"),
+        11,
+        "vip[0].backend[0].slowstart",
+        "unknown unit",
+    );
+}
+
+#[test]
+fn a_reload_names_the_settings_only_a_restart_applies() {
+    let a = Config::parse("lb.toml", GOOD).unwrap();
+    let mut b = a.clone();
+    assert!(a.restart_only_changes(&b).is_empty());
+    b.vips.pop();
+    assert!(a.restart_only_changes(&b).is_empty(), "VIPs reload");
+    b.hash_seed += 1;
+    b.interface = "eth9".into();
+    assert_eq!(
+        a.restart_only_changes(&b),
+        vec!["instance.interface", "dataplane.hash_seed"]
+    );
+}

@@ -182,7 +182,7 @@ fn slowstart(
     let Some(s) = v else { return Ok(None) };
     let d = super::parse_duration(s.get_ref()).map_err(|m| src.err(s.span(), field, m))?;
     if d > MAX_SLOWSTART {
-        return Err(src.err(s.span(), field, "must be at most 1h (60m)"));
+        return Err(src.err(s.span(), field, "must be at most 60m"));
     }
     Ok(Some(d))
 }

@@ -218,7 +218,7 @@ impl Controller {
             && (d.is_zero() || d > MAX_SLOWSTART)
         {
             return Err(AdminError::Invalid(format!(
-                "--over {d:?}: expected more than 0 and at most 1h"
+                "--over {d:?}: expected more than 0 and at most 60m"
             )));
         }
         let v = self.vip_index(vip)?;
@@ -304,7 +304,7 @@ impl Controller {
     }
 
     /// Marks a backend slot unused in the data plane and frees its id.
-    fn free_slot(&mut self, id: u32) -> anyhow::Result<()> {
+    pub(super) fn free_slot(&mut self, id: u32) -> anyhow::Result<()> {
         let info = BackendInfo {
             state: wire::BackendState::Unused.wire(),
             ..Default::default()

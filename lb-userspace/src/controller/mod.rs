@@ -15,6 +15,7 @@ mod explain;
 mod kernel;
 mod node;
 pub mod persist;
+mod reload;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -30,6 +31,7 @@ use lb_common::maps::{self as wire, LbConfig};
 pub use self::{
     admin::{AdminError, NewBackend, parse_check},
     persist::{SavedBackend, SavedState, SavedVip},
+    reload::{Reloaded, offline_diff},
 };
 use crate::{
     api::{BackendState, BackendStatus, VipStatus},

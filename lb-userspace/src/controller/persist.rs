@@ -186,7 +186,7 @@ pub fn remove_dirs(created: &[std::path::PathBuf]) {
 
 impl Controller {
     /// The state to save: the overlay and every VIP's backends as they are.
-    fn saved_state(&self) -> SavedState {
+    pub(super) fn saved_state(&self) -> SavedState {
         SavedState {
             added_vips: self.overlay.added_vips.clone(),
             removed_vips: self.overlay.removed_vips.clone(),
