@@ -83,7 +83,7 @@ pub fn handle(ctl: &mut Controller, req: &Request, installed: Option<&Installed>
         Ok(Routed::Resolve(new)) => return Handled::Resolve(new),
         Ok(Routed::Reload(file)) => {
             return match ctl.reload_needs(&file) {
-                Ok(addrs) => Handled::Reload(file, addrs),
+                Ok(addrs) => Handled::Reload(*file, addrs),
                 Err(e) => Handled::Answer(admin(e), fx),
             };
         }
@@ -166,7 +166,7 @@ fn persisted(ctl: &Controller, answer: (u16, Value), mutating: bool) -> (u16, Va
 enum Routed {
     Answer((u16, Value)),
     Resolve(NewBackend),
-    Reload(Config),
+    Reload(Box<Config>),
 }
 
 /// One arm per endpoint: the routing table reads best whole, which is why
@@ -254,7 +254,7 @@ fn route(
         }
         ("POST", "/v1/reload") => {
             let file = ctl.config().file.clone();
-            return Ok(Routed::Reload(read_config(&file)?));
+            return Ok(Routed::Reload(Box::new(read_config(&file)?)));
         }
         ("POST", "/v1/diff") => {
             let r: DiffRequest = body(req)?;
