@@ -53,6 +53,11 @@ const CONNTRACK_COUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// event was lost.
 const NEXT_HOP_REFRESH_TICKS: u32 = 10;
 
+/// How often slow starts, weight ramps and flap holds are looked at: their
+/// steps are a second or more apart, and each lands within this of its
+/// time.
+const STEP_TICK: Duration = Duration::from_millis(200);
+
 /// How long one refresh waits for a neighbour it prompted: short, since the
 /// old next hop keeps working meanwhile and the next round tries again.
 const REFRESH_TIMEOUT: Duration = Duration::from_millis(100);
@@ -366,6 +371,7 @@ async fn run_async(config: Config) -> Result<()> {
     }));
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
     refresh.tick().await;
+    let mut steps = tokio::time::interval(STEP_TICK);
     let mut ticks = 0u32;
     loop {
         tokio::select! {
@@ -377,9 +383,9 @@ async fn run_async(config: Config) -> Result<()> {
                 let _ = reply.send(d.scrape());
             }
             _ = tick(inbox.graphite.as_mut()) => d.push_graphite(),
+            _ = steps.tick() => d.tick(),
             _ = refresh.tick() => {
                 ticks = ticks.wrapping_add(1);
-                d.tick();
                 if inbox.dirty.swap(false, Ordering::Relaxed) || ticks.is_multiple_of(NEXT_HOP_REFRESH_TICKS) {
                     d.refresh_next_hops();
                 }
@@ -668,7 +674,7 @@ impl Daemon {
         false
     }
 
-    /// Once a second: ramps step, flap holds end.
+    /// Every [`STEP_TICK`]: ramps step, flap holds end.
     fn tick(&mut self) {
         for (vip, backend, ev) in self.ctl.tick(std::time::Instant::now()) {
             match ev {

@@ -305,6 +305,35 @@ pub fn store_ring_state(ebpf: &Ebpf, vip_id: u32, state: RingState) -> Result<()
     Ok(())
 }
 
+/// The table VIP `vip_id` is served by now (its live generation), read
+/// from the pinned maps in `dir`: what is live, not what lbd believes.
+pub fn live_ring(dir: &std::path::Path, vip_id: u32) -> Result<Vec<u32>> {
+    let m = CONFIG
+        .pinned(dir)?
+        .get(&0, 0)
+        .context("reading CONFIG")?
+        .ring_size;
+    if m == 0 {
+        bail!("CONFIG is not written yet");
+    }
+    let generation = RING_STATE
+        .pinned(dir)?
+        .get(&vip_id, 0)
+        .with_context(|| format!("reading RING_STATE[{vip_id}]"))?
+        .live_generation();
+    let rings = RINGS.pinned(dir)?;
+    let mut table = Vec::with_capacity(m as usize);
+    for slot in (0..m).step_by(RING_CHUNK as usize) {
+        let (element, _) = ring_pos(vip_id, generation, m, slot);
+        let chunk = rings
+            .get(&element, 0)
+            .with_context(|| format!("reading RINGS slots {slot}.. of vip id {vip_id}"))?;
+        let n = (m - slot).min(RING_CHUNK) as usize;
+        table.extend_from_slice(&chunk.ids[..n]);
+    }
+    Ok(table)
+}
+
 /// Writes `table` into the idle generation and flips the VIP to it; the old
 /// table then serves second chances for `second_chance`. Touches only this
 /// VIP's ring and ring state: no other VIP, and no flow cache, notices.
