@@ -16,7 +16,7 @@ use std::{
 
 use hyper::body::Bytes;
 use lb_userspace::{
-    api::{BackendRequest, DebugRequest, ExplainRequest, VipRequest, http::Request},
+    api::{BackendRequest, DebugRequest, DiffRequest, ExplainRequest, VipRequest, http::Request},
     config::{CheckKind, EncapSources, ForwardMode, VipSpec, check_backend, vip::is_unicast},
     controller::parse_check,
 };
@@ -92,6 +92,13 @@ fuzz_target!(|data: &[u8]| {
     {
         backend_rules(&v, addr, b.weight.unwrap_or(100));
     }
+    // `set-weight --over`: any text is a duration within bounds or an error.
+    if let Some(over) = body::<BackendRequest>(data).and_then(|b| b.over)
+        && let Ok(d) = lb_userspace::config::parse_duration(&over)
+    {
+        assert!(d <= lb_userspace::config::MAX_DURATION, "{over:?} -> {d:?}");
+    }
+    let _ = body::<DiffRequest>(data);
     if let Some(r) = body::<VipRequest>(data) {
         vip(&r.vip);
         check(r.check.as_deref().unwrap_or("tcp"));

@@ -1,6 +1,7 @@
 //! `cargo xtask demo` runs the `lb-demo` binary: it must succeed and show
 //! what it promises (traffic on every backend, a failover with no failures
-//! after detection, a drain, a restart with zero failures).
+//! after detection, a drain, a restart with zero failures, a slow start, a
+//! preview and a reload with zero failures).
 
 use std::process::Command;
 
@@ -44,6 +45,23 @@ fn the_demo_shows_failover_drain_and_restart() {
         "{text}"
     );
     assert!(text.contains("http://127.0.0.1:9100/metrics"), "{text}");
+    assert!(text.contains("% of ring slots move"), "{text}");
+    assert!(
+        text.contains("failed requests across the reload: 0"),
+        "{text}"
+    );
+    // backend1 ramps up: fewer new connections in its first second back
+    // than in its last.
+    let ramp: Vec<usize> = text
+        .split("ramps up over its 6 s slow start")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take(7)
+        .map(|l| l.split("backend1").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert!(ramp[0] < ramp[6], "slow start: {ramp:?}");
 }
 
 /// `cargo xtask demo --fleet` runs `lb-fleet-demo`: it must succeed and

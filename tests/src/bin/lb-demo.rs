@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the balancer doing its job, in network namespaces on
 //! this machine. Three HTTP backends behind one VIP, real client traffic,
-//! then a backend dies, one is drained, and lbd restarts under load.
+//! then a backend dies, one is drained, lbd restarts under load, the dead
+//! backend comes back through its slow start, and a configuration change is
+//! previewed and reloaded.
 //! Everything is torn down at the end or on Ctrl-C; `--keep` leaves it
 //! running for exploration.
 
@@ -182,14 +184,16 @@ fn run(keep: bool) -> Result<()> {
     let socket = dir.join("lbd.sock");
     let template = include_str!("../../../lb-userspace/config/demo.toml");
     let backends = lb_tests::lbd::backend_tables(t.backends());
-    let text = template
-        .replace("@NAME@", &t.instance_name())
-        .replace("@INTERFACE@", t.lb().ifname())
-        .replace("@DIR@", &dir.display().to_string())
-        .replace("@LB@", &t.lb().ipv4().to_string())
-        .replace("@VIP@", &vip.to_string())
-        .replace("@BACKENDS@", &backends);
-    std::fs::write(&config, text)?;
+    let render = |backends: &str| {
+        template
+            .replace("@NAME@", &t.instance_name())
+            .replace("@INTERFACE@", t.lb().ifname())
+            .replace("@DIR@", &dir.display().to_string())
+            .replace("@LB@", &t.lb().ipv4().to_string())
+            .replace("@VIP@", &vip.to_string())
+            .replace("@BACKENDS@", backends)
+    };
+    std::fs::write(&config, render(&backends))?;
     // lbd keeps its data plane on exit (hitless restart): unpin it however
     // the demo ends.
     let _unpin = lb_tests::lbd::Teardown::new(config.clone());
@@ -268,7 +272,7 @@ fn run(keep: bool) -> Result<()> {
     println!("== Restarting lbd under load (the pinned data plane keeps forwarding meanwhile)");
     let restart = Instant::now();
     stop_lbd(lbd)?;
-    let lbd = start_lbd(&t, &config)?;
+    let mut lbd = start_lbd(&t, &config)?;
     let restarted = restart.elapsed();
     watch(&load, 3)?;
     let (_, restart_failures) = load.tally(restart, Instant::now());
@@ -276,6 +280,44 @@ fn run(keep: bool) -> Result<()> {
         "   lbd was away {} ms; failed requests across the restart: {restart_failures}",
         restarted.as_millis()
     );
+
+    println!(
+        "== backend1's server is back: after 2 passing checks it ramps up over its 6 s slow start"
+    );
+    let any = IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED);
+    let b1 = t.backend(1);
+    servers[1] = t.start_server(
+        b1.ns(),
+        b1.name(),
+        &[SocketAddr::new(any, PORT)],
+        &[SocketAddr::new(any, 53)],
+    )?;
+    lbd.wait_for_line(
+        |l| l.contains("\"backend\"") && l.contains("\"up\""),
+        Duration::from_secs(10),
+    )
+    .context("lbd did not mark backend1 up")?;
+    watch(&load, 7)?;
+
+    println!("== Preview, then reload: the file now gives backend0 weight 300");
+    let heavier = backends.replacen(
+        &format!("address = \"{}\"\n", t.backend(0).ipv4()),
+        &format!("address = \"{}\"\nweight = 300\n", t.backend(0).ipv4()),
+        1,
+    );
+    let next = dir.join("next.toml");
+    std::fs::write(&next, render(&heavier))?;
+    let preview = lbctl(&socket, &["diff", &next.display().to_string()])?;
+    println!("   $ lbctl diff {}", next.display());
+    println!("   {}", preview.trim_end().replace('\n', "\n   "));
+    std::fs::copy(&next, &config)?;
+    let reload = Instant::now();
+    let applied = lbctl(&socket, &["reload"])?;
+    println!("   $ lbctl reload");
+    println!("   {}", applied.trim_end().replace('\n', "\n   "));
+    watch(&load, 3)?;
+    let (_, reload_failures) = load.tally(reload, Instant::now());
+    println!("   failed requests across the reload: {reload_failures}");
 
     let metrics = scrape(&t)?;
     println!("== Metrics: inside the lb namespace, http://127.0.0.1:9100/metrics, for example:");
@@ -320,6 +362,9 @@ fn run(keep: bool) -> Result<()> {
     }
     if restart_failures > 0 {
         bail!("requests failed across the lbd restart: {restart_failures}");
+    }
+    if reload_failures > 0 {
+        bail!("requests failed across the reload: {reload_failures}");
     }
     Ok(())
 }
