@@ -59,7 +59,16 @@ fn the_demo_shows_failover_drain_and_restart() {
         .lines()
         .skip(1)
         .take(7)
-        .map(|l| l.split("backend1").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap())
+        .map(|l| {
+            l.split("backend1")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .collect();
     assert!(ramp[0] < ramp[6], "slow start: {ramp:?}");
 }

@@ -353,7 +353,13 @@ impl Controller {
             .with_context(|| format!("instance.interface {:?}", config.interface))?;
         let ids = plan_ids(&config, &saved)?;
         let hops = resolve_all(resolver, &config).await?;
-        let first_round = first_round(&config).await;
+        // An adopted data plane already knows its backends' states (and a
+        // backend it does not know starts unchecked): no round to wait for.
+        let first_round = if pinning::is_attached(&pinning::pin_dir(&config.name)) {
+            BTreeMap::new()
+        } else {
+            first_round(&config).await
+        };
         Ok(Plan {
             config,
             saved,
