@@ -36,6 +36,28 @@ pub struct CurrentVip {
     pub backends: Vec<CurrentBackend>,
 }
 
+impl CurrentVip {
+    /// `config`'s backends as `members` (in its order), each with the
+    /// weight the ring gives it at `now`.
+    pub fn planned(config: &VipConfig, members: Vec<Member>, now: Instant) -> CurrentVip {
+        let plan = membership::plan(&members, config.min_healthy_permille, now);
+        CurrentVip {
+            config: config.clone(),
+            backends: config
+                .backends
+                .iter()
+                .zip(members)
+                .zip(plan.backends)
+                .map(|((b, member), (_, w))| CurrentBackend {
+                    addr: b.addr,
+                    member,
+                    effective_weight: w,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VipChange {
@@ -194,18 +216,7 @@ pub fn slots_moved(
         .iter()
         .map(|b| {
             let kept = current.backends.iter().find(|c| c.addr == b.addr);
-            let base = kept.map_or(
-                Member {
-                    health: Health::Up,
-                    drained: false,
-                    weight: b.weight,
-                    flap_held: false,
-                    member_since: None,
-                    slowstart: Duration::ZERO,
-                    ramp: None,
-                },
-                |c| c.member,
-            );
+            let base = kept.map_or(Member::steady(Health::Up, b.weight), |c| c.member);
             Member {
                 weight: b.weight,
                 member_since: None,
@@ -357,36 +368,13 @@ mod tests {
     }
 
     fn current(config: &VipConfig, health: &[Health]) -> CurrentVip {
-        let now = Instant::now();
-        let members: Vec<Member> = config
+        let members = config
             .backends
             .iter()
             .zip(health)
-            .map(|(b, h)| Member {
-                health: *h,
-                drained: false,
-                weight: b.weight,
-                flap_held: false,
-                member_since: None,
-                slowstart: Duration::ZERO,
-                ramp: None,
-            })
+            .map(|(b, h)| Member::steady(*h, b.weight))
             .collect();
-        let plan = membership::plan(&members, config.min_healthy_permille, now);
-        CurrentVip {
-            config: config.clone(),
-            backends: config
-                .backends
-                .iter()
-                .zip(members)
-                .zip(plan.backends)
-                .map(|((b, member), (_, w))| CurrentBackend {
-                    addr: b.addr,
-                    member,
-                    effective_weight: w,
-                })
-                .collect(),
-        }
+        CurrentVip::planned(config, members, Instant::now())
     }
 
     #[test]

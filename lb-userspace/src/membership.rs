@@ -198,6 +198,20 @@ fn stepped(elapsed: Duration, over: Duration) -> f64 {
 }
 
 impl Member {
+    /// A backend with this health and weight, nothing else going on: not
+    /// drained, not held, no slow start or ramp.
+    pub fn steady(health: Health, weight: u32) -> Member {
+        Member {
+            health,
+            drained: false,
+            weight,
+            flap_held: false,
+            member_since: None,
+            slowstart: Duration::ZERO,
+            ramp: None,
+        }
+    }
+
     /// Checks pass and no flap hold: it belongs in the ring.
     pub fn healthy(&self) -> bool {
         self.health == Health::Up && !self.flap_held
@@ -284,22 +298,11 @@ mod tests {
     use super::*;
 
     fn up(weight: u32) -> Member {
-        Member {
-            health: Health::Up,
-            drained: false,
-            weight,
-            flap_held: false,
-            member_since: None,
-            slowstart: Duration::ZERO,
-            ramp: None,
-        }
+        Member::steady(Health::Up, weight)
     }
 
     fn down(weight: u32) -> Member {
-        Member {
-            health: Health::Down,
-            ..up(weight)
-        }
+        Member::steady(Health::Down, weight)
     }
 
     fn weights(p: &VipPlan) -> Vec<u32> {

@@ -276,6 +276,17 @@ impl Controller {
     /// Removes a VIP: its traffic goes to the kernel again, its backends'
     /// slots are freed. Returns their ids (to stop their health checks).
     pub fn remove_vip(&mut self, spec: &VipSpec) -> Result<Vec<u32>, AdminError> {
+        let ids = self.drop_vip(spec)?;
+        let name = spec.to_string();
+        if self.overlay.added_vips.remove(&name).is_none() {
+            self.overlay.removed_vips.insert(name);
+        }
+        Ok(ids)
+    }
+
+    /// Takes a VIP out of the data plane and frees its backends' slots;
+    /// returns their ids.
+    pub(super) fn drop_vip(&mut self, spec: &VipSpec) -> Result<Vec<u32>, AdminError> {
         let v = self.vip_index(spec)?;
         programming::remove_vip(&mut self.ebpf, &spec.key())?;
         let rt = self.vips.remove(v);
@@ -283,10 +294,6 @@ impl Controller {
         for b in rt.backends {
             self.free_slot(b.status.id)?;
             ids.push(b.status.id);
-        }
-        let name = spec.to_string();
-        if self.overlay.added_vips.remove(&name).is_none() {
-            self.overlay.removed_vips.insert(name);
         }
         Ok(ids)
     }

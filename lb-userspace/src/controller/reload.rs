@@ -19,6 +19,7 @@ use crate::{
     config::{CheckKind, Config, VipConfig, VipSpec},
     diff::{self, ConfigDiff, CurrentBackend, CurrentVip},
     health::Health,
+    membership::Member,
     neigh::NextHop,
     programming,
 };
@@ -185,19 +186,6 @@ impl Controller {
         Ok(out)
     }
 
-    /// Removes a VIP the file no longer has; returns its backends' ids.
-    fn drop_vip(&mut self, spec: &VipSpec) -> Result<Vec<u32>, AdminError> {
-        let v = self.vip_index(spec)?;
-        programming::remove_vip(&mut self.ebpf, &spec.key())?;
-        let rt = self.vips.remove(v);
-        let mut ids = Vec::new();
-        for b in rt.backends {
-            self.free_slot(b.status.id)?;
-            ids.push(b.status.id);
-        }
-        Ok(ids)
-    }
-
     /// A new backend of VIP `config`: unchecked until its first check
     /// passes, unless the VIP is not checked.
     fn new_backend(
@@ -361,7 +349,7 @@ pub fn offline_diff(current: Config, mut new: Config) -> anyhow::Result<ConfigDi
         .iter()
         .map(|v| {
             let prior = saved.vips.get(&v.spec.to_string());
-            let members: Vec<crate::membership::Member> = v
+            let members: Vec<Member> = v
                 .backends
                 .iter()
                 .map(|b| {
@@ -377,32 +365,13 @@ pub fn offline_diff(current: Config, mut new: Config) -> anyhow::Result<ConfigDi
                                 Health::Up
                             }
                         });
-                    crate::membership::Member {
-                        health,
+                    Member {
                         drained: saved_b.is_some_and(|s| s.drained),
-                        weight: b.weight,
-                        flap_held: false,
-                        member_since: None,
-                        slowstart: std::time::Duration::ZERO,
-                        ramp: None,
+                        ..Member::steady(health, b.weight)
                     }
                 })
                 .collect();
-            let plan = crate::membership::plan(&members, v.min_healthy_permille, now);
-            CurrentVip {
-                config: v.clone(),
-                backends: v
-                    .backends
-                    .iter()
-                    .zip(members)
-                    .zip(plan.backends)
-                    .map(|((b, member), (_, w))| CurrentBackend {
-                        addr: b.addr,
-                        member,
-                        effective_weight: w,
-                    })
-                    .collect(),
-            }
+            CurrentVip::planned(v, members, now)
         })
         .collect::<Vec<_>>();
     diff::diff(
