@@ -762,3 +762,51 @@ fn a_weight_moves_gradually_and_a_drain_stops_the_ramp() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(lab.vip(1).backends[1].weight, b.weight, "the ramp stopped");
 }
+
+/// Runtime changes and the file, at a reload as at a start: an unchanged
+/// file keeps what `lbctl` changed; a VIP whose backends were edited in the
+/// file takes the file's (drains stay); a restart then agrees with the
+/// reload.
+#[test]
+fn a_reload_keeps_runtime_changes_unless_the_file_was_edited() {
+    let lab = Lab::new(3, "precedence");
+    let socket = lab.socket();
+    let file = |list: &[(usize, u32)]| vip_table(1, "", TCP_CHECK, &backends(&lab, list));
+    let _teardown = lbd::Teardown::new(lab.config.clone());
+    let mut lbd = lab.start(&file(&[(0, 100), (1, 100)]));
+    let vip_s = format!("{}:{PORT}/tcp", addressing::vip_v4(1));
+    let (b1, b2) = (lab.backend(1).to_string(), lab.backend(2).to_string());
+    lb_tests::lbctl(&socket, &["add-backend", &vip_s, &b2]).unwrap();
+    lb_tests::lbctl(&socket, &["drain", &vip_s, &b1]).unwrap();
+    let shape = |lab: &Lab| -> Vec<(IpAddr, u32, bool)> {
+        lab.vip(1)
+            .backends
+            .iter()
+            .map(|b| (b.address, b.weight, b.drained))
+            .collect()
+    };
+    let runtime = shape(&lab);
+    assert_eq!(runtime.len(), 3);
+
+    let out = lb_tests::lbctl(&socket, &["reload"]).unwrap();
+    assert!(out.contains("0 of 1 VIPs applied"), "{out}");
+    assert_eq!(
+        shape(&lab),
+        runtime,
+        "an unchanged file keeps runtime changes"
+    );
+
+    lab.write(&lab.config, &file(&[(0, 100), (1, 50)]));
+    let out = lb_tests::lbctl(&socket, &["reload"]).unwrap();
+    assert!(out.contains(&format!("  - {b2}")), "{out}");
+    let reloaded = shape(&lab);
+    assert_eq!(
+        reloaded,
+        vec![(lab.backend(0), 100, false), (lab.backend(1), 50, true)],
+        "the edited file wins for that VIP; the drain stays"
+    );
+    let (_, status) = lbd::stop(&mut lbd).unwrap();
+    assert!(status.is_some_and(|s| s.success()));
+    let _lbd = lbd::start(&lab.t, &lab.config).unwrap().0;
+    assert_eq!(shape(&lab), reloaded, "a restart agrees with the reload");
+}

@@ -42,6 +42,12 @@ fn example_config_is_valid() {
     assert_eq!(c.vips[1].backends[0].weight, 100, "default weight");
     assert_eq!(c.udp_timeout, Duration::from_secs(30));
     assert_eq!(c.second_chance_window, Duration::from_secs(120));
+    assert_eq!(c.vips[0].slowstart, Duration::from_secs(30));
+    assert_eq!(c.vips[0].min_healthy_permille, 500);
+    assert_eq!(
+        c.vips[0].backends[1].slowstart,
+        Some(Duration::from_secs(120))
+    );
 }
 
 #[test]
