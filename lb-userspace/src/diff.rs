@@ -248,7 +248,7 @@ pub fn diff(
     size: u32,
     seed: u32,
     now: Instant,
-) -> Result<ConfigDiff, maglev::MaglevError> {
+) -> Result<ConfigDiff, String> {
     let mut vips = Vec::new();
     for cur in current {
         let spec = cur.config.spec;
@@ -307,7 +307,10 @@ pub fn diff(
             mode,
             health_check,
             settings: settings(&cur.config, next),
-            slots_moved: Some(slots_moved(cur, next, size, seed, now)?),
+            slots_moved: Some(
+                slots_moved(cur, next, size, seed, now)
+                    .map_err(|e| format!("VIP {spec}: building its ring: {e}"))?,
+            ),
         };
         let changed = !d.added.is_empty()
             || !d.removed.is_empty()

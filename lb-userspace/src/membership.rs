@@ -34,8 +34,9 @@ pub const MIN_STEP: Duration = Duration::from_secs(1);
 pub const RAMP_STEPS: u32 = 20;
 
 /// Flap damping: more than `limit` health changes within `window` hold the
-/// backend down for `hold`, doubled for each hold that follows within
-/// [`FlapDamping::max_hold`] of the last one ending, up to `max_hold`.
+/// backend down for `hold`. A hold is extended, doubled, when the backend
+/// flapped as much again while held; the next hold within `max_hold` of the
+/// last one ending starts doubled too; holds never exceed `max_hold`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlapDamping {
     pub limit: u32,
@@ -98,7 +99,8 @@ impl FlapRecord {
     }
 
     /// Ends a hold that has run out, or extends it (doubled) if the backend
-    /// kept flapping while held.
+    /// flapped more than `limit` times within `window` while held (the
+    /// changes that started the hold do not count again).
     pub fn tick(&mut self, now: Instant, d: &FlapDamping) -> Option<FlapEvent> {
         let until = self.held_until?;
         if now < until {
@@ -135,6 +137,9 @@ impl FlapRecord {
         .min(d.max_hold);
         self.next_hold = (hold * 2).min(d.max_hold);
         self.held_until = Some(now + hold);
+        // What earned this hold is paid for: only changes from now on can
+        // extend it.
+        self.changes.clear();
         FlapEvent::Held(hold)
     }
 }
@@ -495,6 +500,21 @@ mod tests {
             r.change(s(400.0 + f64::from(i) * 0.3), &d);
         }
         assert_eq!(r.held_until(), Some(s(401.2) + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_backend_quiet_while_held_is_released_when_the_hold_ends() {
+        // The defaults: the window (60 s) outlasts the hold (30 s), and the
+        // changes that started the hold must not extend it.
+        let d = FlapDamping::default();
+        let t0 = Instant::now();
+        let mut r = FlapRecord::default();
+        for i in 0..5u64 {
+            r.change(t0 + Duration::from_millis(i * 300), &d);
+        }
+        let held_at = t0 + Duration::from_millis(1200);
+        assert_eq!(r.held_until(), Some(held_at + d.hold));
+        assert_eq!(r.tick(held_at + d.hold, &d), Some(FlapEvent::Released));
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub(super) fn health_check(
 }
 
 /// `flap_limit` changes within `flap_window` hold a backend down for
-/// `flap_hold` (doubling while it keeps flapping, up to 10 minutes or the
+/// `flap_hold` (doubling while it keeps flapping, up to 10 minutes, or the
 /// hold itself if that is longer).
 fn flap_damping(src: &Source, r: &RawCheck, field: &str) -> Result<FlapDamping, ConfigError> {
     let f = |name: &str| format!("{field}.{name}");
@@ -95,7 +95,7 @@ fn flap_damping(src: &Source, r: &RawCheck, field: &str) -> Result<FlapDamping, 
         limit,
         window,
         hold,
-        max_hold: (hold * 20).min(d.max_hold.max(hold)),
+        max_hold: d.max_hold.max(hold),
     })
 }
 

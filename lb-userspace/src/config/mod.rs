@@ -418,7 +418,18 @@ impl Config {
             "instance.metrics_listen",
         );
         check(self.on_exit != other.on_exit, "instance.on_exit");
-        check(self.sizes != other.sizes, "dataplane sizes");
+        let (a, b) = (&self.sizes, &other.sizes);
+        check(a.max_vips != b.max_vips, "dataplane.max_vips");
+        check(a.max_backends != b.max_backends, "dataplane.max_backends");
+        check(a.ring_size != b.ring_size, "dataplane.ring_size");
+        check(
+            a.conntrack_entries != b.conntrack_entries,
+            "dataplane.conntrack_entries",
+        );
+        check(
+            a.flow_cache_slots != b.flow_cache_slots,
+            "dataplane.flow_cache_slots",
+        );
         check(self.hash_seed != other.hash_seed, "dataplane.hash_seed");
         check(
             self.udp_timeout != other.udp_timeout,

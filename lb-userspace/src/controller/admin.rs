@@ -226,6 +226,10 @@ impl Controller {
         let now = Instant::now();
         let rt = &mut self.vips[v].backends[b];
         rt.cancel_ramp(now);
+        if rt.status.weight == 0 && weight > 0 && over.is_none() {
+            // Back in from weight 0 at once: slow start, as for an undrain.
+            rt.member_since = Some(now);
+        }
         rt.ramp = over.map(|over| WeightRamp {
             from: rt.status.weight,
             start: now,

@@ -106,26 +106,38 @@ impl Controller {
             let status = &mut self.vips[v].backends[b].status;
             status.effective_weight = weight;
             if status.state != state {
-                status.state = state;
                 if state == BackendState::Up {
-                    joining.push(b);
+                    joining.push((b, state));
                 } else {
-                    leaving.push(b);
+                    leaving.push((b, state));
                 }
             }
         }
-        for b in joining {
-            self.write_backend(v, b)?;
+        // A state is recorded only once written, so a failed write is
+        // retried by the next refresh rather than forgotten.
+        for (b, state) in joining {
+            self.write_state(v, b, state)?;
         }
         let members = self.ring_members(v);
         let republish = self.vips[v].published.as_ref() != Some(&members);
         if republish {
             self.republish(v)?;
         }
-        for b in leaving {
-            self.write_backend(v, b)?;
+        for (b, state) in leaving {
+            self.write_state(v, b, state)?;
         }
         Ok(republish)
+    }
+
+    /// Writes backend `b` with data-plane state `state`; on failure its
+    /// recorded state stays what the data plane still has.
+    fn write_state(&mut self, v: usize, b: usize, state: BackendState) -> Result<()> {
+        let old = std::mem::replace(&mut self.vips[v].backends[b].status.state, state);
+        let written = self.write_backend(v, b);
+        if written.is_err() {
+            self.vips[v].backends[b].status.state = old;
+        }
+        written
     }
 
     /// Panic mode entered or left: said loudly, once.

@@ -343,6 +343,7 @@ impl Controller {
     pub async fn plan(mut config: Config, resolver: &Resolver) -> Result<Plan> {
         let saved = persist::load(&config.state_file)?;
         let overlay = persist::merge(&mut config, &saved)?;
+        persist::log_overridden(&overlay);
         let ifindex = resolver
             .ifindex(&config.interface)
             .await
@@ -461,9 +462,14 @@ impl Controller {
                 } else {
                     None
                 };
+                // A draining backend's health is not in the data plane (nor
+                // is a failing one kept in by panic mode, which reads as up
+                // until its checks fail again): its first check decides.
                 status.health = match live {
+                    _ if v.health_check.kind == CheckKind::None => Health::Up,
                     Some(wire::BackendState::Down) => Health::Down,
-                    Some(wire::BackendState::Up | wire::BackendState::Draining) => Health::Up,
+                    Some(wire::BackendState::Up) => Health::Up,
+                    Some(wire::BackendState::Draining) => Health::Unchecked,
                     _ => first_round
                         .get(&(v.spec, b.addr))
                         .copied()
@@ -535,6 +541,10 @@ impl Controller {
         let damping = self.vips[v].config.health_check.flap;
         let rt = &mut self.vips[v].backends[b];
         let was = rt.status.health;
+        if was == ev.health {
+            // From a checker restarted with the state it reports.
+            return Ok(None);
+        }
         rt.status.health = ev.health;
         let mut hold = None;
         if was != Health::Unchecked {
@@ -565,7 +575,10 @@ impl Controller {
             let spec = self.vips[v].config.spec.to_string();
             for rt in &mut self.vips[v].backends {
                 if let Some(ev) = rt.flaps.tick(now, &damping) {
-                    if ev == FlapEvent::Released && rt.status.health == Health::Up {
+                    if ev == FlapEvent::Released
+                        && rt.status.health == Health::Up
+                        && rt.status.state != BackendState::Up
+                    {
                         rt.member_since = Some(now);
                     }
                     rt.status.flap_held = rt.flaps.held();

@@ -68,6 +68,9 @@ pub struct Overlay {
     /// Each VIP's backends as the file has them now.
     pub configured: BTreeMap<String, Vec<(IpAddr, u32)>>,
     pub node_drained: bool,
+    /// VIPs whose backends were edited in the file since the state was
+    /// saved: the file's list replaced the runtime one.
+    pub overridden: Vec<String>,
 }
 
 /// Reads the state file; a missing file is an empty state.
@@ -109,12 +112,13 @@ pub fn merge(config: &mut Config, saved: &SavedState) -> Result<Overlay> {
             )
         })
         .collect();
+    let mut overridden = Vec::new();
     for v in &mut config.vips {
         let name = v.spec.to_string();
         if let Some(old) = saved.configured.get(&name)
             && configured.get(&name) != Some(old)
         {
-            tracing::warn!(vip = %name, "backends edited in the configuration file: it overrides runtime changes");
+            overridden.push(name);
             continue;
         }
         if let Some(list) = saved.vips.get(&name) {
@@ -137,6 +141,7 @@ pub fn merge(config: &mut Config, saved: &SavedState) -> Result<Overlay> {
         removed_vips: saved.removed_vips.clone(),
         configured,
         node_drained: saved.node_drained,
+        overridden,
     })
 }
 
@@ -181,6 +186,14 @@ pub fn probe(path: &Path) -> Result<Vec<std::path::PathBuf>> {
 pub fn remove_dirs(created: &[std::path::PathBuf]) {
     for d in created.iter().rev() {
         let _ = std::fs::remove_dir(d);
+    }
+}
+
+/// Says which VIPs took the file's backends over runtime changes (at a
+/// start or a reload; a preview says it in its answer instead).
+pub fn log_overridden(overlay: &Overlay) {
+    for vip in &overlay.overridden {
+        tracing::warn!(%vip, "backends edited in the configuration file: it overrides runtime changes");
     }
 }
 

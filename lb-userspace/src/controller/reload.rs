@@ -86,7 +86,7 @@ impl Controller {
             self.config.hash_seed,
             Instant::now(),
         )
-        .map_err(|e| AdminError::Internal(e.into()))
+        .map_err(invalid)
     }
 
     /// The backend addresses a reload to `file` adds, whose next hops must
@@ -120,13 +120,22 @@ impl Controller {
         hops: &BTreeMap<IpAddr, anyhow::Result<NextHop>>,
     ) -> Result<Reloaded, AdminError> {
         let (merged, overlay) = self.merge_file(file)?;
+        persist::log_overridden(&overlay);
         let diff = self.diff_to(&merged)?;
         let added = self.added_backends(&merged);
         for addr in &added {
             match hops.get(addr) {
                 Some(Ok(hop)) => self.check_interface(*addr, hop).map_err(invalid)?,
-                Some(Err(e)) => return Err(invalid(format!("backend {addr}: {e:#}"))),
-                None => return Err(invalid(format!("backend {addr}: no next hop resolved"))),
+                Some(Err(e)) => {
+                    return Err(invalid(format!(
+                        "backend {addr}: {e:#}; nothing was changed"
+                    )));
+                }
+                None => {
+                    return Err(invalid(format!(
+                        "backend {addr}: its next hop was not resolved (the backends changed while                          the reload resolved next hops); nothing was changed, reload again"
+                    )));
+                }
             }
         }
         let removed_vips: Vec<VipSpec> = self
@@ -217,7 +226,9 @@ impl Controller {
     ) -> Result<NextHop, AdminError> {
         match hops.get(&addr) {
             Some(Ok(h)) => Ok(*h),
-            _ => Err(invalid(format!("backend {addr}: no next hop resolved"))),
+            _ => Err(invalid(format!(
+                "backend {addr}: its next hop was not resolved"
+            ))),
         }
     }
 
@@ -269,12 +280,21 @@ impl Controller {
             let b = self.vips[v].backends.len() - 1;
             self.write_backend(v, b)?;
         }
+        out.stop_checks.extend(&freed);
+        if old.health_check != next.health_check && next.health_check.kind == CheckKind::None {
+            // Not checked any more: every backend is taken as passing.
+            for b in &mut self.vips[v].backends {
+                if b.status.health != Health::Up {
+                    b.status.health = Health::Up;
+                    b.member_since = Some(now);
+                }
+            }
+        }
         self.refresh_vip(v, now)?;
         for id in &freed {
             // After the ring stops naming them.
             self.free_slot(*id)?;
         }
-        out.stop_checks.extend(&freed);
         if old.health_check != next.health_check {
             // Every checker restarts with the new check, from the health
             // it has now.
@@ -302,7 +322,12 @@ impl Controller {
         let used: Vec<u32> = self.vips.iter().map(|v| v.vip_id).collect();
         let vip_id = (0..self.config.sizes.max_vips)
             .find(|i| !used.contains(i))
-            .ok_or_else(|| invalid("all VIP slots are in use (dataplane.max_vips)"))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "VIP {}: all VIP slots are in use (dataplane.max_vips)",
+                    next.spec
+                ))
+            })?;
         let empty = vec![0; self.config.sizes.ring_size as usize];
         self.install_vip(&next.spec, vip_id, next.mode, &empty)?;
         let mut rt = VipRuntime::new(next.clone(), vip_id, Vec::new());
@@ -327,8 +352,6 @@ impl Controller {
 /// state file, each backend's state from the pinned data plane when there
 /// is one (otherwise every backend counts as healthy).
 pub fn offline_diff(current: Config, mut new: Config) -> anyhow::Result<ConfigDiff> {
-    use anyhow::Context;
-
     let restart = current.restart_only_changes(&new);
     if !restart.is_empty() {
         anyhow::bail!(
@@ -381,5 +404,5 @@ pub fn offline_diff(current: Config, mut new: Config) -> anyhow::Result<ConfigDi
         current.hash_seed,
         now,
     )
-    .context("building the rings")
+    .map_err(anyhow::Error::msg)
 }
