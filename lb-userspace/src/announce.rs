@@ -287,6 +287,7 @@ mod tests {
     fn vip(name: &str, states: &[BackendState]) -> VipStatus {
         VipStatus {
             panic: false,
+            ring_fingerprint: String::new(),
             vip: name.into(),
             id: 0,
             mode: "ipip".into(),

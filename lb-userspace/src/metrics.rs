@@ -398,6 +398,18 @@ fn per_vip(f: &mut Family, vips: &[VipStatus], ebpf: &Ebpf) -> Result<()> {
         f.sample("lb_vip_healthy_backends", &[("vip", &v.vip)], n);
     }
     f.head(
+        "lb_vip_ring_info",
+        "gauge",
+        "Always 1; the fingerprint label identifies the VIP's live ring (the same on every node that sends each flow to the same backend).",
+    );
+    for v in vips {
+        f.sample(
+            "lb_vip_ring_info",
+            &[("vip", &v.vip), ("fingerprint", &v.ring_fingerprint)],
+            1,
+        );
+    }
+    f.head(
         "lb_vip_panic",
         "gauge",
         "1 while the VIP is in panic mode: fewer healthy backends than its min_healthy, so every checked, non-drained backend is kept in the ring.",
@@ -504,6 +516,7 @@ mod dashboard {
             "lb_vip_healthy_backends",
             "lb_vip_ring_changes_total",
             "lb_vip_panic",
+            "lb_vip_ring_info",
             "lb_xdp_verdicts_total",
             "lb_xdp_packets_total",
             "lb_conntrack_entries",

@@ -409,15 +409,21 @@ fn reload_applies_only_the_difference_under_load() {
     );
 }
 
-/// The ring as the data plane serves it, by backend address.
+/// The ring as the data plane serves it, by backend address; checks that
+/// the fingerprint lbd reports is the live ring's.
 fn live_ring(lab: &Lab, vip: &VipStatus) -> Vec<Option<IpAddr>> {
     let dir = lb_userspace::pinning::pin_dir(&lab.t.instance_name());
     let ids: BTreeMap<u32, IpAddr> = vip.backends.iter().map(|b| (b.id, b.address)).collect();
-    lb_userspace::programming::live_ring(&dir, vip.id)
-        .unwrap()
-        .into_iter()
-        .map(|id| ids.get(&id).copied())
-        .collect()
+    let table = lb_userspace::programming::live_ring(&dir, vip.id).unwrap();
+    assert_eq!(
+        vip.ring_fingerprint,
+        format!(
+            "{:016x}",
+            lb_userspace::controller::ring_fingerprint(&table, &ids)
+        ),
+        "the reported fingerprint is the live ring's"
+    );
+    table.into_iter().map(|id| ids.get(&id).copied()).collect()
 }
 
 /// `lbctl diff` and `lbd --check --diff` predict the share of ring slots a
@@ -436,6 +442,7 @@ fn the_preview_predicts_the_share_that_moves() {
     let _lbd = lab.start(&before);
     let ring_before = live_ring(&lab, &lab.vip(1));
     assert!(ring_before.iter().all(Option::is_some));
+    let fingerprint_before = lab.vip(1).ring_fingerprint;
 
     let after = vip_table(
         1,
@@ -494,6 +501,7 @@ fn the_preview_predicts_the_share_that_moves() {
         },
     );
     let ring_after = live_ring(&lab, &lab.vip(1));
+    assert_ne!(lab.vip(1).ring_fingerprint, fingerprint_before);
     let moved = ring_before
         .iter()
         .zip(&ring_after)

@@ -111,6 +111,11 @@ pub struct VipStatus {
     /// checked, non-drained backend is kept in the ring.
     #[serde(default)]
     pub panic: bool,
+    /// The live ring's fingerprint (16 hex digits over each slot's backend
+    /// address): nodes of a fleet with the same fingerprint send every flow
+    /// of the VIP to the same backend.
+    #[serde(default)]
+    pub ring_fingerprint: String,
     pub backends: Vec<BackendStatus>,
 }
 

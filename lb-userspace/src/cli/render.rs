@@ -59,7 +59,11 @@ pub fn vips(vips: &[VipStatus]) -> String {
         } else {
             ""
         };
-        let _ = writeln!(out, "{} ({}){panic}", v.vip, v.mode);
+        let _ = writeln!(
+            out,
+            "{} ({}) ring {}{panic}",
+            v.vip, v.mode, v.ring_fingerprint
+        );
         for b in &v.backends {
             let _ = writeln!(out, "  {}", backend_line(b));
         }
@@ -366,6 +370,7 @@ mod tests {
             mode: "ipip".into(),
             ring_flips: 3,
             panic: false,
+            ring_fingerprint: "00000000000000aa".into(),
             backends: vec![
                 BackendStatus::new("198.18.0.20".parse().unwrap(), 1, 100),
                 drained,
@@ -373,7 +378,7 @@ mod tests {
         };
         let text = vips(std::slice::from_ref(&v));
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "198.18.100.1:80/tcp (ipip)");
+        assert_eq!(lines[0], "198.18.100.1:80/tcp (ipip) ring 00000000000000aa");
         assert!(
             lines[1].starts_with("  198.18.0.20 ") && lines[1].ends_with("weight=100"),
             "{text}"

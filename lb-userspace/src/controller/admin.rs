@@ -262,9 +262,12 @@ impl Controller {
             })?;
         let empty = vec![0; self.config.sizes.ring_size as usize];
         self.install_vip(&spec, vip_id, mode, &empty)?;
-        let mut rt = VipRuntime::new(VipConfig::new(spec, mode, health_check), vip_id, Vec::new());
-        rt.published = Some(Vec::new());
-        self.vips.push(rt);
+        self.vips.push(VipRuntime::new(
+            VipConfig::new(spec, mode, health_check),
+            vip_id,
+            Vec::new(),
+        ));
+        self.published(self.vips.len() - 1, &empty);
         let name = spec.to_string();
         self.overlay.removed_vips.remove(&name);
         self.overlay.added_vips.insert(

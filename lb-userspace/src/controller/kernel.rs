@@ -167,8 +167,20 @@ impl Controller {
             &table,
             self.config.second_chance_window,
         )?;
-        self.vips[v].published = Some(self.ring_members(v));
+        self.published(v, &table);
         Ok(())
+    }
+
+    /// Records what VIP `v`'s ring now is: its members and weights, and
+    /// its fingerprint.
+    pub(super) fn published(&mut self, v: usize, table: &[u32]) {
+        let addrs: std::collections::BTreeMap<u32, IpAddr> = self.vips[v]
+            .backends
+            .iter()
+            .map(|b| (b.status.id, b.status.address))
+            .collect();
+        self.vips[v].fingerprint = ring_fingerprint(table, &addrs);
+        self.vips[v].published = Some(self.ring_members(v));
     }
 
     /// Installs a VIP with `table` as its ring, its traffic counters zeroed
@@ -217,7 +229,7 @@ impl Controller {
                 }
                 _ => self.install_vip(&spec, vip_id, mode, &table)?,
             }
-            self.vips[v].published = Some(self.ring_members(v));
+            self.published(v, &table);
         }
         let wanted: Vec<_> = self.vips.iter().map(|v| v.config.spec.key()).collect();
         for (key, _) in programming::list_vips(&mut self.ebpf)? {
@@ -226,5 +238,45 @@ impl Controller {
             }
         }
         Ok(())
+    }
+}
+
+/// A ring's fingerprint: FNV-1a (64 bits) over each slot's backend address
+/// in slot order (16 zero bytes for an empty slot). Addresses, not slot
+/// ids: two nodes that number their backends differently but send every
+/// slot to the same backend have the same fingerprint, and two that differ
+/// in one slot do not.
+pub fn ring_fingerprint(table: &[u32], addrs: &std::collections::BTreeMap<u32, IpAddr>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for id in table {
+        let bytes = addrs.get(id).map_or([0; 16], |a| addr16(*a).0);
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_follows_addresses_not_ids() {
+        let a: IpAddr = "198.18.0.20".parse().unwrap();
+        let b: IpAddr = "198.18.0.21".parse().unwrap();
+        let one = BTreeMap::from([(1, a), (2, b)]);
+        let other_ids = BTreeMap::from([(7, a), (9, b)]);
+        let fp = ring_fingerprint(&[1, 2, 1, 0], &one);
+        assert_eq!(fp, ring_fingerprint(&[7, 9, 7, 0], &other_ids));
+        assert_ne!(
+            fp,
+            ring_fingerprint(&[1, 2, 2, 0], &one),
+            "one slot differs"
+        );
+        assert_ne!(fp, ring_fingerprint(&[2, 1, 1, 0], &one));
     }
 }

@@ -30,6 +30,7 @@ use lb_common::maps::{self as wire, LbConfig};
 
 pub use self::{
     admin::{AdminError, NewBackend, parse_check},
+    kernel::ring_fingerprint,
     persist::{SavedBackend, SavedState, SavedVip},
     reload::{Reloaded, offline_diff},
 };
@@ -121,6 +122,8 @@ struct VipRuntime {
     panic: bool,
     /// The ring last published: (backend id, weight) of each member.
     published: Option<Vec<(u32, u32)>>,
+    /// The live ring's fingerprint (`kernel::ring_fingerprint`).
+    fingerprint: u64,
 }
 
 impl VipRuntime {
@@ -132,6 +135,7 @@ impl VipRuntime {
             ring_flips: 0,
             panic: false,
             published: None,
+            fingerprint: 0,
         }
     }
 }
@@ -631,6 +635,7 @@ impl Controller {
                 id: v.vip_id,
                 ring_flips: v.ring_flips,
                 panic: v.panic,
+                ring_fingerprint: format!("{:016x}", v.fingerprint),
                 mode: v.config.mode.to_string(),
                 backends: v.backends.iter().map(|b| b.status.clone()).collect(),
             })

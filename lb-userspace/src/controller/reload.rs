@@ -330,10 +330,10 @@ impl Controller {
             })?;
         let empty = vec![0; self.config.sizes.ring_size as usize];
         self.install_vip(&next.spec, vip_id, next.mode, &empty)?;
-        let mut rt = VipRuntime::new(next.clone(), vip_id, Vec::new());
-        rt.published = Some(Vec::new());
-        self.vips.push(rt);
+        self.vips
+            .push(VipRuntime::new(next.clone(), vip_id, Vec::new()));
         let v = self.vips.len() - 1;
+        self.published(v, &empty);
         for n in &next.backends {
             let hop = Self::hop(hops, n.addr)?;
             let rt = self.new_backend(next, n.addr, n.weight, hop, now)?;
