@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod debuglog;
 pub mod diff;
+pub mod fleet;
 pub mod graphite;
 pub mod health;
 pub mod instance_lock;

@@ -27,6 +27,10 @@ const APT_PACKAGES: &[&str] = &[
     // BGP between the router and the LB nodes of the fleet tests
     // (scripts/bird-*.conf are written for BIRD 2).
     "bird2",
+    // Fleet mode: etcd for the fleet tests, protoc for the etcd client's build.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
     // For `cargo xtask bench`: the load generator, a contender, NAT state flushing.
     "wrk",
     "haproxy",

@@ -11,6 +11,7 @@
 mod announce;
 mod backend;
 mod dataplane;
+mod fleet;
 mod graphite;
 mod health_check;
 mod instance;
@@ -242,6 +243,9 @@ pub struct Config {
     /// Announcing VIPs through a routing table; `None`: not at all (the
     /// VIPs are routed to this node some other way).
     pub announce: Option<AnnounceConfig>,
+    /// Fleet mode: the desired state and agreed health in etcd; `None`: a
+    /// single node.
+    pub fleet: Option<FleetConfig>,
     pub vips: Vec<VipConfig>,
     /// Accept a restart that changes every ring (another `hash_seed` or
     /// ring size than the running data plane's): `lbd
@@ -258,6 +262,22 @@ pub struct AnnounceConfig {
     pub device: String,
     /// Healthy backends a VIP needs to be announced (per VIP overridable).
     pub min_healthy_backends: u32,
+}
+
+/// `[fleet]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// The key prefix: `/xdplb/<cluster>/`.
+    pub cluster: String,
+    /// This node's name in the fleet.
+    pub node: String,
+    /// How long one etcd request may take.
+    pub timeout: Duration,
+    /// The lease this node's registration lives under: a node silent this
+    /// long is no longer counted.
+    pub lease: Duration,
 }
 
 /// Graphite plaintext push: `<prefix>.<vip>.<backend>.<metric> <value> <ts>`.
@@ -289,6 +309,8 @@ struct RawConfig {
     graphite: Option<Spanned<graphite::RawGraphite>>,
     #[serde(default)]
     announce: Option<announce::RawAnnounce>,
+    #[serde(default)]
+    fleet: Option<Spanned<fleet::RawFleet>>,
     #[serde(default)]
     vip: Vec<Spanned<vips::RawVip>>,
 }
@@ -451,6 +473,7 @@ impl Config {
         check(self.sysctl_apply != other.sysctl_apply, "sysctl.apply");
         check(self.graphite != other.graphite, "[graphite]");
         check(self.announce != other.announce, "[announce]");
+        check(self.fleet != other.fleet, "[fleet]");
         out
     }
 }
@@ -484,6 +507,10 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         None => None,
         Some(a) => Some(announce::announce(src, a)?),
     };
+    let fleet = match raw.fleet {
+        None => None,
+        Some(f) => Some(fleet::fleet(src, f)?),
+    };
     let vips = vips::vips(src, raw.vip, &dp.sizes, dp.encap)?;
     Ok(Config {
         file: PathBuf::new(),
@@ -504,6 +531,7 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         sysctl_apply: raw.sysctl.unwrap_or_default().apply,
         graphite,
         announce,
+        fleet,
         vips,
         accept_ring_change: false,
     })
