@@ -33,6 +33,7 @@ use crate::{
     },
     config::Config,
     controller::{Controller, HealthTarget, NewBackend, RESOLVE_TIMEOUT, persist},
+    fleet::node::{FleetMsg, FleetNode},
     graphite,
     health::{self, CheckStats, HealthEvent},
     membership::FlapEvent,
@@ -126,6 +127,8 @@ struct Announce {
 
 /// Everything the main loop holds besides the controller.
 struct Daemon {
+    /// Fleet mode: the desired state from etcd.
+    fleet: Option<FleetNode>,
     announce: Option<Announce>,
     ctl: Controller,
     resolver: Resolver,
@@ -242,6 +245,7 @@ struct Inbox {
     resolved: mpsc::Receiver<Resolved>,
     reloads: mpsc::Receiver<ReloadResolved>,
     hops: mpsc::Receiver<Refreshed>,
+    fleet: Option<mpsc::Receiver<FleetMsg>>,
     graphite: Option<Interval>,
     /// Set by netlink events: next hops may have moved.
     dirty: Arc<AtomicBool>,
@@ -294,7 +298,9 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
     let resolver = Resolver::new()?;
     let dirty = Arc::new(AtomicBool::new(false));
     neigh::watch(dirty.clone())?;
-    let plan = Controller::plan(config, &resolver).await?;
+    let mut config = config;
+    let fleet = crate::fleet::node::start(&mut config).await?;
+    let plan = Controller::plan(config, &resolver, fleet.as_ref().map(|f| &f.3)).await?;
     // Then sysctls, then the data plane.
     undo.sysctls = apply_sysctls(plan.config());
     let mut ctl = Controller::apply(plan)?;
@@ -317,6 +323,14 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
         .as_ref()
         .map(|g| tokio::time::interval(g.interval));
     let conntrack_count = count_conntrack_in_background(ctl.pin_dir().to_path_buf());
+    let (fleet, fleet_rx) = match (fleet, ctl.config().fleet.clone()) {
+        (Some((store, desired, revision, _)), Some(cfg)) => {
+            ctl.enter_fleet_mode();
+            let (node, rx) = FleetNode::run(&cfg, store, desired, revision, &ctl);
+            (Some(node), Some(rx))
+        }
+        _ => (None, None),
+    };
     let announce = routes.map(|routes| {
         let (want, rx) = watch::channel(BTreeSet::new());
         Announce {
@@ -326,6 +340,7 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
         }
     });
     let mut d = Daemon {
+        fleet,
         announce,
         resolver,
         checks: HashMap::new(),
@@ -353,6 +368,7 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
         resolved,
         reloads,
         hops,
+        fleet: fleet_rx,
         graphite,
         dirty,
     };
@@ -408,6 +424,11 @@ async fn run_async(config: Config) -> Result<()> {
                 }
             }
             Some(ev) = inbox.health.recv() => d.on_health(&ev),
+            Some(msg) = recv(inbox.fleet.as_mut()) => {
+                if d.on_fleet(msg).await {
+                    break;
+                }
+            }
         }
     }
     for h in d.checks.into_values() {
@@ -430,6 +451,14 @@ async fn run_async(config: Config) -> Result<()> {
 pub fn ignore_hangup() {
     tracing::warn!("SIGHUP ignored: lbd runs without a configuration file");
     event(json!({"event": "sighup_ignored"}));
+}
+
+/// The next message of an optional channel; never, without one.
+async fn recv<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next tick of an optional interval; never, without one.
@@ -584,7 +613,73 @@ impl Daemon {
                 self.resolve_for_reload(Some(call), file, addrs);
                 false
             }
+            handled => self.on_fleet_call(call, handled).await,
         }
+    }
+
+    /// The control API's fleet requests (the handler only routes them
+    /// here in fleet mode).
+    async fn on_fleet_call(&mut self, call: ApiCall, handled: Handled) -> bool {
+        let Some(f) = &mut self.fleet else {
+            let a = api::handler::err(409, "this lbd is not in fleet mode");
+            return self.answer(call, a, SideEffects::default()).await;
+        };
+        let now = match handled {
+            Handled::Fleet(change, if_revision) => f.change(&self.ctl, call, change, if_revision),
+            Handled::FleetImport(file) => f.import(&self.ctl, call, &file),
+            Handled::FleetStatus => {
+                f.status(call);
+                None
+            }
+            Handled::FleetExport => Some((call, f.export())),
+            Handled::Answer(..) | Handled::Resolve(_) | Handled::Reload(..) => None,
+        };
+        match now {
+            Some((call, a)) => self.answer(call, a, SideEffects::default()).await,
+            None => false,
+        }
+    }
+
+    /// A message from the fleet's tasks; true when lbd must exit.
+    async fn on_fleet(&mut self, msg: FleetMsg) -> bool {
+        let Some(f) = &mut self.fleet else {
+            return false;
+        };
+        let mut answers = Vec::new();
+        match msg {
+            FleetMsg::Update(u) => f.update(&self.ctl, &self.resolver, u),
+            FleetMsg::Resolved {
+                revision,
+                desired,
+                hops,
+            } => {
+                let (fx, done) = f.apply(&mut self.ctl, &self.resolver, revision, *desired, hops);
+                self.carry_out(fx);
+                self.reannounce();
+                answers = done;
+            }
+            FleetMsg::Written {
+                call,
+                change,
+                result,
+            } => answers.extend(f.written(&self.ctl, call, change, result)),
+            FleetMsg::Status { call, result } => answers.push((
+                call,
+                match result {
+                    Ok(s) => api::handler::ok(s),
+                    Err(e) => api::handler::err(
+                        503,
+                        format!("etcd did not answer ({e:#}); this node keeps forwarding"),
+                    ),
+                },
+            )),
+        }
+        for (call, a) in answers {
+            if self.answer(call, a, SideEffects::default()).await {
+                return true;
+            }
+        }
+        false
     }
 
     /// SIGHUP: the configuration file read again and applied, as `lbctl
@@ -695,6 +790,9 @@ impl Daemon {
     fn on_health(&mut self, ev: &HealthEvent) {
         let applied = self.ctl.on_health(ev, std::time::Instant::now());
         self.reannounce();
+        if let Some(f) = &self.fleet {
+            f.report(&self.ctl);
+        }
         match applied {
             Ok(Some(a)) => {
                 let (vip, status) = (&a.vip, &a.status);

@@ -91,6 +91,13 @@ impl Fleet {
         seed: impl Fn(usize) -> u32,
         bfd: bool,
     ) -> Result<Fleet> {
+        let mut fleet = Fleet::prepare(n_lbs, n_backends, bfd)?;
+        fleet.add_nodes(n_lbs, seed, |_| String::new())?;
+        Ok(fleet)
+    }
+
+    /// The topology, servers, fabric and router, without LB nodes yet.
+    pub fn prepare(n_lbs: usize, n_backends: usize, bfd: bool) -> Result<Fleet> {
         let t = Topology::fleet(n_lbs, n_backends)?;
         let servers = t.start_servers(PORT, 53)?;
         let fabric = fabric::prepare(&t, AttachMode::Generic)?;
@@ -98,31 +105,42 @@ impl Fleet {
             t.add_vip_on_backends(vip)?;
         }
         let router = Bird::start_router(&t, bfd)?;
-        let mut fleet = Fleet {
+        Ok(Fleet {
             nodes: Vec::new(),
             router,
             servers,
             _fabric: fabric,
             t,
-        };
+        })
+    }
+
+    /// Starts `n_lbs` nodes, node `i` with `hash_seed` `seed(i)` and
+    /// `extra(i)` appended to its configuration; returns once the router
+    /// spreads both VIPs over all of them.
+    pub fn add_nodes(
+        &mut self,
+        n_lbs: usize,
+        seed: impl Fn(usize) -> u32,
+        extra: impl Fn(usize) -> String,
+    ) -> Result<()> {
         for i in 0..n_lbs {
-            let dir = std::env::temp_dir().join(format!("{}-node{i}", fleet.t.id()));
+            let dir = std::env::temp_dir().join(format!("{}-node{i}", self.t.id()));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let config = dir.join("lb.toml");
-            std::fs::write(&config, fleet.node_config(i, &dir, seed(i)))?;
-            let teardown = lbd::Teardown::in_netns(config.clone(), fleet.t.lb_node(i).ns());
-            fleet.nodes.push(Node {
+            std::fs::write(&config, self.node_config(i, &dir, seed(i)) + &extra(i))?;
+            let teardown = lbd::Teardown::in_netns(config.clone(), self.t.lb_node(i).ns());
+            self.nodes.push(Node {
                 dir,
                 config,
                 lbd: None,
                 bird: None,
                 _teardown: teardown,
             });
-            fleet.bring_up(i)?;
+            self.bring_up(i)?;
         }
-        fleet.router.wait_established(ROUTE_TIMEOUT)?;
-        fleet.wait_announced_by(&(0..n_lbs).collect::<Vec<_>>())?;
-        Ok(fleet)
+        self.router.wait_established(ROUTE_TIMEOUT)?;
+        self.wait_announced_by(&(0..n_lbs).collect::<Vec<_>>())?;
+        Ok(())
     }
 
     /// Node `i`'s lbd configuration: the same VIPs, backends, checks and
@@ -229,6 +247,11 @@ impl Fleet {
             &self.t,
             &format!("{vip}/{}", addressing::host_prefix_len(vip)),
         )
+    }
+
+    /// Node `i`'s control socket.
+    pub fn socket(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("lbd.sock")
     }
 
     /// `lbctl ARGS` against node `i`'s lbd; its stdout.

@@ -16,6 +16,7 @@ pub mod bird;
 pub mod client;
 pub mod cmd;
 pub mod demo;
+pub mod etcd;
 pub mod fabric;
 pub mod fleet;
 pub mod flood;

@@ -14,6 +14,7 @@ use crate::{
     announce::Installed,
     config::{Config, DEFAULT_WEIGHT, ForwardMode, VipSpec},
     controller::{AdminError, Controller, HealthTarget, NewBackend},
+    fleet::Change,
     neigh::NextHop,
     stats,
 };
@@ -28,15 +29,15 @@ pub struct SideEffects {
     pub teardown: bool,
 }
 
-fn ok<T: Serialize>(v: T) -> (u16, Value) {
+pub fn ok<T: Serialize>(v: T) -> (u16, Value) {
     (200, serde_json::to_value(v).unwrap_or(Value::Null))
 }
 
-fn err(status: u16, msg: impl Into<String>) -> (u16, Value) {
+pub fn err(status: u16, msg: impl Into<String>) -> (u16, Value) {
     (status, json!(ErrorBody { error: msg.into() }))
 }
 
-fn admin(e: AdminError) -> (u16, Value) {
+pub fn admin(e: AdminError) -> (u16, Value) {
     err(e.http_status(), e.to_string())
 }
 
@@ -71,6 +72,13 @@ pub enum Handled {
     /// A reload whose new backends' next hops are resolved off the main
     /// loop, then [`commit_reload`] applies it.
     Reload(Config, Vec<std::net::IpAddr>),
+    /// Fleet mode: a change for etcd (answered once this node applied it),
+    /// and the revision it must be made against, if the caller named one.
+    Fleet(Change, Option<i64>),
+    /// Fleet mode: `lbctl fleet import`, `status`, `export`.
+    FleetImport(Box<Config>),
+    FleetStatus,
+    FleetExport,
 }
 
 /// Handles one request; mutating requests are persisted before answering.
@@ -81,6 +89,7 @@ pub fn handle(ctl: &mut Controller, req: &Request, installed: Option<&Installed>
     let answer = match route(ctl, req, &mut fx, installed) {
         Ok(Routed::Answer(a)) => a,
         Ok(Routed::Resolve(new)) => return Handled::Resolve(new),
+        Ok(Routed::Fleet(h)) => return *h,
         Ok(Routed::Reload(file)) => {
             return match ctl.reload_needs(&file) {
                 Ok(addrs) => Handled::Reload(*file, addrs),
@@ -167,6 +176,117 @@ enum Routed {
     Answer((u16, Value)),
     Resolve(NewBackend),
     Reload(Box<Config>),
+    Fleet(Box<Handled>),
+}
+
+/// A fleet change and the revision the caller made it against.
+type GuardedChange = (Change, Option<i64>);
+
+/// Fleet mode: the change a mutating backend or VIP request asks for
+/// (`None` for any other request).
+fn fleet_change(req: &Request) -> Result<Option<GuardedChange>, (u16, Value)> {
+    if req.method != "POST" {
+        return Ok(None);
+    }
+    let backend = |req: &Request| -> Result<(VipSpec, IpAddr, BackendRequest), (u16, Value)> {
+        let b: BackendRequest = body(req)?;
+        Ok((parse_vip(&b.vip)?, parse_backend(&b.backend)?, b))
+    };
+    let if_revision;
+    let change = match req.path.as_str() {
+        "/v1/backends/add" => {
+            let (vip, addr, b) = backend(req)?;
+            if_revision = b.if_revision;
+            Change::AddBackend {
+                vip,
+                addr,
+                weight: b.weight.unwrap_or(DEFAULT_WEIGHT),
+            }
+        }
+        "/v1/backends/remove" => {
+            let (vip, addr, b) = backend(req)?;
+            if_revision = b.if_revision;
+            Change::RemoveBackend { vip, addr }
+        }
+        path @ ("/v1/backends/drain" | "/v1/backends/undrain") => {
+            let (vip, addr, b) = backend(req)?;
+            if_revision = b.if_revision;
+            Change::Drain {
+                vip,
+                addr,
+                drained: path.ends_with("/drain"),
+            }
+        }
+        "/v1/backends/weight" => {
+            let (vip, addr, b) = backend(req)?;
+            if_revision = b.if_revision;
+            if b.over.is_some() {
+                return Err(err(
+                    400,
+                    "fleet mode: --over is not supported yet; set the weight in steps",
+                ));
+            }
+            let Some(weight) = b.weight else {
+                return Err(err(400, "weight is required"));
+            };
+            Change::Weight { vip, addr, weight }
+        }
+        "/v1/vips/add" => {
+            let r: VipRequest = body(req)?;
+            let vip = parse_vip(&r.vip)?;
+            let mode = parse_mode(r.mode.as_deref())?;
+            if_revision = r.if_revision;
+            Change::AddVip {
+                vip,
+                mode,
+                check: r.check.unwrap_or_else(|| "tcp".into()),
+            }
+        }
+        "/v1/vips/remove" => {
+            let r: VipRequest = body(req)?;
+            if_revision = r.if_revision;
+            Change::RemoveVip {
+                vip: parse_vip(&r.vip)?,
+            }
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some((change, if_revision)))
+}
+
+fn parse_mode(mode: Option<&str>) -> Result<ForwardMode, (u16, Value)> {
+    match mode {
+        Some("ipip") => Ok(ForwardMode::Ipip),
+        Some("l2dsr") => Ok(ForwardMode::L2dsr),
+        Some(m) => Err(err(400, format!("mode {m:?}: expected ipip or l2dsr"))),
+        None => Err(err(400, "mode is required (ipip or l2dsr)")),
+    }
+}
+
+/// The answer to a fleet change once this node has applied it: what the
+/// same request answers on a single node.
+pub fn fleet_answer(ctl: &Controller, change: &Change) -> (u16, Value) {
+    let vip_status = |vip: &VipSpec| ok(ctl.list().into_iter().find(|v| v.vip == vip.to_string()));
+    let backend_status = |vip: &VipSpec, addr: IpAddr| {
+        ctl.list()
+            .into_iter()
+            .find(|v| v.vip == vip.to_string())
+            .and_then(|v| v.backends.into_iter().find(|b| b.address == addr))
+            .map_or_else(|| err(404, format!("{addr} is not a backend of {vip}")), ok)
+    };
+    match change {
+        Change::AddBackend { vip, .. } | Change::AddVip { vip, .. } => vip_status(vip),
+        Change::RemoveBackend { vip, addr } => ok(BackendRemoved {
+            removed: *addr,
+            vip: vip.to_string(),
+        }),
+        Change::Drain { vip, addr, .. } | Change::Weight { vip, addr, .. } => {
+            backend_status(vip, *addr)
+        }
+        Change::RemoveVip { vip } => ok(VipRemoved {
+            removed: vip.to_string(),
+        }),
+    }
 }
 
 /// One arm per endpoint: the routing table reads best whole, which is why
@@ -177,7 +297,35 @@ fn route(
     fx: &mut SideEffects,
     installed: Option<&Installed>,
 ) -> Result<Routed, (u16, Value)> {
+    if ctl.fleet_mode()
+        && let Some((change, if_revision)) = fleet_change(req)?
+    {
+        return Ok(Routed::Fleet(Box::new(Handled::Fleet(change, if_revision))));
+    }
     let answer = match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/v1/fleet") | ("GET", "/v1/fleet/export") | ("POST", "/v1/fleet/import")
+            if !ctl.fleet_mode() =>
+        {
+            err(
+                409,
+                "this lbd is not in fleet mode (no [fleet] section in its configuration)",
+            )
+        }
+        ("GET", "/v1/fleet") => return Ok(Routed::Fleet(Box::new(Handled::FleetStatus))),
+        ("GET", "/v1/fleet/export") => return Ok(Routed::Fleet(Box::new(Handled::FleetExport))),
+        ("POST", "/v1/fleet/import") => {
+            let r: DiffRequest = body(req)?;
+            let path = std::path::Path::new(&r.file);
+            if !path.is_absolute() {
+                return Err(err(
+                    400,
+                    format!("file {:?} must be an absolute path", r.file),
+                ));
+            }
+            return Ok(Routed::Fleet(Box::new(Handled::FleetImport(Box::new(
+                read_config(path)?,
+            )))));
+        }
         ("GET", "/v1/vips") => ok(ctl.list()),
         ("GET", "/v1/node") => ok(ctl.node_status(installed)),
         ("POST", path @ ("/v1/node/drain" | "/v1/node/undrain")) => {
@@ -234,12 +382,7 @@ fn route(
         ("POST", "/v1/vips/add") => {
             let r: VipRequest = body(req)?;
             let vip = parse_vip(&r.vip)?;
-            let mode = match r.mode.as_deref() {
-                Some("ipip") => ForwardMode::Ipip,
-                Some("l2dsr") => ForwardMode::L2dsr,
-                Some(m) => return Err(err(400, format!("mode {m:?}: expected ipip or l2dsr"))),
-                None => return Err(err(400, "mode is required (ipip or l2dsr)")),
-            };
+            let mode = parse_mode(r.mode.as_deref())?;
             ctl.add_vip(vip, mode, r.check.as_deref().unwrap_or("tcp"))
                 .map_err(admin)?;
             ok(ctl.list().into_iter().find(|v| v.vip == vip.to_string()))

@@ -25,6 +25,10 @@ pub struct BackendRequest {
     /// `weight` only: reach it in steps over this long (`"60s"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub over: Option<String>,
+    /// Fleet mode: make the change only if the fleet's desired state is
+    /// still at this revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_revision: Option<i64>,
 }
 
 /// Body of `POST /v1/vips/add` and `/v1/vips/remove`.
@@ -38,6 +42,9 @@ pub struct VipRequest {
     /// `none`, `tcp` or `http:/PATH` (add only; default `tcp`).
     #[serde(default)]
     pub check: Option<String>,
+    /// Fleet mode: as in [`BackendRequest::if_revision`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_revision: Option<i64>,
 }
 
 /// Body of `POST /v1/explain`.

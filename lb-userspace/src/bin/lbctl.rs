@@ -25,6 +25,10 @@ struct Cli {
     /// Print the raw JSON answer.
     #[arg(long, global = true)]
     json: bool,
+    /// Fleet mode: make the change only if the fleet's desired state is
+    /// still at this revision (see `lbctl fleet status`); refused otherwise.
+    #[arg(long, global = true, value_name = "REVISION")]
+    if_revision: Option<i64>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -97,6 +101,11 @@ enum Cmd {
         #[command(subcommand)]
         action: NodeCmd,
     },
+    /// Fleet mode (lbd with [fleet]): the desired state in etcd.
+    Fleet {
+        #[command(subcommand)]
+        action: FleetCmd,
+    },
     /// Data-plane debug events (new flows, drops) on lbd's stdout: on or off.
     Debug {
         #[arg(value_parser = ["on", "off"])]
@@ -119,6 +128,18 @@ enum NodeCmd {
     Drain,
     /// Announce the VIPs again.
     Undrain,
+}
+
+#[derive(Subcommand)]
+enum FleetCmd {
+    /// Every live node: the revision it applied and its rings'
+    /// fingerprints; nodes that disagree are flagged.
+    Status,
+    /// The fleet's desired state as [[vip]] sections of a configuration file.
+    Export,
+    /// FILE's VIPs and backends become the fleet's desired state (drains
+    /// are cleared); every node applies them.
+    Import { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -164,7 +185,7 @@ enum SysctlAction {
 }
 
 fn dispatch(cli: Cli) -> Result<(), CliError> {
-    let lbd = Lbctl::new(cli.socket, cli.json);
+    let lbd = Lbctl::new(cli.socket, cli.json).if_revision(cli.if_revision);
     match cli.cmd {
         Cmd::List
         | Cmd::Vip {
@@ -203,6 +224,11 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             NodeCmd::Drain => NodeAction::Drain,
             NodeCmd::Undrain => NodeAction::Undrain,
         }),
+        Cmd::Fleet { action } => match action {
+            FleetCmd::Status => lbd.fleet_status(),
+            FleetCmd::Export => lbd.fleet_export(),
+            FleetCmd::Import { file } => lbd.fleet_import(&file),
+        },
         Cmd::Sysctl { action } => sysctl(action, cli.json),
     }
 }

@@ -76,6 +76,8 @@ impl CliError {
 pub struct Lbctl {
     socket: PathBuf,
     json: bool,
+    /// Fleet mode: changes only if the fleet is still at this revision.
+    if_revision: Option<i64>,
 }
 
 impl Lbctl {
@@ -83,7 +85,15 @@ impl Lbctl {
         Lbctl {
             socket: socket.into(),
             json,
+            if_revision: None,
         }
+    }
+
+    /// Fleet mode: every change made by this client is refused unless the
+    /// fleet's desired state is still at `revision` (`--if-revision`).
+    pub fn if_revision(mut self, revision: Option<i64>) -> Self {
+        self.if_revision = revision;
+        self
     }
 
     pub fn list(&self) -> Result<(), CliError> {
@@ -119,13 +129,66 @@ impl Lbctl {
         })
     }
 
+    fn backend_request(
+        &self,
+        vip: &str,
+        backend: &str,
+        weight: Option<u32>,
+    ) -> Result<Value, CliError> {
+        check_vip(vip)?;
+        check_backend(backend)?;
+        to_body(&BackendRequest {
+            vip: vip.to_owned(),
+            backend: backend.to_owned(),
+            weight,
+            over: None,
+            if_revision: self.if_revision,
+        })
+    }
+
+    /// `lbctl fleet status`: every live node, its applied revision and ring
+    /// fingerprints, and the nodes that disagree.
+    pub fn fleet_status(&self) -> Result<(), CliError> {
+        self.run("GET", "/v1/fleet", None, render::fleet_status)
+    }
+
+    /// `lbctl fleet export`: the fleet's desired state as `[[vip]]`
+    /// sections of a configuration file.
+    pub fn fleet_export(&self) -> Result<(), CliError> {
+        self.run("GET", "/v1/fleet/export", None, |v: &Value| {
+            v["toml"].as_str().unwrap_or_default().to_owned()
+        })
+    }
+
+    /// `lbctl fleet import FILE`: FILE's VIPs become the fleet's desired
+    /// state.
+    pub fn fleet_import(&self, file: &Path) -> Result<(), CliError> {
+        let abs = std::path::absolute(file)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+        if !abs.is_file() {
+            return Err(CliError::Usage(format!(
+                "{}: not a readable file",
+                file.display()
+            )));
+        }
+        let body = to_body(&DiffRequest {
+            file: abs.display().to_string(),
+        })?;
+        self.run("POST", "/v1/fleet/import", Some(body), |v: &Value| {
+            format!(
+                "imported: the fleet's desired state is at revision {}\n",
+                v["imported"]
+            )
+        })
+    }
+
     pub fn add_backend(&self, vip: &str, backend: &str, weight: u32) -> Result<(), CliError> {
-        let body = backend_request(vip, backend, Some(weight))?;
+        let body = self.backend_request(vip, backend, Some(weight))?;
         self.run("POST", "/v1/backends/add", Some(body), render::vip_answer)
     }
 
     pub fn remove_backend(&self, vip: &str, backend: &str) -> Result<(), CliError> {
-        let body = backend_request(vip, backend, None)?;
+        let body = self.backend_request(vip, backend, None)?;
         self.run(
             "POST",
             "/v1/backends/remove",
@@ -136,7 +199,7 @@ impl Lbctl {
 
     /// Drains (`drained`) or undrains `backend`.
     pub fn drain(&self, vip: &str, backend: &str, drained: bool) -> Result<(), CliError> {
-        let body = backend_request(vip, backend, None)?;
+        let body = self.backend_request(vip, backend, None)?;
         let path = if drained {
             "/v1/backends/drain"
         } else {
@@ -166,6 +229,7 @@ impl Lbctl {
             backend: backend.to_owned(),
             weight: Some(weight),
             over: over.map(str::to_owned),
+            if_revision: self.if_revision,
         })?;
         self.run("POST", "/v1/backends/weight", Some(body), |b| {
             render::backend_change(vip, b)
@@ -224,6 +288,7 @@ impl Lbctl {
             vip: vip.to_owned(),
             mode: Some(mode.to_owned()),
             check: Some(check.to_owned()),
+            if_revision: self.if_revision,
         })?;
         self.run("POST", "/v1/vips/add", Some(body), render::vip_answer)
     }
@@ -234,6 +299,7 @@ impl Lbctl {
             vip: vip.to_owned(),
             mode: None,
             check: None,
+            if_revision: self.if_revision,
         })?;
         self.run("POST", "/v1/vips/remove", Some(body), render::vip_removed)
     }
@@ -346,17 +412,6 @@ fn check_client(client: &str) -> Result<(), CliError> {
         CliError::Usage(format!(
             "client {client:?} is not ADDRESS:PORT (e.g. 198.18.0.10:40000 or [fd00::10]:40000)"
         ))
-    })
-}
-
-fn backend_request(vip: &str, backend: &str, weight: Option<u32>) -> Result<Value, CliError> {
-    check_vip(vip)?;
-    check_backend(backend)?;
-    to_body(&BackendRequest {
-        vip: vip.to_owned(),
-        backend: backend.to_owned(),
-        weight,
-        over: None,
     })
 }
 

@@ -122,6 +122,31 @@ pub fn config_diff(d: &crate::diff::ConfigDiff, verb: &str) -> String {
     out
 }
 
+/// `lbctl fleet status`.
+pub fn fleet_status(s: &crate::fleet::FleetStatus) -> String {
+    let mut out = format!(
+        "cluster {}: desired state at revision {}, {} live nodes\n",
+        s.cluster,
+        s.revision,
+        s.nodes.len()
+    );
+    for n in &s.nodes {
+        let flag = if s.disagreeing.contains(&n.node) {
+            "  DISAGREES"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "{} applied {}{flag}", n.node, n.applied_revision);
+        for (vip, fp) in &n.fingerprints {
+            let _ = writeln!(out, "  {vip} ring {fp}");
+        }
+    }
+    if s.disagreeing.is_empty() {
+        out.push_str("every node has applied the current revision and builds the same rings\n");
+    }
+    out
+}
+
 /// A VIP as a change left it (`add-backend`, `vip add`).
 pub fn vip_answer(v: &Option<VipStatus>) -> String {
     match v {

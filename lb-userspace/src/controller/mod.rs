@@ -161,6 +161,8 @@ pub struct Controller {
     ring_change: Option<String>,
     /// Saving the state file: failures, and the last error while it lasts.
     save_record: std::sync::Mutex<persist::SaveRecord>,
+    /// Fleet mode: VIPs and backends change through etcd, not the file.
+    fleet_mode: bool,
 }
 
 /// Ids for every VIP and backend: saved ones first (an adopted data
@@ -344,8 +346,18 @@ impl Controller {
     /// Validates and plans a start: the state file laid over the
     /// configuration, the interface and its MTU, ids, every backend's next
     /// hop. Nothing on the system changes.
-    pub async fn plan(mut config: Config, resolver: &Resolver) -> Result<Plan> {
-        let saved = persist::load(&config.state_file)?;
+    /// `fleet`: the drained backends of the fleet's desired state, whose
+    /// VIPs `config` carries: the state file then only keeps ids (and the
+    /// node's own drain), the desired state replaces runtime changes.
+    pub async fn plan(
+        mut config: Config,
+        resolver: &Resolver,
+        fleet: Option<&crate::fleet::desired::Drained>,
+    ) -> Result<Plan> {
+        let mut saved = persist::load(&config.state_file)?;
+        if let Some(drained) = fleet {
+            saved = persist::for_fleet(&config, saved, drained);
+        }
         let overlay = persist::merge(&mut config, &saved)?;
         persist::log_overridden(&overlay);
         let ifindex = resolver
@@ -422,6 +434,7 @@ impl Controller {
             attached: false,
             ring_change,
             save_record: Default::default(),
+            fleet_mode: false,
         };
         // Everything that can fail without writing a map comes first.
         ctl.build_runtime(&saved, &ids, &hops, &first_round)?;

@@ -189,6 +189,56 @@ pub fn remove_dirs(created: &[std::path::PathBuf]) {
     }
 }
 
+/// The state file as fleet mode reads it: the fleet's desired state
+/// (`config`'s VIPs and `drained`) stands for the runtime changes, with
+/// the ids the file recorded (an adopted data plane's rings and
+/// connection-table entries name them) and the node's own drain.
+pub fn for_fleet(
+    config: &Config,
+    saved: SavedState,
+    drained: &crate::fleet::desired::Drained,
+) -> SavedState {
+    let vips = config
+        .vips
+        .iter()
+        .map(|v| {
+            let name = v.spec.to_string();
+            let prior = saved.vips.get(&name);
+            let list = v
+                .backends
+                .iter()
+                .map(|b| SavedBackend {
+                    address: b.addr,
+                    weight: b.weight,
+                    drained: drained.contains(&(v.spec, b.addr)),
+                    id: prior
+                        .and_then(|l| l.iter().find(|s| s.address == b.addr))
+                        .and_then(|s| s.id),
+                })
+                .collect();
+            (name, list)
+        })
+        .collect();
+    let configured = config
+        .vips
+        .iter()
+        .map(|v| {
+            (
+                v.spec.to_string(),
+                v.backends.iter().map(|b| (b.addr, b.weight)).collect(),
+            )
+        })
+        .collect();
+    SavedState {
+        vips,
+        added_vips: BTreeMap::new(),
+        removed_vips: BTreeSet::new(),
+        configured,
+        vip_ids: saved.vip_ids,
+        node_drained: saved.node_drained,
+    }
+}
+
 /// Says which VIPs took the file's backends over runtime changes (at a
 /// start or a reload; a preview says it in its answer instead).
 pub fn log_overridden(overlay: &Overlay) {

@@ -119,8 +119,76 @@ impl Controller {
         file: Config,
         hops: &BTreeMap<IpAddr, anyhow::Result<NextHop>>,
     ) -> Result<Reloaded, AdminError> {
+        if self.fleet_mode {
+            return Err(invalid(
+                "fleet mode: VIPs and backends live in etcd, not in this file; change them with                  lbctl (on any node) or `lbctl fleet import FILE`. Nothing was changed",
+            ));
+        }
         let (merged, overlay) = self.merge_file(file)?;
         persist::log_overridden(&overlay);
+        let configured = overlay.configured;
+        let applied = self.apply_merged(merged, hops)?;
+        self.overlay.configured = configured;
+        Ok(applied)
+    }
+
+    /// Fleet mode: from now on VIPs and backends change only through
+    /// [`Controller::apply_desired`].
+    pub fn enter_fleet_mode(&mut self) {
+        self.fleet_mode = true;
+    }
+
+    pub fn fleet_mode(&self) -> bool {
+        self.fleet_mode
+    }
+
+    /// The backend addresses the fleet's desired `vips` add here (their
+    /// next hops are resolved first).
+    pub fn desired_needs(&self, vips: &[VipConfig]) -> Vec<IpAddr> {
+        let mut merged = self.config.clone();
+        merged.vips = vips.to_vec();
+        self.added_backends(&merged).into_iter().collect()
+    }
+
+    /// Fleet mode: applies the fleet's desired state as a reload applies a
+    /// file (only the difference), then its drains.
+    pub fn apply_desired(
+        &mut self,
+        vips: Vec<VipConfig>,
+        drained: &crate::fleet::desired::Drained,
+        hops: &BTreeMap<IpAddr, anyhow::Result<NextHop>>,
+    ) -> Result<Reloaded, AdminError> {
+        let mut merged = self.config.clone();
+        merged.vips = vips;
+        let out = self.apply_merged(merged, hops)?;
+        let now = Instant::now();
+        for v in 0..self.vips.len() {
+            let spec = self.vips[v].config.spec;
+            let mut changed = false;
+            for b in &mut self.vips[v].backends {
+                let want = drained.contains(&(spec, b.status.address));
+                if b.status.drained != want {
+                    b.cancel_ramp(now);
+                    if !want {
+                        b.member_since = Some(now);
+                    }
+                    b.status.drained = want;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.refresh_vip(v, now)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies an already merged state: VIPs removed, changed and added.
+    fn apply_merged(
+        &mut self,
+        merged: Config,
+        hops: &BTreeMap<IpAddr, anyhow::Result<NextHop>>,
+    ) -> Result<Reloaded, AdminError> {
         let diff = self.diff_to(&merged)?;
         let added = self.added_backends(&merged);
         for addr in &added {
@@ -191,7 +259,6 @@ impl Controller {
             }
         }
         self.config.vips = merged.vips;
-        self.overlay.configured = overlay.configured;
         Ok(out)
     }
 

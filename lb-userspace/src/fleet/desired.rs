@@ -314,6 +314,87 @@ impl Desired {
         Ok(())
     }
 
+    /// The `[[vip]]` sections of a configuration file saying the same
+    /// (`lbctl fleet export`); drains, which a file cannot hold, as
+    /// comments.
+    pub fn to_toml(&self, revision: i64) -> String {
+        use std::fmt::Write;
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+        let mut out = format!(
+            "# The fleet's desired state at revision {revision}; it was built with\n\
+             # [dataplane] hash_seed = {} and ring_size = {}.\n",
+            self.hash_seed, self.ring_size
+        );
+        for v in &self.vips {
+            let _ = write!(
+                out,
+                "\n[[vip]]\naddress = {}\nmode = {}\n",
+                q(&v.address.to_string()),
+                q(&v.mode.to_string())
+            );
+            if v.slowstart_ms > 0 {
+                let _ = writeln!(out, "slowstart = \"{}ms\"", v.slowstart_ms);
+            }
+            if v.min_healthy_permille > 0 {
+                let _ = writeln!(
+                    out,
+                    "min_healthy = {}",
+                    f64::from(v.min_healthy_permille) / 1000.0
+                );
+            }
+            if let Some(n) = v.min_healthy_backends {
+                let _ = writeln!(out, "min_healthy_backends = {n}");
+            }
+            let c = &v.check;
+            let _ = write!(
+                out,
+                "[vip.health_check]\ntype = {}\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nrise = {}\nfall = {}\n\
+                 fastinter = \"{}ms\"\ndowninter = \"{}ms\"\nflap_limit = {}\nflap_window = \"{}ms\"\nflap_hold = \"{}ms\"\n",
+                q(&c.kind),
+                c.interval_ms,
+                c.timeout_ms,
+                c.rise,
+                c.fall,
+                c.fastinter_ms,
+                c.downinter_ms,
+                c.flap_limit,
+                c.flap_window_ms,
+                c.flap_hold_ms
+            );
+            if let Some(p) = c.port {
+                let _ = writeln!(out, "port = {p}");
+            }
+            for (name, value) in [
+                ("path", &c.path),
+                ("host", &c.host),
+                ("payload", &c.payload),
+                ("expect", &c.expect),
+            ] {
+                if let Some(value) = value {
+                    let _ = writeln!(out, "{name} = {}", q(value));
+                }
+            }
+            if let Some(st) = c.expect_status {
+                let _ = writeln!(out, "expect_status = {st}");
+            }
+            for b in &v.backends {
+                let _ = write!(
+                    out,
+                    "[[vip.backend]]\naddress = {}\nweight = {}\n",
+                    q(&b.address.to_string()),
+                    b.weight
+                );
+                if let Some(ms) = b.slowstart_ms {
+                    let _ = writeln!(out, "slowstart = \"{ms}ms\"");
+                }
+                if b.drained {
+                    out.push_str("# drained in the fleet (lbctl drain)\n");
+                }
+            }
+        }
+        out
+    }
+
     fn vip_mut(&mut self, vip: &VipSpec) -> Result<&mut DesiredVip, AdminError> {
         self.vips
             .iter_mut()
@@ -424,6 +505,17 @@ mod tests {
         assert!(drained.is_empty());
         assert_eq!((d.hash_seed, d.ring_size), (7, 65537));
         d.validate(encap(), 64, 4096).unwrap();
+    }
+
+    #[test]
+    fn an_export_reads_back_as_the_same_state() {
+        let c = Config::parse("lb.toml", FILE).unwrap();
+        let d = Desired::from_config(&c);
+        let head = FILE.split("[[vip]]").next().unwrap();
+        let text = format!("{head}{}", d.to_toml(42));
+        assert!(text.contains("revision 42"), "{text}");
+        let back = Config::parse("export.toml", &text).unwrap();
+        assert_eq!(Desired::from_config(&back), d, "{text}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   stops renewing disappears from `lbctl fleet status`.
 
 pub mod desired;
+pub mod node;
 
 use std::{collections::BTreeMap, time::Duration};
 

@@ -1,0 +1,180 @@
+//! Fleet mode: three LB nodes behind the ECMP router share their desired
+//! state through etcd (one member, in the router's namespace). A change
+//! made with lbctl on one node reaches every node, whose rings then agree
+//! (identical fingerprints); concurrent changes against one revision are
+//! refused, not lost; with etcd down the fleet keeps forwarding and changes
+//! are refused, and once it is back changes apply everywhere again.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{HttpConn, etcd::Etcd, fleet::Fleet};
+use lb_userspace::{api::VipStatus, fleet::FleetStatus};
+
+const N: usize = 3;
+
+fn vip_name() -> String {
+    format!("{}:80/tcp", lb_tests::fleet::vips()[0])
+}
+
+fn vip_of(fleet: &Fleet, node: usize) -> VipStatus {
+    let list: Vec<VipStatus> =
+        serde_json::from_str(&fleet.lbctl(node, &["list", "--json"]).unwrap()).unwrap();
+    list.into_iter().find(|v| v.vip == vip_name()).unwrap()
+}
+
+/// Waits until every node passes `f`; returns how long it took.
+fn until_all(fleet: &Fleet, what: &str, f: impl Fn(&VipStatus) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let views: Vec<VipStatus> = (0..N).map(|i| vip_of(fleet, i)).collect();
+        let same = views
+            .windows(2)
+            .all(|w| w[0].ring_fingerprint == w[1].ring_fingerprint);
+        if same && views.iter().all(&f) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: not on every node with one ring: {:?}",
+            views
+                .iter()
+                .map(|v| (&v.ring_fingerprint, v.backends.len()))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status(fleet: &Fleet, node: usize) -> FleetStatus {
+    serde_json::from_str(&fleet.lbctl(node, &["fleet", "status", "--json"]).unwrap()).unwrap()
+}
+
+/// `lbctl --socket node ARGS`: exit code and stderr.
+fn try_lbctl(fleet: &Fleet, node: usize, args: &[&str]) -> (i32, String) {
+    let (code, _, err) = lb_tests::lbctl_output(&fleet.socket(node), args).unwrap();
+    (code, err)
+}
+
+#[test]
+fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
+    let mut fleet = Fleet::prepare(N, 3, true).unwrap();
+    let router = fleet.t.router().clone();
+    let mut etcd = Etcd::start(&fleet.t, router.ns(), router.ipv4().into()).unwrap();
+    let (endpoint, cluster) = (etcd.endpoint(), fleet.t.id().to_owned());
+    fleet
+        .add_nodes(N, |_| lb_tests::fleet::SEED, |i| {
+            format!(
+                "[fleet]\nendpoints = [\"{endpoint}\"]\ncluster = \"{cluster}\"\nnode = \"node{i}\"\nlease = \"3s\"\n"
+            )
+        })
+        .unwrap();
+    let vip = vip_name();
+    let b2 = fleet.t.backend(2).ipv4().to_string();
+
+    // Seeded by the first node; every node reports in, with one ring.
+    let s = status(&fleet, 2);
+    assert_eq!(s.nodes.len(), N, "{s:?}");
+    assert!(s.disagreeing.is_empty(), "{s:?}");
+    until_all(&fleet, "start", |v| v.backends.len() == 3);
+
+    // A backend removed on node 0, added back on node 1.
+    fleet.lbctl(0, &["remove-backend", &vip, &b2]).unwrap();
+    let removed = until_all(&fleet, "removal", |v| v.backends.len() == 2);
+    let started = Instant::now();
+    fleet.lbctl(1, &["add-backend", &vip, &b2]).unwrap();
+    until_all(&fleet, "addition", |v| {
+        v.backends
+            .iter()
+            .any(|b| b.address.to_string() == b2 && b.effective_weight > 0)
+    });
+    // From the command to every node forwarding to it with one ring.
+    let added = started.elapsed();
+    eprintln!(
+        "fleet: a removal on node 0 was on every node with identical rings after {removed:?}, \
+         an addition on node 1 (including its first check) after {added:?}"
+    );
+    assert!(added < Duration::from_secs(1), "{added:?}");
+    // The new backend serves through whichever node the router picks.
+    let target = SocketAddr::new(lb_tests::fleet::vips()[0], 80);
+    let name = fleet.t.backend(2).name().to_owned();
+    let hits = fleet
+        .t
+        .in_client(move || {
+            (0..60)
+                .filter(|_| {
+                    HttpConn::connect(target, Duration::from_secs(2))
+                        .and_then(|mut c| c.get("/"))
+                        .is_ok_and(|r| r.text().trim() == name)
+                })
+                .count()
+        })
+        .unwrap();
+    assert!(hits > 0, "no new connection reached the added backend");
+
+    // Two changes at once against the same revision: one applies.
+    let revision = status(&fleet, 0).revision.to_string();
+    let b0 = fleet.t.backend(0).ipv4().to_string();
+    let b1 = fleet.t.backend(1).ipv4().to_string();
+    let first = try_lbctl(
+        &fleet,
+        0,
+        &["--if-revision", &revision, "set-weight", &vip, &b0, "200"],
+    );
+    let second = try_lbctl(
+        &fleet,
+        2,
+        &["--if-revision", &revision, "set-weight", &vip, &b1, "300"],
+    );
+    assert_eq!(first.0, 0, "{}", first.1);
+    assert_eq!(second.0, 1, "{}", second.1);
+    assert!(second.1.contains("changed"), "{}", second.1);
+    until_all(&fleet, "the first change", |v| {
+        v.backends.iter().any(|b| b.weight == 200) && v.backends.iter().all(|b| b.weight != 300)
+    });
+
+    // etcd down: forwarding goes on, changes are refused.
+    etcd.kill();
+    let (code, err) = try_lbctl(&fleet, 1, &["set-weight", &vip, &b1, "150"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("etcd"), "{err}");
+    let ok = fleet
+        .t
+        .in_client(move || {
+            (0..30)
+                .filter(|_| {
+                    HttpConn::connect(target, Duration::from_secs(2))
+                        .and_then(|mut c| c.get("/"))
+                        .is_ok()
+                })
+                .count()
+        })
+        .unwrap();
+    assert_eq!(ok, 30, "forwarding while etcd is down");
+    // Back: a change applies on every node.
+    etcd.resume(&fleet.t).unwrap();
+    let started = Instant::now();
+    loop {
+        let (code, err) = try_lbctl(&fleet, 1, &["set-weight", &vip, &b1, "150"]);
+        if code == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "etcd back, but changes are still refused: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    until_all(&fleet, "a change after etcd came back", |v| {
+        v.backends.iter().any(|b| b.weight == 150)
+    });
+    let addr: IpAddr = b1.parse().unwrap();
+    assert!(
+        vip_of(&fleet, 2)
+            .backends
+            .iter()
+            .any(|b| b.address == addr && b.weight == 150)
+    );
+}
