@@ -326,6 +326,7 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
     let (fleet, fleet_rx) = match (fleet, ctl.config().fleet.clone()) {
         (Some((store, desired, revision, _)), Some(cfg)) => {
             ctl.enter_fleet_mode();
+            ctl.agree_on_health(true, std::time::Instant::now());
             let (node, rx) = FleetNode::run(&cfg, store, desired, revision, &ctl);
             (Some(node), Some(rx))
         }
@@ -663,6 +664,20 @@ impl Daemon {
                 change,
                 result,
             } => answers.extend(f.written(&self.ctl, call, change, result)),
+            FleetMsg::Views(views) => {
+                for a in f.views(&mut self.ctl, views) {
+                    tracing::warn!(vip = %a.vip, backend = %a.status.address, health = ?a.status.health, "backend health agreed by the fleet changed");
+                    event(json!({
+                        "event": "backend",
+                        "vip": a.vip,
+                        "backend": a.status.address,
+                        "health": a.status.health,
+                        "state": a.status.state,
+                        "reason": "agreed by the fleet",
+                    }));
+                }
+                self.reannounce();
+            }
             FleetMsg::Status { call, result } => answers.push((
                 call,
                 match result {
@@ -794,6 +809,9 @@ impl Daemon {
             f.report(&self.ctl);
         }
         match applied {
+            Ok(Some(a)) if self.ctl.agreeing_on_health() => {
+                tracing::info!(vip = %a.vip, backend = %a.status.address, health = ?ev.health, reason = %ev.reason, "this node's checks changed their view; the fleet decides");
+            }
             Ok(Some(a)) => {
                 let (vip, status) = (&a.vip, &a.status);
                 tracing::warn!(%vip, backend = %status.address, health = ?ev.health, reason = %ev.reason, "backend health changed");

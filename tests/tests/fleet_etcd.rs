@@ -114,6 +114,27 @@ fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
         .unwrap();
     assert!(hits > 0, "no new connection reached the added backend");
 
+    // A backend down from one node only (its checks blocked there): the
+    // fleet's rule keeps it in on every node, rings identical. Down from
+    // two of three: out everywhere, the third node included.
+    fleet.block_checks(0, true).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    until_all(&fleet, "one node's view", |v| {
+        v.backends.iter().all(|b| b.effective_weight > 0)
+    });
+    fleet.block_checks(1, true).unwrap();
+    let out = until_all(&fleet, "two nodes' view", |v| {
+        v.backends.iter().all(|b| b.effective_weight == 0)
+    });
+    fleet.block_checks(0, false).unwrap();
+    fleet.block_checks(1, false).unwrap();
+    let back = until_all(&fleet, "checks pass again", |v| {
+        v.backends.iter().all(|b| b.effective_weight > 0)
+    });
+    eprintln!(
+        "fleet: backends seen down by 2 of 3 nodes left every ring within {out:?}, came back within {back:?}"
+    );
+
     // Two changes at once against the same revision: one applies.
     let revision = status(&fleet, 0).revision.to_string();
     let b0 = fleet.t.backend(0).ipv4().to_string();
@@ -153,6 +174,31 @@ fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
         })
         .unwrap();
     assert_eq!(ok, 30, "forwarding while etcd is down");
+    // The documented choice while etcd is away longer than the lease: each
+    // node decides health from its own checks (a dead backend must leave
+    // the rings; nodes may disagree meanwhile).
+    std::thread::sleep(Duration::from_secs(4));
+    fleet.block_checks(0, true).unwrap();
+    let started = Instant::now();
+    while vip_of(&fleet, 0)
+        .backends
+        .iter()
+        .any(|b| b.effective_weight > 0)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "node 0 alone did not act on its checks"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        vip_of(&fleet, 1)
+            .backends
+            .iter()
+            .all(|b| b.effective_weight > 0),
+        "node 1's checks still pass"
+    );
+    fleet.block_checks(0, false).unwrap();
     // Back: a change applies on every node.
     etcd.resume(&fleet.t).unwrap();
     let started = Instant::now();

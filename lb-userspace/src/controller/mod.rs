@@ -79,11 +79,16 @@ struct BackendRt {
     member_since: Option<Instant>,
     ramp: Option<WeightRamp>,
     flaps: FlapRecord,
+    /// What this node's own checks say. On a single node (and in a fleet
+    /// that lost etcd) it is `status.health`; in a fleet, `status.health`
+    /// is the health the fleet agreed on.
+    local: Health,
 }
 
 impl BackendRt {
     fn new(status: BackendStatus, hop: NextHop, token: u64) -> Self {
         BackendRt {
+            local: status.health,
             status,
             hop,
             token,
@@ -163,6 +168,9 @@ pub struct Controller {
     save_record: std::sync::Mutex<persist::SaveRecord>,
     /// Fleet mode: VIPs and backends change through etcd, not the file.
     fleet_mode: bool,
+    /// Fleet mode with etcd answering: health is what the fleet agreed on,
+    /// not this node's own checks.
+    agreed_health: bool,
 }
 
 /// Ids for every VIP and backend: saved ones first (an adopted data
@@ -435,6 +443,7 @@ impl Controller {
             ring_change,
             save_record: Default::default(),
             fleet_mode: false,
+            agreed_health: false,
         };
         // Everything that can fail without writing a map comes first.
         ctl.build_runtime(&saved, &ids, &hops, &first_round)?;
@@ -555,14 +564,116 @@ impl Controller {
             // From the checker of a removed backend whose id was reused.
             return Ok(None);
         }
-        let damping = self.vips[v].config.health_check.flap;
         let rt = &mut self.vips[v].backends[b];
-        let was = rt.status.health;
-        if was == ev.health {
+        if rt.local == ev.health {
             // From a checker restarted with the state it reports.
             return Ok(None);
         }
-        rt.status.health = ev.health;
+        rt.local = ev.health;
+        if self.agreed_health {
+            // The fleet decides; this node's view goes into its report.
+            return Ok(Some(HealthApplied {
+                vip: self.vips[v].config.spec.to_string(),
+                status: self.vips[v].backends[b].status.clone(),
+                flap_hold: None,
+            }));
+        }
+        self.apply_health(v, b, ev.health, now)
+    }
+
+    /// Fleet mode: the health the fleet agreed on for a backend.
+    pub fn set_agreed_health(
+        &mut self,
+        vip: &VipSpec,
+        addr: IpAddr,
+        health: Health,
+        now: Instant,
+    ) -> Result<Option<HealthApplied>> {
+        let Ok(v) = self.vip_index(vip) else {
+            return Ok(None);
+        };
+        let Ok(b) = self.backend_index(v, addr) else {
+            return Ok(None);
+        };
+        self.apply_health(v, b, health, now)
+    }
+
+    /// Fleet mode: decide health from the fleet's agreement (`true`) or,
+    /// when etcd has been away longer than the lease, from this node's own
+    /// checks (`false`: every backend takes its local state at once).
+    pub fn agree_on_health(&mut self, agreed: bool, now: Instant) -> Vec<HealthApplied> {
+        self.agreed_health = agreed;
+        let mut out = Vec::new();
+        if agreed {
+            return out;
+        }
+        for v in 0..self.vips.len() {
+            for b in 0..self.vips[v].backends.len() {
+                let local = self.vips[v].backends[b].local;
+                match self.apply_health(v, b, local, now) {
+                    Ok(Some(a)) => out.push(a),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "applying local health"),
+                }
+            }
+        }
+        out
+    }
+
+    pub fn agreeing_on_health(&self) -> bool {
+        self.agreed_health
+    }
+
+    /// Each VIP's backends this node's checks see up and down (unchecked
+    /// ones in neither), for its fleet report.
+    pub fn local_views(&self) -> BTreeMap<String, (Vec<IpAddr>, Vec<IpAddr>)> {
+        self.vips
+            .iter()
+            .map(|v| {
+                let pick = |h: Health| {
+                    v.backends
+                        .iter()
+                        .filter(|b| b.local == h)
+                        .map(|b| b.status.address)
+                        .collect()
+                };
+                (
+                    v.config.spec.to_string(),
+                    (pick(Health::Up), pick(Health::Down)),
+                )
+            })
+            .collect()
+    }
+
+    /// The agreed health of every backend, for the fleet's agreement.
+    pub fn agreed_views(&self) -> Vec<(VipSpec, IpAddr, Health)> {
+        self.vips
+            .iter()
+            .flat_map(|v| {
+                v.backends
+                    .iter()
+                    .map(move |b| (v.config.spec, b.status.address, b.status.health))
+            })
+            .collect()
+    }
+
+    /// A backend's health changes: counted towards flap damping (a first
+    /// result is news, not a change), then its VIP's ring.
+    fn apply_health(
+        &mut self,
+        v: usize,
+        b: usize,
+        health: Health,
+        now: Instant,
+    ) -> Result<Option<HealthApplied>> {
+        let damping = self.vips[v].config.health_check.flap;
+        let rt = &mut self.vips[v].backends[b];
+        let was = rt.status.health;
+        if was == health {
+            return Ok(None);
+        }
+        let ev_health = health;
+        rt.status.health = health;
         let mut hold = None;
         if was != Health::Unchecked {
             rt.status.health_changes += 1;
@@ -571,7 +682,7 @@ impl Controller {
             }
         }
         rt.status.flap_held = rt.flaps.held();
-        if ev.health == Health::Up && rt.status.state != BackendState::Up {
+        if ev_health == Health::Up && rt.status.state != BackendState::Up {
             rt.member_since = Some(now);
         }
         self.refresh_vip(v, now)?;
@@ -634,7 +745,7 @@ impl Controller {
                 id: b.status.id,
                 addr: SocketAddr::new(b.status.address, port),
                 check: rt.config.health_check.clone(),
-                initial: b.status.health,
+                initial: b.local,
                 token: b.token,
             })
             .collect()

@@ -355,6 +355,7 @@ impl Controller {
                     b.status.health = Health::Up;
                     b.member_since = Some(now);
                 }
+                b.local = Health::Up;
             }
         }
         self.refresh_vip(v, now)?;

@@ -34,6 +34,40 @@ pub struct NodeReport {
     pub applied_revision: i64,
     /// Per VIP, its live ring's fingerprint.
     pub fingerprints: BTreeMap<String, String>,
+    /// Per VIP, the backends this node's own checks see up, and down
+    /// (neither: not checked yet): its vote in the fleet's agreement.
+    #[serde(default)]
+    pub up: BTreeMap<String, Vec<std::net::IpAddr>>,
+    #[serde(default)]
+    pub down: BTreeMap<String, Vec<std::net::IpAddr>>,
+}
+
+/// The fleet's rule for a backend's health: up when more than half of the
+/// live nodes' checks see it up, down when more than half see it down,
+/// otherwise as it was (a split or an absent vote changes nothing). Every
+/// node computes it from the same reports, so every node builds the same
+/// ring; a node whose checks alone fail (its own path to the backend) does
+/// not take the backend out of the fleet.
+pub fn agree(
+    reports: &[NodeReport],
+    vip: &str,
+    addr: std::net::IpAddr,
+    previous: crate::health::Health,
+) -> crate::health::Health {
+    use crate::health::Health;
+    let votes = |side: &BTreeMap<String, Vec<std::net::IpAddr>>| -> usize {
+        usize::from(side.get(vip).is_some_and(|l| l.contains(&addr)))
+    };
+    let live = reports.len();
+    let up: usize = reports.iter().map(|r| votes(&r.up)).sum();
+    let down: usize = reports.iter().map(|r| votes(&r.down)).sum();
+    if up * 2 > live {
+        Health::Up
+    } else if down * 2 > live {
+        Health::Down
+    } else {
+        previous
+    }
 }
 
 /// `lbctl fleet status`: every live node, and whether their rings agree.
@@ -331,8 +365,8 @@ impl Store {
         }
     }
 
-    /// Every live node's report, and the desired state's revision.
-    pub async fn status(&self, cluster: &str) -> Result<FleetStatus> {
+    /// Every live node's report.
+    pub async fn reports(&self) -> Result<Vec<NodeReport>> {
         let mut c = self.client.clone();
         let r = self
             .bounded(
@@ -340,11 +374,15 @@ impl Store {
                 c.get(self.nodes_prefix(), Some(GetOptions::new().with_prefix())),
             )
             .await?;
-        let nodes = r
-            .kvs()
+        Ok(r.kvs()
             .iter()
             .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
-            .collect();
+            .collect())
+    }
+
+    /// Every live node's report, and the desired state's revision.
+    pub async fn status(&self, cluster: &str) -> Result<FleetStatus> {
+        let nodes = self.reports().await?;
         let revision = self.desired().await?.map_or(0, |(_, rev)| rev);
         Ok(FleetStatus::new(cluster.to_owned(), revision, nodes))
     }
@@ -359,7 +397,39 @@ mod tests {
             node: node.into(),
             applied_revision: rev,
             fingerprints: BTreeMap::from([("198.18.100.1:80/tcp".to_owned(), fp.to_owned())]),
+            up: BTreeMap::new(),
+            down: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_backend_leaves_when_most_live_nodes_see_it_down() {
+        use crate::health::Health;
+        let vip = "198.18.100.1:80/tcp";
+        let b: std::net::IpAddr = "198.18.0.20".parse().unwrap();
+        let vote = |node: &str, up: bool| {
+            let mut r = report(node, 1, "aa");
+            let side = if up { &mut r.up } else { &mut r.down };
+            side.insert(vip.to_owned(), vec![b]);
+            r
+        };
+        let one_down = [vote("a", true), vote("b", true), vote("c", false)];
+        assert_eq!(
+            agree(&one_down, vip, b, Health::Up),
+            Health::Up,
+            "one node's view"
+        );
+        let two_down = [vote("a", true), vote("b", false), vote("c", false)];
+        assert_eq!(agree(&two_down, vip, b, Health::Up), Health::Down);
+        // A split (one node not voting yet) keeps what was agreed.
+        let split = [vote("a", true), vote("b", false), report("c", 1, "aa")];
+        assert_eq!(agree(&split, vip, b, Health::Down), Health::Down);
+        assert_eq!(agree(&split, vip, b, Health::Up), Health::Up);
+        // A new backend enters once most nodes' checks passed.
+        let fresh = [vote("a", true), vote("b", true), report("c", 1, "aa")];
+        assert_eq!(agree(&fresh, vip, b, Health::Unchecked), Health::Up);
+        // A single node decides alone.
+        assert_eq!(agree(&[vote("a", false)], vip, b, Health::Up), Health::Down);
     }
 
     #[test]

@@ -44,7 +44,13 @@ pub enum FleetMsg {
         call: ApiCall,
         result: Result<FleetStatus>,
     },
+    /// Every live node's report (or why they could not be read).
+    Views(Result<Vec<NodeReport>>),
 }
+
+/// How often the nodes' reports are read for the health agreement: a
+/// health change reaches every ring within about this (plus a check).
+const VIEWS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The fleet's desired state at start: read from etcd, or seeded there from
 /// `config` when the cluster has none yet. `config`'s VIPs become the
@@ -114,6 +120,10 @@ pub struct FleetNode {
     /// An update is being resolved; the newest later one waits here.
     busy: bool,
     queued: Option<Update>,
+    /// When the nodes' reports were last read: etcd away longer than the
+    /// lease, this node falls back to its own checks.
+    views_read: std::time::Instant,
+    lease: std::time::Duration,
 }
 
 impl FleetNode {
@@ -139,6 +149,17 @@ impl FleetNode {
                 }
             }
         });
+        let (views_store, views_tx) = (store.clone(), tx.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(VIEWS_INTERVAL);
+            loop {
+                tick.tick().await;
+                let views = views_store.reports().await;
+                if views_tx.send(FleetMsg::Views(views)).await.is_err() {
+                    return;
+                }
+            }
+        });
         let node = FleetNode {
             store,
             cluster: cfg.cluster.clone(),
@@ -149,6 +170,8 @@ impl FleetNode {
             pending: Vec::new(),
             busy: false,
             queued: None,
+            views_read: std::time::Instant::now(),
+            lease: cfg.lease,
         };
         (node, rx)
     }
@@ -266,6 +289,54 @@ impl FleetNode {
                 ),
             )),
         }
+    }
+
+    /// The nodes' reports came (or not): each backend takes the health the
+    /// fleet agrees on ([`super::agree`]); with etcd away longer than the
+    /// lease, this node decides from its own checks until it is back.
+    /// Returns the changes applied, for the log.
+    pub fn views(
+        &mut self,
+        ctl: &mut Controller,
+        views: Result<Vec<NodeReport>>,
+    ) -> Vec<crate::controller::HealthApplied> {
+        let now = std::time::Instant::now();
+        let reports = match views {
+            Ok(r) if !r.is_empty() => r,
+            Ok(_) => return Vec::new(),
+            Err(e) => {
+                if ctl.agreeing_on_health() && now.duration_since(self.views_read) > self.lease {
+                    tracing::warn!(error = %format!("{e:#}"), "fleet: etcd away longer than the lease: health from this node's own checks until it is back");
+                    crate::daemon::event(json!({"event": "fleet_health", "agreed": false}));
+                    return ctl.agree_on_health(false, now);
+                }
+                return Vec::new();
+            }
+        };
+        self.views_read = now;
+        if !ctl.agreeing_on_health() {
+            tracing::info!("fleet: health agreed by the fleet again");
+            crate::daemon::event(json!({"event": "fleet_health", "agreed": true}));
+            ctl.agree_on_health(true, now);
+        }
+        let mut out = Vec::new();
+        for (vip, addr, was) in ctl.agreed_views() {
+            let agreed = super::agree(&reports, &vip.to_string(), addr, was);
+            if agreed == was {
+                continue;
+            }
+            match ctl.set_agreed_health(&vip, addr, agreed, now) {
+                Ok(Some(a)) => out.push(a),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "fleet: applying agreed health")
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.report(ctl);
+        }
+        out
     }
 
     /// `lbctl fleet status`, read in a task of its own.
@@ -405,6 +476,12 @@ fn answer(ctl: &Controller, change: Option<&Change>, applied: i64) -> (u16, Valu
 }
 
 fn node_report(node: &str, applied: i64, ctl: &Controller) -> NodeReport {
+    let mut up = BTreeMap::new();
+    let mut down = BTreeMap::new();
+    for (vip, (u, d)) in ctl.local_views() {
+        up.insert(vip.clone(), u);
+        down.insert(vip, d);
+    }
     NodeReport {
         node: node.to_owned(),
         applied_revision: applied,
@@ -413,5 +490,7 @@ fn node_report(node: &str, applied: i64, ctl: &Controller) -> NodeReport {
             .into_iter()
             .map(|v| (v.vip, v.ring_fingerprint))
             .collect(),
+        up,
+        down,
     }
 }
