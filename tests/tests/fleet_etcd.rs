@@ -52,25 +52,38 @@ fn status(fleet: &Fleet, node: usize) -> FleetStatus {
     serde_json::from_str(&fleet.lbctl(node, &["fleet", "status", "--json"]).unwrap()).unwrap()
 }
 
+/// A change through lbctl on `node`, which must be accepted.
+fn change(fleet: &Fleet, node: usize, args: &[&str]) {
+    let (code, err) = try_lbctl(fleet, node, args);
+    assert_eq!(code, 0, "lbctl {args:?} on node {node}: {err}");
+}
+
 /// `lbctl --socket node ARGS`: exit code and stderr.
 fn try_lbctl(fleet: &Fleet, node: usize, args: &[&str]) -> (i32, String) {
     let (code, _, err) = lb_tests::lbctl_output(&fleet.socket(node), args).unwrap();
     (code, err)
 }
 
-#[test]
-fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
-    let mut fleet = Fleet::prepare(N, 3, true).unwrap();
+/// Three nodes in fleet mode behind the router, with `backends` backends
+/// and an etcd cluster of `members` members in the router's namespace.
+fn fleet_in_etcd(backends: usize, members: usize) -> (Fleet, Etcd) {
+    let mut fleet = Fleet::prepare(N, backends, true).unwrap();
     let router = fleet.t.router().clone();
-    let mut etcd = Etcd::start(&fleet.t, router.ns(), router.ipv4().into()).unwrap();
-    let (endpoint, cluster) = (etcd.endpoint(), fleet.t.id().to_owned());
+    let etcd = Etcd::start_cluster(&fleet.t, router.ns(), router.ipv4().into(), members).unwrap();
+    let (endpoints, cluster) = (etcd.endpoints(), fleet.t.id().to_owned());
     fleet
         .add_nodes(N, |_| lb_tests::fleet::SEED, |i| {
             format!(
-                "[fleet]\nendpoints = [\"{endpoint}\"]\ncluster = \"{cluster}\"\nnode = \"node{i}\"\nlease = \"3s\"\n"
+                "[fleet]\nendpoints = [{endpoints}]\ncluster = \"{cluster}\"\nnode = \"node{i}\"\nlease = \"3s\"\n"
             )
         })
         .unwrap();
+    (fleet, etcd)
+}
+
+#[test]
+fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
+    let (fleet, mut etcd) = fleet_in_etcd(3, 1);
     let vip = vip_name();
     let b2 = fleet.t.backend(2).ipv4().to_string();
 
@@ -157,7 +170,7 @@ fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
     });
 
     // etcd down: forwarding goes on, changes are refused.
-    etcd.kill();
+    etcd.kill(0);
     let (code, err) = try_lbctl(&fleet, 1, &["set-weight", &vip, &b1, "150"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("etcd"), "{err}");
@@ -200,7 +213,7 @@ fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
     );
     fleet.block_checks(0, false).unwrap();
     // Back: a change applies on every node.
-    etcd.resume(&fleet.t).unwrap();
+    etcd.resume(&fleet.t, 0).unwrap();
     let started = Instant::now();
     loop {
         let (code, err) = try_lbctl(&fleet, 1, &["set-weight", &vip, &b1, "150"]);
@@ -223,4 +236,75 @@ fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
             .iter()
             .any(|b| b.address == addr && b.weight == 150)
     );
+}
+
+/// The fleet's promise under change: while long-lived connections run,
+/// nodes are drained, killed and brought back and backends are added and
+/// removed through lbctl on different nodes, no request fails on a
+/// connection whose backend stays; and losing one of three etcd members
+/// changes nothing.
+#[test]
+fn connections_survive_changes_from_any_node_and_an_etcd_member_lost() {
+    let (mut fleet, mut etcd) = fleet_in_etcd(4, 3);
+    let vip = vip_name();
+    let b3 = fleet.t.backend(3).ipv4().to_string();
+    // Backend 3 out before the connections open: none of them is on it, so
+    // adding and removing it later must break none.
+    fleet.lbctl(2, &["remove-backend", &vip, &b3]).unwrap();
+    until_all(&fleet, "backend 3 out", |v| v.backends.len() == 3);
+    let load = lb_tests::fleet::LongLived::start(&fleet.t, 40).unwrap();
+    let settle = |load: &lb_tests::fleet::LongLived| {
+        let want = load.requests() + 3 * 80;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while load.requests() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    settle(&load);
+
+    // One etcd member of three lost: changes still apply everywhere.
+    etcd.kill(0);
+    change(&fleet, 1, &["add-backend", &vip, &b3]);
+    until_all(&fleet, "backend 3 added", |v| {
+        v.backends.iter().all(|b| b.effective_weight > 0) && v.backends.len() == 4
+    });
+    settle(&load);
+    // Nodes move flows within the second-chance window of that change.
+    fleet.lbctl(0, &["node", "drain"]).unwrap();
+    fleet.wait_announced_by(&[1, 2]).unwrap();
+    settle(&load);
+    fleet.lbctl(0, &["node", "undrain"]).unwrap();
+    fleet.wait_announced_by(&[0, 1, 2]).unwrap();
+    settle(&load);
+    fleet.kill(2).unwrap();
+    fleet.wait_announced_by(&[0, 1]).unwrap();
+    settle(&load);
+    fleet.bring_up(2).unwrap();
+    fleet.wait_announced_by(&[0, 1, 2]).unwrap();
+    settle(&load);
+    // Removed again from another node; flows move once more.
+    change(&fleet, 2, &["remove-backend", &vip, &b3]);
+    until_all(&fleet, "backend 3 removed", |v| v.backends.len() == 3);
+    settle(&load);
+    fleet.kill(1).unwrap();
+    fleet.wait_announced_by(&[0, 2]).unwrap();
+    settle(&load);
+    fleet.bring_up(1).unwrap();
+    fleet.wait_announced_by(&[0, 1, 2]).unwrap();
+    settle(&load);
+    let report = load.finish();
+    eprintln!(
+        "fleet under change: {} connections, {} requests, {} failed (one etcd member of three lost)",
+        report.connections,
+        report.requests,
+        report.failures.len()
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} of {} requests failed: {:#?}",
+        report.failures.len(),
+        report.requests,
+        &report.failures[..report.failures.len().min(10)]
+    );
+    assert!(report.requests > 1000, "{}", report.requests);
 }

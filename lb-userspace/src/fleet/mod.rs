@@ -12,7 +12,14 @@
 pub mod desired;
 pub mod node;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use etcd_client::{
@@ -130,10 +137,15 @@ pub struct Conflict {
     pub now: i64,
 }
 
-/// One etcd connection for one node of one cluster.
+/// This node's connections to one cluster's etcd: one client per endpoint,
+/// made when first needed; a request that fails on one endpoint is tried
+/// on the next, so losing a member of the etcd cluster changes nothing.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    endpoints: Arc<Vec<String>>,
+    clients: Arc<Mutex<Vec<Option<Client>>>>,
+    /// The endpoint that answered last.
+    preferred: Arc<AtomicUsize>,
     prefix: String,
     pub node: String,
     timeout: Duration,
@@ -147,25 +159,85 @@ pub struct Update {
 }
 
 impl Store {
+    /// A store for `cfg`'s cluster; connects to the first endpoint that
+    /// answers.
     pub async fn connect(cfg: &FleetConfig) -> Result<Store> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(cfg.timeout)
-            .with_timeout(cfg.timeout)
-            .with_keep_alive(Duration::from_secs(1), cfg.timeout);
-        let client = tokio::time::timeout(
-            cfg.timeout,
-            Client::connect(cfg.endpoints.clone(), Some(opts)),
-        )
-        .await
-        .map_err(|_| anyhow!("no answer within {:?}", cfg.timeout))
-        .and_then(|c| c.map_err(anyhow::Error::from))
-        .with_context(|| format!("fleet: connecting to etcd at {}", cfg.endpoints.join(", ")))?;
-        Ok(Store {
-            client,
+        let store = Store {
+            endpoints: Arc::new(cfg.endpoints.clone()),
+            clients: Arc::new(Mutex::new(vec![None; cfg.endpoints.len()])),
+            preferred: Arc::new(AtomicUsize::new(0)),
             prefix: format!("/xdplb/{}/", cfg.cluster),
             node: cfg.node.clone(),
             timeout: cfg.timeout,
-        })
+        };
+        store
+            .on_any(
+                "connecting",
+                |mut c| async move { c.status().await.map(drop) },
+            )
+            .await
+            .with_context(|| {
+                format!("fleet: connecting to etcd at {}", cfg.endpoints.join(", "))
+            })?;
+        Ok(store)
+    }
+
+    /// The client of the preferred endpoint, connected if need be.
+    async fn client(&self) -> Result<Client> {
+        let i = self.preferred.load(Ordering::Relaxed) % self.endpoints.len();
+        let cached = self
+            .clients
+            .lock()
+            .map_err(|_| anyhow!("etcd clients poisoned"))?[i]
+            .clone();
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_timeout(self.timeout)
+            .with_keep_alive(Duration::from_secs(1), self.timeout);
+        let endpoint = self.endpoints[i].clone();
+        let c = tokio::time::timeout(
+            self.timeout,
+            Client::connect([endpoint.clone()], Some(opts)),
+        )
+        .await
+        .map_err(|_| anyhow!("{endpoint}: no answer within {:?}", self.timeout))?
+        .with_context(|| format!("connecting to {endpoint}"))?;
+        if let Ok(mut all) = self.clients.lock() {
+            all[i] = Some(c.clone());
+        }
+        Ok(c)
+    }
+
+    /// The next endpoint is preferred from now on.
+    fn rotate(&self) {
+        self.preferred.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `f` on the preferred endpoint, then on each other one until one
+    /// answers.
+    async fn on_any<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = anyhow!("etcd: {what}: no endpoint");
+        for _ in 0..self.endpoints.len() {
+            let attempt = match self.client().await {
+                Ok(c) => self.bounded(what, f(c)).await,
+                Err(e) => Err(e.context(format!("etcd: {what}"))),
+            };
+            match attempt {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    last = e;
+                    self.rotate();
+                }
+            }
+        }
+        Err(last)
     }
 
     fn desired_key(&self) -> String {
@@ -190,10 +262,12 @@ impl Store {
     /// The desired state and the revision it was last changed at; `None`
     /// before anyone seeded it.
     pub async fn desired(&self) -> Result<Option<(Desired, i64)>> {
-        let mut c = self.client.clone();
         let key = self.desired_key();
         let r = self
-            .bounded("reading the desired state", c.get(key, None))
+            .on_any("reading the desired state", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
             .await?;
         let Some(kv) = r.kvs().first() else {
             return Ok(None);
@@ -221,9 +295,11 @@ impl Store {
             .when([guard])
             .and_then([TxnOp::put(key.clone(), body, None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut c = self.client.clone();
         let r = self
-            .bounded("writing the desired state", c.txn(txn))
+            .on_any("writing the desired state", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         let revision = r.header().map_or(0, |h| h.revision());
         if r.succeeded() {
@@ -251,6 +327,7 @@ impl Store {
                     Ok(last) => from = last + 1,
                     Err((last, e)) => {
                         from = last + 1;
+                        store.rotate();
                         tracing::warn!(error = %format!("{e:#}"), "fleet: watching the desired state; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -269,7 +346,7 @@ impl Store {
         tx: &mpsc::Sender<Update>,
     ) -> Result<i64, (i64, anyhow::Error)> {
         let mut last = from - 1;
-        let mut c = self.client.clone();
+        let mut c = self.client().await.map_err(|e| (last, e))?;
         let opts = WatchOptions::new().with_start_revision(from);
         let mut stream = c
             .watch(self.desired_key(), Some(opts))
@@ -311,6 +388,7 @@ impl Store {
             let ttl = lease.as_secs().max(2) as i64;
             loop {
                 if let Err(e) = store.report_under_lease(ttl, &mut rx).await {
+                    store.rotate();
                     tracing::warn!(error = %format!("{e:#}"), "fleet: reporting this node; retrying");
                 }
                 if rx.has_changed().is_err() {
@@ -326,7 +404,7 @@ impl Store {
         ttl: i64,
         rx: &mut tokio::sync::watch::Receiver<NodeReport>,
     ) -> Result<()> {
-        let mut c = self.client.clone();
+        let mut c = self.client().await?;
         let lease = self
             .bounded("granting a lease", c.lease_grant(ttl, None))
             .await?;
@@ -367,12 +445,12 @@ impl Store {
 
     /// Every live node's report.
     pub async fn reports(&self) -> Result<Vec<NodeReport>> {
-        let mut c = self.client.clone();
+        let prefix = self.nodes_prefix();
         let r = self
-            .bounded(
-                "reading the node reports",
-                c.get(self.nodes_prefix(), Some(GetOptions::new().with_prefix())),
-            )
+            .on_any("reading the node reports", |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         Ok(r.kvs()
             .iter()
