@@ -236,6 +236,41 @@ fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
             .iter()
             .any(|b| b.address == addr && b.weight == 150)
     );
+
+    // Export from one node, edit, import on another: every node applies it.
+    let exported = fleet.lbctl(0, &["fleet", "export"]).unwrap();
+    assert!(exported.contains("weight = 150"), "{exported}");
+    let file = std::env::temp_dir().join(format!("{}-import.toml", fleet.t.id()));
+    let head = "[instance]\nname = \"import\"\ninterface = \"eth0\"\n[dataplane]\n\
+                hash_seed = 7\n";
+    let encap = format!(
+        "encap_source_v4 = \"{}\"\nencap_source_v6 = \"{}\"\n",
+        fleet.t.lb_node(0).ipv4(),
+        fleet.t.lb_node(0).ipv6()
+    );
+    std::fs::write(
+        &file,
+        format!(
+            "{head}{encap}{}",
+            exported.replace("weight = 150", "weight = 120")
+        ),
+    )
+    .unwrap();
+    let out = fleet
+        .lbctl(2, &["fleet", "import", file.to_str().unwrap()])
+        .unwrap();
+    assert!(out.contains("imported"), "{out}");
+    until_all(&fleet, "an imported state", |v| {
+        v.backends
+            .iter()
+            .any(|b| b.address == addr && b.weight == 120)
+    });
+    let shown = fleet.lbctl(1, &["fleet", "status"]).unwrap();
+    assert!(
+        shown.contains("every node has applied the current revision"),
+        "{shown}"
+    );
+    let _ = std::fs::remove_file(&file);
 }
 
 /// The fleet's promise under change: while long-lived connections run,

@@ -152,6 +152,21 @@ fn read_config(path: &std::path::Path) -> Result<Config, (u16, Value)> {
     Config::load(path).map_err(|e| err(400, format!("{e}; nothing was changed")))
 }
 
+/// The configuration file a request names (`DiffRequest`: an absolute
+/// path, since lbd's working directory is not the caller's), read and
+/// validated whole.
+fn named_config(req: &Request) -> Result<Config, (u16, Value)> {
+    let r: DiffRequest = body(req)?;
+    let path = std::path::Path::new(&r.file);
+    if !path.is_absolute() {
+        return Err(err(
+            400,
+            format!("file {:?} must be an absolute path", r.file),
+        ));
+    }
+    read_config(path)
+}
+
 /// The status of a change applied to the data plane that could not be
 /// saved (507 Insufficient Storage: the usual cause is a full disk).
 pub const NOT_SAVED: u16 = 507;
@@ -314,16 +329,9 @@ fn route(
         ("GET", "/v1/fleet") => return Ok(Routed::Fleet(Box::new(Handled::FleetStatus))),
         ("GET", "/v1/fleet/export") => return Ok(Routed::Fleet(Box::new(Handled::FleetExport))),
         ("POST", "/v1/fleet/import") => {
-            let r: DiffRequest = body(req)?;
-            let path = std::path::Path::new(&r.file);
-            if !path.is_absolute() {
-                return Err(err(
-                    400,
-                    format!("file {:?} must be an absolute path", r.file),
-                ));
-            }
+            let file = named_config(req)?;
             return Ok(Routed::Fleet(Box::new(Handled::FleetImport(Box::new(
-                read_config(path)?,
+                file,
             )))));
         }
         ("GET", "/v1/vips") => ok(ctl.list()),
@@ -399,17 +407,7 @@ fn route(
             let file = ctl.config().file.clone();
             return Ok(Routed::Reload(Box::new(read_config(&file)?)));
         }
-        ("POST", "/v1/diff") => {
-            let r: DiffRequest = body(req)?;
-            let path = std::path::Path::new(&r.file);
-            if !path.is_absolute() {
-                return Err(err(
-                    400,
-                    format!("file {:?} must be an absolute path", r.file),
-                ));
-            }
-            ok(ctl.preview(read_config(path)?).map_err(admin)?)
-        }
+        ("POST", "/v1/diff") => ok(ctl.preview(named_config(req)?).map_err(admin)?),
         ("POST", "/v1/debug") => {
             let r: DebugRequest = body(req)?;
             ctl.set_debug(r.enabled).map_err(admin)?;

@@ -113,17 +113,7 @@ impl Lbctl {
     /// `lbctl diff FILE`: what a reload to FILE would change; nothing is
     /// applied.
     pub fn diff(&self, file: &Path) -> Result<(), CliError> {
-        let abs = std::path::absolute(file)
-            .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
-        if !abs.is_file() {
-            return Err(CliError::Usage(format!(
-                "{}: not a readable file",
-                file.display()
-            )));
-        }
-        let body = to_body(&DiffRequest {
-            file: abs.display().to_string(),
-        })?;
+        let body = file_request(file)?;
         self.run("POST", "/v1/diff", Some(body), |d: &ConfigDiff| {
             render::config_diff(d, "would change")
         })
@@ -163,17 +153,7 @@ impl Lbctl {
     /// `lbctl fleet import FILE`: FILE's VIPs become the fleet's desired
     /// state.
     pub fn fleet_import(&self, file: &Path) -> Result<(), CliError> {
-        let abs = std::path::absolute(file)
-            .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
-        if !abs.is_file() {
-            return Err(CliError::Usage(format!(
-                "{}: not a readable file",
-                file.display()
-            )));
-        }
-        let body = to_body(&DiffRequest {
-            file: abs.display().to_string(),
-        })?;
+        let body = file_request(file)?;
         self.run("POST", "/v1/fleet/import", Some(body), |v: &Value| {
             format!(
                 "imported: the fleet's desired state is at revision {}\n",
@@ -412,6 +392,22 @@ fn check_client(client: &str) -> Result<(), CliError> {
         CliError::Usage(format!(
             "client {client:?} is not ADDRESS:PORT (e.g. 198.18.0.10:40000 or [fd00::10]:40000)"
         ))
+    })
+}
+
+/// A request naming a configuration file for lbd to read: its absolute
+/// path (lbd's working directory is not ours).
+fn file_request(file: &Path) -> Result<Value, CliError> {
+    let abs = std::path::absolute(file)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    if !abs.is_file() {
+        return Err(CliError::Usage(format!(
+            "{}: not a readable file",
+            file.display()
+        )));
+    }
+    to_body(&DiffRequest {
+        file: abs.display().to_string(),
     })
 }
 

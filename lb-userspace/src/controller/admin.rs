@@ -41,6 +41,20 @@ pub enum AdminError {
     Internal(#[from] anyhow::Error),
 }
 
+/// A backend refused by the backend rules, as the control API says it.
+impl From<BackendRule> for AdminError {
+    fn from(rule: BackendRule) -> Self {
+        match rule {
+            BackendRule::ListedTwice { vip, addr } => AdminError::DuplicateBackend {
+                vip: vip.to_string(),
+                backend: addr,
+            },
+            BackendRule::Weight { weight } => AdminError::Weight(weight),
+            other => AdminError::Invalid(other.to_string()),
+        }
+    }
+}
+
 impl AdminError {
     pub fn http_status(&self) -> u16 {
         match self {
@@ -111,14 +125,7 @@ impl Controller {
             self.config.encap_sources(),
             &existing,
         )
-        .map_err(|rule| match rule {
-            BackendRule::ListedTwice { vip, addr } => AdminError::DuplicateBackend {
-                vip: vip.to_string(),
-                backend: addr,
-            },
-            BackendRule::Weight { weight } => AdminError::Weight(weight),
-            other => AdminError::Invalid(other.to_string()),
-        })?;
+        .map_err(AdminError::from)?;
         Ok(NewBackend {
             vip: *vip,
             addr,

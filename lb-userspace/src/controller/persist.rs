@@ -102,16 +102,7 @@ pub fn merge(config: &mut Config, saved: &SavedState) -> Result<Overlay> {
             .push(VipConfig::new(spec, def.mode, health_check));
     }
     // What the file says, before runtime changes are laid over it.
-    let configured: BTreeMap<String, Vec<(IpAddr, u32)>> = config
-        .vips
-        .iter()
-        .map(|v| {
-            (
-                v.spec.to_string(),
-                v.backends.iter().map(|b| (b.addr, b.weight)).collect(),
-            )
-        })
-        .collect();
+    let configured = configured_lists(config);
     let mut overridden = Vec::new();
     for v in &mut config.vips {
         let name = v.spec.to_string();
@@ -219,16 +210,7 @@ pub fn for_fleet(
             (name, list)
         })
         .collect();
-    let configured = config
-        .vips
-        .iter()
-        .map(|v| {
-            (
-                v.spec.to_string(),
-                v.backends.iter().map(|b| (b.addr, b.weight)).collect(),
-            )
-        })
-        .collect();
+    let configured = configured_lists(config);
     SavedState {
         vips,
         added_vips: BTreeMap::new(),
@@ -237,6 +219,20 @@ pub fn for_fleet(
         vip_ids: saved.vip_ids,
         node_drained: saved.node_drained,
     }
+}
+
+/// Each VIP's backends (address and weight) as `config` has them.
+fn configured_lists(config: &Config) -> BTreeMap<String, Vec<(IpAddr, u32)>> {
+    config
+        .vips
+        .iter()
+        .map(|v| {
+            (
+                v.spec.to_string(),
+                v.backends.iter().map(|b| (b.addr, b.weight)).collect(),
+            )
+        })
+        .collect()
 }
 
 /// Says which VIPs took the file's backends over runtime changes (at a

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{
-        BackendConfig, BackendRule, CheckKind, Config, EncapSources, ForwardMode, HealthCheck,
-        MAX_WEIGHT, VipConfig, VipSpec, check_backend,
+        BackendConfig, CheckKind, Config, EncapSources, ForwardMode, HealthCheck, MAX_WEIGHT,
+        VipConfig, VipSpec, check_backend,
     },
     controller::{AdminError, parse_check},
     membership::FlapDamping,
@@ -417,16 +417,8 @@ impl Desired {
             Change::AddBackend { vip, addr, weight } => {
                 let v = self.vip_mut(vip)?;
                 let existing: BTreeSet<IpAddr> = v.backends.iter().map(|b| b.address).collect();
-                check_backend(vip, v.mode, *addr, *weight, encap, &existing).map_err(|rule| {
-                    match rule {
-                        BackendRule::ListedTwice { vip, addr } => AdminError::DuplicateBackend {
-                            vip: vip.to_string(),
-                            backend: addr,
-                        },
-                        BackendRule::Weight { weight } => AdminError::Weight(weight),
-                        other => AdminError::Invalid(other.to_string()),
-                    }
-                })?;
+                check_backend(vip, v.mode, *addr, *weight, encap, &existing)
+                    .map_err(AdminError::from)?;
                 v.backends.push(DesiredBackend {
                     address: *addr,
                     weight: *weight,
