@@ -441,6 +441,17 @@ impl LongLived {
         self.report.lock().map(|r| r.requests).unwrap_or(0)
     }
 
+    /// Lets every connection make `rounds` more requests in the state the
+    /// fleet is in now (at most 20 s).
+    pub fn settle(&self, rounds: u64) {
+        let connections = self.report.lock().map(|r| r.connections).unwrap_or(0) as u64;
+        let want = self.requests() + rounds * connections;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.requests() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the traffic; what it went through.
     pub fn finish(mut self) -> Report {
         self.stop.store(true, Ordering::Relaxed);

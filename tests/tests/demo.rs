@@ -7,6 +7,16 @@ use std::process::Command;
 
 use lb_tests::lbd_path;
 
+/// The number the demo prints after `backend` on one of its lines
+/// (`backend0   87   backend1    3 ...`).
+fn count(line: &str, backend: &str) -> usize {
+    line.split(backend)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count for {backend} in {line:?}"))
+}
+
 #[test]
 fn the_demo_shows_failover_drain_and_restart() {
     let demo = lbd_path().unwrap().with_file_name("lb-demo");
@@ -24,16 +34,7 @@ fn the_demo_shows_failover_drain_and_restart() {
         .find(|l| l.contains("steady state:"))
         .expect("steady state line");
     for b in ["backend0", "backend1", "backend2"] {
-        let n: usize = steady
-            .split(b)
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(n > 0, "{b} got traffic: {steady}");
+        assert!(count(steady, b) > 0, "{b} got traffic: {steady}");
     }
     assert!(text.contains("0 after it"), "{text}");
     assert!(
@@ -59,16 +60,7 @@ fn the_demo_shows_failover_drain_and_restart() {
         .lines()
         .skip(1)
         .take(7)
-        .map(|l| {
-            l.split("backend1")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
+        .map(|l| count(l, "backend1"))
         .collect();
     assert!(ramp[0] < ramp[6], "slow start: {ramp:?}");
 }

@@ -15,15 +15,6 @@ const BACKENDS: usize = 3;
 /// Long-lived connections per VIP (two VIPs: IPv4 and IPv6).
 const PER_VIP: usize = 60;
 
-/// Lets the long-lived connections run a few rounds in a given state.
-fn settle(load: &LongLived, rounds: u64) {
-    let want = load.requests() + rounds * (2 * PER_VIP) as u64;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while load.requests() < want && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn connections_survive_nodes_leaving_and_joining() {
     let mut f = Fleet::start(NODES, BACKENDS).unwrap();
@@ -43,7 +34,7 @@ fn connections_survive_nodes_leaving_and_joining() {
     }
 
     let load = LongLived::start(&f.t, PER_VIP).unwrap();
-    settle(&load, 3);
+    load.settle(3);
 
     // Drained: the router moves its flows to the others, which have no
     // entry for them and pick the same backends from the same rings.
@@ -51,20 +42,20 @@ fn connections_survive_nodes_leaving_and_joining() {
     f.lbctl(1, &["node", "drain"]).unwrap();
     let took = f.wait_announced_by_since(&[0, 2], t0).unwrap();
     eprintln!("drain: the router moved node 1's flows after {took:?}");
-    settle(&load, 5);
+    load.settle(5);
     f.lbctl(1, &["node", "undrain"]).unwrap();
     f.wait_announced_by(&all).unwrap();
-    settle(&load, 5);
+    load.settle(5);
 
     // Killed (lbd and BIRD): its sessions close, the router moves at once.
     let t0 = Instant::now();
     f.kill(2).unwrap();
     let took = f.wait_announced_by_since(&[0, 1], t0).unwrap();
     eprintln!("kill: the router moved node 2's flows after {took:?}");
-    settle(&load, 5);
+    load.settle(5);
     f.bring_up(2).unwrap();
     f.wait_announced_by(&all).unwrap();
-    settle(&load, 5);
+    load.settle(5);
 
     // Link cut: the node goes silent, BFD finds it; its flows' packets are
     // lost until then, and TCP retransmits them.
@@ -72,10 +63,10 @@ fn connections_survive_nodes_leaving_and_joining() {
     f.link_down(0).unwrap();
     let took = f.wait_announced_by_since(&[1, 2], t0).unwrap();
     eprintln!("link cut: the router moved node 0's flows after {took:?}");
-    settle(&load, 5);
+    load.settle(5);
     f.link_up(0).unwrap();
     f.wait_announced_by(&all).unwrap();
-    settle(&load, 5);
+    load.settle(5);
 
     let report = load.finish();
     eprintln!(
@@ -134,10 +125,10 @@ fn a_node_with_other_rings_breaks_moved_connections() {
     let f =
         Fleet::start_with_seeds(NODES, BACKENDS, |i| if i == 2 { 8 } else { fleet::SEED }).unwrap();
     let load = LongLived::start(&f.t, PER_VIP).unwrap();
-    settle(&load, 3);
+    load.settle(3);
     f.lbctl(1, &["node", "drain"]).unwrap();
     f.wait_announced_by(&[0, 2]).unwrap();
-    settle(&load, 5);
+    load.settle(5);
     let report = load.finish();
     eprintln!(
         "other rings on node 2: {} of {} requests failed",

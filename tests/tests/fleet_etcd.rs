@@ -288,14 +288,7 @@ fn connections_survive_changes_from_any_node_and_an_etcd_member_lost() {
     fleet.lbctl(2, &["remove-backend", &vip, &b3]).unwrap();
     until_all(&fleet, "backend 3 out", |v| v.backends.len() == 3);
     let load = lb_tests::fleet::LongLived::start(&fleet.t, 40).unwrap();
-    let settle = |load: &lb_tests::fleet::LongLived| {
-        let want = load.requests() + 3 * 80;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while load.requests() < want && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    settle(&load);
+    load.settle(3);
 
     // One etcd member of three lost: changes still apply everywhere.
     etcd.kill(0);
@@ -303,30 +296,30 @@ fn connections_survive_changes_from_any_node_and_an_etcd_member_lost() {
     until_all(&fleet, "backend 3 added", |v| {
         v.backends.iter().all(|b| b.effective_weight > 0) && v.backends.len() == 4
     });
-    settle(&load);
+    load.settle(3);
     // Nodes move flows within the second-chance window of that change.
     fleet.lbctl(0, &["node", "drain"]).unwrap();
     fleet.wait_announced_by(&[1, 2]).unwrap();
-    settle(&load);
+    load.settle(3);
     fleet.lbctl(0, &["node", "undrain"]).unwrap();
     fleet.wait_announced_by(&[0, 1, 2]).unwrap();
-    settle(&load);
+    load.settle(3);
     fleet.kill(2).unwrap();
     fleet.wait_announced_by(&[0, 1]).unwrap();
-    settle(&load);
+    load.settle(3);
     fleet.bring_up(2).unwrap();
     fleet.wait_announced_by(&[0, 1, 2]).unwrap();
-    settle(&load);
+    load.settle(3);
     // Removed again from another node; flows move once more.
     change(&fleet, 2, &["remove-backend", &vip, &b3]);
     until_all(&fleet, "backend 3 removed", |v| v.backends.len() == 3);
-    settle(&load);
+    load.settle(3);
     fleet.kill(1).unwrap();
     fleet.wait_announced_by(&[0, 2]).unwrap();
-    settle(&load);
+    load.settle(3);
     fleet.bring_up(1).unwrap();
     fleet.wait_announced_by(&[0, 1, 2]).unwrap();
-    settle(&load);
+    load.settle(3);
     let report = load.finish();
     eprintln!(
         "fleet under change: {} connections, {} requests, {} failed (one etcd member of three lost)",

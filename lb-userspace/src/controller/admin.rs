@@ -11,14 +11,13 @@ use std::{
 
 use lb_common::maps::{self as wire, BackendInfo};
 
-use super::{BackendRt, Controller, HealthTarget, VipRuntime, persist::SavedVip};
+use super::{Controller, HealthTarget, VipRuntime, persist::SavedVip};
 use crate::{
     api::BackendStatus,
     config::{
         BackendRule, CheckKind, ForwardMode, HealthCheck, MAX_SLOWSTART, MAX_WEIGHT, VipConfig,
         VipSpec, check_backend,
     },
-    health::Health,
     membership::WeightRamp,
     neigh::NextHop,
     programming,
@@ -148,19 +147,9 @@ impl Controller {
             .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
         let v = self.vip_index(&vip)?;
         let id = self.alloc_id()?;
-        let token = self.next_token();
         let now = Instant::now();
-        // In the ring after its first passing check; at once (slow start
-        // permitting) for a VIP that is not checked.
-        let mut status = BackendStatus::new(addr, id, weight);
-        if self.vips[v].config.health_check.kind != CheckKind::None {
-            status.health = Health::Unchecked;
-            status.refresh_state();
-        }
-        let mut rt = BackendRt::new(status, hop, token);
-        if rt.status.health == Health::Up {
-            rt.member_since = Some(now);
-        }
+        let checked = self.vips[v].config.health_check.kind != CheckKind::None;
+        let rt = self.added_backend(checked, addr, id, weight, hop, now);
         self.vips[v].backends.push(rt);
         let b = self.vips[v].backends.len() - 1;
         let programmed = self
@@ -258,15 +247,12 @@ impl Controller {
             return Err(AdminError::Invalid(format!("VIP {spec} already exists")));
         }
         let health_check = parse_check(check).map_err(AdminError::Invalid)?;
-        let used: Vec<u32> = self.vips.iter().map(|v| v.vip_id).collect();
-        let vip_id = (0..self.config.sizes.max_vips)
-            .find(|i| !used.contains(i))
-            .ok_or_else(|| {
-                AdminError::Invalid(format!(
-                    "all {} VIP slots are in use (dataplane.max_vips)",
-                    self.config.sizes.max_vips
-                ))
-            })?;
+        let vip_id = self.free_vip_id().ok_or_else(|| {
+            AdminError::Invalid(format!(
+                "all {} VIP slots are in use (dataplane.max_vips)",
+                self.config.sizes.max_vips
+            ))
+        })?;
         let empty = vec![0; self.config.sizes.ring_size as usize];
         self.install_vip(&spec, vip_id, mode, &empty)?;
         self.vips.push(VipRuntime::new(

@@ -518,6 +518,37 @@ impl Controller {
         self.last_token
     }
 
+    /// A backend added after start (by the API, a reload or the fleet), in
+    /// slot `id`: in the ring after its first passing check, or at once
+    /// (slow start permitting) for a VIP that is not checked (`!checked`).
+    fn added_backend(
+        &mut self,
+        checked: bool,
+        addr: IpAddr,
+        id: u32,
+        weight: u32,
+        hop: NextHop,
+        now: Instant,
+    ) -> BackendRt {
+        let mut status = BackendStatus::new(addr, id, weight);
+        if checked {
+            status.health = Health::Unchecked;
+            status.refresh_state();
+        }
+        let token = self.next_token();
+        let mut rt = BackendRt::new(status, hop, token);
+        if rt.status.health == Health::Up {
+            rt.member_since = Some(now);
+        }
+        rt
+    }
+
+    /// The lowest `RINGS`/`STATS_VIP` slot no VIP uses.
+    fn free_vip_id(&self) -> Option<u32> {
+        let used: Vec<u32> = self.vips.iter().map(|v| v.vip_id).collect();
+        (0..self.config.sizes.max_vips).find(|i| !used.contains(i))
+    }
+
     /// The lowest free `BACKENDS` slot, now taken.
     fn alloc_id(&mut self) -> Result<u32> {
         let id = free_id(&self.used_ids, self.config.sizes.max_backends)?;

@@ -15,7 +15,6 @@ use lb_common::maps::VipInfo;
 
 use super::{AdminError, BackendRt, Controller, HealthTarget, VipRuntime, persist};
 use crate::{
-    api::BackendStatus,
     config::{CheckKind, Config, VipConfig, VipSpec},
     diff::{self, ConfigDiff, CurrentBackend, CurrentVip},
     health::Health,
@@ -274,17 +273,8 @@ impl Controller {
     ) -> Result<BackendRt, AdminError> {
         let id = self.alloc_id()?;
         self.fresh_slot(id)?;
-        let mut status = BackendStatus::new(addr, id, weight);
-        if config.health_check.kind != CheckKind::None {
-            status.health = Health::Unchecked;
-            status.refresh_state();
-        }
-        let token = self.next_token();
-        let mut rt = BackendRt::new(status, hop, token);
-        if rt.status.health == Health::Up {
-            rt.member_since = Some(now);
-        }
-        Ok(rt)
+        let checked = config.health_check.kind != CheckKind::None;
+        Ok(self.added_backend(checked, addr, id, weight, hop, now))
     }
 
     fn hop(
@@ -387,15 +377,12 @@ impl Controller {
         now: Instant,
         out: &mut Reloaded,
     ) -> Result<(), AdminError> {
-        let used: Vec<u32> = self.vips.iter().map(|v| v.vip_id).collect();
-        let vip_id = (0..self.config.sizes.max_vips)
-            .find(|i| !used.contains(i))
-            .ok_or_else(|| {
-                invalid(format!(
-                    "VIP {}: all VIP slots are in use (dataplane.max_vips)",
-                    next.spec
-                ))
-            })?;
+        let vip_id = self.free_vip_id().ok_or_else(|| {
+            invalid(format!(
+                "VIP {}: all VIP slots are in use (dataplane.max_vips)",
+                next.spec
+            ))
+        })?;
         let empty = vec![0; self.config.sizes.ring_size as usize];
         self.install_vip(&next.spec, vip_id, next.mode, &empty)?;
         self.vips
