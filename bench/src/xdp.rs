@@ -106,6 +106,7 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
             ring_size: RING,
             flags: 0,
             udp_timeout_ns: 30_000_000_000,
+            gue_port: lb_common::wire::gue::GUE_DEFAULT_PORT,
             ..Default::default()
         },
     )?;
@@ -146,6 +147,9 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
         (v16([198, 18, 100, 1]), Family::V4.wire(), Mode::Ipip, &t4),
         (testframe::v6_vip(1), Family::V6.wire(), Mode::Ipip, &t6),
         (v16([198, 18, 100, 2]), Family::V4.wire(), Mode::L2dsr, &t4),
+        (v16([198, 18, 100, 3]), Family::V4.wire(), Mode::Gue, &t4),
+        (testframe::v6_vip(3), Family::V6.wire(), Mode::Gue, &t6),
+        (v16([198, 18, 100, 4]), Family::V4.wire(), Mode::Gue, &t4),
     ];
     for (id, (addr, family, mode, table)) in vips.into_iter().enumerate() {
         let key = VipKey {
@@ -156,6 +160,14 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
         };
         programming::install_vip(&mut ebpf, &key, id as u32, mode, table)?;
     }
+    // VIP 5 after a ring change (every backend shifted by one), its
+    // second-chance window open: a mid-stream packet without an entry goes
+    // to the new ring's backend naming the old one's as its second hop.
+    let shifted: Vec<u32> = t4
+        .iter()
+        .map(|&id| if id == 10 { 1 } else { id + 1 })
+        .collect();
+    programming::publish_ring(&mut ebpf, 5, &shifted, std::time::Duration::from_secs(3600))?;
     Ok(ebpf)
 }
 
@@ -298,6 +310,9 @@ pub fn run(
     let trivial_frame = frame(v4.clone(), TCP_ACK, 64);
     let v6 = FrameSpec::v6_tcp(testframe::v6(0x10), testframe::v6_vip(1), 40000, 80);
     let l2 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 2], 40000, 80);
+    let gue4 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 3], 40000, 80);
+    let gue6 = FrameSpec::v6_tcp(testframe::v6(0x10), testframe::v6_vip(3), 40000, 80);
+    let hop4 = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 100, 4], 40000, 80);
     let other = FrameSpec::v4_tcp([198, 18, 0, 10], [198, 18, 0, 2], 40000, 22);
     // Source address offsets: IPv4 14+12, IPv6 14+8 (+12 for its last 4 bytes).
     let paths = [
@@ -342,6 +357,36 @@ pub fn run(
             name: "IPv6 ipip, new flow + conntrack insert",
             frame: frame(v6, TCP_SYN, 80),
             vary: Some(34),
+            wrapped: true,
+            expect: XDP_TX,
+        },
+        Path {
+            name: "IPv4 gue, established",
+            frame: frame(gue4.clone(), TCP_ACK, 64),
+            vary: None,
+            wrapped: true,
+            expect: XDP_TX,
+        },
+        Path {
+            name: "IPv4 gue, new flow + conntrack insert",
+            frame: frame(gue4, TCP_SYN, 64),
+            vary: Some(26),
+            wrapped: true,
+            expect: XDP_TX,
+        },
+        Path {
+            name: "IPv6 gue, established",
+            frame: frame(gue6, TCP_ACK, 80),
+            vary: None,
+            wrapped: true,
+            expect: XDP_TX,
+        },
+        // Nothing is recorded for a second-hop packet: every packet of such
+        // a flow takes this path while the window is open.
+        Path {
+            name: "IPv4 gue, second hop (no entry, after a ring change)",
+            frame: frame(hop4, TCP_ACK, 64),
+            vary: None,
             wrapped: true,
             expect: XDP_TX,
         },

@@ -255,7 +255,7 @@ impl Harness {
                 proto: if r.bool() { IPPROTO_UDP } else { IPPROTO_TCP },
                 family: f.wire(),
             };
-            let mode = if r.bool() { Mode::L2dsr } else { Mode::Ipip };
+            let mode = r.pick(&[Mode::L2dsr, Mode::Ipip, Mode::Gue]);
             if vips.iter().all(|v| v.key != key) {
                 vips.push(Vip {
                     key,
@@ -386,7 +386,12 @@ impl Harness {
                     _ => self.m.epoch,
                 },
                 vip_id,
-                mode: r.pick(&[Mode::Ipip.wire(), Mode::L2dsr.wire(), 0xff]),
+                mode: r.pick(&[
+                    Mode::Ipip.wire(),
+                    Mode::L2dsr.wire(),
+                    Mode::Gue.wire(),
+                    0xff,
+                ]),
                 _pad: [0; 7],
             };
             self.m.cache[(slot_of(&key) & (n - 1)) as usize].set(entry);
@@ -526,6 +531,11 @@ impl Harness {
                     icmp,
                     "ICMP errors write nothing"
                 );
+                assert_eq!(
+                    fw.second_hop.is_some(),
+                    via == Via::SecondHop,
+                    "only a second-hop forward names a second hop"
+                );
                 if via == Via::FlowCache {
                     assert!(stateful && !syn && !closing && key.proto == IPPROTO_TCP);
                     assert!(conntrack::same_flow(&cached.key, &key));
@@ -559,6 +569,18 @@ impl Harness {
                             assert!(m.ring_states[vip.id as usize].second_chance_open(m.now_ns));
                             assert_eq!(live_slot(vip, live ^ 1), id);
                             assert!(b.keeps_flows_of(vip.id));
+                        }
+                        Via::SecondHop => {
+                            assert!(found.is_none() && key.proto == IPPROTO_TCP && !syn);
+                            assert!(stateful && vip.mode == Mode::Gue);
+                            assert!(m.ring_states[vip.id as usize].second_chance_open(m.now_ns));
+                            assert_eq!(live_slot(vip, live), id);
+                            let hop = fw.second_hop.expect("a second-hop forward names one");
+                            let hop_id = live_slot(vip, live ^ 1);
+                            assert!(hop_id != id && hop_id != 0);
+                            assert!(std::ptr::eq(hop, m.backend(hop_id).expect("it exists")));
+                            assert!(hop.keeps_flows_of(vip.id) && hop.family == b.family);
+                            assert_eq!(fw.plan.update, Update::Nothing);
                         }
                         Via::RingSyn => {
                             assert!(syn);

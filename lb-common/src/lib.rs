@@ -9,6 +9,7 @@
 pub mod benchframe;
 pub mod conntrack;
 pub mod csum;
+pub mod decap;
 pub mod encap;
 pub mod flowcache;
 pub mod hash;

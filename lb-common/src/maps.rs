@@ -72,6 +72,11 @@ wire_enum! {
         Ipip = 1 => "ipip",
         /// Destination MAC rewritten; backends share the L2 segment.
         L2dsr = 2 => "l2dsr",
+        /// Generic UDP Encapsulation (`lb_common::wire::gue`): IPIP's
+        /// families inside UDP, so backends' NICs spread flows over their
+        /// receive queues, and a second hop for flows the backend does not
+        /// hold.
+        Gue = 3 => "gue",
     } else Ipip
 }
 
@@ -323,6 +328,9 @@ pub struct LbConfig {
     /// An established TCP entry without a packet for this long is free for
     /// reuse (0: never).
     pub tcp_idle_timeout_ns: u64,
+    /// UDP destination port of GUE encapsulation, host order.
+    pub gue_port: u16,
+    pub _pad: [u8; 6],
 }
 
 crate::layout!(LbConfig {
@@ -337,7 +345,9 @@ crate::layout!(LbConfig {
     flow_cache_slots,
     conntrack_bucket_mask,
     conntrack_seed,
-    tcp_idle_timeout_ns
+    tcp_idle_timeout_ns,
+    gue_port,
+    _pad
 });
 
 #[cfg(feature = "user")]
@@ -369,6 +379,6 @@ mod tests {
         assert_eq!(size_of::<BackendInfo>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Traffic>(), 24);
-        assert_eq!(size_of::<LbConfig>(), 72);
+        assert_eq!(size_of::<LbConfig>(), 80);
     }
 }

@@ -30,7 +30,12 @@
 //! 6. A mid-stream TCP packet without an entry (another node placed it, or
 //!    its entry was displaced) takes the previous ring generation while the
 //!    VIP's second-chance window is open and that backend keeps flows: the
-//!    second chance. Otherwise the live ring.
+//!    second chance. In `gue` mode, when the live ring names another
+//!    backend of the same family, the packet goes to that one instead and
+//!    names the previous one as its second hop (the backend keeps it if a
+//!    local socket holds the flow, otherwise sends it on); nothing is
+//!    recorded, so every packet of the flow asks again. Otherwise the live
+//!    ring.
 //! 7. The live ring's backend (whatever its state: the ring is republished
 //!    when a backend goes down); an empty slot drops the packet.
 //! 8. ICMP errors follow rules 2, 5-7 but never create, refresh or cache
@@ -194,6 +199,9 @@ pub enum Via {
     /// The previous ring generation, for a mid-stream packet without an
     /// entry (rule 6).
     SecondChance,
+    /// The live ring, naming the previous ring's backend as the second hop
+    /// (rule 6, `gue` mode).
+    SecondHop,
     /// The live ring, for a SYN (rule 4).
     RingSyn,
     /// The live ring, for a packet without an entry (rules 6, 7).
@@ -212,6 +220,7 @@ impl Via {
             Via::FlowCache => (Counter::LbConntrackHit, Some(Counter::LbFlowCacheHit)),
             Via::ConnTable => (Counter::LbConntrackHit, None),
             Via::SecondChance => (Counter::LbConntrackMiss, Some(Counter::LbSecondChanceHit)),
+            Via::SecondHop => (Counter::LbConntrackMiss, Some(Counter::LbSecondHop)),
             Via::RingSyn | Via::RingNoEntry => (Counter::LbConntrackMiss, None),
             Via::RingRepick => (Counter::LbRepickDown, None),
             Via::RingUdpExpired => (Counter::LbUdpExpired, None),
@@ -225,6 +234,9 @@ impl Via {
             Via::ConnTable => "established flow, from its connection-table entry",
             Via::SecondChance => {
                 "no connection-table entry: the previous ring (second chance after a ring change)"
+            }
+            Via::SecondHop => {
+                "no connection-table entry: the live ring, with the previous ring's backend as the second hop (it takes the packet if the first holds no socket for the flow)"
             }
             Via::RingSyn => "new connection (SYN): the live ring",
             Via::RingNoEntry => "no connection-table entry: the live ring",
@@ -241,6 +253,7 @@ impl Via {
             Via::FlowCache => "flow_cache",
             Via::ConnTable => "conntrack",
             Via::SecondChance => "second_chance",
+            Via::SecondHop => "second_hop",
             Via::RingSyn => "ring_syn",
             Via::RingNoEntry => "ring_no_entry",
             Via::RingRepick => "ring_repick",
@@ -286,6 +299,9 @@ pub enum Update {
 pub struct Forward<'a> {
     pub backend_id: u32,
     pub backend: &'a BackendInfo,
+    /// `gue` mode: the backend the first passes the packet on to when no
+    /// local socket holds its flow.
+    pub second_hop: Option<&'a BackendInfo>,
     pub plan: Plan,
 }
 
@@ -438,6 +454,7 @@ fn cached<'a, M: Maps + ?Sized>(
         verdict: Verdict::Forward(Forward {
             backend_id: c.backend_id,
             backend: b,
+            second_hop: None,
             plan: Plan {
                 backend_id: c.backend_id,
                 vip_id: c.vip_id,
@@ -500,6 +517,7 @@ impl Ctx {
             verdict: Verdict::Forward(Forward {
                 backend_id,
                 backend,
+                second_hop: None,
                 plan: Plan {
                     backend_id,
                     vip_id: self.vip_id,
@@ -511,6 +529,22 @@ impl Ctx {
             via: Some(via),
             icmp: !self.stateful,
         }
+    }
+
+    /// To `backend`, naming `second_hop`; nothing recorded (recording the
+    /// first would send the flow's next packets there without a second hop).
+    #[inline(always)]
+    fn forward_second_hop<'a>(
+        &self,
+        backend_id: u32,
+        backend: &'a BackendInfo,
+        second_hop: &'a BackendInfo,
+    ) -> Decision<'a> {
+        let mut d = self.forward(backend_id, backend, Via::SecondHop, Update::Nothing);
+        if let Verdict::Forward(f) = &mut d.verdict {
+            f.second_hop = Some(second_hop);
+        }
+        d
     }
 
     #[inline(always)]
@@ -651,10 +685,20 @@ fn from_ring<'a, M: Maps + ?Sized>(
     if matches!(via, Via::RingNoEntry)
         && proto == IPPROTO_TCP
         && ring.second_chance_open(maps.now_ns())
-        && let Some((id, b)) = ring_pick(maps, cx.vip_id, live ^ 1, slot, cfg)
-        && b.keeps_flows_of(cx.vip_id)
+        && let Some((old_id, old)) = ring_pick(maps, cx.vip_id, live ^ 1, slot, cfg)
+        && old.keeps_flows_of(cx.vip_id)
     {
-        return cx.forward(id, b, Via::SecondChance, record).counted(maps);
+        if cx.mode == Mode::Gue.wire()
+            && cx.stateful
+            && let Some((id, b)) = ring_pick(maps, cx.vip_id, live, slot, cfg)
+            && id != old_id
+            && b.family == old.family
+        {
+            return cx.forward_second_hop(id, b, old).counted(maps);
+        }
+        return cx
+            .forward(old_id, old, Via::SecondChance, record)
+            .counted(maps);
     }
     match ring_pick(maps, cx.vip_id, live, slot, cfg) {
         Some((id, b)) => cx.forward(id, b, via, record).counted(maps),

@@ -101,6 +101,10 @@ counters! {
     /// load (a flood of spoofed packets never fills it with established
     /// flows). The flow follows the ring.
     LbConntrackFull = 33 => "lb_conntrack_full",
+    /// `gue` mode, a mid-stream packet without an entry inside the
+    /// second-chance window: sent to the live ring's backend naming the
+    /// previous ring's as its second hop.
+    LbSecondHop = 34 => "lb_second_hop",
 }
 
 impl Counter {

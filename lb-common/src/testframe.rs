@@ -315,3 +315,83 @@ fn append_l4(f: &mut Vec<u8>, p: &crate::parse::Parsed, l4: &[u8]) {
         f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
     }
 }
+
+/// How [`encapsulate`] wraps a frame: the outer addresses (4 or 16 bytes,
+/// which picks the outer family) and, for GUE, the UDP ports and an
+/// optional second hop (4 or 16 bytes).
+#[derive(Clone, Debug)]
+pub struct Wrap {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub outer_src: Vec<u8>,
+    pub outer_dst: Vec<u8>,
+    pub ttl: u8,
+    pub tos: u8,
+    /// `(source port, destination port, second hop)`; `None`: IPIP.
+    pub gue: Option<(u16, u16, Option<Vec<u8>>)>,
+}
+
+/// `inner`'s IP datagram inside the outer headers `w` describes, written
+/// byte by byte from the RFCs and the documented GUE format (not with the
+/// data plane's writers): the golden bytes the data plane's output must
+/// equal, and the input of decapsulator tests.
+pub fn encapsulate(inner: &[u8], w: &Wrap) -> Vec<u8> {
+    let parsed = crate::parse::parse(inner).expect("encapsulate needs a valid frame");
+    let datagram = &inner[parsed.l3_offset..];
+    let inner_proto: u8 = if parsed.is_ipv6 { 41 } else { 4 };
+    let mut payload = Vec::new();
+    let proto = match &w.gue {
+        None => inner_proto,
+        Some((sport, dport, hop)) => {
+            let opts = if hop.is_some() { 20 } else { 0 };
+            let len = 8 + 4 + opts + datagram.len();
+            payload.extend_from_slice(&sport.to_be_bytes());
+            payload.extend_from_slice(&dport.to_be_bytes());
+            payload.extend_from_slice(&(len as u16).to_be_bytes());
+            payload.extend_from_slice(&[0, 0]);
+            payload.extend_from_slice(&[(opts / 4) as u8, inner_proto, 0, 0]);
+            if let Some(addr) = hop {
+                payload.push(1);
+                payload.push(if addr.len() == 16 { 6 } else { 4 });
+                payload.extend_from_slice(&[0, 0]);
+                let mut a = [0u8; 16];
+                a[..addr.len()].copy_from_slice(addr);
+                payload.extend_from_slice(&a);
+            }
+            17
+        }
+    };
+    payload.extend_from_slice(datagram);
+    let mut f = Vec::new();
+    f.extend_from_slice(&w.dst_mac);
+    f.extend_from_slice(&w.src_mac);
+    if w.outer_dst.len() == 16 {
+        f.extend_from_slice(&0x86ddu16.to_be_bytes());
+        f.push(0x60 | (w.tos >> 4));
+        f.push(w.tos << 4);
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        f.push(proto);
+        f.push(w.ttl);
+    } else {
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        let start = f.len();
+        f.push(0x45);
+        f.push(w.tos);
+        f.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0x40, 0]);
+        f.push(w.ttl);
+        f.push(proto);
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&w.outer_src);
+        f.extend_from_slice(&w.outer_dst);
+        let c = csum::checksum(&f[start..start + 20]);
+        f[start + 10..start + 12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&payload);
+        return f;
+    }
+    f.extend_from_slice(&w.outer_src);
+    f.extend_from_slice(&w.outer_dst);
+    f.extend_from_slice(&payload);
+    f
+}

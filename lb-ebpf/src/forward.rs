@@ -1,18 +1,23 @@
-//! Sending the packet to its backend: L2 DSR (MAC rewrite) or IPIP
+//! Sending the packet to its backend: L2 DSR (MAC rewrite), IPIP or GUE
 //! encapsulation (4in4, 6in6, 6in4), then XDP_TX out of the interface it
 //! came in on (lbd only accepts backends whose next hop is there).
 
 use aya_ebpf::bindings::xdp_action;
 use lb_common::{
-    encap::{IPPROTO_IPIP, IPPROTO_IPV6, write_outer_ipv4, write_outer_ipv6},
+    encap::{
+        IPPROTO_IPIP, IPPROTO_IPV6, gue_overhead, gue_source_port, write_gue, write_outer_ipv4,
+        write_outer_ipv6,
+    },
     maps::{BackendInfo, Family, LbConfig, Mode},
     packet::PacketBytes,
-    parse::Parsed,
+    parse::{IPPROTO_UDP, Parsed},
     stats::Counter,
     wire::{
         ethernet::{ETH_HDR_LEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, EthHdr},
+        gue::{GueHdr, GueSecondHop},
         ipv4::Ipv4Hdr,
         ipv6::Ipv6Hdr,
+        udp::{UDP_HDR_LEN, UdpHdr},
     },
 };
 
@@ -26,6 +31,7 @@ pub fn forward(
     parsed: &Parsed,
     mode: Mode,
     backend: &BackendInfo,
+    second_hop: Option<&BackendInfo>,
     cfg: &LbConfig,
 ) -> Result<u32, Counter> {
     // A packet at TTL 0 must not be forwarded; encapsulated, it would
@@ -34,7 +40,7 @@ pub fn forward(
         return Err(Counter::LbTtlExpired);
     }
     if mode != Mode::L2dsr {
-        encapsulate(pkt, parsed, backend, cfg)?;
+        encapsulate(pkt, parsed, backend, second_hop, mode == Mode::Gue, cfg)?;
     }
     let eth: &mut EthHdr = pkt.header_mut(0).ok_or(Counter::LbEncapFailed)?;
     set_mac(&mut eth.dst, &backend.next_hop_mac);
@@ -46,21 +52,52 @@ pub fn forward(
 /// into the packet it cannot rule out overlap, and in BPF `memmove` is a
 /// slow byte-loop subprogram).
 #[inline(always)]
-fn set_mac(to: &mut [u8; 6], from: &[u8; 6]) {
+pub fn set_mac(to: &mut [u8; 6], from: &[u8; 6]) {
     for (i, byte) in from.iter().enumerate() {
         // SAFETY: `i` < 6, inside `to`.
         unsafe { core::ptr::write_volatile(to.as_mut_ptr().add(i), *byte) };
     }
 }
 
-/// Puts `[Ethernet][outer IP]` in front of the inner IP datagram. The inner
-/// L2 header (and any VLAN tag) is replaced, so the head grows by the outer
-/// IP header minus what the VLAN tag gave back.
+/// The GUE source port of the packet's flow, from the packet's own bytes
+/// (copies of the parsed addresses on the stack would be merged into
+/// misaligned word accesses the verifier refuses).
+#[inline(always)]
+fn source_port(pkt: &XdpBytes, parsed: &Parsed) -> Result<u16, Counter> {
+    let word = |b: &[u8; 4]| u32::from_be_bytes(*b);
+    let client = if parsed.is_ipv6 {
+        let ip: &Ipv6Hdr = pkt.header(parsed.l3_offset).ok_or(Counter::LbEncapFailed)?;
+        let (Some(head), Some(tail)) = (ip.src.first_chunk::<4>(), ip.src.last_chunk::<4>()) else {
+            return Err(Counter::LbEncapFailed);
+        };
+        word(head) ^ word(tail)
+    } else {
+        let ip: &Ipv4Hdr = pkt.header(parsed.l3_offset).ok_or(Counter::LbEncapFailed)?;
+        word(&ip.src)
+    };
+    // Both ports: the first word of TCP, UDP and (quoting nothing useful,
+    // but harmlessly) ICMP headers.
+    let l4: &UdpHdr = pkt.header(parsed.l4_offset).ok_or(Counter::LbEncapFailed)?;
+    let ports = u32::from_be_bytes([
+        l4.src_port[0],
+        l4.src_port[1],
+        l4.dst_port[0],
+        l4.dst_port[1],
+    ]);
+    Ok(gue_source_port(client, ports))
+}
+
+/// Puts `[Ethernet][outer IP]` (and for GUE `[UDP][GUE][second hop]`) in
+/// front of the inner IP datagram. The inner L2 header (and any VLAN tag)
+/// is replaced, so the head grows by the outer headers minus what the VLAN
+/// tag gave back.
 #[inline(always)]
 fn encapsulate(
     pkt: &XdpBytes,
     parsed: &Parsed,
     backend: &BackendInfo,
+    second_hop: Option<&BackendInfo>,
+    gue: bool,
     cfg: &LbConfig,
 ) -> Result<(), Counter> {
     // Inner length and TTL/hop limit before the head moves.
@@ -80,7 +117,22 @@ fn encapsulate(
     } else {
         IPPROTO_IPIP
     };
-    let outer_len: usize = if outer_v6 { 40 } else { 20 };
+    let ip_len: usize = if outer_v6 { 40 } else { 20 };
+    let outer_len = if gue {
+        ip_len + gue_overhead(second_hop.is_some())
+    } else {
+        ip_len
+    };
+    // Before the head moves: the inner addresses are in `parsed`.
+    let src_port = if gue { source_port(pkt, parsed)? } else { 0 };
+    let (outer_proto, outer_payload) = if gue {
+        (
+            IPPROTO_UDP,
+            inner_len.wrapping_add((outer_len - ip_len) as u16),
+        )
+    } else {
+        (inner_proto, inner_len)
+    };
     if cfg.max_frame_len != 0
         && (ETH_HDR_LEN + outer_len + inner_len as usize) > cfg.max_frame_len as usize
     {
@@ -99,10 +151,10 @@ fn encapsulate(
             ip,
             &cfg.encap_src_v6,
             &backend.addr,
-            inner_len,
+            outer_payload,
             parsed.tos,
             ttl,
-            inner_proto,
+            outer_proto,
         );
     } else {
         eth.ether_type = ETHERTYPE_IPV4.to_be_bytes();
@@ -115,9 +167,33 @@ fn encapsulate(
             ip,
             &cfg.encap_src_v4,
             dst,
-            inner_len,
+            outer_payload,
             parsed.tos,
             ttl,
+            outer_proto,
+        );
+    }
+    if gue {
+        let l4 = ETH_HDR_LEN + ip_len;
+        let udp: &mut UdpHdr = pkt.header_mut(l4).ok_or(Counter::LbEncapFailed)?;
+        let gue: &mut GueHdr = pkt
+            .header_mut(l4 + UDP_HDR_LEN)
+            .ok_or(Counter::LbEncapFailed)?;
+        let hop = match second_hop {
+            Some(b) => Some((
+                pkt.header_mut::<GueSecondHop>(l4 + UDP_HDR_LEN + 4)
+                    .ok_or(Counter::LbEncapFailed)?,
+                b,
+            )),
+            None => None,
+        };
+        write_gue(
+            udp,
+            gue,
+            hop,
+            src_port,
+            cfg.gue_port,
+            inner_len,
             inner_proto,
         );
     }

@@ -71,7 +71,7 @@ fn balance(pkt: &XdpBytes, parsed: &Parsed) -> u32 {
     // One forwarding tail for every path: inlined twice, the encapsulation
     // code doubled the program and its stack frame.
     let bytes = pkt.len() as u64;
-    match forward(pkt, parsed, plan.mode(), fwd.backend, cfg) {
+    match forward(pkt, parsed, plan.mode(), fwd.backend, fwd.second_hop, cfg) {
         Ok(action) => {
             // State and stats only for packets that really left.
             policy::apply(&mut KernelMaps::new(), cfg, epoch, &key, &plan);

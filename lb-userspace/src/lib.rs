@@ -2,6 +2,7 @@
 
 pub mod announce;
 pub mod api;
+pub mod backend_role;
 pub mod cli;
 pub mod config;
 pub mod controller;

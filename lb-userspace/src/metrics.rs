@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// Label values escaped as the exposition format requires.
-fn esc(v: &str) -> String {
+pub(crate) fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
@@ -76,16 +76,22 @@ pub fn snapshot(vips: &[VipStatus], ebpf: &Ebpf) -> Result<Vec<VipTraffic>> {
         .collect()
 }
 
-struct Family<'a> {
-    out: &'a mut String,
+/// One exposition being written: `# HELP`/`# TYPE` heads and samples.
+pub(crate) struct Family<'a> {
+    pub(crate) out: &'a mut String,
 }
 
 impl Family<'_> {
-    fn head(&mut self, name: &str, kind: &str, help: &str) {
+    pub(crate) fn head(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.out, "# HELP {name} {help}");
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
     }
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    pub(crate) fn sample(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: impl std::fmt::Display,
+    ) {
         let l: Vec<String> = labels
             .iter()
             .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))

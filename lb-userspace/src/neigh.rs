@@ -15,7 +15,10 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         link::LinkAttribute,
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage,
+            NeighbourState,
+        },
         route::{RouteAddress, RouteAttribute},
     },
 };
@@ -29,6 +32,40 @@ pub struct NextHop {
     pub mac: [u8; 6],
     /// The address whose MAC that is (backend or gateway).
     pub via: IpAddr,
+}
+
+/// A neighbour entry the kernel keeps resolved by itself ("managed", Linux
+/// 5.16 or later): it solicits the address without waiting for a packet to
+/// need it, refreshes it, and never lets it expire. XDP programs look next
+/// hops up with `bpf_fib_lookup` and cannot prompt a resolution themselves.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct Managed {
+    pub ifindex: u32,
+    /// The next hop: the address itself on a shared segment, else its
+    /// gateway.
+    pub via: IpAddr,
+}
+
+/// What the kernel knows now of the next hop towards an address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Resolved(NextHop),
+    /// Routed through interface `ifindex` to `via`, whose MAC is not
+    /// known (yet).
+    Unresolved {
+        ifindex: u32,
+        via: IpAddr,
+    },
+    /// No route, or the route's interface has no Ethernet address: why.
+    NoRoute(String),
+}
+
+/// What the kernel holds for one neighbour.
+struct Entry {
+    state: NeighbourState,
+    managed: bool,
 }
 
 #[derive(Clone)]
@@ -123,6 +160,88 @@ impl Resolver {
         ))
     }
 
+    /// Has the kernel resolve the next hop towards `dst` and keep it
+    /// resolved (see [`Managed`]). `None`: an entry that is already managed,
+    /// or that someone configured (permanent, or on a link without ARP),
+    /// and is left as it is.
+    pub async fn manage(&self, dst: IpAddr) -> Result<Option<Managed>> {
+        let (ifindex, gateway) = self.route(dst).await?;
+        let via = gateway.unwrap_or(dst);
+        if let Some(e) = self.entry(ifindex, via).await?
+            && (e.managed || matches!(e.state, NeighbourState::Permanent | NeighbourState::Noarp))
+        {
+            return Ok(None);
+        }
+        // Replacing keeps a resolved entry resolved and starts resolving a
+        // failed one, as `ip neigh replace ADDR dev DEV managed` does.
+        let mut req = self
+            .handle
+            .neighbours()
+            .add(ifindex, via)
+            .state(NeighbourState::None)
+            .replace();
+        req.message_mut()
+            .attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        req.execute().await.with_context(|| {
+            format!(
+                "asking the kernel to resolve {via} (next hop towards {dst}) on interface {ifindex} \
+                 as a managed neighbour (Linux 5.16 or later)"
+            )
+        })?;
+        Ok(Some(Managed { ifindex, via }))
+    }
+
+    /// Deletes a managed entry; one that is no longer managed (someone
+    /// else changed it) or gone is left alone: false.
+    pub async fn unmanage(&self, n: &Managed) -> Result<bool> {
+        match self.entry(n.ifindex, n.via).await? {
+            Some(e) if e.managed => {}
+            _ => return Ok(false),
+        }
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family_of(n.via);
+        msg.header.ifindex = n.ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_address(n.via)));
+        self.handle
+            .neighbours()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("deleting the managed neighbour {} ({})", n.via, n.ifindex))?;
+        Ok(true)
+    }
+
+    /// The kernel's entry for `via` on interface `ifindex`, if any.
+    async fn entry(&self, ifindex: u32, via: IpAddr) -> Result<Option<Entry>> {
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family_of(via))
+            .execute();
+        let want = neighbour_address(via);
+        while let Some(n) = dump.try_next().await.context("dumping neighbours")? {
+            if n.header.ifindex != ifindex
+                || !n
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, NeighbourAttribute::Destination(d) if *d == want))
+            {
+                continue;
+            }
+            let managed = n.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::ExtFlags(f) if f.contains(NeighbourExtFlags::Managed))
+            });
+            return Ok(Some(Entry {
+                state: n.header.state,
+                managed,
+            }));
+        }
+        Ok(None)
+    }
+
     /// Every resolved neighbour entry of both families, in one dump each:
     /// (interface, address) -> MAC.
     async fn neighbours(&self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>> {
@@ -198,6 +317,29 @@ impl Resolver {
         out
     }
 
+    /// What the kernel knows of the next hops of `addrs` now, in their
+    /// order: a route lookup each and one neighbour dump, prompting
+    /// nothing (see [`Resolver::manage`] for that).
+    pub async fn lookup_many(&self, addrs: &[IpAddr]) -> Result<Vec<Lookup>> {
+        let routes = self.routes(addrs).await;
+        let table = self.neighbours().await?;
+        Ok(routes
+            .into_iter()
+            .map(|r| match r {
+                Err(e) => Lookup::NoRoute(format!("{e:#}")),
+                Ok((ifindex, via, src_mac)) => match table.get(&(ifindex, via)) {
+                    Some(mac) => Lookup::Resolved(NextHop {
+                        ifindex,
+                        src_mac,
+                        mac: *mac,
+                        via,
+                    }),
+                    None => Lookup::Unresolved { ifindex, via },
+                },
+            })
+            .collect())
+    }
+
     /// Resolves the next hops of `backends` together: a route lookup each,
     /// then one neighbour dump per round for all of them, prompting
     /// neighbour discovery for those the kernel has no entry for yet (a
@@ -268,6 +410,20 @@ impl Resolver {
             .zip(hops)
             .map(|(b, h)| (*b, h.unwrap_or_else(|| Err(anyhow::anyhow!("unresolved")))))
             .collect()
+    }
+}
+
+fn family_of(addr: IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn neighbour_address(addr: IpAddr) -> NeighbourAddress {
+    match addr {
+        IpAddr::V4(a) => NeighbourAddress::Inet(a),
+        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
     }
 }
 

@@ -112,29 +112,49 @@ pub fn attach(
     interface: &str,
     mode: AttachMode,
 ) -> Result<()> {
-    let link_path = dir.join(LINK);
+    attach_pinned(
+        ebpf,
+        BALANCER_PROGRAM,
+        &dir.join(LINK),
+        adopted,
+        interface,
+        mode,
+    )
+}
+
+/// [`attach`] for any of the object's XDP programs, its link pinned at
+/// `link_path` (the backend role pins `decap` this way).
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    program: &str,
+    link_path: &Path,
+    adopted: bool,
+    interface: &str,
+    mode: AttachMode,
+) -> Result<()> {
     if adopted {
-        let prog = dataplane::program_mut(ebpf, BALANCER_PROGRAM)?;
-        let pinned = PinnedLink::from_pin(&link_path)
+        let prog = dataplane::program_mut(ebpf, program)?;
+        let pinned = PinnedLink::from_pin(link_path)
             .with_context(|| format!("opening {}", link_path.display()))?;
         let link = XdpLink::try_from(FdLink::from(pinned))
             .context("the pinned link is not an XDP link")?;
         prog.attach_to_link(link)
             .context("swapping the new program into the running link")?;
         tracing::info!(
+            program,
             interface,
             "adopted the running data plane; program replaced in place"
         );
         return Ok(());
     }
-    let attached = dataplane::attach(ebpf, interface, mode)?;
-    let prog = dataplane::program_mut(ebpf, BALANCER_PROGRAM)?;
+    let attached = dataplane::attach_program(ebpf, program, interface, mode)?;
+    let prog = dataplane::program_mut(ebpf, program)?;
     let link = prog
         .take_link(attached.into_link_id()?)
         .context("taking the XDP link")?;
     let fd = FdLink::try_from(link)
         .context("this kernel attached XDP without a bpf_link; cannot pin it")?;
-    fd.pin(&link_path)
+    fd.pin(link_path)
         .with_context(|| format!("pinning the link at {}", link_path.display()))?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! Keys the running kernel lacks are reported, never fatal.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     path::{Path, PathBuf},
 };
@@ -19,40 +20,43 @@ pub enum Role {
     Backend,
 }
 
+#[derive(Clone, Debug)]
 pub struct Setting {
-    pub key: &'static str,
+    /// Dotted, or with `/` separators when a part holds a dot (a VLAN
+    /// interface such as `eth0.100`), as sysctl(8) writes it.
+    pub key: Cow<'static, str>,
     pub value: &'static str,
     pub why: &'static str,
 }
 
 const LB: &[Setting] = &[
     Setting {
-        key: "net.core.netdev_max_backlog",
+        key: Cow::Borrowed("net.core.netdev_max_backlog"),
         value: "250000",
         why: "packets the program passes to the stack (health-check replies, non-VIP traffic) arrive in NIC-rate bursts",
     },
     Setting {
-        key: "net.ipv4.tcp_max_syn_backlog",
+        key: Cow::Borrowed("net.ipv4.tcp_max_syn_backlog"),
         value: "65536",
         why: "the control API and metrics listeners must not drop connections during SYN bursts",
     },
     Setting {
-        key: "net.ipv4.tcp_max_tw_buckets",
+        key: Cow::Borrowed("net.ipv4.tcp_max_tw_buckets"),
         value: "262144",
         why: "health checks open and close many connections; TIME_WAIT must not overflow",
     },
     Setting {
-        key: "net.ipv4.ip_local_port_range",
+        key: Cow::Borrowed("net.ipv4.ip_local_port_range"),
         value: "10000\t65000",
         why: "health checks to many backends need source ports",
     },
     Setting {
-        key: "net.ipv4.conf.all.rp_filter",
+        key: Cow::Borrowed("net.ipv4.conf.all.rp_filter"),
         value: "2",
         why: "loose reverse-path filtering: strict mode drops asymmetric (DSR) and tunnelled traffic",
     },
     Setting {
-        key: "net.ipv4.tcp_tw_recycle",
+        key: Cow::Borrowed("net.ipv4.tcp_tw_recycle"),
         value: "0",
         why: "breaks clients behind NAT; removed in Linux 4.12, reported when absent",
     },
@@ -60,22 +64,22 @@ const LB: &[Setting] = &[
 
 const BACKEND: &[Setting] = &[
     Setting {
-        key: "net.ipv4.conf.all.arp_ignore",
+        key: Cow::Borrowed("net.ipv4.conf.all.arp_ignore"),
         value: "1",
         why: "the VIP sits on lo: answer ARP only for addresses of the asking interface, or backends steal the VIP",
     },
     Setting {
-        key: "net.ipv4.conf.all.arp_announce",
+        key: Cow::Borrowed("net.ipv4.conf.all.arp_announce"),
         value: "2",
         why: "never use the VIP as the source of ARP requests",
     },
     Setting {
-        key: "net.ipv4.conf.all.rp_filter",
+        key: Cow::Borrowed("net.ipv4.conf.all.rp_filter"),
         value: "0",
         why: "decapsulated packets arrive for the VIP on an interface that does not route to the client",
     },
     Setting {
-        key: "net.ipv4.conf.default.rp_filter",
+        key: Cow::Borrowed("net.ipv4.conf.default.rp_filter"),
         value: "0",
         why: "as above, for interfaces created later",
     },
@@ -86,6 +90,27 @@ pub fn profile(role: Role) -> &'static [Setting] {
         Role::Lb => LB,
         Role::Backend => BACKEND,
     }
+}
+
+/// The profile for a host whose traffic arrives on `interface`: a backend
+/// also needs that interface's `rp_filter` at 0, because the kernel uses the
+/// larger of `all` and the interface's value. (The balancer's loose `all`
+/// already wins over any interface value but 0, which is looser still.)
+pub fn profile_for(role: Role, interface: Option<&str>) -> Vec<Setting> {
+    let mut settings = profile(role).to_vec();
+    if let (Role::Backend, Some(dev)) = (role, interface) {
+        let key = if dev.contains('.') {
+            format!("net/ipv4/conf/{dev}/rp_filter")
+        } else {
+            format!("net.ipv4.conf.{dev}.rp_filter")
+        };
+        settings.push(Setting {
+            key: Cow::Owned(key),
+            value: "0",
+            why: "decapsulated packets arrive here; the kernel filters with the larger of `all` and this value",
+        });
+    }
+    settings
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -113,7 +138,11 @@ impl Sysctls {
     }
 
     fn path(&self, key: &str) -> PathBuf {
-        self.root.join(key.replace('.', "/"))
+        if key.contains('/') {
+            self.root.join(key)
+        } else {
+            self.root.join(key.replace('.', "/"))
+        }
     }
 
     pub fn read(&self, key: &str) -> Option<String> {
@@ -127,12 +156,17 @@ impl Sysctls {
     }
 
     pub fn show(&self, role: Role) -> Vec<Row> {
-        profile(role)
+        self.show_settings(profile(role))
+    }
+
+    /// [`Sysctls::show`] for any list of settings ([`profile_for`]).
+    pub fn show_settings(&self, settings: &[Setting]) -> Vec<Row> {
+        settings
             .iter()
             .map(|s| {
-                let current = self.read(s.key);
+                let current = self.read(&s.key);
                 Row {
-                    key: s.key.into(),
+                    key: s.key.to_string(),
                     ok: current.as_deref().map(normalise) == Some(normalise(s.value))
                         || current.is_none() && s.key.ends_with("tcp_tw_recycle"),
                     current,
@@ -147,14 +181,19 @@ impl Sysctls {
     /// the first originals), then writes the recommendations. Returns what
     /// was changed; missing keys are skipped.
     pub fn apply(&self, role: Role, backup: &Path) -> Result<Vec<Row>> {
+        self.apply_settings(profile(role), backup)
+    }
+
+    /// [`Sysctls::apply`] for any list of settings ([`profile_for`]).
+    pub fn apply_settings(&self, settings: &[Setting], backup: &Path) -> Result<Vec<Row>> {
         let mut originals: BTreeMap<String, String> = match std::fs::read_to_string(backup) {
             Ok(t) => serde_json::from_str(&t)
                 .with_context(|| format!("backup {} is corrupt", backup.display()))?,
             Err(_) => BTreeMap::new(),
         };
-        for s in profile(role) {
-            if let Some(v) = self.read(s.key) {
-                originals.entry(s.key.to_owned()).or_insert(v);
+        for s in settings {
+            if let Some(v) = self.read(&s.key) {
+                originals.entry(s.key.to_string()).or_insert(v);
             }
         }
         if let Some(dir) = backup.parent() {
@@ -163,9 +202,9 @@ impl Sysctls {
         std::fs::write(backup, serde_json::to_vec_pretty(&originals)?)
             .with_context(|| format!("writing {}", backup.display()))?;
         let mut failed = Vec::new();
-        for s in profile(role) {
-            if self.read(s.key).is_some()
-                && let Err(e) = self.write(s.key, s.value)
+        for s in settings {
+            if self.read(&s.key).is_some()
+                && let Err(e) = self.write(&s.key, s.value)
             {
                 failed.push(format!("{e:#}"));
             }
@@ -177,15 +216,20 @@ impl Sysctls {
                 failed.join("; ")
             );
         }
-        Ok(self.show(role))
+        Ok(self.show_settings(settings))
     }
 
     /// The profile's keys as they are now (keys this kernel lacks left
     /// out), for putting them back after a failed start.
     pub fn snapshot(&self, role: Role) -> BTreeMap<String, String> {
-        profile(role)
+        self.snapshot_settings(profile(role))
+    }
+
+    /// [`Sysctls::snapshot`] for any list of settings ([`profile_for`]).
+    pub fn snapshot_settings(&self, settings: &[Setting]) -> BTreeMap<String, String> {
+        settings
             .iter()
-            .filter_map(|s| self.read(s.key).map(|v| (s.key.to_owned(), v)))
+            .filter_map(|s| self.read(&s.key).map(|v| (s.key.to_string(), v)))
             .collect()
     }
 
@@ -263,6 +307,40 @@ mod tests {
                 .to_string()
                 .contains("no backup")
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The interface's own rp_filter is part of a backend's profile, and an
+    /// interface name with a dot (a VLAN) still names one file.
+    #[test]
+    fn a_backend_profile_covers_its_interface() {
+        let dir = std::env::temp_dir().join(format!("lb-sysctl-iface-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let proc = dir.join("proc");
+        for key in [
+            "net/ipv4/conf/all/arp_ignore",
+            "net/ipv4/conf/eth0/rp_filter",
+            "net/ipv4/conf/eth0.100/rp_filter",
+        ] {
+            let p = proc.join(key);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "1\n").unwrap();
+        }
+        let s = Sysctls::new(&proc);
+        assert_eq!(profile_for(Role::Lb, Some("eth0")).len(), LB.len());
+        for (dev, file) in [("eth0", "eth0"), ("eth0.100", "eth0.100")] {
+            let settings = profile_for(Role::Backend, Some(dev));
+            let own = settings.last().unwrap();
+            assert_eq!(settings.len(), BACKEND.len() + 1);
+            let backup = dir.join(format!("{dev}.json"));
+            let rows = s.apply_settings(&settings, &backup).unwrap();
+            let row = rows.iter().find(|r| r.key == own.key).unwrap();
+            assert!(row.ok, "{row:?}");
+            let path = proc.join(format!("net/ipv4/conf/{file}/rp_filter"));
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "0");
+            s.restore(&backup).unwrap();
+            assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), "1");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

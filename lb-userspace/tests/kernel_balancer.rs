@@ -23,6 +23,7 @@ const M: u32 = 13;
 const SECOND_CHANCE: Duration = Duration::from_secs(600);
 const ENCAP_SRC_V4: [u8; 4] = [198, 18, 0, 2];
 const CLIENT_V4: [u8; 4] = [198, 18, 0, 10];
+const GUE_PORT: u16 = 6081;
 
 fn v16(a: [u8; 4]) -> [u8; 16] {
     let mut o = [0; 16];
@@ -97,6 +98,7 @@ impl Bench {
                 ring_size: M,
                 flags: 0,
                 udp_timeout_ns: 30_000_000_000,
+                gue_port: GUE_PORT,
                 ..Default::default()
             },
         )
@@ -205,6 +207,75 @@ fn encapsulated(frame: &[u8], id: u32) -> Vec<u8> {
         out.extend_from_slice(&b.addr);
     }
     out.extend_from_slice(inner);
+    out
+}
+
+/// Expected GUE output towards backend `id`, naming backend `hop` as the
+/// second hop, written by the test frame builder (not the data plane's
+/// writers), then checked field by field where the builder could share a
+/// mistake with the data plane: checksums and lengths.
+fn gue(frame: &[u8], id: u32, hop: Option<u32>) -> Vec<u8> {
+    let p = parse(frame).unwrap();
+    let (_, tos, ttl, _) = inner_of(frame);
+    let b = backend(id);
+    let v4 = b.family == Family::V4.wire();
+    let addr = |b: &BackendInfo| {
+        if b.family == Family::V4.wire() {
+            b.addr[..4].to_vec()
+        } else {
+            b.addr.to_vec()
+        }
+    };
+    let client = if p.is_ipv6 {
+        &p.src_addr[..]
+    } else {
+        &p.src_addr[..4]
+    };
+    let w = testframe::Wrap {
+        src_mac: LB_MAC,
+        dst_mac: b.next_hop_mac,
+        outer_src: if v4 {
+            ENCAP_SRC_V4.to_vec()
+        } else {
+            testframe::v6(2).to_vec()
+        },
+        outer_dst: addr(&b),
+        ttl,
+        tos,
+        gue: Some((
+            lb_common::encap::gue_source_port_of(client, p.src_port, p.dst_port),
+            GUE_PORT,
+            hop.map(|h| addr(&backend(h))),
+        )),
+    };
+    let out = testframe::encapsulate(frame, &w);
+    let ip_len = if v4 { 20 } else { 40 };
+    if v4 {
+        assert_eq!(
+            csum::checksum(&out[14..34]),
+            0,
+            "outer IPv4 checksum verifies"
+        );
+        assert_eq!(out[23], 17, "outer protocol UDP");
+    } else {
+        assert_eq!(out[20], 17, "outer next header UDP");
+    }
+    let udp = &out[14 + ip_len..];
+    assert_eq!(
+        u16::from_be_bytes([udp[4], udp[5]]) as usize,
+        udp.len(),
+        "UDP length covers the rest of the frame"
+    );
+    assert_eq!(&udp[6..8], &[0, 0], "UDP checksum 0");
+    assert!(
+        u16::from_be_bytes([udp[0], udp[1]]) >= 49152,
+        "source port from the flow hash"
+    );
+    assert_eq!(
+        &out[out.len() - (frame.len() - p.l3_offset)..],
+        &frame[p.l3_offset..],
+        "inner datagram untouched"
+    );
     out
 }
 
@@ -742,6 +813,7 @@ fn with_config(b: &mut Bench, f: impl FnOnce(&mut LbConfig)) {
         ring_size: M,
         flags: 0,
         udp_timeout_ns: 30_000_000_000,
+        gue_port: GUE_PORT,
         ..Default::default()
     };
     f(&mut cfg);
@@ -1423,4 +1495,157 @@ fn ring_state_of_an_id_past_the_first_page() {
         Default::default()
     );
     assert!(programming::store_ring_state(&h.ebpf, 1024, Default::default()).is_err());
+}
+
+/// GUE in every family combination, new flows and a second hop: after a
+/// ring change, a mid-stream packet without an entry goes to the live
+/// ring's backend naming the previous ring's as its second hop, and
+/// nothing is recorded; a SYN never carries one; ICMP errors about a flow
+/// take the plain second chance.
+#[test]
+fn gue_families_and_second_hop() {
+    let mut b = Bench::new();
+    let v4 = [198, 18, 100, 1];
+    let v6 = testframe::v6_vip(1);
+    let v6o4 = testframe::v6_vip(3);
+    let tcp4v = b.vip(0, vip_key(&v4, 80, IPPROTO_TCP), Mode::Gue, 1);
+    b.vip(1, vip_key(&v4, 53, IPPROTO_UDP), Mode::Gue, 2);
+    let tcp6v = b.vip(2, vip_key(&v6, 80, IPPROTO_TCP), Mode::Gue, 3);
+    b.vip(3, vip_key(&v6, 53, IPPROTO_UDP), Mode::Gue, 4);
+    let o4 = b.vip(4, vip_key(&v6o4, 80, IPPROTO_TCP), Mode::Gue, 1);
+
+    // name, frame, backend, counter deltas
+    type NewFlow = (&'static str, FrameSpec, u32, &'static [(&'static str, u64)]);
+    let new_flows: Vec<NewFlow> = vec![
+        ("gue 4in4 tcp", tcp4(v4, 3000, 80), 1, TX_TCP_NEW),
+        ("gue 4in4 udp", udp4(v4, 3000, 53), 2, TX_UDP_NEW),
+        ("gue 6in6 tcp", tcp6(v6, 3000, 80), 3, TX_TCP_NEW),
+        ("gue 6in6 udp", udp6(v6, 3000, 53), 4, TX_UDP_NEW),
+        ("gue 6in4 tcp", tcp6(v6o4, 3000, 80), 1, TX_TCP_NEW),
+        (
+            "gue: ttl and dscp copied to the outer header",
+            FrameSpec {
+                ttl: 9,
+                tos: 0xb8,
+                ..tcp4(v4, 3001, 80)
+            },
+            1,
+            TX_TCP_NEW,
+        ),
+    ];
+    for (name, spec, to, counters) in new_flows {
+        let f = testframe::build(&spec);
+        b.check(name, &f, XDP_TX, &gue(&f, to, None), counters);
+    }
+
+    b.ring_all(&tcp4v, 2);
+    b.ring_all(&tcp6v, 4);
+    b.ring_all(&o4, 2);
+    const SECOND_HOP: &[(&str, u64)] = &[
+        ("parse_tcp", 1),
+        ("lb_conntrack_miss", 1),
+        ("lb_second_hop", 1),
+        ("verdict_tx", 1),
+    ];
+    let hops: Vec<(&str, FrameSpec, u32, u32)> = vec![
+        ("gue 4in4, second hop", ack(tcp4(v4, 3100, 80)), 2, 1),
+        ("gue 6in6, second hop", ack(tcp6(v6, 3100, 80)), 4, 3),
+        ("gue 6in4, second hop", ack(tcp6(v6o4, 3100, 80)), 2, 1),
+    ];
+    for (name, spec, to, hop) in hops {
+        let f = testframe::build(&spec);
+        b.check(name, &f, XDP_TX, &gue(&f, to, Some(hop)), SECOND_HOP);
+        // Nothing was recorded: the next packet asks again.
+        b.check(
+            &format!("{name}, again"),
+            &f,
+            XDP_TX,
+            &gue(&f, to, Some(hop)),
+            SECOND_HOP,
+        );
+    }
+    let syn = testframe::build(&tcp4(v4, 3101, 80));
+    b.check(
+        "a SYN after the change: the live ring, no second hop",
+        &syn,
+        XDP_TX,
+        &gue(&syn, 2, None),
+        TX_TCP_NEW,
+    );
+    let old = testframe::build(&ack(tcp4(v4, 3000, 80)));
+    b.check(
+        "a flow with an entry keeps its backend, no second hop",
+        &old,
+        XDP_TX,
+        &gue(&old, 1, None),
+        &[("parse_tcp", 1), ("lb_conntrack_hit", 1), ("verdict_tx", 1)],
+    );
+
+    b.state(1, BackendState::Down);
+    let f = testframe::build(&ack(tcp4(v4, 3102, 80)));
+    b.check(
+        "the previous ring's backend is down: the live ring alone",
+        &f,
+        XDP_TX,
+        &gue(&f, 2, None),
+        TX_TCP_NEW,
+    );
+    b.state(1, BackendState::Up);
+
+    b.ring_all_window(&tcp4v, 1, Duration::ZERO);
+    b.ring_all_window(&tcp4v, 2, Duration::ZERO);
+    let f = testframe::build(&ack(tcp4(v4, 3103, 80)));
+    b.check(
+        "no second-chance window: the live ring alone",
+        &f,
+        XDP_TX,
+        &gue(&f, 2, None),
+        TX_TCP_NEW,
+    );
+
+    // MTU headroom: GUE adds the outer IP header and 12 bytes, 32 more
+    // with a second hop (IPv6 outer: 40 + 12 + 20).
+    let syn = testframe::build(&tcp4(v4, 3200, 80));
+    let too_big: &[(&str, u64)] = &[
+        ("parse_tcp", 1),
+        ("lb_conntrack_miss", 1),
+        ("lb_frame_too_big", 1),
+        ("verdict_drop", 1),
+    ];
+    with_config(&mut b, |c| {
+        c.max_frame_len = (syn.len() + 20 + 12 - 1) as u32
+    });
+    b.check("gue: one byte over the MTU", &syn, XDP_DROP, &syn, too_big);
+    with_config(&mut b, |c| c.max_frame_len = (syn.len() + 20 + 12) as u32);
+    b.check(
+        "gue: exactly at the MTU",
+        &syn,
+        XDP_TX,
+        &gue(&syn, 2, None),
+        TX_TCP_NEW,
+    );
+    let hop = testframe::build(&ack(tcp6(v6, 3200, 80)));
+    let at = hop.len() + 40 + 12 + 20;
+    with_config(&mut b, |c| c.max_frame_len = (at - 1) as u32);
+    b.check(
+        "gue: a second hop's 20 bytes count",
+        &hop,
+        XDP_DROP,
+        &hop,
+        &[
+            ("parse_tcp", 1),
+            ("lb_conntrack_miss", 1),
+            ("lb_second_hop", 1),
+            ("lb_frame_too_big", 1),
+            ("verdict_drop", 1),
+        ],
+    );
+    with_config(&mut b, |c| c.max_frame_len = at as u32);
+    b.check(
+        "gue: a second hop exactly at the MTU",
+        &hop,
+        XDP_TX,
+        &gue(&hop, 4, Some(3)),
+        SECOND_HOP,
+    );
 }

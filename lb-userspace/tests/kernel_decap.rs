@@ -1,10 +1,17 @@
-//! Kernel tier: the backends' decapsulator turns what the balancer sends back
-//! into the client's original datagram, and leaves everything else alone.
+//! Kernel tier: the backends' decapsulator turns what the balancer sends (ipip
+//! and GUE) back into the client's original datagram for configured VIPs,
+//! drops what is encapsulated for anything else or malformed, and leaves
+//! everything else alone. (Its keep-or-send-on decision against real
+//! sockets is `tests/tests/decap_sockets.rs`: it needs a namespace.)
 
 mod kernel;
 
-use kernel::{Harness, XDP_PASS, XDP_TX};
+use std::collections::BTreeMap;
+
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use kernel::{Harness, XDP_DROP, XDP_PASS, XDP_TX};
 use lb_common::{
+    decap::{DecapConfig, DecapCounter, DecapTraffic, DecapVipKey},
     maps::{BackendInfo, BackendState, Family, LbConfig, Mode, VipKey},
     parse::{IPPROTO_TCP, IPPROTO_UDP, parse},
     testframe::{self, FrameSpec, LB_MAC},
@@ -16,7 +23,25 @@ use lb_userspace::{
 
 const M: u32 = 7;
 
-fn setup(backend_v6: bool) -> Harness {
+const GUE_PORT: u16 = 6080;
+
+fn vip_key(addr: &[u8]) -> DecapVipKey {
+    let mut a = [0; 16];
+    a[..addr.len()].copy_from_slice(addr);
+    DecapVipKey::new(a, if addr.len() == 16 { 6 } else { 4 })
+}
+
+/// The decapsulator's counters, by name.
+fn decap_counters(h: &Harness) -> BTreeMap<&'static str, u64> {
+    let m: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(h.ebpf.map("DECAP_STATS").unwrap()).unwrap();
+    DecapCounter::ALL
+        .iter()
+        .map(|c| (c.name(), m.get(&c.index(), 0).unwrap().iter().sum()))
+        .collect()
+}
+
+fn setup(backend_v6: bool, mode: Mode) -> Harness {
     let mut h = Harness::load_with(&MapSizes {
         max_vips: 4,
         max_backends: 4,
@@ -33,6 +58,7 @@ fn setup(backend_v6: bool) -> Harness {
             ring_size: M,
             flags: 0,
             udp_timeout_ns: u64::MAX,
+            gue_port: GUE_PORT,
             ..Default::default()
         },
     )
@@ -72,9 +98,26 @@ fn setup(backend_v6: bool) -> Harness {
                 family: fam,
             };
             let vip_id = id as u32 * 2 + (proto == IPPROTO_UDP) as u32;
-            programming::install_vip(&mut h.ebpf, &key, vip_id, Mode::Ipip, &[1; M as usize])
-                .unwrap();
+            programming::install_vip(&mut h.ebpf, &key, vip_id, mode, &[1; M as usize]).unwrap();
         }
+    }
+    let mut cfg: Array<&mut MapData, DecapConfig> =
+        Array::try_from(h.ebpf.map_mut("DECAP_CONFIG").unwrap()).unwrap();
+    cfg.set(
+        0,
+        DecapConfig {
+            gue_port: GUE_PORT,
+            ..Default::default()
+        },
+        0,
+    )
+    .unwrap();
+    let mut vips: PerCpuHashMap<&mut MapData, DecapVipKey, DecapTraffic> =
+        PerCpuHashMap::try_from(h.ebpf.map_mut("DECAP_VIPS").unwrap()).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    for v in [&[198u8, 18, 100, 1][..], &testframe::v6_vip(1)[..]] {
+        let zero = PerCpuValues::try_from(vec![DecapTraffic::default(); cpus]).unwrap();
+        vips.insert(vip_key(v), zero, 0).unwrap();
     }
     h
 }
@@ -110,8 +153,12 @@ fn round_trip_through_balancer_and_decapsulator() {
             FrameSpec::v6_tcp(testframe::v6(0x10), testframe::v6_vip(1), 1000, 80),
         ),
     ];
-    for (name, backend_v6, spec) in cases {
-        let mut h = setup(backend_v6);
+    for (mode, (name, backend_v6, spec)) in [Mode::Ipip, Mode::Gue]
+        .into_iter()
+        .flat_map(|m| cases.clone().into_iter().map(move |c| (m, c)))
+    {
+        let name = format!("{mode} {name}");
+        let mut h = setup(backend_v6, mode);
         let original = testframe::build(&spec);
         let encapsulated = h.run(&original);
         assert_eq!(encapsulated.verdict, XDP_TX, "{name}");
@@ -122,12 +169,72 @@ fn round_trip_through_balancer_and_decapsulator() {
         want[..12].copy_from_slice(&encapsulated.frame[..12]);
         assert_eq!(decapsulated.frame, want, "{name}: inner frame restored");
         assert!(parse(decapsulated.frame.as_slice()).is_ok());
+        let c = decap_counters(&h);
+        assert_eq!((c["decapsulated"], c["passed"]), (1, 0), "{name}: counted");
+    }
+}
+
+/// Encapsulated for an address that is not a VIP, or not as the balancer
+/// writes it: dropped and counted by reason, never handed to the stack.
+#[test]
+fn not_a_vip_or_malformed_is_dropped() {
+    let mut h = setup(false, Mode::Gue);
+    let wrap = |gue: bool| testframe::Wrap {
+        src_mac: LB_MAC,
+        dst_mac: [2, 0, 0, 0, 0, 0x20],
+        outer_src: vec![198, 18, 0, 2],
+        outer_dst: vec![198, 18, 0, 20],
+        ttl: 64,
+        tos: 0,
+        gue: gue.then_some((50000, GUE_PORT, None)),
+    };
+    let to = |dst: [u8; 4]| testframe::build(&FrameSpec::v4_tcp([198, 18, 0, 10], dst, 1000, 80));
+    let gue_at = 14 + 20 + 8;
+    let good = testframe::encapsulate(&to([198, 18, 100, 1]), &wrap(true));
+    let mut bad_version = good.clone();
+    bad_version[gue_at] |= 0x40;
+    let mut bad_proto = good.clone();
+    bad_proto[gue_at + 1] = 41;
+    let rows: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "ipip for an address that is not a VIP",
+            testframe::encapsulate(&to([198, 18, 100, 2]), &wrap(false)),
+            "drop_not_vip",
+        ),
+        (
+            "GUE for an address that is not a VIP",
+            testframe::encapsulate(&to([10, 1, 2, 3]), &wrap(true)),
+            "drop_not_vip",
+        ),
+        ("GUE version 1", bad_version, "drop_malformed_outer"),
+        (
+            "GUE says IPv6, an IPv4 packet follows",
+            bad_proto,
+            "drop_malformed_inner",
+        ),
+        (
+            "inner header cut off",
+            good[..gue_at + 4 + 10].to_vec(),
+            "drop_malformed_inner",
+        ),
+    ];
+    for (name, f, counter) in rows {
+        let before = decap_counters(&h);
+        let out = h.run_program(DECAP_PROGRAM, &f);
+        let after = decap_counters(&h);
+        assert_eq!(out.verdict, XDP_DROP, "{name}");
+        let changed: Vec<_> = after
+            .iter()
+            .filter(|(k, v)| before[*k] != **v)
+            .map(|(k, v)| (*k, v - before[k]))
+            .collect();
+        assert_eq!(changed, vec![(counter, 1)], "{name}");
     }
 }
 
 #[test]
 fn everything_else_passes_untouched() {
-    let mut h = setup(false);
+    let mut h = setup(false, Mode::Ipip);
     let plain = testframe::build(&FrameSpec::v4_tcp([1; 4], [2; 4], 1, 2));
     let mut arp = plain.clone();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
@@ -139,4 +246,6 @@ fn everything_else_passes_untouched() {
         assert_eq!(out.verdict, XDP_PASS);
         assert_eq!(out.frame, f);
     }
+    // Only what is not encapsulated for us counts as passed.
+    assert_eq!(decap_counters(&h)["passed"], 4);
 }

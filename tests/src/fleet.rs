@@ -57,9 +57,12 @@ struct Node {
 
 pub struct Fleet {
     nodes: Vec<Node>,
+    /// Every VIP's forwarding mode (`ipip` unless changed before
+    /// [`Fleet::add_nodes`]).
+    pub mode: &'static str,
     pub router: Bird,
     servers: Vec<Spawned>,
-    _fabric: Fabric,
+    pub fabric: Fabric,
     // Last: its drop deletes the namespaces, after everything above.
     pub t: Topology,
 }
@@ -107,9 +110,10 @@ impl Fleet {
         let router = Bird::start_router(&t, bfd)?;
         Ok(Fleet {
             nodes: Vec::new(),
+            mode: "ipip",
             router,
             servers,
-            _fabric: fabric,
+            fabric,
             t,
         })
     }
@@ -163,8 +167,9 @@ impl Fleet {
         format!(
             "{pre}encap_source_v6 = \"{lb6}\"\nhash_seed = {seed}\n\
              [announce]\ntable = {table}\n\
-             [[vip]]\naddress = \"{v4}:{PORT}/tcp\"\nmode = \"ipip\"\n{check}{b4}\
-             [[vip]]\naddress = \"[{v6}]:{PORT}/tcp\"\nmode = \"ipip\"\n{check}{b6}",
+             [[vip]]\naddress = \"{v4}:{PORT}/tcp\"\nmode = \"{mode}\"\n{check}{b4}\
+             [[vip]]\naddress = \"[{v6}]:{PORT}/tcp\"\nmode = \"{mode}\"\n{check}{b6}",
+            mode = self.mode,
             pre = lbd::Preamble {
                 on_exit: "keep",
                 ..Default::default()
@@ -312,12 +317,31 @@ impl Fleet {
     /// Every node's `lb_vip_packets_total`-like count of forwarded packets
     /// (`verdict_tx` from `lbctl counters`).
     pub fn forwarded(&self) -> Result<Vec<u64>> {
+        self.counter("verdict_tx")
+    }
+
+    /// Global counter `name` on each node.
+    pub fn counter(&self, name: &str) -> Result<Vec<u64>> {
         (0..self.nodes.len())
             .map(|i| {
                 let c: BTreeMap<String, u64> =
                     serde_json::from_str(&self.lbctl(i, &["counters", "--json"])?)
                         .context("lbctl counters")?;
-                Ok(c.get("verdict_tx").copied().unwrap_or(0))
+                Ok(c.get(name).copied().unwrap_or(0))
+            })
+            .collect()
+    }
+
+    /// Decapsulator counter `name` on each backend.
+    pub fn backend_counter(&self, name: &str) -> Result<Vec<u64>> {
+        self.fabric
+            .backends()
+            .iter()
+            .map(|b| {
+                let c: BTreeMap<String, u64> =
+                    serde_json::from_str(&crate::lbctl(&b.socket(), &["counters", "--json"])?)
+                        .context("lbctl counters on a backend")?;
+                Ok(c.get(name).copied().unwrap_or(0))
             })
             .collect()
     }
@@ -359,6 +383,17 @@ pub struct Report {
     pub requests: u64,
     /// Requests that failed or were answered by another backend.
     pub failures: Vec<String>,
+}
+
+impl Report {
+    /// Connections that failed at least once.
+    pub fn broken(&self) -> usize {
+        self.failures
+            .iter()
+            .filter_map(|f| f.split(':').next())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    }
 }
 
 /// Keep-alive connections that send a request each, round after round,
@@ -434,6 +469,12 @@ impl LongLived {
             report,
             thread: Some(thread),
         })
+    }
+
+    /// Connections that failed at least once (a reset connection fails
+    /// every request after).
+    pub fn broken(&self) -> usize {
+        self.report.lock().map(|r| r.broken()).unwrap_or(0)
     }
 
     /// Requests so far.

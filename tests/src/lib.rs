@@ -8,10 +8,13 @@
 //!   servers in the backends that answer with their own name.
 //! - [`client`]: bounded HTTP and UDP clients to drive traffic.
 //! - [`lbd`]: the real controller's configuration preamble, start and stop.
+//! - [`backend_role`]: `lbd` in the backend role on the backends, which
+//!   [`fabric::prepare`] starts on every backend.
 //!
 //! Everything here needs root except the pure helpers and the test server.
 
 pub mod addressing;
+pub mod backend_role;
 pub mod bird;
 pub mod client;
 pub mod cmd;

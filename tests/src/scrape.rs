@@ -1,4 +1,5 @@
-//! Reading lbd's `/metrics` from inside the LB's namespace.
+//! Reading lbd's `/metrics` from inside a topology namespace: the LB's, or
+//! a backend's.
 
 use std::{
     io::{Read, Write},
@@ -13,8 +14,13 @@ use crate::{Topology, in_netns};
 /// `GET /metrics` from lbd's `metrics_listen` address `addr`, inside the
 /// LB's namespace: the exposition's body.
 pub fn scrape(t: &Topology, addr: &str) -> Result<String> {
+    scrape_in(t.lb().ns(), addr)
+}
+
+/// [`scrape`] inside namespace `ns` (a backend's lbd, say).
+pub fn scrape_in(ns: &str, addr: &str) -> Result<String> {
     let addr = addr.to_owned();
-    in_netns(t.lb().ns(), move || -> Result<String> {
+    in_netns(ns, move || -> Result<String> {
         let mut s = TcpStream::connect(&addr).with_context(|| format!("connecting to {addr}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;

@@ -24,13 +24,18 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    addressing as plan, launcher,
+    addressing as plan,
+    backend_role::BackendVips,
+    launcher,
     netns::{self, NS_PREFIX},
     process::{self, Children, Spawned},
 };
@@ -151,6 +156,9 @@ pub struct Topology {
     /// Never empty: the LB, or a fleet's LB nodes.
     lbs: Vec<Host>,
     backends: Vec<Host>,
+    /// The VIPs the backends serve, and the backend lbds serving them once
+    /// the fabric runs.
+    backend_vips: Arc<Mutex<BackendVips>>,
     children: Children,
     // Last: dropped after `Drop::drop` stopped the children.
     namespaces: OwnedNamespaces,
@@ -337,11 +345,32 @@ impl Topology {
         netns::in_netns(self.client.ns(), f)
     }
 
-    /// Makes every backend accept `vip` for DSR: the VIP on `lo` (idempotent),
-    /// no ARP replies or ARP source for it on `eth0` (only the LB may own it on
-    /// the segment), and no reverse-path filtering of packets whose reply
-    /// would not leave by the interface they came in on.
+    /// Makes every backend accept `vip` for DSR (idempotent). Once
+    /// [`crate::fabric::prepare`] runs `lbd` in the backend role on them,
+    /// their lbds do it (the VIP added to their files, then a reload): the
+    /// VIP on `lo`, decapsulated, and the DSR sysctls. Before that, and
+    /// for topologies without a fabric, it is done here by hand, and the
+    /// lbds started later find the address there (and leave it at teardown).
     pub fn add_vip_on_backends(&self, vip: IpAddr) -> Result<()> {
+        let mut served = self.backend_vips.lock().unwrap_or_else(|e| e.into_inner());
+        if !served.vips.contains(&vip) {
+            served.vips.push(vip);
+        }
+        if served.served_by.is_empty() {
+            return self.add_vip_by_hand(vip);
+        }
+        for role in &served.served_by {
+            role.serve(&served.vips)
+                .with_context(|| format!("adding VIP {vip} on {}", role.ns))?;
+        }
+        Ok(())
+    }
+
+    /// The VIP on `lo` (idempotent), no ARP replies or ARP source for it on
+    /// `eth0` (only the LB may own it on the segment), and no reverse-path
+    /// filtering of packets whose reply would not leave by the interface
+    /// they came in on.
+    fn add_vip_by_hand(&self, vip: IpAddr) -> Result<()> {
         let cidr = format!("{vip}/{}", plan::host_prefix_len(vip));
         for b in &self.backends {
             let family = if vip.is_ipv6() { "-6" } else { "-4" };
@@ -363,6 +392,12 @@ impl Topology {
             .with_context(|| format!("DSR sysctls on {}", b.name()))?;
         }
         Ok(())
+    }
+
+    /// The backends' VIPs and who serves them (see
+    /// [`Topology::add_vip_on_backends`]).
+    pub(crate) fn backend_vips(&self) -> Arc<Mutex<BackendVips>> {
+        self.backend_vips.clone()
     }
 
     /// `ethtool -K eth0 tx off` in `ns`: veth's checksum offload leaves
@@ -535,6 +570,7 @@ impl Builder {
             router,
             lbs,
             backends,
+            backend_vips: Arc::default(),
             children: Children::default(),
             namespaces: self.namespaces,
         }

@@ -1,8 +1,9 @@
 //! End-to-end: the balancer on the LB's veth, the decapsulator on every
 //! backend's, real HTTP and UDP clients in the client namespace. Requests to
-//! the VIPs must reach every backend (ipip 4in4 and 6in6 with the
-//! decapsulator, and l2dsr), and the answers come straight back from the
-//! backends (DSR): the LB only ever sees the client's direction.
+//! the VIPs must reach every backend (ipip 4in4 and 6in6 and GUE in both
+//! families, decapsulated by `lbd` in the backend role, and l2dsr), and the
+//! answers come straight back from the backends (DSR): the LB only ever sees
+//! the client's direction.
 //!
 //! The maps are programmed here with the library `lbd` uses, standing in for
 //! the controller (which has its own tests).
@@ -52,7 +53,7 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, Mode)>) {
     let dev = lb.ifname().to_owned();
     let mut balancer = in_netns(lb.ns(), move || {
         let mut e = dataplane::load_balancer_with(&MapSizes {
-            max_vips: 8,
+            max_vips: 12,
             max_backends: 16,
             ring_size: RING,
             conntrack_entries: 65536,
@@ -74,6 +75,7 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, Mode)>) {
             ring_size: RING,
             flags: 0,
             udp_timeout_ns: 30_000_000_000,
+            gue_port: lb_common::wire::gue::GUE_DEFAULT_PORT,
             ..Default::default()
         },
     )
@@ -112,6 +114,8 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, Mode)>) {
         (IpAddr::from(addressing::vip_v4(2)), Mode::L2dsr),
         (IpAddr::from(addressing::vip_v6(1)), Mode::Ipip),
         (IpAddr::from(addressing::vip_v6(2)), Mode::L2dsr),
+        (IpAddr::from(addressing::vip_v4(3)), Mode::Gue),
+        (IpAddr::from(addressing::vip_v6(3)), Mode::Gue),
     ];
     let mut vip_id = 0;
     for &(vip, fwd) in &vips {
@@ -140,6 +144,11 @@ fn deploy(t: &Topology, mode: AttachMode) -> (Lb, Vec<(IpAddr, Mode)>) {
         },
         vips,
     )
+}
+
+/// VIPs `deploy` programs: ipip, l2dsr and gue, each in both families.
+const fn vips_served() -> usize {
+    6
 }
 
 fn run(mode: AttachMode) {
@@ -190,11 +199,12 @@ fn run(mode: AttachMode) {
     let c = stats::global_counters(&lb.balancer).unwrap();
     // Every forwarded packet left through XDP_TX; answers never came back
     // through the LB (DSR), and nothing was dropped.
-    assert!(c["verdict_tx"] >= (4 * REQUESTS * 4) as u64, "{c:?}");
+    let n = vips_served();
+    assert!(c["verdict_tx"] >= (n * REQUESTS * 4) as u64, "{c:?}");
     assert_eq!(c["verdict_drop"], 0, "{c:?}");
     assert_eq!(
         c["lb_new_flow"],
-        (4 * REQUESTS * 2) as u64,
+        (n * REQUESTS * 2) as u64,
         "one new flow per connection and datagram: {c:?}"
     );
 }

@@ -138,6 +138,10 @@ enum Given {
     BucketsFullEstablished,
     /// An embryonic entry for the row's flow (one packet seen, just now).
     EntryEmbryonic(u32),
+    /// The row's VIP forwards in `gue` mode.
+    Gue,
+    /// The backend's address is IPv6 (the others' are IPv4).
+    BackendV6(u32),
 }
 
 /// What [`apply`] should leave behind, checked after it ran.
@@ -172,6 +176,9 @@ enum Upd {
 #[derive(Clone, Copy, Debug)]
 enum Expect {
     Forward(u32, Via, Upd),
+    /// To the first backend naming the second as its second hop, nothing
+    /// recorded.
+    SecondHop(u32, u32),
     Pass(Counter),
     Drop(Option<Via>),
 }
@@ -631,6 +638,104 @@ const ROWS: &[Row] = &[
         expect: Fwd(1, Via::RingRepick, U::Record),
         after: &[A::Entry(1)],
     },
+    // Rule 6 in gue mode: the second hop.
+    Row {
+        name: "gue: mid-stream without an entry, the rings differ: the live ring's backend, the previous one's as second hop, nothing recorded",
+        given: &[G::Gue, G::Previous(2), G::Window(Window::Open)],
+        packet: Ack(Tcp80),
+        expect: Expect::SecondHop(1, 2),
+        after: &[A::NoEntry, A::NotCached, A::Count(Counter::LbSecondHop, 1)],
+    },
+    Row {
+        name: "gue: a FIN without an entry asks the same way",
+        given: &[G::Gue, G::Previous(2), G::Window(Window::Open)],
+        packet: Fin(Tcp80),
+        expect: Expect::SecondHop(1, 2),
+        after: &[A::NoEntry],
+    },
+    Row {
+        name: "gue: second hop to a draining backend",
+        given: &[
+            G::Gue,
+            G::Previous(2),
+            G::Window(Window::Open),
+            G::Backend(2, BackendState::Draining),
+        ],
+        packet: Ack(Tcp80),
+        expect: Expect::SecondHop(1, 2),
+        after: &[A::NoEntry],
+    },
+    Row {
+        name: "gue: the rings agree: the plain second chance",
+        given: &[G::Gue, G::Previous(1), G::Window(Window::Open)],
+        packet: Ack(Tcp80),
+        expect: Fwd(1, Via::SecondChance, U::Record),
+        after: &[A::Entry(1)],
+    },
+    Row {
+        name: "gue: the previous ring's backend is down: the live ring",
+        given: &[
+            G::Gue,
+            G::Previous(2),
+            G::Window(Window::Open),
+            G::Backend(2, BackendState::Down),
+        ],
+        packet: Ack(Tcp80),
+        expect: Fwd(1, Via::RingNoEntry, U::Record),
+        after: &[A::Entry(1)],
+    },
+    Row {
+        name: "gue: backends of different families: the plain second chance",
+        given: &[
+            G::Gue,
+            G::Previous(2),
+            G::Window(Window::Open),
+            G::BackendV6(2),
+        ],
+        packet: Ack(Tcp80),
+        expect: Fwd(2, Via::SecondChance, U::Record),
+        after: &[A::Entry(2)],
+    },
+    Row {
+        name: "gue: the live ring's slot is empty: the plain second chance",
+        given: &[G::Gue, G::Live(0), G::Previous(2), G::Window(Window::Open)],
+        packet: Ack(Tcp80),
+        expect: Fwd(2, Via::SecondChance, U::Record),
+        after: &[A::Entry(2)],
+    },
+    Row {
+        name: "gue: a SYN never carries a second hop",
+        given: &[G::Gue, G::Previous(2), G::Window(Window::Open)],
+        packet: Syn(Tcp80),
+        expect: Fwd(1, Via::RingSyn, U::Record),
+        after: &[A::Entry(1)],
+    },
+    Row {
+        name: "gue: an ICMP error takes the plain second chance",
+        given: &[G::Gue, G::Previous(2), G::Window(Window::Open)],
+        packet: TooBig(Tcp80),
+        expect: Fwd(2, Via::SecondChance, U::Nothing),
+        after: &[A::NoEntry],
+    },
+    Row {
+        name: "gue: window closed: the live ring alone",
+        given: &[G::Gue, G::Previous(2), G::Window(Window::Closed)],
+        packet: Ack(Tcp80),
+        expect: Fwd(1, Via::RingNoEntry, U::Record),
+        after: &[A::Entry(1)],
+    },
+    Row {
+        name: "gue: an entry keeps its backend, no second hop",
+        given: &[
+            G::Gue,
+            G::Previous(2),
+            G::Window(Window::Open),
+            G::Entry { backend: 3, age: 1 },
+        ],
+        packet: Ack(Tcp80),
+        expect: Fwd(3, Via::ConnTable, U::Refresh),
+        after: &[A::Entry(3)],
+    },
     // Rule 6: the second chance.
     Row {
         name: "mid-stream without an entry, window open: the previous ring",
@@ -1030,6 +1135,25 @@ fn given(m: &mut Model, family: Family, dst: Dst, g: Given) {
                 ..CachedFlow::default()
             });
         }
+        G::Gue => {
+            let vips: Vec<(VipKey, VipInfo)> = m
+                .vip_table
+                .iter()
+                .skip(((m.epoch & 1) * m.config.vip_slots) as usize)
+                .take(m.config.vip_slots as usize)
+                .filter(|s| s.key.family != 0)
+                .map(|s| {
+                    let mode = if s.info.vip_id == vip {
+                        Mode::Gue
+                    } else {
+                        s.info.mode()
+                    };
+                    (s.key, VipInfo::new(s.info.vip_id, mode))
+                })
+                .collect();
+            m.set_vips(&vips).unwrap();
+        }
+        G::BackendV6(id) => m.backends[id as usize].family = Family::V6.wire(),
         G::AnyPortOnTcpVip(b) => {
             let mut vips: Vec<(VipKey, VipInfo)> = m
                 .vip_table
@@ -1135,6 +1259,19 @@ fn run(row: &Row, family: Family) -> Result<(), String> {
                 && f.plan.vip_id == row_vip(family, dst) =>
         {
             Some(f.plan)
+        }
+        (Expect::SecondHop(backend, hop), Verdict::Forward(f))
+            if f.backend_id == backend
+                && d.via == Some(Via::SecondHop)
+                && f.plan.update == Update::Nothing
+                && f.second_hop
+                    .is_some_and(|h| core::ptr::eq(h, &m.backends[hop as usize]))
+                && f.plan.vip_id == row_vip(family, dst) =>
+        {
+            Some(f.plan)
+        }
+        (Expect::Forward(..), Verdict::Forward(f)) if f.second_hop.is_some() => {
+            return Err(format!("decided {got} with a second hop"));
         }
         (Expect::Pass(c), Verdict::Pass(got)) if c == got && d.via.is_none() => None,
         (Expect::Drop(via), Verdict::Drop(Counter::LbNoBackend)) if d.via == via => None,

@@ -5,6 +5,7 @@
 //! (VLAN tags and IPv4 options make L3/L4 offsets odd-aligned).
 
 pub mod ethernet;
+pub mod gue;
 pub mod ipv4;
 pub mod ipv6;
 pub mod tcp;

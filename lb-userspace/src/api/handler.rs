@@ -273,8 +273,9 @@ fn parse_mode(mode: Option<&str>) -> Result<ForwardMode, (u16, Value)> {
     match mode {
         Some("ipip") => Ok(ForwardMode::Ipip),
         Some("l2dsr") => Ok(ForwardMode::L2dsr),
-        Some(m) => Err(err(400, format!("mode {m:?}: expected ipip or l2dsr"))),
-        None => Err(err(400, "mode is required (ipip or l2dsr)")),
+        Some("gue") => Ok(ForwardMode::Gue),
+        Some(m) => Err(err(400, format!("mode {m:?}: expected ipip, gue or l2dsr"))),
+        None => Err(err(400, "mode is required (ipip, gue or l2dsr)")),
     }
 }
 

@@ -35,7 +35,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// VIPs and their backends with state, health and weight.
+    /// VIPs and their backends with state, health and weight; against a
+    /// backend (lbd in the backend role): its VIPs with what was
+    /// decapsulated, drops by reason, second hops and sysctls.
     List,
     /// Add BACKEND (an IP address) to VIP (e.g. 198.18.100.1:80/tcp).
     AddBackend {
@@ -63,8 +65,8 @@ enum Cmd {
         over: Option<String>,
     },
     /// Read lbd's configuration file again and apply what changed (VIPs,
-    /// backends, weights, modes, checks), without a restart; a bad file
-    /// changes nothing. Same as SIGHUP.
+    /// backends, weights, modes, checks; on a backend its VIPs and GUE
+    /// port), without a restart; a bad file changes nothing. Same as SIGHUP.
     Reload,
     /// What reloading FILE would change, per VIP, with the share of ring
     /// slots that would move; nothing is applied.
@@ -93,7 +95,8 @@ enum Cmd {
         #[command(subcommand)]
         action: VipAction,
     },
-    /// Detach and unpin the data plane, and stop lbd.
+    /// Detach and unpin the data plane, and stop lbd. A backend also
+    /// removes the VIPs it put on lo and restores the sysctls.
     Teardown,
     /// This node in its fleet: drain or undrain it (withdraw or announce
     /// every VIP), or show what it announces and why.
@@ -166,11 +169,18 @@ enum SysctlAction {
     Show {
         #[arg(long, value_enum, default_value = "lb")]
         role: Role,
+        /// The interface traffic arrives on: a backend's own rp_filter
+        /// counts too (what lbd's backend role applies).
+        #[arg(long)]
+        interface: Option<String>,
     },
     /// Record the current values, then write the recommended ones.
     Apply {
         #[arg(long, value_enum, default_value = "lb")]
         role: Role,
+        /// As for `show`.
+        #[arg(long)]
+        interface: Option<String>,
         /// Where the originals are recorded.
         #[arg(long)]
         backup: Option<PathBuf>,
@@ -236,8 +246,12 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
 fn sysctl(action: SysctlAction, json: bool) -> Result<(), CliError> {
     let host = Sysctl::host(json);
     match action {
-        SysctlAction::Show { role } => host.show(role),
-        SysctlAction::Apply { role, backup } => host.apply(role, backup.as_deref()),
+        SysctlAction::Show { role, interface } => host.show(role, interface.as_deref()),
+        SysctlAction::Apply {
+            role,
+            interface,
+            backup,
+        } => host.apply(role, interface.as_deref(), backup.as_deref()),
         SysctlAction::Restore { role, backup } => host.restore(role, backup.as_deref()),
     }
 }

@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Parser;
 use lb_userspace::{
+    backend_role::{self, BackendConfig, Role},
     config::Config,
     daemon,
     dataplane::{self, AttachMode},
@@ -20,6 +21,8 @@ use tokio::signal::unix::{SignalKind, signal};
 #[command(version, about = "XDP L4 load balancer daemon")]
 struct Args {
     /// Configuration file (TOML); see the README's configuration reference.
+    /// A file with `role = "backend"` runs the backend role (decapsulation
+    /// on a host behind the balancer; see the README's "Backend role").
     #[arg(long, short = 'c', conflicts_with_all = ["interface"])]
     config: Option<PathBuf>,
     /// Only validate the configuration and exit.
@@ -34,7 +37,8 @@ struct Args {
     #[arg(long, requires = "diff")]
     json: bool,
     /// Remove the instance's pinned data plane (detaches the program) and its
-    /// announce routes, and exit.
+    /// announce routes, and exit. In the backend role: also the VIPs lbd put
+    /// on lo and its managed neighbour entries; the sysctls are restored.
     #[arg(long, requires = "config")]
     teardown: bool,
     /// Adopt a running data plane although this configuration changes its
@@ -59,6 +63,14 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     if let Some(path) = &args.config {
+        match backend_role::role_of(path) {
+            Ok(Role::Balancer) => {}
+            Ok(Role::Backend) => return backend(path, &args),
+            Err(e) => {
+                eprintln!("lbd: {e}");
+                return ExitCode::from(2);
+            }
+        }
         // Validation errors are for a person: file:line:col: field: why.
         let mut config = match Config::load(path) {
             Ok(c) => c,
@@ -93,6 +105,60 @@ fn main() -> ExitCode {
     }
     let interface = args.interface.clone().unwrap_or_default();
     report(run_bare(interface, args.xdp_mode))
+}
+
+/// `lbd --config FILE` where FILE says `role = "backend"`.
+fn backend(path: &Path, args: &Args) -> ExitCode {
+    let config = match BackendConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lbd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let balancer_only = [
+        (args.diff.is_some(), "--diff"),
+        (args.accept_ring_change, "--accept-ring-change"),
+    ];
+    if let Some((_, flag)) = balancer_only.iter().find(|(given, _)| *given) {
+        eprintln!(
+            "lbd: {flag} is for a balancer; {} configures the backend role",
+            path.display()
+        );
+        return ExitCode::from(2);
+    }
+    if args.check {
+        println!(
+            "{}: ok (backend role, {} VIPs)",
+            path.display(),
+            config.vips.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let lock = match instance_lock::acquire(Path::new(instance_lock::LOCK_DIR), &config.name) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("lbd: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::debug!(lock = %lock.path().display(), "instance lock held");
+    if args.teardown {
+        return match backend_role::teardown::offline(&config) {
+            Ok(done) => {
+                println!("{}: {}", config.name, done.teardown);
+                if done.errors.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => report(Err(e)),
+        };
+    }
+    let result = backend_role::run(config);
+    drop(lock);
+    report(result)
 }
 
 /// `lbd --check --diff NEW`: validates NEW whole, then previews it.

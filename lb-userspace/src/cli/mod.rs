@@ -17,6 +17,7 @@
 //! [`CliError::exit_code`] is the policy; every subcommand returns a
 //! [`CliError`].
 
+pub mod backend_role;
 pub mod render;
 pub mod stats;
 pub mod sysctl;
@@ -96,18 +97,28 @@ impl Lbctl {
         self
     }
 
+    /// A balancer's VIPs and backends, or a backend's side of things: the
+    /// answer says which role lbd runs.
     pub fn list(&self) -> Result<(), CliError> {
-        self.run("GET", "/v1/vips", None, |v: &Vec<VipStatus>| {
-            render::vips(v)
-        })
+        self.run_either(
+            "GET",
+            "/v1/vips",
+            None,
+            |v: &Vec<VipStatus>| render::vips(v),
+            backend_role::status,
+        )
     }
 
     /// `lbctl reload`: lbd reads its configuration file again and applies
     /// the difference.
     pub fn reload(&self) -> Result<(), CliError> {
-        self.run("POST", "/v1/reload", None, |d: &ConfigDiff| {
-            render::config_diff(d, "applied")
-        })
+        self.run_either(
+            "POST",
+            "/v1/reload",
+            None,
+            |d: &ConfigDiff| render::config_diff(d, "applied"),
+            backend_role::reloaded,
+        )
     }
 
     /// `lbctl diff FILE`: what a reload to FILE would change; nothing is
@@ -321,6 +332,27 @@ impl Lbctl {
             println!("{answer}");
         } else {
             print!("{}", render(&decode(answer)?));
+        }
+        Ok(())
+    }
+
+    /// [`Lbctl::run`] for a request both roles answer, each its own way:
+    /// `balancer` renders a balancer's answer, `backend` a backend's.
+    fn run_either<A: DeserializeOwned, B: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        balancer: impl FnOnce(&A) -> String,
+        backend: impl FnOnce(&B) -> String,
+    ) -> Result<(), CliError> {
+        let answer = self.exchange(method, path, body)?;
+        if self.json {
+            println!("{answer}");
+        } else if crate::backend_role::status::is_backend(&answer) {
+            print!("{}", backend(&decode(answer)?));
+        } else {
+            print!("{}", balancer(&decode(answer)?));
         }
         Ok(())
     }

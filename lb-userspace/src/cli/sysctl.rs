@@ -9,7 +9,7 @@ use std::{
 use serde::Serialize;
 
 use super::{CliError, render, unexpected};
-use crate::sysctl::{Role, Sysctls};
+use crate::sysctl::{Role, Sysctls, profile_for};
 
 /// Where `apply` records the originals unless told otherwise.
 pub fn default_backup(role: Role) -> PathBuf {
@@ -40,13 +40,22 @@ impl Sysctl {
         Sysctl { sysctls, json }
     }
 
-    pub fn show(&self, role: Role) -> Result<(), CliError> {
-        self.print_rows(&self.sysctls.show(role))
+    /// `interface`: the one traffic arrives on, whose own keys count too
+    /// (a backend's `rp_filter`).
+    pub fn show(&self, role: Role, interface: Option<&str>) -> Result<(), CliError> {
+        let settings = profile_for(role, check_interface(interface)?);
+        self.print_rows(&self.sysctls.show_settings(&settings))
     }
 
-    pub fn apply(&self, role: Role, backup: Option<&Path>) -> Result<(), CliError> {
+    pub fn apply(
+        &self,
+        role: Role,
+        interface: Option<&str>,
+        backup: Option<&Path>,
+    ) -> Result<(), CliError> {
+        let settings = profile_for(role, check_interface(interface)?);
         let backup = backup.map_or_else(|| default_backup(role), Path::to_owned);
-        let rows = self.sysctls.apply(role, &backup)?;
+        let rows = self.sysctls.apply_settings(&settings, &backup)?;
         self.print_rows(&rows)
     }
 
@@ -72,5 +81,24 @@ impl Sysctl {
             print!("{}", render::sysctl_rows(rows));
         }
         Ok(())
+    }
+}
+
+/// An interface name, which becomes part of a path under /proc/sys.
+fn check_interface(interface: Option<&str>) -> Result<Option<&str>, CliError> {
+    match interface {
+        Some(i)
+            if i.is_empty()
+                || i.len() > 15
+                || i.contains('/')
+                || i.contains(char::is_whitespace)
+                || i == "."
+                || i == ".." =>
+        {
+            Err(CliError::Usage(format!(
+                "--interface {i:?}: expected an interface name of 1 to 15 characters"
+            )))
+        }
+        other => Ok(other),
     }
 }

@@ -85,12 +85,14 @@ pub fn check_backend(
         return Err(BackendRule::ListedTwice { vip: *vip, addr });
     }
     match (mode, vip.is_ipv6(), addr.is_ipv6()) {
-        (ForwardMode::Ipip, false, true) => return Err(BackendRule::FourInSix),
+        (ForwardMode::Ipip | ForwardMode::Gue, false, true) => {
+            return Err(BackendRule::FourInSix);
+        }
         (ForwardMode::L2dsr, v, b) if v != b => return Err(BackendRule::L2dsrFamily),
-        (ForwardMode::Ipip, _, false) if encap.v4.is_none() => {
+        (ForwardMode::Ipip | ForwardMode::Gue, _, false) if encap.v4.is_none() => {
             return Err(BackendRule::NoEncapSourceV4);
         }
-        (ForwardMode::Ipip, _, true) if encap.v6.is_none() => {
+        (ForwardMode::Ipip | ForwardMode::Gue, _, true) if encap.v6.is_none() => {
             return Err(BackendRule::NoEncapSourceV6);
         }
         _ => {}

@@ -26,6 +26,7 @@ pub(super) struct RawDataplane {
     udp_timeout: Option<Spanned<String>>,
     tcp_idle_timeout: Option<Spanned<String>>,
     second_chance_window: Option<Spanned<String>>,
+    gue_port: Option<Spanned<u16>>,
     encap_source_v4: Option<Spanned<String>>,
     encap_source_v6: Option<Spanned<String>>,
 }
@@ -36,6 +37,7 @@ pub(super) struct Dataplane {
     pub udp_timeout: Duration,
     pub tcp_idle_timeout: Duration,
     pub second_chance_window: Duration,
+    pub gue_port: u16,
     pub encap: EncapSources,
 }
 
@@ -79,7 +81,15 @@ pub(super) fn dataplane(
         "dataplane.second_chance_window",
         Duration::from_secs(120),
     )?;
+    let gue_port = match &dp.gue_port {
+        None => lb_common::wire::gue::GUE_DEFAULT_PORT,
+        Some(p) if *p.get_ref() == 0 => {
+            return Err(src.err(p.span(), "dataplane.gue_port", "a UDP port, 1 to 65535"));
+        }
+        Some(p) => *p.get_ref(),
+    };
     Ok(Dataplane {
+        gue_port,
         sizes,
         hash_seed: dp.hash_seed.unwrap_or(0),
         udp_timeout,

@@ -69,6 +69,7 @@ impl fmt::Display for ConfigError {
 pub enum ForwardMode {
     Ipip,
     L2dsr,
+    Gue,
 }
 
 /// The data plane's byte for a mode is `lb_common::maps::Mode`; this is the
@@ -78,6 +79,7 @@ impl From<ForwardMode> for lb_common::maps::Mode {
         match m {
             ForwardMode::Ipip => lb_common::maps::Mode::Ipip,
             ForwardMode::L2dsr => lb_common::maps::Mode::L2dsr,
+            ForwardMode::Gue => lb_common::maps::Mode::Gue,
         }
     }
 }
@@ -87,6 +89,7 @@ impl From<lb_common::maps::Mode> for ForwardMode {
         match m {
             lb_common::maps::Mode::Ipip => ForwardMode::Ipip,
             lb_common::maps::Mode::L2dsr => ForwardMode::L2dsr,
+            lb_common::maps::Mode::Gue => ForwardMode::Gue,
         }
     }
 }
@@ -236,6 +239,8 @@ pub struct Config {
     pub tcp_idle_timeout: Duration,
     /// How long after a ring change the previous ring serves second chances.
     pub second_chance_window: Duration,
+    /// UDP destination port of `gue` encapsulation.
+    pub gue_port: u16,
     pub encap_source_v4: Option<Ipv4Addr>,
     pub encap_source_v6: Option<Ipv6Addr>,
     pub sysctl_apply: bool,
@@ -465,6 +470,7 @@ impl Config {
             self.second_chance_window != other.second_chance_window,
             "dataplane.second_chance_window",
         );
+        check(self.gue_port != other.gue_port, "dataplane.gue_port");
         check(
             self.encap_source_v4 != other.encap_source_v4
                 || self.encap_source_v6 != other.encap_source_v6,
@@ -526,6 +532,7 @@ fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigError> {
         udp_timeout: dp.udp_timeout,
         tcp_idle_timeout: dp.tcp_idle_timeout,
         second_chance_window: dp.second_chance_window,
+        gue_port: dp.gue_port,
         encap_source_v4: dp.encap.v4,
         encap_source_v6: dp.encap.v6,
         sysctl_apply: raw.sysctl.unwrap_or_default().apply,

@@ -292,6 +292,7 @@ fn lb_config(config: &Config, mtu: u32) -> LbConfig {
         udp_timeout_ns: config.udp_timeout.as_nanos() as u64,
         tcp_idle_timeout_ns: config.tcp_idle_timeout.as_nanos() as u64,
         max_frame_len: max_frame_len(mtu),
+        gue_port: config.gue_port,
         ..Default::default()
     }
 }

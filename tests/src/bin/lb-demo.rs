@@ -171,11 +171,11 @@ fn run(keep: bool) -> Result<()> {
     println!("== Topology: client, lb and 3 backends in network namespaces, one bridge");
     let t = Topology::new(3)?;
     let mut servers = t.start_servers(PORT, 53)?;
-    let _fabric = fabric::prepare(&t, AttachMode::Generic)?;
+    let fabric = fabric::prepare(&t, AttachMode::Generic)?;
     let vip: IpAddr = addressing::vip_v4(1).into();
     t.add_vip_on_backends(vip)?;
     println!(
-        "   VIP {vip}:{PORT} (ipip to the backends, which decapsulate with XDP and answer the client directly)"
+        "   VIP {vip}:{PORT} (ipip to the backends, where lbd in the backend role decapsulates with XDP; they answer the client directly)"
     );
 
     let dir = PathBuf::from(format!("/tmp/{}-demo", t.id()));
@@ -345,6 +345,13 @@ fn run(keep: bool) -> Result<()> {
             t.lb().ns()
         );
         println!("   ip netns exec {} curl -s http://{vip}/", t.client().ns());
+        if let Some(b) = fabric.backends().first() {
+            println!(
+                "   {} --socket {} list     (backend0's lbd, in the backend role)",
+                lbctl_path()?.display(),
+                b.socket().display()
+            );
+        }
         println!("   namespaces: {}", t.namespaces().join(" "));
         while !demo::stopped() {
             std::thread::sleep(Duration::from_millis(200));

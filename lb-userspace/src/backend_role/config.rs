@@ -1,0 +1,346 @@
+//! The backend role's configuration file: the same `[instance]` table as a
+//! balancer's (so one set of words for both), `role = "backend"` at the top,
+//! and a `[decap]` table naming the VIPs this host serves.
+//!
+//! ```toml
+//! role = "backend"
+//! [instance]
+//! name = "web1"
+//! interface = "eth0"
+//! [decap]
+//! vips = ["198.18.100.1", "fd00:198:18:100::1"]
+//! ```
+//!
+//! Errors read like the balancer's: `file:line:col: field: why`, and a file
+//! with any error changes nothing.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{
+    config::{ConfigError, OnExit},
+    dataplane::AttachMode,
+};
+
+/// What a configuration file configures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// No `role` line: the balancer (`crate::config::Config`).
+    Balancer,
+    /// `role = "backend"`: [`BackendConfig`].
+    Backend,
+}
+
+/// `DECAP_VIPS` holds at most this many VIPs (its size in the object).
+pub const MAX_VIPS: usize = 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// The file this was read from (reloads read it again).
+    pub file: PathBuf,
+    pub name: String,
+    /// Where `decap` is attached: the interface encapsulated traffic
+    /// arrives on.
+    pub interface: String,
+    pub xdp_mode: AttachMode,
+    pub api_socket: PathBuf,
+    /// Which `lo` addresses and neighbour entries this lbd added (only
+    /// those are removed at teardown); the sysctl originals sit beside it.
+    pub state_file: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+    pub on_exit: OnExit,
+    /// UDP destination port of GUE; 0: GUE is not accepted (UDP to any port
+    /// reaches the kernel untouched).
+    pub gue_port: u16,
+    /// The VIPs served, in the file's order, without duplicates.
+    pub vips: Vec<IpAddr>,
+    pub sysctl_apply: bool,
+}
+
+impl BackendConfig {
+    pub fn load(path: &Path) -> Result<BackendConfig, ConfigError> {
+        let text = read(path)?;
+        BackendConfig::parse(&path.display().to_string(), &text)
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<BackendConfig, ConfigError> {
+        let src = Source { file, text };
+        let raw: RawFile = toml::from_str(text).map_err(|e| src.toml(&e))?;
+        if raw.role.get_ref() != "backend" {
+            return Err(src.err(raw.role.span(), "role", ROLE_VALUES));
+        }
+        let mut config = validate(&src, raw)?;
+        config.file = PathBuf::from(file);
+        Ok(config)
+    }
+
+    /// Where the sysctl originals are recorded when `[sysctl] apply` is
+    /// on: beside the state file, as the balancer does.
+    pub fn sysctl_backup(&self) -> PathBuf {
+        self.state_file
+            .with_file_name(format!("{}.sysctl-backup.json", self.name))
+    }
+
+    /// Settings a reload cannot change (they shape the sockets, the
+    /// attachment or what a teardown must undo), by their names in the
+    /// file, that differ between `self` and `other`.
+    pub fn restart_only_changes(&self, other: &BackendConfig) -> Vec<&'static str> {
+        [
+            (self.name != other.name, "instance.name"),
+            (self.interface != other.interface, "instance.interface"),
+            (self.xdp_mode != other.xdp_mode, "instance.xdp_mode"),
+            (self.api_socket != other.api_socket, "instance.api_socket"),
+            (self.state_file != other.state_file, "instance.state_file"),
+            (
+                self.metrics_listen != other.metrics_listen,
+                "instance.metrics_listen",
+            ),
+            (self.on_exit != other.on_exit, "instance.on_exit"),
+            (self.sysctl_apply != other.sysctl_apply, "sysctl.apply"),
+        ]
+        .into_iter()
+        .filter_map(|(differ, name)| differ.then_some(name))
+        .collect()
+    }
+}
+
+const ROLE_VALUES: &str = "expected \"backend\" (a balancer's file has no role line)";
+
+/// Which role the file at `path` configures, from its `role` line. A file
+/// that is not even TOML is the balancer's to report (the message is the
+/// same either way).
+pub fn role_of(path: &Path) -> Result<Role, ConfigError> {
+    let text = read(path)?;
+    let src = Source {
+        file: &path.display().to_string(),
+        text: &text,
+    };
+    role_in(&src)
+}
+
+fn role_in(src: &Source) -> Result<Role, ConfigError> {
+    #[derive(Deserialize)]
+    struct Peek {
+        role: Option<Spanned<toml::Value>>,
+    }
+    let Ok(peek) = toml::from_str::<Peek>(src.text) else {
+        return Ok(Role::Balancer);
+    };
+    match peek.role {
+        None => Ok(Role::Balancer),
+        Some(r) if r.get_ref().as_str() == Some("backend") => Ok(Role::Backend),
+        Some(r) => Err(src.err(r.span(), "role", ROLE_VALUES)),
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        field: String::new(),
+        message: format!("cannot read: {e}"),
+    })
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    role: Spanned<String>,
+    instance: RawInstance,
+    #[serde(default)]
+    decap: Option<RawDecap>,
+    #[serde(default)]
+    sysctl: Option<RawSysctl>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    name: Spanned<String>,
+    interface: Spanned<String>,
+    #[serde(default)]
+    xdp_mode: Option<Spanned<String>>,
+    #[serde(default)]
+    api_socket: Option<PathBuf>,
+    #[serde(default)]
+    state_file: Option<PathBuf>,
+    #[serde(default)]
+    metrics_listen: Option<Spanned<String>>,
+    #[serde(default)]
+    on_exit: OnExit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDecap {
+    #[serde(default)]
+    gue_port: Option<u16>,
+    #[serde(default)]
+    vips: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSysctl {
+    #[serde(default)]
+    apply: bool,
+}
+
+/// Where in the text, for error messages.
+struct Source<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn err(&self, span: Range<usize>, field: &str, message: impl Into<String>) -> ConfigError {
+        let upto = &self.text[..span.start.min(self.text.len())];
+        let line = upto.matches('\n').count() + 1;
+        let column = upto.len() - upto.rfind('\n').map_or(0, |i| i + 1) + 1;
+        ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// toml's own errors (syntax, types, unknown fields): its first line,
+    /// at its span.
+    fn toml(&self, e: &toml::de::Error) -> ConfigError {
+        let msg = e.message().lines().next().unwrap_or("invalid TOML");
+        self.err(e.span().unwrap_or(0..0), "", msg)
+    }
+}
+
+fn validate(src: &Source, raw: RawFile) -> Result<BackendConfig, ConfigError> {
+    let inst = raw.instance;
+    let name = inst.name.get_ref();
+    let name_ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !name_ok {
+        return Err(src.err(
+            inst.name.span(),
+            "instance.name",
+            "1 to 32 letters, digits, '-' or '_' (it names the pin directory)",
+        ));
+    }
+    let iface = inst.interface.get_ref();
+    if iface.is_empty()
+        || iface.len() > 15
+        || iface.contains('/')
+        || iface.contains(char::is_whitespace)
+        || iface == "."
+        || iface == ".."
+    {
+        return Err(src.err(
+            inst.interface.span(),
+            "instance.interface",
+            "an interface name of 1 to 15 characters",
+        ));
+    }
+    let xdp_mode = match &inst.xdp_mode {
+        None => AttachMode::Auto,
+        Some(m) => m
+            .get_ref()
+            .parse()
+            .map_err(|e: anyhow::Error| src.err(m.span(), "instance.xdp_mode", e.to_string()))?,
+    };
+    let metrics_listen = match &inst.metrics_listen {
+        None => None,
+        Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|_| {
+            src.err(
+                m.span(),
+                "instance.metrics_listen",
+                "expected ADDRESS:PORT, e.g. 127.0.0.1:9101",
+            )
+        })?),
+    };
+    let decap = raw.decap.unwrap_or(RawDecap {
+        gue_port: None,
+        vips: Vec::new(),
+    });
+    let vips = vips(src, &decap.vips)?;
+    Ok(BackendConfig {
+        file: PathBuf::new(),
+        api_socket: inst
+            .api_socket
+            .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{name}.sock"))),
+        state_file: inst
+            .state_file
+            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/lb/{name}.state.json"))),
+        name: name.clone(),
+        interface: iface.clone(),
+        xdp_mode,
+        metrics_listen,
+        on_exit: inst.on_exit,
+        gue_port: decap
+            .gue_port
+            .unwrap_or(lb_common::wire::gue::GUE_DEFAULT_PORT),
+        vips,
+        sysctl_apply: raw.sysctl.unwrap_or_default().apply,
+    })
+}
+
+/// Each VIP: an address lbd can put on `lo` as a host route and that the
+/// decapsulator can match, listed once.
+fn vips(src: &Source, raw: &[Spanned<String>]) -> Result<Vec<IpAddr>, ConfigError> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, v) in raw.iter().enumerate() {
+        let field = format!("decap.vips[{i}]");
+        let at = |msg: String| src.err(v.span(), &field, msg);
+        let text = v.get_ref();
+        let addr: IpAddr = text.parse().map_err(|_| {
+            at(format!(
+                "{text:?} is not an IP address (write 198.18.100.1 or fd00:198:18:100::1, \
+                 without a prefix length: lbd adds it to lo as /32 or /128)"
+            ))
+        })?;
+        let unusable = match addr {
+            IpAddr::V4(a) => {
+                a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast()
+            }
+            IpAddr::V6(a) => a.is_unspecified() || a.is_loopback() || a.is_multicast(),
+        };
+        if unusable {
+            return Err(at(format!(
+                "{addr} is not a unicast address a service can answer from"
+            )));
+        }
+        if let IpAddr::V6(a) = addr
+            && let Some(v4) = a.to_ipv4_mapped()
+        {
+            return Err(at(format!(
+                "{addr} is an IPv4-mapped address: write it as {v4}"
+            )));
+        }
+        if !seen.insert(addr) {
+            return Err(at(format!("{addr} is listed twice")));
+        }
+        if out.len() == MAX_VIPS {
+            return Err(at(format!(
+                "more than {MAX_VIPS} VIPs (the decapsulator's table holds {MAX_VIPS})"
+            )));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
