@@ -150,7 +150,7 @@ enum VipAction {
     /// Add VIP (e.g. 198.18.100.3:80/tcp) with no backends yet.
     Add {
         vip: String,
-        /// ipip or l2dsr.
+        /// ipip, gue or l2dsr.
         #[arg(long)]
         mode: String,
         /// none, tcp or http:/PATH.

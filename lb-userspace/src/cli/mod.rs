@@ -269,9 +269,9 @@ impl Lbctl {
 
     pub fn vip_add(&self, vip: &str, mode: &str, check: &str) -> Result<(), CliError> {
         check_vip(vip)?;
-        if !matches!(mode, "ipip" | "l2dsr") {
+        if !matches!(mode, "ipip" | "gue" | "l2dsr") {
             return Err(CliError::Usage(format!(
-                "mode {mode:?}: expected ipip or l2dsr"
+                "mode {mode:?}: expected ipip, gue or l2dsr"
             )));
         }
         parse_check(check).map_err(CliError::Usage)?;
