@@ -573,7 +573,7 @@ impl Harness {
                         Via::SecondHop => {
                             assert!(found.is_none() && key.proto == IPPROTO_TCP && !syn);
                             assert!(stateful && vip.mode == Mode::Gue);
-                            assert!(m.ring_states[vip.id as usize].second_chance_open(m.now_ns));
+                            assert!(m.ring_states[vip.id as usize].previous_intact());
                             assert_eq!(live_slot(vip, live), id);
                             let hop = fw.second_hop.expect("a second-hop forward names one");
                             let hop_id = live_slot(vip, live ^ 1);

@@ -186,6 +186,16 @@ impl RingState {
         until != 0 && now_ns < until
     }
 
+    /// Whether the previous generation holds the ring before the last
+    /// change, whatever the window: the deadline is 0 only while the idle
+    /// generation is being rewritten and for a VIP that has had no change.
+    /// `gue`'s second hop reads it for as long as it lasts, since the
+    /// backend, not a deadline, tells which ring a flow belongs to.
+    #[inline(always)]
+    pub const fn previous_intact(&self) -> bool {
+        self.word & !1 != 0
+    }
+
     pub const fn second_chance_until_ns(&self) -> u64 {
         self.word & !1
     }

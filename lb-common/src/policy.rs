@@ -33,7 +33,8 @@
 //!    second chance. In `gue` mode, when the live ring names another
 //!    backend of the same family, the packet goes to that one instead and
 //!    names the previous one as its second hop (the backend keeps it if a
-//!    local socket holds the flow, otherwise sends it on); nothing is
+//!    local socket holds the flow, otherwise sends it on), with or without
+//!    the window, as long as the previous generation is intact; nothing is
 //!    recorded, so every packet of the flow asks again. Otherwise the live
 //!    ring.
 //! 7. The live ring's backend (whatever its state: the ring is republished
@@ -663,11 +664,16 @@ fn from_table<'a, M: Maps + ?Sized>(
 }
 
 /// Rules 6 and 7: the ring. A mid-stream TCP packet we have no entry for
-/// belongs to a flow another node (or an evicted entry) placed, most
-/// likely on the ring before the last change: keep it there while that
-/// backend lives, for a bounded time after the change (afterwards flows
-/// placed on the new ring are the likelier owners). Otherwise the live
-/// ring; an empty slot drops the packet.
+/// belongs to a flow another node (or an evicted entry) placed, on the
+/// ring before the last change or after it. In `gue` mode the backend
+/// tells: the live ring's backend gets it, naming the previous ring's as
+/// the second hop, for as long as the previous generation is intact (no
+/// deadline: nothing is recorded, so a flow from before the change relies
+/// on the second hop for its whole life on this node). Otherwise keep it
+/// on the previous ring's backend while that backend lives, for a bounded
+/// time after the change (afterwards flows placed on the new ring are the
+/// likelier owners). Otherwise the live ring; an empty slot drops the
+/// packet.
 #[inline(always)]
 fn from_ring<'a, M: Maps + ?Sized>(
     maps: &'a M,
@@ -684,7 +690,7 @@ fn from_ring<'a, M: Maps + ?Sized>(
     let live = ring.live_generation();
     if matches!(via, Via::RingNoEntry)
         && proto == IPPROTO_TCP
-        && ring.second_chance_open(maps.now_ns())
+        && ring.previous_intact()
         && let Some((old_id, old)) = ring_pick(maps, cx.vip_id, live ^ 1, slot, cfg)
         && old.keeps_flows_of(cx.vip_id)
     {
@@ -696,9 +702,11 @@ fn from_ring<'a, M: Maps + ?Sized>(
         {
             return cx.forward_second_hop(id, b, old).counted(maps);
         }
-        return cx
-            .forward(old_id, old, Via::SecondChance, record)
-            .counted(maps);
+        if ring.second_chance_open(maps.now_ns()) {
+            return cx
+                .forward(old_id, old, Via::SecondChance, record)
+                .counted(maps);
+        }
     }
     match ring_pick(maps, cx.vip_id, live, slot, cfg) {
         Some((id, b)) => cx.forward(id, b, via, record).counted(maps),

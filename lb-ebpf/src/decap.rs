@@ -15,7 +15,7 @@ use aya_ebpf::{
         bpf_tcp_check_syncookie,
     },
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 use lb_common::{
@@ -52,9 +52,10 @@ pub static DECAP_CONFIG: Array<DecapConfig> = Array::with_max_entries(1, 0);
 pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapCounter::COUNT, 0);
 
 /// How to reach each second hop (see `lb_common::decap::DecapHop`),
-/// written by lbd.
+/// written by lbd. LRU: second hops nobody uses any more (or made up by
+/// whoever sent the packet) make room for the ones in use.
 #[map]
-pub static DECAP_HOPS: HashMap<NeighKey, DecapHop> = HashMap::with_max_entries(4096, 0);
+pub static DECAP_HOPS: LruHashMap<NeighKey, DecapHop> = LruHashMap::with_max_entries(4096, 0);
 
 /// Second hops without a `DECAP_HOPS` entry, with when one was wanted
 /// (coarse ns); lbd resolves them and removes them.
@@ -284,10 +285,19 @@ fn send_on(ctx: &XdpContext, pkt: &XdpBytes, e: &Encap, hop: usize) -> Result<u3
     let malformed = DecapCounter::DropMalformedOuter;
     let l4 = ETH_HDR_LEN + e.outer_ip_len;
     let (mut own, mut next) = (Addr16([0; 16]), Addr16([0; 16]));
-    copy_addr(
-        &mut next.0,
-        &pkt.header::<GueSecondHop>(hop).ok_or(malformed)?.addr,
-    );
+    {
+        let h = pkt.header::<GueSecondHop>(hop).ok_or(malformed)?;
+        if e.outer_v6 {
+            copy_addr(&mut next.0, &h.addr);
+        } else {
+            // Only the first 4 bytes of an IPv4 second hop count: the key
+            // lbd resolves has the rest 0, whatever the sender put there.
+            let Some(a) = h.addr.first_chunk::<4>() else {
+                return Err(malformed);
+            };
+            next.0 = lb_common::parse::v4_in_16(*a);
+        }
+    }
     let (sport, dport) = {
         let udp = pkt.header::<UdpHdr>(l4).ok_or(malformed)?;
         (udp.src_port, udp.dst_port)

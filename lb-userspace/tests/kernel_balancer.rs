@@ -1596,11 +1596,11 @@ fn gue_families_and_second_hop() {
     b.ring_all_window(&tcp4v, 2, Duration::ZERO);
     let f = testframe::build(&ack(tcp4(v4, 3103, 80)));
     b.check(
-        "no second-chance window: the live ring alone",
+        "no second-chance window: the second hop still (the backend tells, not a deadline)",
         &f,
         XDP_TX,
-        &gue(&f, 2, None),
-        TX_TCP_NEW,
+        &gue(&f, 2, Some(1)),
+        SECOND_HOP,
     );
 
     // MTU headroom: GUE adds the outer IP header and 12 bytes, 32 more

@@ -60,6 +60,9 @@ pub struct Fleet {
     /// Every VIP's forwarding mode (`ipip` unless changed before
     /// [`Fleet::add_nodes`]).
     pub mode: &'static str,
+    /// `dataplane.second_chance_window` (lbd's default unless set before
+    /// [`Fleet::add_nodes`]).
+    pub second_chance_window: Option<&'static str>,
     pub router: Bird,
     servers: Vec<Spawned>,
     pub fabric: Fabric,
@@ -111,6 +114,7 @@ impl Fleet {
         Ok(Fleet {
             nodes: Vec::new(),
             mode: "ipip",
+            second_chance_window: None,
             router,
             servers,
             fabric,
@@ -152,9 +156,12 @@ impl Fleet {
     pub fn node_config(&self, i: usize, dir: &Path, seed: u32) -> String {
         let node = self.t.lb_node(i);
         let name = format!("{}n{i}", self.t.instance_name());
+        // Flap damping off in effect: the tests and the benchmark stop and
+        // start every server several times a minute on purpose, and measure
+        // how fast nodes follow each time.
         let check = format!(
             "[vip.health_check]\ntype = \"tcp\"\ninterval = \"{CHECK_INTERVAL_MS}ms\"\n\
-             timeout = \"150ms\"\nrise = 1\nfall = {CHECK_FALL}\n"
+             timeout = \"150ms\"\nrise = 1\nfall = {CHECK_FALL}\nflap_limit = 1000\n"
         );
         let b4 = lbd::backend_tables(self.t.backends());
         let b6: String = self
@@ -165,11 +172,15 @@ impl Fleet {
             .collect();
         let [v4, v6] = vips();
         format!(
-            "{pre}encap_source_v6 = \"{lb6}\"\nhash_seed = {seed}\n\
+            "{pre}encap_source_v6 = \"{lb6}\"\nhash_seed = {seed}\n{window}\
              [announce]\ntable = {table}\n\
              [[vip]]\naddress = \"{v4}:{PORT}/tcp\"\nmode = \"{mode}\"\n{check}{b4}\
              [[vip]]\naddress = \"[{v6}]:{PORT}/tcp\"\nmode = \"{mode}\"\n{check}{b6}",
             mode = self.mode,
+            window = self
+                .second_chance_window
+                .map(|w| format!("second_chance_window = \"{w}\"\n"))
+                .unwrap_or_default(),
             pre = lbd::Preamble {
                 on_exit: "keep",
                 ..Default::default()

@@ -718,7 +718,14 @@ const ROWS: &[Row] = &[
         after: &[A::NoEntry],
     },
     Row {
-        name: "gue: window closed: the live ring alone",
+        name: "gue: window expired: the second hop still (no deadline, the backend tells)",
+        given: &[G::Gue, G::Previous(2), G::Window(Window::Expired)],
+        packet: Ack(Tcp80),
+        expect: Expect::SecondHop(1, 2),
+        after: &[A::NoEntry],
+    },
+    Row {
+        name: "gue: no previous ring (never changed, or being rewritten): the live ring alone",
         given: &[G::Gue, G::Previous(2), G::Window(Window::Closed)],
         packet: Ack(Tcp80),
         expect: Fwd(1, Via::RingNoEntry, U::Record),
