@@ -9,11 +9,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use rtnetlink::{
     Handle, RouteMessageBuilder,
+    packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
     packet_route::{
-        AddressFamily,
+        AddressFamily, RouteNetlinkMessage,
         link::LinkAttribute,
         neighbour::{
             NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage,
@@ -46,6 +47,33 @@ pub struct Managed {
     /// The next hop: the address itself on a shared segment, else its
     /// gateway.
     pub via: IpAddr,
+    /// lbd created the entry: it is deleted when lbd is done with it. An
+    /// entry that existed before (the gateway's, say) was only flagged
+    /// managed, and only loses the flag. (A record without it, from an
+    /// older lbd, is taken as one that existed: flag cleared, never
+    /// deleted.)
+    #[serde(default)]
+    pub created: bool,
+}
+
+impl Managed {
+    /// Which kernel entry it is.
+    pub fn key(&self) -> (u32, IpAddr) {
+        (self.ifindex, self.via)
+    }
+}
+
+/// What [`Resolver::unmanage`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unmanaged {
+    /// lbd had created the entry: deleted.
+    Deleted,
+    /// The entry was there before lbd: only its managed flag was cleared
+    /// (it ages like any other entry from now on).
+    FlagCleared,
+    /// Gone already, or no longer managed (someone else changed it): left
+    /// alone.
+    LeftAlone,
 }
 
 /// What the kernel knows now of the next hop towards an address.
@@ -66,6 +94,23 @@ pub enum Lookup {
 struct Entry {
     state: NeighbourState,
     managed: bool,
+    /// Its MAC, once it had one.
+    lladdr: Option<Vec<u8>>,
+}
+
+impl Entry {
+    fn of(n: &NeighbourMessage) -> Entry {
+        Entry {
+            state: n.header.state,
+            managed: n.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::ExtFlags(f) if f.contains(NeighbourExtFlags::Managed))
+            }),
+            lladdr: n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(l) if !l.is_empty() => Some(l.clone()),
+                _ => None,
+            }),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -163,11 +208,13 @@ impl Resolver {
     /// Has the kernel resolve the next hop towards `dst` and keep it
     /// resolved (see [`Managed`]). `None`: an entry that is already managed,
     /// or that someone configured (permanent, or on a link without ARP),
-    /// and is left as it is.
+    /// and is left as it is. A route lookup and a get of that one entry,
+    /// then (if needed) the change: no table dump.
     pub async fn manage(&self, dst: IpAddr) -> Result<Option<Managed>> {
         let (ifindex, gateway) = self.route(dst).await?;
         let via = gateway.unwrap_or(dst);
-        if let Some(e) = self.entry(ifindex, via).await?
+        let existing = self.entry(ifindex, via).await?;
+        if let Some(e) = &existing
             && (e.managed || matches!(e.state, NeighbourState::Permanent | NeighbourState::Noarp))
         {
             return Ok(None);
@@ -189,57 +236,98 @@ impl Resolver {
                  as a managed neighbour (Linux 5.16 or later)"
             )
         })?;
-        Ok(Some(Managed { ifindex, via }))
+        Ok(Some(Managed {
+            ifindex,
+            via,
+            created: existing.is_none(),
+        }))
     }
 
-    /// Deletes a managed entry; one that is no longer managed (someone
-    /// else changed it) or gone is left alone: false.
-    pub async fn unmanage(&self, n: &Managed) -> Result<bool> {
-        match self.entry(n.ifindex, n.via).await? {
-            Some(e) if e.managed => {}
-            _ => return Ok(false),
+    /// Undoes [`Resolver::manage`]: an entry lbd created is deleted; one
+    /// that was there before only loses its managed flag (rewritten as
+    /// `stale` with the MAC it has, which the kernel confirms on its next
+    /// use, as after `ip neigh change ADDR dev DEV nud stale`; without a
+    /// MAC it is left to expire). An entry that is gone or no longer
+    /// managed (someone else changed it) is left alone.
+    pub async fn unmanage(&self, n: &Managed) -> Result<Unmanaged> {
+        let e = match self.entry(n.ifindex, n.via).await? {
+            Some(e) if e.managed => e,
+            _ => return Ok(Unmanaged::LeftAlone),
+        };
+        if !n.created {
+            let (state, lladdr) = match e.lladdr {
+                Some(l) => (NeighbourState::Stale, Some(l)),
+                None => (NeighbourState::None, None),
+            };
+            let mut req = self
+                .handle
+                .neighbours()
+                .add(n.ifindex, n.via)
+                .state(state)
+                .replace();
+            if let Some(l) = &lladdr {
+                req = req.link_layer_address(l);
+            }
+            req.execute().await.with_context(|| {
+                format!(
+                    "clearing the managed flag of the neighbour {} ({}), which was there before lbd",
+                    n.via, n.ifindex
+                )
+            })?;
+            return Ok(Unmanaged::FlagCleared);
         }
         let mut msg = NeighbourMessage::default();
         msg.header.family = family_of(n.via);
         msg.header.ifindex = n.ifindex;
         msg.attributes
             .push(NeighbourAttribute::Destination(neighbour_address(n.via)));
-        self.handle
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .with_context(|| format!("deleting the managed neighbour {} ({})", n.via, n.ifindex))?;
-        Ok(true)
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(Unmanaged::Deleted),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.code.is_some_and(|c| c.get() == -libc::ENOENT) =>
+            {
+                Ok(Unmanaged::LeftAlone)
+            }
+            Err(e) => Err(e).with_context(|| {
+                format!("deleting the managed neighbour {} ({})", n.via, n.ifindex)
+            }),
+        }
     }
 
-    /// The kernel's entry for `via` on interface `ifindex`, if any.
+    /// The kernel's entry for `via` on interface `ifindex`, if any: a get
+    /// of that one entry (Linux 5.0 or later), not a dump of the table.
     async fn entry(&self, ifindex: u32, via: IpAddr) -> Result<Option<Entry>> {
-        let mut dump = self
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family_of(via);
+        msg.header.ifindex = ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_address(via)));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(msg));
+        req.header.flags = NLM_F_REQUEST;
+        let what = || format!("reading the neighbour entry of {via} on interface {ifindex}");
+        let mut answers = self
             .handle
-            .neighbours()
-            .get()
-            .set_address_family(family_of(via))
-            .execute();
-        let want = neighbour_address(via);
-        while let Some(n) = dump.try_next().await.context("dumping neighbours")? {
-            if n.header.ifindex != ifindex
-                || !n
-                    .attributes
-                    .iter()
-                    .any(|a| matches!(a, NeighbourAttribute::Destination(d) if *d == want))
-            {
-                continue;
+            .clone()
+            .request(req)
+            .map_err(anyhow::Error::from)
+            .with_context(what)?;
+        let mut found = None;
+        while let Some(m) = answers.next().await {
+            match m.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => {
+                    found = Some(Entry::of(&n));
+                }
+                NetlinkPayload::Error(e) if e.code.is_some_and(|c| c.get() == -libc::ENOENT) => {
+                    return Ok(None);
+                }
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    return Err(anyhow::Error::from(rtnetlink::Error::NetlinkError(e)))
+                        .with_context(what);
+                }
+                _ => {}
             }
-            let managed = n.attributes.iter().any(|a| {
-                matches!(a, NeighbourAttribute::ExtFlags(f) if f.contains(NeighbourExtFlags::Managed))
-            });
-            return Ok(Some(Entry {
-                state: n.header.state,
-                managed,
-            }));
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// Every resolved neighbour entry of both families, in one dump each:
@@ -446,7 +534,6 @@ fn prompt_discovery(addr: IpAddr) {
 /// (the controller re-resolves on its next tick, so a burst of events costs
 /// one refresh).
 pub fn watch(dirty: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
-    use futures_util::StreamExt;
     use rtnetlink::{
         constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH},
         sys::{AsyncSocket, SocketAddr as NlAddr},

@@ -233,11 +233,21 @@ impl Sysctls {
             .collect()
     }
 
+    /// Whether this kernel (still) has `key`: an interface's keys go with
+    /// the interface.
+    pub fn exists(&self, key: &str) -> bool {
+        self.path(key).exists()
+    }
+
     /// Writes every value back; every key is tried, the first error is
-    /// returned.
+    /// returned. Keys this kernel no longer has (an interface renamed or
+    /// removed since) are skipped: there is nothing left to put back.
     pub fn write_all(&self, values: &BTreeMap<String, String>) -> Result<()> {
         let mut first = None;
         for (k, v) in values {
+            if !self.exists(k) {
+                continue;
+            }
             if let Err(e) = self.write(k, v) {
                 first.get_or_insert(e);
             }
@@ -245,18 +255,60 @@ impl Sysctls {
         first.map_or(Ok(()), Err)
     }
 
-    /// Writes back what `apply` recorded and removes the backup.
+    /// Writes back what `apply` recorded and removes the backup; see
+    /// [`Sysctls::restore_report`] (keys that are gone are skipped).
     pub fn restore(&self, backup: &Path) -> Result<BTreeMap<String, String>> {
+        let r = self.restore_report(backup)?;
+        for key in &r.skipped {
+            tracing::warn!(key = %key, "sysctl not restored: this kernel no longer has it (its interface was renamed or removed?)");
+        }
+        Ok(r.restored)
+    }
+
+    /// Writes back what `apply` recorded. A key whose file no longer
+    /// exists (its interface was renamed or removed) is skipped and
+    /// reported; every other key is written, and the backup is removed
+    /// once all of them were. A key that exists but cannot be written is
+    /// an error, after the others were written: the backup stays, for
+    /// another try.
+    pub fn restore_report(&self, backup: &Path) -> Result<Restored> {
         let text = std::fs::read_to_string(backup)
             .with_context(|| format!("no backup at {} (nothing was applied?)", backup.display()))?;
         let originals: BTreeMap<String, String> = serde_json::from_str(&text)
             .with_context(|| format!("backup {} is corrupt", backup.display()))?;
-        for (k, v) in &originals {
-            self.write(k, v)?;
+        let mut out = Restored::default();
+        let mut failed = Vec::new();
+        for (k, v) in originals {
+            if !self.exists(&k) {
+                out.skipped.push(k);
+                continue;
+            }
+            match self.write(&k, &v) {
+                Ok(()) => {
+                    out.restored.insert(k, v);
+                }
+                Err(e) => failed.push(format!("{e:#}")),
+            }
+        }
+        if !failed.is_empty() {
+            bail!(
+                "some settings could not be written back (the originals stay in {}): {}",
+                backup.display(),
+                failed.join("; ")
+            );
         }
         std::fs::remove_file(backup).with_context(|| format!("removing {}", backup.display()))?;
-        Ok(originals)
+        Ok(out)
     }
+}
+
+/// What [`Sysctls::restore_report`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Keys written back, with their original values.
+    pub restored: BTreeMap<String, String>,
+    /// Keys in the backup this kernel no longer has: not restored.
+    pub skipped: Vec<String>,
 }
 
 #[cfg(test)]
@@ -341,6 +393,78 @@ mod tests {
             s.restore(&backup).unwrap();
             assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), "1");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An interface renamed or removed since `apply` took its rp_filter
+    /// with it: restore writes every other key back, reports that one as
+    /// skipped, and removes the backup; a key that exists but cannot be
+    /// written keeps the backup for another try.
+    #[test]
+    fn restore_skips_keys_that_are_gone_and_restores_the_rest() {
+        let dir = std::env::temp_dir().join(format!("lb-sysctl-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let proc = dir.join("proc");
+        for key in [
+            "net/ipv4/conf/all/arp_ignore",
+            "net/ipv4/conf/all/arp_announce",
+            "net/ipv4/conf/all/rp_filter",
+            "net/ipv4/conf/default/rp_filter",
+            "net/ipv4/conf/eth0/rp_filter",
+        ] {
+            let p = proc.join(key);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "1\n").unwrap();
+        }
+        let s = Sysctls::new(&proc);
+        let settings = profile_for(Role::Backend, Some("eth0"));
+        let backup = dir.join("backup.json");
+        s.apply_settings(&settings, &backup).unwrap();
+        // eth0 goes away, and with it its directory.
+        std::fs::remove_dir_all(proc.join("net/ipv4/conf/eth0")).unwrap();
+        let r = s.restore_report(&backup).unwrap();
+        assert_eq!(r.skipped, vec!["net.ipv4.conf.eth0.rp_filter".to_owned()]);
+        assert_eq!(r.restored.len(), 4, "{r:?}");
+        for key in [
+            "net/ipv4/conf/all/arp_ignore",
+            "net/ipv4/conf/all/arp_announce",
+            "net/ipv4/conf/all/rp_filter",
+            "net/ipv4/conf/default/rp_filter",
+        ] {
+            assert_eq!(
+                std::fs::read_to_string(proc.join(key)).unwrap(),
+                "1",
+                "{key}"
+            );
+        }
+        assert!(!backup.exists(), "the backup goes once the rest is back");
+        assert!(
+            !proc.join("net/ipv4/conf/eth0").exists(),
+            "nothing is created for a key that is gone"
+        );
+        // write_all (a failed start's undo) skips it the same way.
+        let mut values = BTreeMap::new();
+        values.insert("net.ipv4.conf.eth0.rp_filter".to_owned(), "1".to_owned());
+        values.insert("net.ipv4.conf.all.rp_filter".to_owned(), "2".to_owned());
+        s.write_all(&values).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(proc.join("net/ipv4/conf/all/rp_filter")).unwrap(),
+            "2"
+        );
+        assert!(!proc.join("net/ipv4/conf/eth0").exists());
+        // A key that is there but cannot be written: the others are still
+        // written, the error names it, the backup stays.
+        s.apply_settings(&settings[..4], &backup).unwrap();
+        let blocked = proc.join("net/ipv4/conf/all/arp_announce");
+        std::fs::remove_file(&blocked).unwrap();
+        std::fs::create_dir(&blocked).unwrap();
+        let e = format!("{:#}", s.restore_report(&backup).unwrap_err());
+        assert!(e.contains("arp_announce") && e.contains("stay in"), "{e}");
+        assert!(backup.exists());
+        assert_eq!(
+            std::fs::read_to_string(proc.join("net/ipv4/conf/all/arp_ignore")).unwrap(),
+            "1"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -32,6 +32,8 @@ pub struct Options {
     pub metrics_listen: Option<String>,
     /// `decap.gue_port`; `None`: the default.
     pub gue_port: Option<u16>,
+    /// `decap.second_hops`; `None`: not set (the interface's prefixes).
+    pub second_hops: Option<Vec<String>>,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             sysctl_apply: true,
             metrics_listen: None,
             gue_port: None,
+            second_hops: None,
         }
     }
 }
@@ -96,6 +99,10 @@ impl RoleFiles {
         text.push_str("[decap]\n");
         if let Some(p) = o.gue_port {
             text.push_str(&format!("gue_port = {p}\n"));
+        }
+        if let Some(list) = &o.second_hops {
+            let list: Vec<String> = list.iter().map(|p| format!("\"{p}\"")).collect();
+            text.push_str(&format!("second_hops = [{}]\n", list.join(", ")));
         }
         text.push_str(&format!(
             "vips = [{}]\n[sysctl]\napply = {}\n",

@@ -5,8 +5,9 @@
 //! counts per VIP and family in `lbctl list` and `/metrics`, survives a
 //! restart (decapsulating while it is down, counters kept), reloads its
 //! VIPs, refuses balancer commands by naming its role, has the kernel
-//! resolve second hops the data plane asks about, and `lbctl teardown`
-//! removes exactly what it added and restores the sysctls.
+//! resolve the second hops the data plane asks about that
+//! `decap.second_hops` allows (and forgets them again), and `lbctl
+//! teardown` removes exactly what it added and restores the sysctls.
 //!
 //! Encapsulated packets are written here (the kernel adds the outer header
 //! to what a raw socket sends) from the LB's namespace, with the client as
@@ -177,8 +178,12 @@ fn echo(t: &Topology, vip: IpAddr, tunnel: Tunnel, port: u16, payload: &[u8]) ->
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+fn wait_until(what: &str, ok: impl FnMut() -> bool) {
+    wait_for(what, Duration::from_secs(10), ok)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
@@ -410,56 +415,116 @@ fn backend_role_serves_restarts_reloads_and_tears_down() {
     assert!(!b.files.sysctl_backup().exists());
 }
 
-/// Second hops: an address the data plane queues in `DECAP_NEIGH` gets a
-/// managed neighbour entry and its next hop in `DECAP_HOPS`; one without a
-/// route is written as unreachable. `lbd --teardown`, after lbd has gone,
-/// undoes everything from the state file, the managed entry included.
+/// Second hops: an address inside `decap.second_hops` that the data plane
+/// queues in `DECAP_NEIGH` gets a managed neighbour entry and its next hop
+/// in `DECAP_HOPS`; one without a route is written as unreachable, and so
+/// is one outside the list, which gets no neighbour entry at all. A second
+/// hop the map's LRU evicts is forgotten and the neighbour lbd created for
+/// it deleted; a reload narrowing the list refuses what falls outside.
+/// `lbd --teardown`, after lbd has gone, undoes everything from the state
+/// file: the neighbour entry lbd created is deleted, the one that was
+/// there before keeps existing, without the managed flag.
 #[test]
 fn second_hops_are_resolved_by_the_kernel() {
-    let t = Topology::new(2).unwrap();
-    let (b0, b1) = (t.backend(0), t.backend(1));
+    let t = Topology::new(3).unwrap();
+    let (b0, b1, b2) = (t.backend(0), t.backend(1), t.backend(2));
+    let ns = b0.ns();
+    let reachable4: IpAddr = b1.ipv4().into();
+    let reachable6: IpAddr = b1.ipv6().into();
+    let other: IpAddr = b2.ipv4().into();
+    // On the segment, but not listed: nobody may make lbd solicit it.
+    let stranger: IpAddr = Ipv4Addr::new(198, 18, 0, 99).into();
+    // Listed, but routed nowhere in the backend's namespace.
+    let nowhere: IpAddr = Ipv4Addr::new(198, 19, 5, 5).into();
+    let neigh = |a: IpAddr| {
+        t.exec(
+            ns,
+            &["ip", "-d", "neigh", "show", &a.to_string(), "dev", "eth0"],
+        )
+        .unwrap()
+    };
+    // backend1's IPv4 entry was there before lbd; the others were not.
+    t.exec(
+        ns,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &reachable4.to_string(),
+            "lladdr",
+            &b1.mac_string(),
+            "dev",
+            "eth0",
+            "nud",
+            "stale",
+        ],
+    )
+    .unwrap();
+    for a in [reachable6, other, stranger] {
+        let _ = t.exec(ns, &["ip", "neigh", "del", &a.to_string(), "dev", "eth0"]);
+    }
     let name = format!("{}r0", t.instance_name());
+    let listed = |also: &[&str]| -> Vec<String> {
+        let mut l = vec![
+            reachable4.to_string(),
+            format!("{other}/32"),
+            "fd00:198:18::/64".to_owned(),
+        ];
+        l.extend(also.iter().map(|s| (*s).to_owned()));
+        l
+    };
     let files = BackendLbd::files(
         &t,
         b0,
         &name,
         Options {
             on_exit: "keep".into(),
+            second_hops: Some(listed(&["198.19.5.0/24"])),
             ..Options::default()
         },
     );
     let vip: IpAddr = addressing::vip_v4(1).into();
     let (mut b, _) = BackendLbd::start(&t, files, &[vip]).unwrap();
     let dir = dataplane::pin_dir(&name);
-    let pinned = |m: &str| Map::HashMap(MapData::from_pin(dir.join(m)).unwrap());
-    let mut queue: HashMap<MapData, NeighKey, u64> =
-        HashMap::try_from(pinned(dataplane::DECAP_NEIGH)).unwrap();
-    let hops: HashMap<MapData, NeighKey, DecapHop> =
-        HashMap::try_from(pinned(dataplane::DECAP_HOPS)).unwrap();
-    // What the data plane does when it finds no next hop; 198.19.5.5 is
-    // routed nowhere in the backend's namespace.
-    let reachable: IpAddr = b1.ipv4().into();
-    let nowhere: IpAddr = Ipv4Addr::new(198, 19, 5, 5).into();
-    for a in [reachable, nowhere] {
+    let mut queue: HashMap<MapData, NeighKey, u64> = HashMap::try_from(Map::LruHashMap(
+        MapData::from_pin(dir.join(dataplane::DECAP_NEIGH)).unwrap(),
+    ))
+    .unwrap();
+    let mut hops: HashMap<MapData, NeighKey, DecapHop> = HashMap::try_from(Map::LruHashMap(
+        MapData::from_pin(dir.join(dataplane::DECAP_HOPS)).unwrap(),
+    ))
+    .unwrap();
+    // What the data plane does when it finds no next hop.
+    let all = [reachable4, reachable6, other, stranger, nowhere];
+    for a in all {
         queue.insert(key_of(a), 1, 0).unwrap();
     }
-    wait_until("both second hops handled", || {
-        hops.get(&key_of(reachable), 0)
-            .is_ok_and(|h| h.ifindex != 0)
+    wait_until("every second hop handled", || {
+        [reachable4, reachable6, other]
+            .iter()
+            .all(|a| hops.get(&key_of(*a), 0).is_ok_and(|h| h.ifindex != 0))
+            && hops.get(&key_of(stranger), 0).is_ok()
             && hops.get(&key_of(nowhere), 0).is_ok()
             && queue.keys().next().is_none()
     });
-    let hop = hops.get(&key_of(reachable), 0).unwrap();
-    assert_eq!(hop.dmac, b1.mac(), "backend1's MAC");
-    assert_eq!(hop.smac, b0.mac(), "from backend0's eth0");
-    assert_eq!(hops.get(&key_of(nowhere), 0).unwrap().ifindex, 0);
-    let neigh = t
-        .exec(
-            b0.ns(),
-            &["ip", "-d", "neigh", "show", &reachable.to_string()],
-        )
-        .unwrap();
-    assert!(neigh.contains("managed"), "{neigh}");
+    for (a, host) in [(reachable4, b1), (reachable6, b1), (other, b2)] {
+        let hop = hops.get(&key_of(a), 0).unwrap();
+        assert_eq!(hop.dmac, host.mac(), "{a}'s MAC");
+        assert_eq!(hop.smac, b0.mac(), "from backend0's eth0");
+        assert!(neigh(a).contains("managed"), "{a}: {}", neigh(a));
+    }
+    for a in [stranger, nowhere] {
+        assert_eq!(
+            hops.get(&key_of(a), 0).unwrap().ifindex,
+            0,
+            "{a} unreachable"
+        );
+    }
+    assert_eq!(
+        neigh(stranger).trim(),
+        "",
+        "nothing solicited for {stranger}"
+    );
     let s = status(&b.socket());
     let states: Vec<(IpAddr, HopState)> = s
         .second_hops
@@ -470,17 +535,79 @@ fn second_hops_are_resolved_by_the_kernel() {
     assert_eq!(
         states,
         [
-            (reachable, HopState::Resolved),
-            (nowhere, HopState::NoRoute)
+            (reachable4, HopState::Resolved),
+            (other, HopState::Resolved),
+            (stranger, HopState::Refused),
+            (nowhere, HopState::NoRoute),
+            (reachable6, HopState::Resolved),
         ]
     );
-    assert_eq!((s.second_hops.requests, s.second_hops.failures), (2, 1));
-    assert_eq!(s.second_hops.managed.len(), 1);
+    assert_eq!((s.second_hops.requests, s.second_hops.failures), (5, 2));
+    assert_eq!(
+        s.second_hops.allowed,
+        [
+            "198.18.0.21/32",
+            "198.18.0.22/32",
+            "fd00:198:18::/64",
+            "198.19.5.0/24"
+        ]
+    );
+    let created: Vec<(IpAddr, bool)> = s
+        .second_hops
+        .managed
+        .iter()
+        .map(|m| (m.via, m.created))
+        .collect();
+    assert_eq!(
+        created,
+        [(reachable4, false), (other, true), (reachable6, true)],
+        "backend1's IPv4 entry was there before"
+    );
+
+    // The LRU evicts backend1's IPv6 address: lbd forgets it and deletes
+    // the neighbour entry it made for it.
+    hops.remove(&key_of(reachable6)).unwrap();
+    wait_for(
+        "the evicted second hop's neighbour released",
+        Duration::from_secs(20),
+        || {
+            let s = status(&b.socket());
+            s.second_hops.managed.len() == 2
+                && s.second_hops.hops.iter().all(|h| h.addr != reachable6)
+        },
+    );
+    assert!(
+        !neigh(reachable6).contains("managed"),
+        "{}",
+        neigh(reachable6)
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.files.state_file()).unwrap()).unwrap();
+    assert_eq!(
+        state["managed_neighbors"].as_array().map(Vec::len),
+        Some(2),
+        "the state file follows: {state}"
+    );
+
+    // A reload narrowing the list: what falls outside is refused.
+    b.files.options.second_hops = Some(listed(&[]));
+    b.files.serve(&[vip]).unwrap();
+    let s = status(&b.socket());
+    let refused = s
+        .second_hops
+        .hops
+        .iter()
+        .find(|h| h.addr == nowhere)
+        .unwrap();
+    assert_eq!(refused.state, HopState::Refused);
+    assert_eq!(hops.get(&key_of(nowhere), 0).unwrap().ifindex, 0);
+    assert_eq!(s.second_hops.allowed.len(), 3);
+
     drop((queue, hops));
     b.stop().unwrap();
     let (lbd, config) = (lbd_path().unwrap(), b.config());
     let out = t
-        .in_ns(b0.ns(), move || {
+        .in_ns(ns, move || {
             Command::new(lbd)
                 .arg("--config")
                 .arg(config)
@@ -499,20 +626,20 @@ fn second_hops_are_resolved_by_the_kernel() {
         "decap detached and unpinned",
         "removed from lo: 198.18.100.1",
         "1 managed neighbour entries removed",
+        "1 neighbour entries there before lbd kept (managed flag cleared)",
         "5 sysctls restored",
     ] {
         assert!(said.contains(part), "{part}: {said}");
     }
     assert!(!dir.exists());
-    assert_eq!(xdp_program(&t, b0.ns()), 0);
-    assert!(!lo_addresses(&t, b0.ns()).contains(&format!("{vip}/32")));
-    let neigh = t
-        .exec(
-            b0.ns(),
-            &["ip", "-d", "neigh", "show", &reachable.to_string()],
-        )
-        .unwrap();
-    assert!(!neigh.contains("managed"), "{neigh}");
+    assert_eq!(xdp_program(&t, ns), 0);
+    assert!(!lo_addresses(&t, ns).contains(&format!("{vip}/32")));
+    assert!(!neigh(other).contains("managed"), "{}", neigh(other));
+    let before = neigh(reachable4);
+    assert!(
+        before.contains(&b1.mac_string()) && !before.contains("managed"),
+        "backend1's entry stays, unmanaged: {before}"
+    );
 }
 
 /// `lbd --check` validates a backend file without touching anything, and

@@ -9,7 +9,19 @@
 //! interface = "eth0"
 //! [decap]
 //! vips = ["198.18.100.1", "fd00:198:18:100::1"]
+//! second_hops = ["198.18.0.0/24", "fd00:198:18::/64"]
 //! ```
+//!
+//! `decap.second_hops` lists the prefixes (`ADDRESS/LENGTH`; a bare
+//! address is a /32 or /128) a GUE packet's second hop must fall in for
+//! lbd to resolve it: only for those does it ask the kernel for a next hop
+//! and make a managed neighbour entry. Any other second hop is written to
+//! `DECAP_HOPS` as unreachable (the data plane drops its packets as
+//! `drop_no_route` and stops asking) and logged at most once a minute per
+//! address. Without the field, the list is the prefixes of
+//! `instance.interface`'s own addresses (both families; IPv6 link-local
+//! `fe80::/10` left out), read when lbd starts and again at each reload;
+//! `second_hops = []` resolves none. A reload applies a changed list.
 //!
 //! Errors read like the balancer's: `file:line:col: field: why`, and a file
 //! with any error changes nothing.
@@ -61,7 +73,93 @@ pub struct BackendConfig {
     pub gue_port: u16,
     /// The VIPs served, in the file's order, without duplicates.
     pub vips: Vec<IpAddr>,
+    /// Where second hops may be: `None`, the prefixes connected to
+    /// `interface` (read from the kernel at start and at each reload).
+    pub second_hops: Option<Vec<Prefix>>,
     pub sysctl_apply: bool,
+}
+
+/// An address prefix, `198.18.0.0/24` or `fd00:198:18::/64`: its host
+/// bits are zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl Prefix {
+    /// The prefix of length `len` that holds `addr` (host bits cleared);
+    /// `None` for a length longer than the family's.
+    pub fn of(addr: IpAddr, len: u8) -> Option<Prefix> {
+        let addr = match addr {
+            IpAddr::V4(a) if len <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) if len <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+            _ => return None,
+        };
+        Some(Prefix { addr, len })
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && Prefix::of(ip, self.len) == Some(*self)
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+
+    /// `ADDRESS/LENGTH` with the host bits zero, or a bare address (its
+    /// host prefix).
+    fn from_str(s: &str) -> Result<Prefix, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| {
+            format!("{s:?} is not a prefix (write 198.18.0.0/24 or fd00:198:18::/64)")
+        })?;
+        if let IpAddr::V6(a) = addr
+            && let Some(v4) = a.to_ipv4_mapped()
+        {
+            return Err(format!(
+                "{addr} is an IPv4-mapped address: write it as {v4}"
+            ));
+        }
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => match l.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("{s:?}: the length must be 0 to {max}")),
+            },
+        };
+        let p = Prefix::of(addr, len).expect("length checked");
+        if p.addr != addr {
+            return Err(format!(
+                "{s:?} has host bits set: the prefix is {p} (or write the address alone for one host)"
+            ));
+        }
+        Ok(p)
+    }
 }
 
 impl BackendConfig {
@@ -104,6 +202,7 @@ impl BackendConfig {
             ),
             (self.on_exit != other.on_exit, "instance.on_exit"),
             (self.sysctl_apply != other.sysctl_apply, "sysctl.apply"),
+            // decap.second_hops reloads.
         ]
         .into_iter()
         .filter_map(|(differ, name)| differ.then_some(name))
@@ -187,6 +286,8 @@ struct RawDecap {
     gue_port: Option<u16>,
     #[serde(default)]
     vips: Vec<Spanned<String>>,
+    #[serde(default)]
+    second_hops: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -273,8 +374,13 @@ fn validate(src: &Source, raw: RawFile) -> Result<BackendConfig, ConfigError> {
     let decap = raw.decap.unwrap_or(RawDecap {
         gue_port: None,
         vips: Vec::new(),
+        second_hops: None,
     });
     let vips = vips(src, &decap.vips)?;
+    let second_hops = match &decap.second_hops {
+        None => None,
+        Some(list) => Some(prefixes(src, list)?),
+    };
     Ok(BackendConfig {
         file: PathBuf::new(),
         api_socket: inst
@@ -292,6 +398,7 @@ fn validate(src: &Source, raw: RawFile) -> Result<BackendConfig, ConfigError> {
             .gue_port
             .unwrap_or(lb_common::wire::gue::GUE_DEFAULT_PORT),
         vips,
+        second_hops,
         sysctl_apply: raw.sysctl.unwrap_or_default().apply,
     })
 }
@@ -338,6 +445,23 @@ fn vips(src: &Source, raw: &[Spanned<String>]) -> Result<Vec<IpAddr>, ConfigErro
             )));
         }
         out.push(addr);
+    }
+    Ok(out)
+}
+
+/// `decap.second_hops`: each a prefix, listed once.
+fn prefixes(src: &Source, raw: &[Spanned<String>]) -> Result<Vec<Prefix>, ConfigError> {
+    let mut out: Vec<Prefix> = Vec::with_capacity(raw.len());
+    for (i, p) in raw.iter().enumerate() {
+        let field = format!("decap.second_hops[{i}]");
+        let prefix: Prefix = p
+            .get_ref()
+            .parse()
+            .map_err(|e: String| src.err(p.span(), &field, e))?;
+        if out.contains(&prefix) {
+            return Err(src.err(p.span(), &field, format!("{prefix} is listed twice")));
+        }
+        out.push(prefix);
     }
     Ok(out)
 }

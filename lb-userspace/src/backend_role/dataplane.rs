@@ -15,7 +15,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        Array, HashMap, IterableMap, MapData, MapType, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    },
 };
 use lb_common::{
     decap::{DecapConfig, DecapCounter, DecapHop, DecapTraffic, DecapVipKey, NeighKey},
@@ -41,6 +43,18 @@ pub const MAPS: [&str; 5] = [
     DECAP_STATS,
     DECAP_HOPS,
     DECAP_NEIGH,
+];
+
+/// The kind of each of [`MAPS`] the object declares: part of the layout
+/// (a pinned map of another kind is never adopted: `DECAP_HOPS` became an
+/// LRU hash, whose kernel evicts the least recently used second hops), and
+/// checked against the kernel's maps at load.
+const MAP_TYPES: [(&str, MapType); 5] = [
+    (DECAP_VIPS, MapType::PerCpuHash),
+    (DECAP_CONFIG, MapType::Array),
+    (DECAP_STATS, MapType::PerCpuArray),
+    (DECAP_HOPS, MapType::LruHash),
+    (DECAP_NEIGH, MapType::LruHash),
 ];
 
 const LINK: &str = "link";
@@ -95,6 +109,10 @@ pub fn layout() -> String {
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     for m in MAPS {
         h.str(m);
+    }
+    for (m, kind) in MAP_TYPES {
+        h.str(m);
+        h.num(kind as u64);
     }
     h.layout::<DecapVipKey>();
     h.layout::<DecapTraffic>();
@@ -210,6 +228,22 @@ impl Decap {
         let mut ebpf = loader
             .load(BALANCER_OBJECT)
             .context("loading the XDP object against the pinned decapsulator maps")?;
+        for (name, want) in MAP_TYPES {
+            let pin = dir.join(name);
+            let have = MapData::from_pin(&pin)
+                .with_context(|| format!("opening pinned map {}", pin.display()))?
+                .info()
+                .with_context(|| format!("reading {}", pin.display()))?
+                .map_type()
+                .ok();
+            if have != Some(want) {
+                bail!(
+                    "{name} is a {have:?} map in the object or its pin in {}, not the {want:?} this \
+                     lbd expects: rebuild the object (`cargo xtask build-ebpf`) with this lbd",
+                    dir.display()
+                );
+            }
+        }
         dataplane::program_mut(&mut ebpf, DECAP_PROGRAM)?
             .load()
             .context("verifying the decap program")?;
@@ -307,29 +341,31 @@ impl Decap {
         Ok(out)
     }
 
-    /// Serves `ip` from now on; a VIP already served keeps its counters.
-    pub fn add_vip(&mut self, ip: IpAddr) -> Result<()> {
+    /// Serves `ip` from now on; a VIP already served keeps its counters
+    /// (false: it was served already).
+    pub fn add_vip(&mut self, ip: IpAddr) -> Result<bool> {
         let key = key_of(ip);
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| anyhow::Error::new(e).context(what))
             .context("counting the possible CPUs")?;
         let mut map = self.vips_mut()?;
         if map.get(&key, 0).is_ok() {
-            return Ok(());
+            return Ok(false);
         }
         let zero = PerCpuValues::try_from(vec![DecapTraffic::default(); cpus])
             .context("building per-CPU zeros")?;
         map.insert(key, zero, 0)
-            .with_context(|| format!("adding VIP {ip} to {DECAP_VIPS}"))
+            .with_context(|| format!("adding VIP {ip} to {DECAP_VIPS}"))?;
+        Ok(true)
     }
 
     /// Stops serving `ip`: its encapsulated packets are dropped (counted as
-    /// `drop_not_vip`); its counters go.
-    pub fn remove_vip(&mut self, ip: IpAddr) -> Result<()> {
+    /// `drop_not_vip`); its counters go (false: it was not served).
+    pub fn remove_vip(&mut self, ip: IpAddr) -> Result<bool> {
         let mut map = self.vips_mut()?;
         match map.remove(&key_of(ip)) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("removing VIP {ip} from {DECAP_VIPS}")),
         }
     }
@@ -372,15 +408,35 @@ impl Decap {
             .with_context(|| format!("{DECAP_HOPS} is not a hash of addresses to next hops"))
     }
 
-    /// The second hops the program knows how to reach (or knows it cannot).
-    pub fn hops(&mut self) -> Result<Vec<IpAddr>> {
+    /// The second hops the program knows how to reach (or knows it
+    /// cannot). An entry the LRU evicts while the keys are listed ends the
+    /// listing early (the kernel restarts it from the first key); what is
+    /// missed is found at the next listing.
+    pub fn hops(&mut self) -> Result<BTreeSet<IpAddr>> {
         let map = self.hops_mut()?;
-        let mut out = Vec::new();
+        let mut out = BTreeSet::new();
         for k in map.keys() {
             let k = k.with_context(|| format!("listing {DECAP_HOPS}"))?;
-            out.extend(addr_of(&k));
+            if let Some(ip) = addr_of(&k)
+                && !out.insert(ip)
+            {
+                break;
+            }
         }
         Ok(out)
+    }
+
+    /// How many second hops `DECAP_HOPS` holds at most (its LRU evicts the
+    /// least recently used past that).
+    pub fn hops_capacity(&self) -> Result<usize> {
+        let map: HashMap<&MapData, NeighKey, DecapHop> =
+            HashMap::try_from(self.map(DECAP_HOPS)?)
+                .with_context(|| format!("{DECAP_HOPS} is not a hash of addresses to next hops"))?;
+        let info = map
+            .map()
+            .info()
+            .with_context(|| format!("reading {DECAP_HOPS}'s size"))?;
+        Ok(info.max_entries() as usize)
     }
 
     /// How the program reaches second hop `ip`: through `hop`, or (`None`)

@@ -4,6 +4,8 @@
 use std::net::IpAddr;
 
 use anyhow::{Context, Result, bail};
+
+use super::config::Prefix;
 use futures_util::TryStreamExt;
 use rtnetlink::{
     Handle,
@@ -133,6 +135,40 @@ impl Host {
                 p
             })
             .collect())
+    }
+
+    /// The prefixes of interface `ifindex`'s own addresses (the subnets it
+    /// is connected to), both families, each once; IPv6 link-local
+    /// (`fe80::/10`) left out: such an address names no one without its
+    /// interface.
+    pub async fn connected_prefixes(&self, ifindex: u32) -> Result<Vec<Prefix>> {
+        let mut out = Vec::new();
+        for (m, local) in self.addresses().await? {
+            if m.header.index != ifindex {
+                continue;
+            }
+            // On a point-to-point link IFA_ADDRESS is the peer, and the
+            // prefix is the peer's.
+            let on_link = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+                .unwrap_or(local);
+            if let IpAddr::V6(a) = on_link
+                && a.is_unicast_link_local()
+            {
+                continue;
+            }
+            if let Some(p) = Prefix::of(on_link, m.header.prefix_len)
+                && !out.contains(&p)
+            {
+                out.push(p);
+            }
+        }
+        Ok(out)
     }
 
     /// Puts `vip` on `lo` as a host address. False: it was there already

@@ -68,7 +68,7 @@ pub fn render(s: &BackendRoleStatus, counters: &std::collections::BTreeMap<&str,
     f.head(
         "lb_decap_second_hops",
         "gauge",
-        "second hops the data plane asked about, by state: resolved (sent to), unresolved (dropped as drop_no_neighbor until the kernel resolves it), no_route (dropped as drop_no_route)",
+        "second hops the data plane asked about, by state: resolved (sent to), unresolved (dropped as drop_no_neighbor until the kernel resolves it), no_route (dropped as drop_no_route), refused (outside decap.second_hops, dropped as drop_no_route)",
     );
     for state in HopState::ALL {
         let n = hops.hops.iter().filter(|h| h.state == state).count();
@@ -83,13 +83,13 @@ pub fn render(s: &BackendRoleStatus, counters: &std::collections::BTreeMap<&str,
     f.head(
         "lb_decap_second_hop_failures_total",
         "counter",
-        "of those, the ones without a route (or that netlink refused)",
+        "of those, the ones without a route or outside decap.second_hops (or that netlink refused)",
     );
     f.sample("lb_decap_second_hop_failures_total", &[], hops.failures);
     f.head(
         "lb_decap_managed_neighbors",
         "gauge",
-        "neighbour entries lbd had the kernel keep resolved (managed); removed at teardown",
+        "neighbour entries lbd had the kernel keep resolved (managed); released when no second hop needs them, and at teardown",
     );
     f.sample("lb_decap_managed_neighbors", &[], hops.managed.len());
     out

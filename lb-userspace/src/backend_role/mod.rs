@@ -4,7 +4,8 @@
 //! decapsulate (`DECAP_VIPS`) and on which UDP port GUE comes
 //! (`DECAP_CONFIG`), puts those VIPs on `lo`, applies the direct-server-
 //! return sysctls, has the kernel resolve the second hops the program could
-//! not reach (`DECAP_NEIGH`), and serves `lbctl` and `/metrics`.
+//! not reach (`DECAP_NEIGH`) when `decap.second_hops` allows them (see
+//! `hops.rs` for the rules), and serves `lbctl` and `/metrics`.
 //!
 //! Restarts lose nothing: the program, its maps and its link are pinned and
 //! adopted like the balancer's. A teardown removes only what lbd added
@@ -13,8 +14,10 @@
 pub mod config;
 mod daemon;
 pub mod dataplane;
+mod hops;
 pub mod host;
 pub mod metrics;
+mod reload;
 pub mod state;
 pub mod status;
 pub mod teardown;

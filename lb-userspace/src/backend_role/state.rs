@@ -26,12 +26,30 @@ pub struct State {
     /// VIPs this lbd put on `lo`.
     #[serde(default)]
     pub lo_added: BTreeSet<IpAddr>,
-    /// Neighbour entries this lbd made managed.
+    /// Neighbour entries this lbd made managed (one record per entry;
+    /// each says whether lbd created it or only flagged it).
     #[serde(default)]
     pub managed_neighbors: BTreeSet<Managed>,
 }
 
 impl State {
+    /// Records a neighbour entry lbd made managed. An entry already
+    /// recorded keeps its record: whether it was there before lbd is
+    /// known from the first time. False: nothing changed.
+    pub fn record_managed(&mut self, m: Managed) -> bool {
+        if self.managed_neighbors.iter().any(|n| n.key() == m.key()) {
+            return false;
+        }
+        self.managed_neighbors.insert(m)
+    }
+
+    /// Forgets the record of a neighbour entry (lbd is done with it).
+    pub fn forget_managed(&mut self, key: (u32, IpAddr)) -> bool {
+        let before = self.managed_neighbors.len();
+        self.managed_neighbors.retain(|n| n.key() != key);
+        self.managed_neighbors.len() != before
+    }
+
     /// The recorded state; none recorded (a first start) is empty.
     pub fn load(path: &Path) -> Result<State> {
         match std::fs::read(path) {
@@ -82,6 +100,7 @@ mod tests {
         s.managed_neighbors.insert(Managed {
             ifindex: 2,
             via: "fd00:198:18::21".parse().unwrap(),
+            created: true,
         });
         s.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), s);
@@ -90,5 +109,30 @@ mod tests {
         let e = format!("{:#}", State::load(&path).unwrap_err());
         assert!(e.contains("corrupt"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// One record per neighbour entry, the first one's kept; a record
+    /// from an older lbd (no `created`) is one that was there before.
+    #[test]
+    fn one_record_per_neighbour_and_old_records_were_there_before() {
+        let via: IpAddr = "198.18.0.1".parse().unwrap();
+        let mut s = State::default();
+        let pre = Managed {
+            ifindex: 2,
+            via,
+            created: false,
+        };
+        assert!(s.record_managed(pre));
+        assert!(!s.record_managed(Managed {
+            created: true,
+            ..pre
+        }));
+        assert_eq!(s.managed_neighbors.iter().collect::<Vec<_>>(), [&pre]);
+        assert!(s.forget_managed((2, via)));
+        assert!(!s.forget_managed((2, via)));
+        let old: State =
+            serde_json::from_str(r#"{"managed_neighbors": [{"ifindex": 2, "via": "198.18.0.1"}]}"#)
+                .unwrap();
+        assert_eq!(old.managed_neighbors.first(), Some(&pre));
     }
 }

@@ -73,14 +73,20 @@ pub struct DecapVipStatus {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SecondHops {
     pub hops: Vec<SecondHop>,
-    /// Neighbour entries lbd had the kernel keep resolved (removed at
-    /// teardown).
+    /// Neighbour entries lbd had the kernel keep resolved: released when
+    /// no known second hop goes through them any more, and at teardown
+    /// (deleted if lbd created them, else only unflagged).
     pub managed: Vec<Managed>,
     /// Second hops the data plane asked lbd about.
     pub requests: u64,
-    /// Of those, the ones without a route (their packets are dropped as
-    /// `drop_no_route`) or that netlink refused.
+    /// Of those, the ones without a route or outside `decap.second_hops`
+    /// (their packets are dropped as `drop_no_route`), or that netlink
+    /// refused.
     pub failures: u64,
+    /// The prefixes second hops are resolved in (`decap.second_hops`, or
+    /// the interface's own prefixes).
+    #[serde(default)]
+    pub allowed: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -111,16 +117,25 @@ pub enum HopState {
     Unresolved,
     /// No route: its packets are dropped (`drop_no_route`).
     NoRoute,
+    /// Outside `decap.second_hops`: not resolved, its packets are dropped
+    /// (`drop_no_route`).
+    Refused,
 }
 
 impl HopState {
-    pub const ALL: [HopState; 3] = [HopState::Resolved, HopState::Unresolved, HopState::NoRoute];
+    pub const ALL: [HopState; 4] = [
+        HopState::Resolved,
+        HopState::Unresolved,
+        HopState::NoRoute,
+        HopState::Refused,
+    ];
 
     pub const fn label(self) -> &'static str {
         match self {
             HopState::Resolved => "resolved",
             HopState::Unresolved => "unresolved",
             HopState::NoRoute => "no_route",
+            HopState::Refused => "refused",
         }
     }
 }
@@ -157,9 +172,18 @@ pub struct TornDown {
     pub removed_from_lo: Vec<IpAddr>,
     /// VIPs left on `lo` because they were there before lbd.
     pub left_on_lo: Vec<IpAddr>,
+    /// Managed neighbour entries lbd had created, deleted.
     pub neighbors_removed: usize,
+    /// Entries that were there before lbd flagged them managed: flag
+    /// cleared, entry kept.
+    #[serde(default)]
+    pub neighbors_unflagged: usize,
     /// Sysctls written back to their values before lbd.
     pub sysctls_restored: BTreeMap<String, String>,
+    /// Sysctls in the backup this kernel no longer has (an interface
+    /// renamed or removed since): not restored.
+    #[serde(default)]
+    pub sysctls_skipped: Vec<String>,
     /// Steps that failed (the others were still done).
     pub errors: Vec<String>,
 }

@@ -1,6 +1,8 @@
 //! Undoing the backend role: the decapsulator detached and unpinned, the
 //! VIPs lbd put on `lo` removed (addresses that were there before stay),
-//! the neighbour entries it made managed deleted, the sysctls written back.
+//! the neighbour entries it created deleted (those it only flagged managed
+//! keep existing, unflagged), the sysctls written back (keys the kernel no
+//! longer has skipped and reported).
 //! The same steps for `lbctl teardown`, `on_exit = "detach"` and
 //! `lbd --teardown` (which reads what to undo from the state file). Every
 //! step is tried even when one fails; failures are reported.
@@ -16,7 +18,10 @@ use super::{
     state::State,
     status::{ROLE, TornDown},
 };
-use crate::{neigh::Resolver, sysctl::Sysctls};
+use crate::{
+    neigh::{Resolver, Unmanaged},
+    sysctl::Sysctls,
+};
 
 /// `lbd --teardown` with a backend file: in a runtime of its own.
 pub fn offline(config: &BackendConfig) -> Result<TornDown> {
@@ -91,7 +96,9 @@ pub async fn run(
     }
     for n in std::mem::take(&mut state.managed_neighbors) {
         match resolver.unmanage(&n).await {
-            Ok(removed) => t.neighbors_removed += usize::from(removed),
+            Ok(Unmanaged::Deleted) => t.neighbors_removed += 1,
+            Ok(Unmanaged::FlagCleared) => t.neighbors_unflagged += 1,
+            Ok(Unmanaged::LeftAlone) => {}
             Err(e) => {
                 t.errors.push(format!("{e:#}"));
                 state.managed_neighbors.insert(n);
@@ -100,8 +107,11 @@ pub async fn run(
     }
     let backup = config.sysctl_backup();
     if backup.exists() {
-        match Sysctls::new("/proc/sys").restore(&backup) {
-            Ok(restored) => t.sysctls_restored = restored,
+        match Sysctls::new("/proc/sys").restore_report(&backup) {
+            Ok(r) => {
+                t.sysctls_restored = r.restored;
+                t.sysctls_skipped = r.skipped;
+            }
             Err(e) => t.errors.push(format!("restoring sysctls: {e:#}")),
         }
     }
@@ -153,8 +163,20 @@ fn summary(t: &TornDown) -> String {
             t.neighbors_removed
         ));
     }
+    if t.neighbors_unflagged > 0 {
+        parts.push(format!(
+            "{} neighbour entries there before lbd kept (managed flag cleared)",
+            t.neighbors_unflagged
+        ));
+    }
     if !t.sysctls_restored.is_empty() {
         parts.push(format!("{} sysctls restored", t.sysctls_restored.len()));
+    }
+    if !t.sysctls_skipped.is_empty() {
+        parts.push(format!(
+            "sysctls gone from this kernel, not restored: {}",
+            t.sysctls_skipped.join(", ")
+        ));
     }
     if !t.errors.is_empty() {
         parts.push(format!("FAILED: {}", t.errors.join("; ")));

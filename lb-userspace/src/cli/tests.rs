@@ -83,7 +83,10 @@ fn bad_arguments_are_usage_errors_and_nothing_is_sent() {
         (lbctl.explain(VIP, "198.18.0.10", true), "ADDRESS:PORT"),
         (lbctl.stats(0.0), "greater than 0 and at most 3600"),
         (lbctl.stats(7200.0), "(got 7200)"),
-        (lbctl.vip_add(VIP, "nat", "tcp"), "expected ipip, gue or l2dsr"),
+        (
+            lbctl.vip_add(VIP, "nat", "tcp"),
+            "expected ipip, gue or l2dsr",
+        ),
         (
             lbctl.vip_add(VIP, "ipip", "icmp"),
             "expected none, tcp or http",

@@ -25,6 +25,17 @@ fn the_example_loads() {
         ]
     );
     assert!(c.sysctl_apply);
+    assert_eq!(c.second_hops, None, "the interface's prefixes");
+    let listed = EXAMPLE.replace("# second_hops", "second_hops");
+    let c = BackendConfig::parse("backend.toml", &listed).expect("the commented list is valid");
+    assert_eq!(
+        c.second_hops,
+        Some(vec![
+            "198.18.0.0/24".parse().unwrap(),
+            "fd00:198:18::/64".parse().unwrap()
+        ])
+    );
+    let c = BackendConfig::parse("backend.toml", EXAMPLE).unwrap();
     assert_eq!(
         c.sysctl_backup(),
         PathBuf::from("/var/lib/lb/web1.sysctl-backup.json")
@@ -41,6 +52,13 @@ fn defaults() {
     assert_eq!(c.on_exit, OnExit::Keep);
     assert!(c.vips.is_empty());
     assert!(!c.sysctl_apply);
+    assert_eq!(c.second_hops, None);
+    let none = format!("{MINIMAL}[decap]\nsecond_hops = []\n");
+    assert_eq!(
+        BackendConfig::parse("b.toml", &none).unwrap().second_hops,
+        Some(Vec::new()),
+        "an empty list allows no second hop"
+    );
     let off = format!("{MINIMAL}[decap]\ngue_port = 0\n");
     assert_eq!(BackendConfig::parse("b.toml", &off).unwrap().gue_port, 0);
 }
@@ -154,6 +172,36 @@ fn every_bad_field_is_named_where_it_is() {
             "write it as 198.18.100.1",
         ),
         (
+            "second hop not a prefix",
+            format!("{inst}[decap]\nsecond_hops = [\"198.18.0.0/24\", \"lan\"]\n"),
+            "6:33: decap.second_hops[1]",
+            "not a prefix",
+        ),
+        (
+            "second hop prefix too long",
+            format!("{inst}[decap]\nsecond_hops = [\"198.18.0.0/33\"]\n"),
+            "6:16: decap.second_hops[0]",
+            "0 to 32",
+        ),
+        (
+            "second hop prefix with host bits",
+            format!("{inst}[decap]\nsecond_hops = [\"fd00:198:18::1/64\"]\n"),
+            "6:16: decap.second_hops[0]",
+            "the prefix is fd00:198:18::/64",
+        ),
+        (
+            "second hop prefix twice",
+            format!("{inst}[decap]\nsecond_hops = [\"198.18.0.0/24\", \"198.18.0.0/24\"]\n"),
+            "6:33: decap.second_hops[1]",
+            "listed twice",
+        ),
+        (
+            "second hop mapped",
+            format!("{inst}[decap]\nsecond_hops = [\"::ffff:198.18.0.0/120\"]\n"),
+            "6:16: decap.second_hops[0]",
+            "IPv4-mapped",
+        ),
+        (
             "sysctl typo",
             format!("{inst}[sysctl]\napply = \"yes\"\n"),
             "6:9: ",
@@ -228,13 +276,45 @@ fn roles_are_told_apart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Prefixes: what they hold, written either way.
+#[test]
+fn prefixes_hold_their_addresses_only() {
+    let p = |s: &str| s.parse::<Prefix>().unwrap();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let lan = p("198.18.0.0/24");
+    assert!(lan.contains(ip("198.18.0.21")));
+    assert!(!lan.contains(ip("198.18.1.21")));
+    assert!(!lan.contains(ip("::ffff:198.18.0.21")), "families apart");
+    assert_eq!(lan.to_string(), "198.18.0.0/24");
+    let host = p("198.18.0.21");
+    assert_eq!(host.to_string(), "198.18.0.21/32");
+    assert!(host.contains(ip("198.18.0.21")) && !host.contains(ip("198.18.0.22")));
+    assert!(p("0.0.0.0/0").contains(ip("203.0.113.1")));
+    assert!(!p("0.0.0.0/0").contains(ip("fd00::1")));
+    let v6 = p("fd00:198:18::/64");
+    assert!(v6.contains(ip("fd00:198:18::21")));
+    assert!(!v6.contains(ip("fd00:198:19::21")));
+    assert!(p("::/0").contains(ip("2001:db8::1")));
+    assert_eq!(p("fd00::1").to_string(), "fd00::1/128");
+    assert_eq!(
+        Prefix::of(ip("198.18.0.77"), 24),
+        Some(lan),
+        "an interface address gives its subnet"
+    );
+    assert_eq!(Prefix::of(ip("198.18.0.77"), 33), None);
+}
+
 #[test]
 fn restart_only_settings_are_named() {
     let a = BackendConfig::parse("b.toml", EXAMPLE).unwrap();
     let mut b = a.clone();
     b.vips.pop();
     b.gue_port = 0;
-    assert!(a.restart_only_changes(&b).is_empty(), "VIPs and GUE reload");
+    b.second_hops = Some(Vec::new());
+    assert!(
+        a.restart_only_changes(&b).is_empty(),
+        "VIPs, GUE and second hops reload"
+    );
     b.interface = "eth1".into();
     b.sysctl_apply = false;
     assert_eq!(
