@@ -97,17 +97,18 @@ struct ReloadResolved {
     hops: Vec<(IpAddr, Result<NextHop>)>,
 }
 
-struct Signals {
-    term: Signal,
-    int: Signal,
-    usr1: Signal,
+/// The signals either role handles.
+pub(crate) struct Signals {
+    pub(crate) term: Signal,
+    pub(crate) int: Signal,
+    pub(crate) usr1: Signal,
     /// Reload the configuration file (as `lbctl reload`).
-    hup: Signal,
+    pub(crate) hup: Signal,
 }
 
 impl Signals {
     /// Installed first: whoever reads the ready line may signal at once.
-    fn install() -> Result<Self> {
+    pub(crate) fn install() -> Result<Self> {
         Ok(Signals {
             term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,

@@ -129,16 +129,7 @@ impl Resolver {
 
     /// Interface index by name.
     pub async fn ifindex(&self, name: &str) -> Result<u32> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(link)) => Ok(link.header.index),
-            Ok(None) | Err(_) => bail!("interface {name:?} does not exist"),
-        }
+        link_index(&self.handle, name).await
     }
 
     /// The attributes the kernel reports for interface `ifindex`.
@@ -552,4 +543,13 @@ pub fn watch(dirty: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()>
         }
     });
     Ok(())
+}
+
+/// Interface index by name, over `handle`.
+pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<u32> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => Ok(link.header.index),
+        Ok(None) | Err(_) => bail!("interface {name:?} does not exist"),
+    }
 }

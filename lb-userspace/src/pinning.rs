@@ -214,9 +214,11 @@ pub fn teardown(dir: &Path) -> Result<bool> {
     Ok(teardown_one(dir)? || removed)
 }
 
-/// Unpins the link and the maps of one layout version. Names outside the
-/// current layout are removed too: an older layout may have had other maps.
-fn teardown_one(dir: &Path) -> Result<bool> {
+/// Unpins the link and the maps of one layout version (of either role's
+/// pins; the link first, so the program stops before its maps go). Names
+/// outside the current layout are removed too: an older layout may have
+/// had other maps. The instance directory goes too once empty.
+pub(crate) fn teardown_one(dir: &Path) -> Result<bool> {
     if !dir.exists() {
         return Ok(false);
     }

@@ -29,7 +29,6 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
-    ops::Range,
     path::{Path, PathBuf},
 };
 
@@ -37,7 +36,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    config::{ConfigError, OnExit},
+    config::{
+        ConfigError, OnExit, Source,
+        instance::{RawInstance, instance},
+    },
     dataplane::AttachMode,
 };
 
@@ -169,7 +171,10 @@ impl BackendConfig {
     }
 
     pub fn parse(file: &str, text: &str) -> Result<BackendConfig, ConfigError> {
-        let src = Source { file, text };
+        let src = Source {
+            file: file.to_owned(),
+            text,
+        };
         let raw: RawFile = toml::from_str(text).map_err(|e| src.toml(&e))?;
         if raw.role.get_ref() != "backend" {
             return Err(src.err(raw.role.span(), "role", ROLE_VALUES));
@@ -218,7 +223,7 @@ const ROLE_VALUES: &str = "expected \"backend\" (a balancer's file has no role l
 pub fn role_of(path: &Path) -> Result<Role, ConfigError> {
     let text = read(path)?;
     let src = Source {
-        file: &path.display().to_string(),
+        file: path.display().to_string(),
         text: &text,
     };
     role_in(&src)
@@ -264,23 +269,6 @@ struct RawFile {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawInstance {
-    name: Spanned<String>,
-    interface: Spanned<String>,
-    #[serde(default)]
-    xdp_mode: Option<Spanned<String>>,
-    #[serde(default)]
-    api_socket: Option<PathBuf>,
-    #[serde(default)]
-    state_file: Option<PathBuf>,
-    #[serde(default)]
-    metrics_listen: Option<Spanned<String>>,
-    #[serde(default)]
-    on_exit: OnExit,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawDecap {
     #[serde(default)]
     gue_port: Option<u16>,
@@ -297,80 +285,8 @@ struct RawSysctl {
     apply: bool,
 }
 
-/// Where in the text, for error messages.
-struct Source<'a> {
-    file: &'a str,
-    text: &'a str,
-}
-
-impl Source<'_> {
-    fn err(&self, span: Range<usize>, field: &str, message: impl Into<String>) -> ConfigError {
-        let upto = &self.text[..span.start.min(self.text.len())];
-        let line = upto.matches('\n').count() + 1;
-        let column = upto.len() - upto.rfind('\n').map_or(0, |i| i + 1) + 1;
-        ConfigError {
-            file: self.file.to_owned(),
-            line,
-            column,
-            field: field.to_owned(),
-            message: message.into(),
-        }
-    }
-
-    /// toml's own errors (syntax, types, unknown fields): its first line,
-    /// at its span.
-    fn toml(&self, e: &toml::de::Error) -> ConfigError {
-        let msg = e.message().lines().next().unwrap_or("invalid TOML");
-        self.err(e.span().unwrap_or(0..0), "", msg)
-    }
-}
-
 fn validate(src: &Source, raw: RawFile) -> Result<BackendConfig, ConfigError> {
-    let inst = raw.instance;
-    let name = inst.name.get_ref();
-    let name_ok = !name.is_empty()
-        && name.len() <= 32
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !name_ok {
-        return Err(src.err(
-            inst.name.span(),
-            "instance.name",
-            "1 to 32 letters, digits, '-' or '_' (it names the pin directory)",
-        ));
-    }
-    let iface = inst.interface.get_ref();
-    if iface.is_empty()
-        || iface.len() > 15
-        || iface.contains('/')
-        || iface.contains(char::is_whitespace)
-        || iface == "."
-        || iface == ".."
-    {
-        return Err(src.err(
-            inst.interface.span(),
-            "instance.interface",
-            "an interface name of 1 to 15 characters",
-        ));
-    }
-    let xdp_mode = match &inst.xdp_mode {
-        None => AttachMode::Auto,
-        Some(m) => m
-            .get_ref()
-            .parse()
-            .map_err(|e: anyhow::Error| src.err(m.span(), "instance.xdp_mode", e.to_string()))?,
-    };
-    let metrics_listen = match &inst.metrics_listen {
-        None => None,
-        Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|_| {
-            src.err(
-                m.span(),
-                "instance.metrics_listen",
-                "expected ADDRESS:PORT, e.g. 127.0.0.1:9101",
-            )
-        })?),
-    };
+    let inst = instance(src, raw.instance)?;
     let decap = raw.decap.unwrap_or(RawDecap {
         gue_port: None,
         vips: Vec::new(),
@@ -383,16 +299,12 @@ fn validate(src: &Source, raw: RawFile) -> Result<BackendConfig, ConfigError> {
     };
     Ok(BackendConfig {
         file: PathBuf::new(),
-        api_socket: inst
-            .api_socket
-            .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{name}.sock"))),
-        state_file: inst
-            .state_file
-            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/lb/{name}.state.json"))),
-        name: name.clone(),
-        interface: iface.clone(),
-        xdp_mode,
-        metrics_listen,
+        api_socket: inst.api_socket,
+        state_file: inst.state_file,
+        name: inst.name,
+        interface: inst.interface,
+        xdp_mode: inst.xdp_mode,
+        metrics_listen: inst.metrics_listen,
         on_exit: inst.on_exit,
         gue_port: decap
             .gue_port

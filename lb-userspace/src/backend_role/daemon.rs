@@ -26,10 +26,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use tokio::{
-    signal::unix::{Signal, SignalKind, signal},
-    sync::{mpsc, oneshot},
-};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     config::{BackendConfig, Prefix},
@@ -48,7 +45,7 @@ use super::{
 use crate::{
     api::{self, handler::err, server::ApiCall},
     config::OnExit,
-    daemon::event,
+    daemon::{Signals, event},
     neigh::{self, Lookup, Managed, Resolver, Unmanaged},
     sysctl::{self, Role, Sysctls},
 };
@@ -83,25 +80,6 @@ pub fn run(config: BackendConfig) -> Result<()> {
         .build()
         .context("starting the async runtime")?
         .block_on(run_async(config))
-}
-
-struct Signals {
-    term: Signal,
-    int: Signal,
-    usr1: Signal,
-    hup: Signal,
-}
-
-impl Signals {
-    /// Installed first: whoever reads the ready line may signal at once.
-    fn install() -> Result<Self> {
-        Ok(Signals {
-            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
-            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
-            usr1: signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?,
-            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
-        })
-    }
 }
 
 enum HopMsg {

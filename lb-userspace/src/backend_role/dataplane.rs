@@ -498,7 +498,7 @@ pub fn unpin(instance: &str) -> Result<bool> {
     let dir = pin_dir(instance);
     let mut removed = false;
     for d in other_layouts(&dir).into_iter().chain([dir.clone()]) {
-        removed |= unpin_one(&d)?;
+        removed |= crate::pinning::teardown_one(&d)?;
     }
     if let Some(parent) = dir.parent() {
         let _ = std::fs::remove_dir(parent);
@@ -508,7 +508,7 @@ pub fn unpin(instance: &str) -> Result<bool> {
 
 /// Undoes a fresh start that failed: this layout's pins. Best effort.
 pub fn discard(dir: &Path) {
-    match unpin_one(dir) {
+    match crate::pinning::teardown_one(dir) {
         Ok(true) => tracing::info!(pins = %dir.display(), "failed start: pins removed"),
         Ok(false) => {}
         Err(e) => tracing::error!(error = %format!("{e:#}"), "failed start: removing the pins"),
@@ -516,25 +516,6 @@ pub fn discard(dir: &Path) {
     if let Some(parent) = dir.parent() {
         let _ = std::fs::remove_dir(parent);
     }
-}
-
-fn unpin_one(dir: &Path) -> Result<bool> {
-    if !dir.exists() {
-        return Ok(false);
-    }
-    // The link first: the program stops before its maps go.
-    let link = dir.join(LINK);
-    if link.exists() {
-        std::fs::remove_file(&link).with_context(|| format!("unpinning {}", link.display()))?;
-    }
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let p = entry
-            .with_context(|| format!("reading {}", dir.display()))?
-            .path();
-        std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
-    }
-    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::config::Prefix;
 use futures_util::TryStreamExt;
@@ -52,16 +52,7 @@ impl Host {
     }
 
     pub async fn ifindex(&self, name: &str) -> Result<u32> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(link)) => Ok(link.header.index),
-            Ok(None) | Err(_) => bail!("interface {name:?} does not exist"),
-        }
+        crate::neigh::link_index(&self.handle, name).await
     }
 
     /// The XDP program on interface `ifindex`, if any.

@@ -11,7 +11,7 @@ use crate::dataplane::AttachMode;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawInstance {
+pub(crate) struct RawInstance {
     name: Spanned<String>,
     interface: Spanned<String>,
     #[serde(default)]
@@ -26,7 +26,7 @@ pub(super) struct RawInstance {
     on_exit: OnExit,
 }
 
-pub(super) struct Instance {
+pub(crate) struct Instance {
     pub name: String,
     pub interface: String,
     pub xdp_mode: AttachMode,
@@ -36,7 +36,8 @@ pub(super) struct Instance {
     pub on_exit: OnExit,
 }
 
-pub(super) fn instance(src: &Source, inst: RawInstance) -> Result<Instance, ConfigError> {
+/// `[instance]` of either role's file.
+pub(crate) fn instance(src: &Source, inst: RawInstance) -> Result<Instance, ConfigError> {
     let name = inst.name.get_ref();
     if name.is_empty()
         || name.len() > 32
@@ -55,6 +56,8 @@ pub(super) fn instance(src: &Source, inst: RawInstance) -> Result<Instance, Conf
         || iface.len() > 15
         || iface.contains('/')
         || iface.contains(char::is_whitespace)
+        || iface == "."
+        || iface == ".."
     {
         return Err(src.err(
             inst.interface.span(),

@@ -14,7 +14,7 @@ mod dataplane;
 mod fleet;
 mod graphite;
 mod health_check;
-mod instance;
+pub(crate) mod instance;
 pub mod vip;
 mod vips;
 
@@ -327,14 +327,21 @@ struct RawSysctl {
     apply: bool,
 }
 
-/// Where in the text, for error messages.
-struct Source<'a> {
-    file: String,
-    text: &'a str,
+/// Where in the text, for error messages (both roles' files).
+pub(crate) struct Source<'a> {
+    pub(crate) file: String,
+    pub(crate) text: &'a str,
 }
 
 impl Source<'_> {
-    fn err(
+    /// toml's own errors (syntax, types, unknown fields): its first line,
+    /// at its span.
+    pub(crate) fn toml(&self, e: &toml::de::Error) -> ConfigError {
+        let msg = e.message().lines().next().unwrap_or("invalid TOML");
+        self.err(e.span().unwrap_or(0..0), "", msg)
+    }
+
+    pub(crate) fn err(
         &self,
         span: Range<usize>,
         field: impl Into<String>,
