@@ -146,7 +146,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             live,
             vec!["vip", "add", "198.18.100.4:80/tcp", "--mode", "nat"],
             2,
-            "expected ipip or l2dsr",
+            "expected ipip, gue or l2dsr",
         ),
         (
             live,
