@@ -287,14 +287,7 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
     undo.routes = routes.clone();
     let listener = api::server::bind(&config.api_socket)?;
     undo.socket = Some(config.api_socket.clone());
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding instance.metrics_listen {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = api::server::bind_metrics(config.metrics_listen).await?;
     undo.created_dirs = persist::probe(&config.state_file)?;
     let resolver = Resolver::new()?;
     let dirty = Arc::new(AtomicBool::new(false));

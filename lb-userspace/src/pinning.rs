@@ -163,6 +163,12 @@ pub fn attach_pinned(
 /// or newer lbd): named by a fingerprint, or `v<n>` as lbds before the
 /// fingerprint named them.
 pub fn other_layouts(dir: &Path) -> Vec<PathBuf> {
+    sibling_dirs(dir, is_layout_name)
+}
+
+/// The entries beside `dir` (not `dir` itself) whose names `is_layout`
+/// accepts: either role's pin directories of other layouts.
+pub(crate) fn sibling_dirs(dir: &Path, is_layout: impl Fn(&str) -> bool) -> Vec<PathBuf> {
     let Some(parent) = dir.parent() else {
         return Vec::new();
     };
@@ -175,7 +181,7 @@ pub fn other_layouts(dir: &Path) -> Vec<PathBuf> {
             p != dir
                 && p.file_name()
                     .and_then(|n| n.to_str())
-                    .is_some_and(is_layout_name)
+                    .is_some_and(&is_layout)
         })
         .collect()
 }

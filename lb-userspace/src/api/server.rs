@@ -51,6 +51,20 @@ pub struct ApiCall {
 /// did not create is not lbd's to delete, and taking over a live socket
 /// would leave the lbd behind it unreachable once this one exits (and
 /// removes the path).
+/// `instance.metrics_listen`'s listener, if configured (either role).
+pub async fn bind_metrics(
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        Some(addr) => Ok(Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding instance.metrics_listen {addr}"))?,
+        )),
+        None => Ok(None),
+    }
+}
+
 pub fn bind(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -266,14 +266,7 @@ async fn start(config: BackendConfig, undo: &mut Undo) -> Result<(Daemon, Inbox)
     // Checks and sockets first: nothing on the host changes yet.
     let listener = api::server::bind(&config.api_socket)?;
     undo.socket = Some(config.api_socket.clone());
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding instance.metrics_listen {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = api::server::bind_metrics(config.metrics_listen).await?;
     let host = Host::new()?;
     let resolver = Resolver::new()?;
     let ifindex = host

@@ -137,21 +137,7 @@ pub fn is_attached(dir: &Path) -> bool {
 
 /// Decapsulator pin directories of the same instance for other layouts.
 fn other_layouts(dir: &Path) -> Vec<PathBuf> {
-    let Some(parent) = dir.parent() else {
-        return Vec::new();
-    };
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p != dir
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(LAYOUT_PREFIX))
-        })
-        .collect()
+    crate::pinning::sibling_dirs(dir, |n| n.starts_with(LAYOUT_PREFIX))
 }
 
 /// The `DECAP_VIPS` key of an address.
