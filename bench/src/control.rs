@@ -1,7 +1,7 @@
 //! Control-plane costs: Maglev builds, ring publication, disruption, and
 //! map memory.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use lb_common::{
@@ -35,43 +35,53 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub struct ControlResult {
-    /// (backends, build ms)
+    /// (backends, build ms at M = 65537)
     pub builds: Vec<(u32, f64)>,
-    /// (backends, fraction of slots moved by removing one, ideal 1/N)
+    /// (backends, fraction of slots moved by removing one at the automatic
+    /// size for that many backends, ideal 1/N)
     pub disruption: Vec<(u32, f64, f64)>,
     pub markdown: String,
 }
 
-pub fn run() -> Result<ControlResult> {
-    let mut builds = Vec::new();
-    let mut disruption = Vec::new();
-    for n in [10u32, 100, 1000] {
-        let b = backends(n);
-        let times: Vec<f64> = (0..5)
+/// Median build time (ms) of `b` into `m` slots.
+fn build_ms(b: &[MaglevBackend], m: u32) -> f64 {
+    median(
+        (0..9)
             .map(|_| {
                 let t = Instant::now();
-                let _ = maglev::build(&b, M, 0);
+                let _ = std::hint::black_box(maglev::build(b, m, 0));
                 t.elapsed().as_secs_f64() * 1e3
             })
-            .collect();
-        builds.push((n, median(times)));
-        let full = maglev::build(&b, M, 0)?;
-        let less = maglev::build(&b[1..], M, 0)?;
-        let moved = full.iter().zip(&less).filter(|(a, b)| a != b).count() as f64 / M as f64;
-        disruption.push((n, moved, 1.0 / n as f64));
-    }
-    // Writing a ring into the idle generation and flipping, M = 65537.
+            .collect(),
+    )
+}
+
+/// Fraction of slots that change when the first of `b` is removed.
+fn moved(b: &[MaglevBackend], m: u32) -> Result<f64> {
+    let full = maglev::build(b, m, 0)?;
+    let less = maglev::build(&b[1..], m, 0)?;
+    Ok(full.iter().zip(&less).filter(|(a, b)| a != b).count() as f64 / m as f64)
+}
+
+/// `RINGS` bytes one VIP takes: two generations of ceil(m / 16) 64-byte
+/// elements.
+fn ring_bytes_per_vip(m: u32) -> u64 {
+    64 * u64::from(lb_common::ring::chunks_per_vip(m))
+}
+
+/// A data plane with one VIP of `n` backends installed, rings of `m` slots.
+fn loaded(m: u32, n: u32) -> Result<(aya::Ebpf, Vec<MaglevBackend>)> {
     let mut ebpf = dataplane::load_balancer_with(&MapSizes {
         max_vips: 2,
-        max_backends: 1100,
-        ring_size: M,
+        max_backends: n + 100,
+        ring_size: m,
         conntrack_entries: 1024,
         flow_cache_slots: 1,
     })?;
     programming::set_config(
         &mut ebpf,
         &LbConfig {
-            ring_size: M,
+            ring_size: m,
             ..Default::default()
         },
     )?;
@@ -81,30 +91,99 @@ pub fn run() -> Result<ControlResult> {
         proto: 6,
         family: 6,
     };
-    let table = maglev::build(&backends(100), M, 0)?;
+    let b = backends(n);
+    let table = maglev::build(&b, m, 0)?;
     programming::install_vip(&mut ebpf, &key, 0, Mode::Ipip, &table)?;
-    let times: Vec<f64> = (0..3)
+    Ok((ebpf, b))
+}
+
+/// Median time (ms) to write a ring of `m` slots for `n` backends into the
+/// idle generation and flip the VIP to it.
+fn publish_ms(m: u32, n: u32) -> Result<f64> {
+    let (mut ebpf, b) = loaded(m, n)?;
+    let table = maglev::build(&b, m, 0)?;
+    let times: Vec<f64> = (0..5)
         .map(|_| {
             let t = Instant::now();
-            programming::publish_ring(&mut ebpf, 0, &table, std::time::Duration::from_secs(60))
+            programming::publish_ring(&mut ebpf, 0, &table, Duration::from_secs(60))
                 .map(|_| t.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<Result<_>>()
         .context("publishing rings")?;
-    let publish_ms = median(times);
+    Ok(median(times))
+}
+
+/// A health change to the new ring being live, in process, as
+/// `Controller::refresh_vip` does it: the backend leaves the members, the
+/// ring is rebuilt without it and published (idle generation written, then
+/// the `RING_STATE` flip). (build ms, publish ms, total ms), medians.
+fn health_to_live(m: u32, n: u32) -> Result<(f64, f64, f64)> {
+    let (mut ebpf, mut b) = loaded(m, n)?;
+    let (mut build, mut publish, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..7 {
+        // Alternately down and back up, so that every round changes the ring.
+        let i = (round / 2 * 97) % n as usize;
+        b[i].weight = if b[i].weight == 0 { 100 } else { 0 };
+        let t0 = Instant::now();
+        let table = maglev::build(&b, m, 0)?;
+        let t1 = Instant::now();
+        programming::publish_ring(&mut ebpf, 0, &table, Duration::from_secs(60))?;
+        let t2 = Instant::now();
+        build.push((t1 - t0).as_secs_f64() * 1e3);
+        publish.push((t2 - t1).as_secs_f64() * 1e3);
+        total.push((t2 - t0).as_secs_f64() * 1e3);
+    }
+    Ok((median(build), median(publish), median(total)))
+}
+
+pub fn run() -> Result<ControlResult> {
+    let mut builds = Vec::new();
+    let mut classic_moved = Vec::new();
+    let mut disruption = Vec::new();
+    let mut auto_rows = Vec::new();
+    for n in [10u32, 100, 1000] {
+        let b = backends(n);
+        builds.push((n, build_ms(&b, M)));
+        classic_moved.push(moved(&b, M)?);
+        let auto = maglev::auto_ring_size(n);
+        let d = moved(&b, auto)?;
+        disruption.push((n, d, 1.0 / n as f64));
+        auto_rows.push((n, auto, build_ms(&b, auto), d));
+    }
+    let auto_1000 = maglev::auto_ring_size(1000);
+    let publish_classic = publish_ms(M, 100)?;
+    let publish_auto = publish_ms(auto_1000, 1000)?;
+    let (h_build, h_publish, h_total) = health_to_live(auto_1000, 1000)?;
     let by_max_vips = publish_by_max_vips()?;
     let mut md = String::from(
         "| backends | Maglev build, M = 65537 (ms) | slots moved when one is removed | ideal (1/N) |\n|---:|---:|---:|---:|\n",
     );
-    for ((n, ms), (_, moved, ideal)) in builds.iter().zip(&disruption) {
+    for ((n, ms), (moved, (_, _, ideal))) in
+        builds.iter().zip(classic_moved.iter().zip(&disruption))
+    {
         md.push_str(&format!(
             "| {n} | {ms:.2} | {:.3}% | {:.3}% |\n",
             moved * 100.0,
             ideal * 100.0
         ));
     }
+    md.push_str(
+        "\nAt the automatic ring size (`ring_size = \"auto\"`, the default: the smallest prime at least 100 times the backends a VIP may hold, `max_backends_per_vip`), for a capacity of exactly N backends; Maglev's tables are unchanged (the same backends and size give the same table as before):\n\n| backends (= capacity) | ring size | Maglev build (ms) | slots moved when one is removed | x ideal | ideal (1/N) | `RINGS` memory per VIP |\n|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (n, m, ms, d) in &auto_rows {
+        md.push_str(&format!(
+            "| {n} | {m} | {ms:.2} | {:.3}% | {:.2} | {:.3}% | {} |\n",
+            d * 100.0,
+            d * *n as f64,
+            100.0 / *n as f64,
+            mib(ring_bytes_per_vip(*m))
+        ));
+    }
     md.push_str(&format!(
-        "\nWriting one ring (65537 slots) into the idle generation and flipping the VIP to it: {publish_ms:.1} ms (one map update per 16 slots).\n"
+        "\nWriting one ring into the idle generation and flipping the VIP to it (one map update per 16 slots): {publish_classic:.1} ms for 65537 slots, {publish_auto:.1} ms for {auto_1000} slots (the automatic size for 1,000 backends).\n"
+    ));
+    md.push_str(&format!(
+        "\nA health change to the new ring being live, in process, 1,000 backends, {auto_1000} slots (what `Controller::refresh_vip` does once the checker's event arrives: rebuild without the backend, write the idle generation, flip `RING_STATE`): {h_total:.1} ms, of which the build {h_build:.1} ms and the publication {h_publish:.1} ms (median of 7). The check's own detection time (fall x interval, below) comes on top.\n"
     ));
     md.push_str(
         "\nPublishing one VIP's ring touches only that VIP's ring and its `RING_STATE` word, so its cost does not grow with the VIP table (8 VIPs configured, ring of 13 slots, median of 21):\n\n| `max_vips` | publication (µs) |\n|---:|---:|\n",
@@ -117,6 +196,14 @@ pub fn run() -> Result<ControlResult> {
         disruption,
         markdown: md,
     })
+}
+
+fn mib(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.2} MiB", bytes as f64 / (1 << 20) as f64)
+    } else {
+        format!("{:.0} KiB", bytes as f64 / 1024.0)
+    }
 }
 
 /// One VIP's ring publication, with VIP tables sized for `max_vips` (8 VIPs
@@ -226,6 +313,38 @@ pub fn memory() -> Result<String> {
         ));
         drop(ebpf);
     }
-    md.push_str("\nmemlock as the kernel accounts it (/proc/self/fdinfo), kernel overhead included; the per-CPU flow cache and counters scale with the CPU count. Sized at twice the concurrent flows (the README's advice, so that new flows rarely displace live ones), the table costs twice the bytes per slot per flow.\n");
+    md.push_str("\nmemlock as the kernel accounts it (/proc/self/fdinfo), kernel overhead included; the per-CPU flow cache and counters scale with the CPU count. Sized at twice the concurrent flows (the README's advice, so that new flows rarely displace live ones), the table costs twice the bytes per slot per flow. The default ring size is automatic: 100,003 slots (`max_backends_per_vip` = 1,000).\n");
+    md.push_str(
+        "\n`RINGS` memory per VIP by ring size (two generations; memlock of a 4-VIP map divided by 4), and for the default 64 VIPs (`max_vips`; every VIP has the instance's ring size):\n\n| ring size | backends at 100 slots each | `RINGS` per VIP | x 64 VIPs |\n|---:|---:|---:|---:|\n",
+    );
+    for m in [
+        maglev::auto_ring_size(10),
+        maglev::auto_ring_size(100),
+        M,
+        maglev::auto_ring_size(1000),
+        maglev::auto_ring_size(4095),
+        maglev::MAX_RING_SIZE,
+    ] {
+        let sizes = MapSizes {
+            max_vips: 4,
+            max_backends: 16,
+            ring_size: m,
+            conntrack_entries: 1024,
+            flow_cache_slots: 1,
+        };
+        let ebpf = dataplane::load_balancer_with(&sizes)?;
+        let rings: u64 = map_memlock()?
+            .iter()
+            .filter(|(n, _, max)| n == "RINGS" && *max == sizes.ring_entries().unwrap_or(0))
+            .map(|m| m.1)
+            .sum();
+        drop(ebpf);
+        md.push_str(&format!(
+            "| {m} | {} | {} | {} |\n",
+            m / maglev::SLOTS_PER_BACKEND,
+            mib(rings / 4),
+            mib(rings / 4 * 64)
+        ));
+    }
     Ok(md)
 }

@@ -12,6 +12,7 @@ mod fleet;
 mod flood;
 mod plot;
 mod rate;
+mod scale;
 mod service;
 mod xdp;
 
@@ -41,6 +42,10 @@ struct Args {
     /// connections kept, the table after it.
     #[arg(long)]
     flood: bool,
+    /// Control-plane scale: 1,000 backends checked every second (1 and 10
+    /// VIPs), time to ready, CPU and memory, next to HAProxy.
+    #[arg(long)]
+    scale: bool,
     /// Where the report goes (with its SVG plots beside it).
     #[arg(long, default_value = "bench/RESULTS.md")]
     out: std::path::PathBuf,
@@ -100,8 +105,13 @@ fn machine() -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let all =
-        !args.xdp && !args.service && !args.control && !args.rate && !args.fleet && !args.flood;
+    let all = !args.xdp
+        && !args.service
+        && !args.control
+        && !args.rate
+        && !args.fleet
+        && !args.flood
+        && !args.scale;
     let dir = args
         .out
         .parent()
@@ -109,7 +119,7 @@ fn main() -> Result<()> {
         .unwrap_or_default();
     std::fs::create_dir_all(&dir)?;
     let mut report = format!(
-        "# Benchmarks\n\nProduced by `cargo xtask bench` (this run: `{}`), every contender in the same invocation on this machine:\n\n{}\n\nOne section alone: `cargo xtask bench --xdp` (1), `--rate` (2), `--service` (3, `--service-rounds N --seconds S`), `--control` (4 and 5), `--fleet` (6), `--flood` (7). Traffic stays inside the benchmark's own namespaces; the whole run takes about 5 minutes here.\n\n",
+        "# Benchmarks\n\nProduced by `cargo xtask bench` (this run: `{}`), every contender in the same invocation on this machine:\n\n{}\n\nOne section alone: `cargo xtask bench --xdp` (1), `--rate` (2), `--service` (3, `--service-rounds N --seconds S`), `--control` (4 and 5), `--fleet` (6), `--flood` (7), `--scale` (8). Traffic stays inside the benchmark's own namespaces; the whole run takes about 5 minutes here.\n\n",
         std::env::args().collect::<Vec<_>>().join(" "),
         machine()
     );
@@ -201,6 +211,11 @@ fn main() -> Result<()> {
         let md = flood::run()?;
         println!("{md}");
         report.push_str(&format!("## 7. A spoofed SYN flood\n\n{md}\n"));
+    }
+    if args.scale || all {
+        let md = scale::run()?;
+        println!("{md}");
+        report.push_str(&format!("## 8. Control-plane scale\n\n{md}\n"));
     }
     std::fs::write(&args.out, &report)?;
     eprintln!("wrote {}", args.out.display());

@@ -133,10 +133,13 @@ fn with_topology(f: impl FnOnce(&Topology, &[u8]) -> Result<f64>) -> Result<f64>
     f(&t, &frame)
 }
 
-fn trivial(t: &Topology, frame: &[u8], mode: AttachMode) -> Result<f64> {
+/// The trivial forwarder (`fwd_mac`) on the LB's interface, in `mode`:
+/// every frame (ARP too) leaves again by that interface, rewritten from the
+/// LB's MAC to backend 0's. Detached when the returned object is dropped.
+pub fn attach_forwarder(t: &Topology, mode: AttachMode) -> Result<aya::Ebpf> {
     let lb_dev = t.lb().ifname().to_owned();
     let (b0_mac, lb_mac) = (t.backend(0).mac(), t.lb().mac());
-    let _fwd = in_netns(t.lb().ns(), move || -> Result<aya::Ebpf> {
+    in_netns(t.lb().ns(), move || -> Result<aya::Ebpf> {
         let mut e = dataplane::load_balancer_with(&small())?;
         let mut mac = [0u8; 12];
         mac[..6].copy_from_slice(&b0_mac);
@@ -144,7 +147,11 @@ fn trivial(t: &Topology, frame: &[u8], mode: AttachMode) -> Result<f64> {
         Array::<_, [u8; 12]>::try_from(e.map_mut("FWD_MAC").context("FWD_MAC")?)?.set(0, mac, 0)?;
         dataplane::attach_program(&mut e, "fwd_mac", &lb_dev, mode)?;
         Ok(e)
-    })??;
+    })?
+}
+
+fn trivial(t: &Topology, frame: &[u8], mode: AttachMode) -> Result<f64> {
+    let _fwd = attach_forwarder(t, mode)?;
     measure(t, frame)
 }
 

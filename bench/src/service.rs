@@ -18,6 +18,9 @@ const PORT: u16 = 80;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contender {
     Direct,
+    /// The LB's hop without balancing: `fwd_mac` (section 2's trivial
+    /// forwarder), every frame rewritten to backend 0 and sent back out.
+    Trivial(AttachMode),
     Ours(AttachMode),
     Haproxy,
     Nftables,
@@ -27,6 +30,7 @@ impl Contender {
     pub fn name(&self) -> String {
         match self {
             Contender::Direct => "direct to one backend (no balancer)".into(),
+            Contender::Trivial(m) => format!("trivial XDP forwarder, {m} XDP (to one backend)"),
             Contender::Ours(m) => format!("xdplb, {m} XDP (l2dsr)"),
             Contender::Haproxy => "HAProxy 2.6, TCP mode".into(),
             Contender::Nftables => "nftables DNAT, jhash over 3 backends".into(),
@@ -133,6 +137,8 @@ fn quiet(t: &Topology) {
 struct Setup {
     target: SocketAddr,
     lb_process: Option<Spawned>,
+    /// A forwarder attached by the bench (detached when dropped).
+    xdp: Option<aya::Ebpf>,
     dir: PathBuf,
 }
 
@@ -144,8 +150,24 @@ fn prepare(t: &Topology, c: Contender, dir: &std::path::Path) -> Result<Setup> {
         Contender::Direct => Ok(Setup {
             target: SocketAddr::new(t.backend(0).ipv4().into(), PORT),
             lb_process: None,
+            xdp: None,
             dir: dir.into(),
         }),
+        Contender::Trivial(mode) => {
+            // It forwards every frame, ARP too: the client's entry for the
+            // LB (its route to the VIP) must not need an answer meanwhile.
+            client_neigh_of_lb(t, true)?;
+            let fwd = crate::rate::attach_forwarder(t, mode);
+            if fwd.is_err() {
+                client_neigh_of_lb(t, false)?;
+            }
+            Ok(Setup {
+                target,
+                lb_process: None,
+                xdp: Some(fwd?),
+                dir: dir.into(),
+            })
+        }
         Contender::Ours(mode) => {
             let config = dir.join("lb.toml");
             let mode = mode.to_string();
@@ -167,6 +189,7 @@ fn prepare(t: &Topology, c: Contender, dir: &std::path::Path) -> Result<Setup> {
             Ok(Setup {
                 target,
                 lb_process: Some(p),
+                xdp: None,
                 dir: dir.into(),
             })
         }
@@ -203,6 +226,7 @@ fn prepare(t: &Topology, c: Contender, dir: &std::path::Path) -> Result<Setup> {
                     return Ok(Setup {
                         target,
                         lb_process: Some(p),
+                        xdp: None,
                         dir: dir.into(),
                     });
                 }
@@ -243,10 +267,38 @@ fn prepare(t: &Topology, c: Contender, dir: &std::path::Path) -> Result<Setup> {
             Ok(Setup {
                 target,
                 lb_process: None,
+                xdp: None,
                 dir: dir.into(),
             })
         }
     }
+}
+
+/// The client's neighbour entry for the LB: permanent (`pin`), or removed
+/// again (ARP resolves it anew for the next contender).
+fn client_neigh_of_lb(t: &Topology, pin: bool) -> Result<()> {
+    let (c, lb) = (t.client(), t.lb());
+    let addr = lb.ipv4().to_string();
+    if pin {
+        t.exec(
+            c.ns(),
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &lb.mac_string(),
+                "dev",
+                c.ifname(),
+                "nud",
+                "permanent",
+            ],
+        )?;
+    } else {
+        t.exec(c.ns(), &["ip", "neigh", "del", &addr, "dev", c.ifname()])?;
+    }
+    Ok(())
 }
 
 fn cleanup(t: &Topology, c: Contender, mut s: Setup) {
@@ -257,7 +309,11 @@ fn cleanup(t: &Topology, c: Contender, mut s: Setup) {
         let _ = p.wait_for_line(|l| l.contains("final_counters"), Duration::from_secs(5));
         p.stop();
     }
+    drop(s.xdp.take());
     match c {
+        Contender::Trivial(_) => {
+            let _ = client_neigh_of_lb(t, false);
+        }
         Contender::Haproxy => {
             let _ = t.exec(
                 lb.ns(),
@@ -361,9 +417,13 @@ pub fn run(rounds: usize, seconds: u64) -> Result<Vec<Summary>> {
     )?;
     let dir = std::env::temp_dir().join(format!("{}-bench", t.id()));
     std::fs::create_dir_all(&dir)?;
+    // Each xdplb mode right after the trivial forwarder in that mode: the
+    // pair the "vs trivial forwarder" column compares.
     let contenders = [
         Contender::Direct,
+        Contender::Trivial(AttachMode::Native),
         Contender::Ours(AttachMode::Native),
+        Contender::Trivial(AttachMode::Generic),
         Contender::Ours(AttachMode::Generic),
         Contender::Haproxy,
         Contender::Nftables,
@@ -430,7 +490,7 @@ pub fn report(results: &[Summary]) -> String {
         .map(|d| median(d.runs.iter().map(|r| r.rps).collect()))
         .unwrap_or(f64::NAN);
     let mut out = String::from(
-        "| contender | requests/s | vs direct | p50 ms | p99 ms | balancer CPU µs/request | requests per balancer CPU-second | load generator CPU % | requests per backend (from the backends) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| contender | requests/s | vs direct | vs trivial forwarder | p50 ms | p99 ms | balancer CPU µs/request | requests per balancer CPU-second | load generator CPU % | requests per backend (from the backends) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for s in results {
         let rps = median(s.runs.iter().map(|r| r.rps).collect());
@@ -457,8 +517,39 @@ pub fn report(results: &[Summary]) -> String {
                     .join(" / ")
             })
             .unwrap_or_default();
+        let vs_trivial = match s.contender {
+            Contender::Trivial(_) => "1.00".to_owned(),
+            Contender::Ours(m) => match results
+                .iter()
+                .find(|t| t.contender == Contender::Trivial(m))
+            {
+                Some(trivial) => {
+                    // Adjacent in each round: the spread of the round's own
+                    // ratios says how much of the median ratio is noise.
+                    let paired: Vec<f64> = s
+                        .runs
+                        .iter()
+                        .zip(&trivial.runs)
+                        .map(|(o, t)| o.rps / t.rps)
+                        .filter(|r| r.is_finite())
+                        .collect();
+                    let median_ratio = format!("{:.2}", rps / median_rps(trivial));
+                    match (
+                        paired.iter().copied().reduce(f64::min),
+                        paired.iter().copied().reduce(f64::max),
+                    ) {
+                        (Some(lo), Some(hi)) if paired.len() > 1 => {
+                            format!("{median_ratio} (rounds: {lo:.2}-{hi:.2})")
+                        }
+                        _ => median_ratio,
+                    }
+                }
+                None => "-".into(),
+            },
+            _ => "-".into(),
+        };
         out.push_str(&format!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0} | {} |\n",
+            "| {} | {:.0} | {:.2} | {vs_trivial} | {:.2} | {:.2} | {} | {} | {:.0} | {} |\n",
             s.contender.name(),
             rps,
             rps / direct_rps,
@@ -474,7 +565,62 @@ pub fn report(results: &[Summary]) -> String {
             last
         ));
     }
+    let split: Vec<String> = [AttachMode::Native, AttachMode::Generic]
+        .into_iter()
+        .filter_map(|m| {
+            Some(gap_split(
+                m,
+                rps_of(results, Contender::Direct)?,
+                rps_of(results, Contender::Trivial(m))?,
+                rps_of(results, Contender::Ours(m))?,
+            ))
+        })
+        .collect();
+    if !split.is_empty() {
+        out.push_str(
+            "\nThe trivial forwarder is section 2's (`fwd_mac`): at the LB, in the same place and mode as xdplb, it rewrites the MACs of every frame and sends it back out to backend 0, the LB's hop without any balancing (all requests on one backend, like direct). What of xdplb's distance to direct is the hop, measured in this run (requests/s, medians):\n\n",
+        );
+        for s in split {
+            out.push_str(&format!("- {s}\n"));
+        }
+    }
     out
+}
+
+fn rps_of(results: &[Summary], c: Contender) -> Option<f64> {
+    results
+        .iter()
+        .find(|s| s.contender == c)
+        .map(median_rps)
+        .filter(|r| r.is_finite() && *r > 0.0)
+}
+
+/// Splits xdplb's distance to direct into the hop (direct minus the trivial
+/// forwarder) and the balancing (the trivial forwarder minus xdplb).
+fn gap_split(m: AttachMode, direct: f64, trivial: f64, ours: f64) -> String {
+    let mut s = format!(
+        "{m} XDP: direct {direct:.0}, trivial forwarder {trivial:.0} ({:.2} of direct), xdplb {ours:.0} ({:.2} of the trivial forwarder). ",
+        trivial / direct,
+        ours / trivial
+    );
+    let gap = direct - ours;
+    if gap <= 0.0 {
+        s.push_str("xdplb served no fewer requests than direct: no distance to split.");
+        return s;
+    }
+    let (hop, balancing) = (direct - trivial, trivial - ours);
+    s.push_str(&format!(
+        "Of the {gap:.0} requests/s ({:.1}% of direct) xdplb is below direct, the extra hop accounts for {hop:.0} ({:.0}%), the balancing for {balancing:.0} ({:.0}%)",
+        100.0 * gap / direct,
+        100.0 * hop / gap,
+        100.0 * balancing / gap
+    ));
+    s.push_str(if balancing < 0.0 {
+        ": xdplb served more than the trivial forwarder, so the hop alone is more than the whole distance."
+    } else {
+        "."
+    });
+    s
 }
 
 pub fn median_rps(s: &Summary) -> f64 {

@@ -25,5 +25,6 @@ pub mod ring;
 pub mod stats;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testframe;
+pub mod vipfilter;
 pub mod viptable;
 pub mod wire;

@@ -88,6 +88,9 @@ macro_rules! for_each_map {
             /// The live `VIP_TABLE` generation in bit 0; every change bumps
             /// it, which also retires the per-CPU flow caches.
             VIP_TABLE_GEN: Array<u32>, Fixed(1), 0;
+            /// One bit per hash of a VIP address, read before anything else
+            /// (see `lb_common::vipfilter`).
+            VIP_FILTER: Array<u64>, Fixed($crate::vipfilter::FILTER_WORDS), 0;
             /// Per VIP: the live ring generation and the second-chance
             /// deadline, in one word (see `lb_common::maps::RingState`).
             RING_STATE: Array<$crate::maps::RingState>, MaxVips, $crate::manifest::MMAPABLE;

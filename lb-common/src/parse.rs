@@ -87,6 +87,21 @@ impl Parsed {
 /// packet has no usable 5-tuple.
 #[inline(always)]
 pub fn parse<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Parsed, Counter> {
+    let l2 = parse_l2(pkt)?;
+    parse_l3(pkt, l2)
+}
+
+/// What the link layer says: the ether type and where its payload starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2 {
+    pub ether_type: u16,
+    pub l3_offset: usize,
+}
+
+/// The Ethernet header and at most one VLAN tag (the first half of
+/// [`parse`], for callers that look at the IP header before the rest).
+#[inline(always)]
+pub fn parse_l2<P: PacketBytes + ?Sized>(pkt: &P) -> Result<L2, Counter> {
     let eth: &EthHdr = pkt.header(0).ok_or(Counter::ParseTruncatedL2)?;
     let mut ether_type = eth.ether_type();
     let mut l3_offset = ETH_HDR_LEN;
@@ -95,6 +110,19 @@ pub fn parse<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Parsed, Counter> {
         ether_type = vlan.ether_type();
         l3_offset += VLAN_HDR_LEN;
     }
+    Ok(L2 {
+        ether_type,
+        l3_offset,
+    })
+}
+
+/// The rest of [`parse`] after [`parse_l2`].
+#[inline(always)]
+pub fn parse_l3<P: PacketBytes + ?Sized>(pkt: &P, l2: L2) -> Result<Parsed, Counter> {
+    let L2 {
+        ether_type,
+        l3_offset,
+    } = l2;
     match ether_type {
         ETHERTYPE_IPV4 => parse_ipv4(pkt, l3_offset),
         ETHERTYPE_IPV6 => parse_ipv6(pkt, l3_offset),

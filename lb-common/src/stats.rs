@@ -105,6 +105,10 @@ counters! {
     /// second-chance window: sent to the live ring's backend naming the
     /// previous ring's as its second hop.
     LbSecondHop = 34 => "lb_second_hop",
+    /// IPv4 or IPv6 to an address no VIP has (the VIP-address filter):
+    /// passed to the kernel without the full parse, counted once more in
+    /// `lb_not_vip` (or `lb_not_configured`).
+    ParseNotVipAddress = 35 => "parse_not_vip_address",
 }
 
 impl Counter {

@@ -6,16 +6,18 @@ use aya_log_ebpf::debug;
 use lb_common::{
     maps::CONFIG_FLAG_DEBUG,
     packet::PacketBytes,
-    parse::{Parsed, parse},
+    parse::{Parsed, parse_l2, parse_l3},
     policy::{self, Verdict},
     stats::Counter,
+    vipfilter,
 };
 
 use crate::{
     ctx::XdpBytes,
     forward::forward,
     maps::{
-        CONFIG, KERNEL_MAPS, KernelMaps, STATS_BACKEND, STATS_VIP, VIP_TABLE_GEN, account, count,
+        CONFIG, KERNEL_MAPS, KernelMaps, STATS_BACKEND, STATS_VIP, VIP_FILTER, VIP_TABLE_GEN,
+        account, count,
     },
 };
 
@@ -35,8 +37,27 @@ fn verdict(action: u32) -> u32 {
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
     let pkt = XdpBytes::new(&ctx);
-    let parsed = match parse(&pkt) {
+    let parsed = match parse_l2(&pkt).and_then(|l2| {
+        // Traffic for the host itself leaves before the rest of the parse:
+        // one read of the destination address and one bit (see
+        // `lb_common::vipfilter`).
+        if let Some(bit) = vipfilter::dst_bit(&pkt, l2) {
+            let (word, mask) = vipfilter::word_and_mask(bit);
+            if VIP_FILTER.get(word).is_some_and(|w| w & mask == 0) {
+                return Err(Counter::ParseNotVipAddress);
+            }
+        }
+        parse_l3(&pkt, l2)
+    }) {
         Ok(p) => p,
+        Err(Counter::ParseNotVipAddress) => {
+            count(Counter::ParseNotVipAddress);
+            count(match CONFIG.get(0) {
+                Some(cfg) if policy::configured(cfg) => Counter::LbNotVip,
+                _ => Counter::LbNotConfigured,
+            });
+            return verdict(xdp_action::XDP_PASS);
+        }
         Err(reason) => {
             // Not understood: the kernel decides (and drops what is broken).
             count(reason);

@@ -373,27 +373,36 @@ impl Resolver {
     }
 
     /// Each backend's egress interface, next-hop address (the backend, or
-    /// its gateway) and the interface's MAC, or why not.
+    /// its gateway) and the interface's MAC, or why not. The route lookups
+    /// go out together (up to [`ROUTES_IN_FLIGHT`] at a time on the one
+    /// netlink socket), and each distinct interface's MAC is asked once.
     async fn routes(&self, backends: &[IpAddr]) -> Vec<Result<(u32, IpAddr, [u8; 6])>> {
-        let mut macs: HashMap<u32, [u8; 6]> = HashMap::new();
-        let mut out = Vec::new();
-        for &b in backends {
-            let r = async {
-                let (ifindex, gateway) = self.route(b).await?;
-                let src_mac = match macs.get(&ifindex) {
-                    Some(m) => *m,
-                    None => {
-                        let m = self.link_mac(ifindex).await?;
-                        macs.insert(ifindex, m);
-                        m
-                    }
-                };
-                Ok((ifindex, gateway.unwrap_or(b), src_mac))
+        let found: Vec<Result<(u32, Option<IpAddr>)>> =
+            futures_util::stream::iter(backends.to_vec())
+                .map(|b| self.route(b))
+                .buffered(ROUTES_IN_FLIGHT)
+                .collect()
+                .await;
+        let mut macs: HashMap<u32, std::result::Result<[u8; 6], String>> = HashMap::new();
+        for r in &found {
+            if let Ok((ifindex, _)) = r
+                && !macs.contains_key(ifindex)
+            {
+                let m = self.link_mac(*ifindex).await.map_err(|e| format!("{e:#}"));
+                macs.insert(*ifindex, m);
             }
-            .await;
-            out.push(r);
         }
-        out
+        found
+            .into_iter()
+            .zip(backends)
+            .map(|(r, &b)| {
+                let (ifindex, gateway) = r?;
+                match &macs[&ifindex] {
+                    Ok(m) => Ok((ifindex, gateway.unwrap_or(b), *m)),
+                    Err(e) => Err(anyhow::anyhow!("{e}")),
+                }
+            })
+            .collect()
     }
 
     /// What the kernel knows of the next hops of `addrs` now, in their
@@ -419,75 +428,140 @@ impl Resolver {
             .collect())
     }
 
-    /// Resolves the next hops of `backends` together: a route lookup each,
-    /// then one neighbour dump per round for all of them, prompting
-    /// neighbour discovery for those the kernel has no entry for yet (a
-    /// datagram to the discard port makes it ARP / solicit), until every
-    /// one is resolved or `timeout` has passed. Answers in `backends`'
-    /// order.
+    /// Resolves the next hops of `backends` together: their route lookups
+    /// at once (see [`Resolver::routes`]), then rounds of one neighbour
+    /// dump for all of them. Backends behind the same next hop (a gateway,
+    /// or the same address in several VIPs) share it: each distinct next
+    /// hop is looked for, and prompted, once (see [`Batch`]). Next hops the
+    /// kernel has no entry for are prompted all at once (a datagram to the
+    /// discard port makes it ARP / solicit), again every
+    /// [`REPROMPT_EVERY`] while missing, until every one is resolved or
+    /// `timeout` has passed. Answers in `backends`' order.
     pub async fn resolve_many(
         &self,
         backends: &[IpAddr],
         timeout: Duration,
     ) -> Vec<(IpAddr, Result<NextHop>)> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let routes = self.routes(backends).await;
-        let mut hops: Vec<Option<Result<NextHop>>> = routes
-            .iter()
-            .map(|r| r.as_ref().err().map(|e| Err(anyhow::anyhow!("{e:#}"))))
-            .collect();
-        let mut prompted = false;
+        let start = tokio::time::Instant::now();
+        let deadline = start + timeout;
+        let mut batch = Batch::new(self.routes(backends).await);
+        let mut prompted: Option<tokio::time::Instant> = None;
+        let mut pause = FIRST_PAUSE;
         loop {
             let table = match self.neighbours().await {
                 Ok(t) => t,
                 Err(e) => {
                     let msg = format!("{e:#}");
-                    for h in hops.iter_mut().filter(|h| h.is_none()) {
-                        *h = Some(Err(anyhow::anyhow!("{msg}")));
-                    }
-                    break;
+                    return batch.finish(backends, |_, _| msg.clone());
                 }
             };
-            for (i, r) in routes.iter().enumerate() {
-                if let (None, Ok((ifindex, via, src_mac))) = (&hops[i], r)
-                    && let Some(mac) = table.get(&(*ifindex, *via))
-                {
-                    hops[i] = Some(Ok(NextHop {
-                        ifindex: *ifindex,
-                        src_mac: *src_mac,
-                        mac: *mac,
-                        via: *via,
-                    }));
-                }
-            }
-            let missing: Vec<usize> = (0..hops.len()).filter(|i| hops[*i].is_none()).collect();
+            batch.learn(&table);
+            let missing = batch.missing();
             if missing.is_empty() {
                 break;
             }
-            if !prompted {
-                for &i in &missing {
-                    if let Ok((_, via, _)) = &routes[i] {
-                        prompt_discovery(*via);
-                    }
-                }
-                prompted = true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                for &i in &missing {
-                    let via = routes[i].as_ref().map(|r| r.1).unwrap_or(backends[i]);
-                    hops[i] = Some(Err(anyhow::anyhow!(
-                        "no neighbour entry (MAC) for {via}, next hop of backend {}, within {timeout:?}",
-                        backends[i]
-                    )));
-                }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if prompted.is_none_or(|t| now.duration_since(t) >= REPROMPT_EVERY) {
+                prompt_discovery(&missing);
+                prompted = Some(now);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(MAX_PAUSE);
         }
+        batch.finish(backends, |via, backend| {
+            format!(
+                "no neighbour entry (MAC) for {via}, next hop of backend {backend}, within {timeout:?}"
+            )
+        })
+    }
+}
+
+/// Route lookups [`Resolver::routes`] keeps in flight at once.
+const ROUTES_IN_FLIGHT: usize = 64;
+/// The first wait for prompted neighbours to resolve; it doubles each
+/// round up to [`MAX_PAUSE`] (on one segment ARP answers in well under a
+/// millisecond; a gateway across a switch takes longer).
+const FIRST_PAUSE: Duration = Duration::from_millis(5);
+const MAX_PAUSE: Duration = Duration::from_millis(50);
+/// How often next hops still missing are prompted again (a lost ARP
+/// request, or an entry that failed before and was only just retried).
+const REPROMPT_EVERY: Duration = Duration::from_secs(1);
+
+/// A backend's egress interface, next hop and the interface's MAC.
+type Route = (u32, IpAddr, [u8; 6]);
+
+/// Backends grouped by the next hop they share, for
+/// [`Resolver::resolve_many`]: each distinct (interface, next hop) is one
+/// entry, looked up in the neighbour table (and prompted) once, its MAC
+/// then given to every backend routed through it. Pure bookkeeping, no
+/// netlink.
+struct Batch {
+    /// Per backend, in order: interface, next hop, the interface's MAC;
+    /// or why there is no route.
+    routes: Vec<std::result::Result<Route, String>>,
+    /// Per distinct next hop: its MAC, once the kernel has one.
+    hops: std::collections::BTreeMap<(u32, IpAddr), Option<[u8; 6]>>,
+}
+
+impl Batch {
+    fn new(routes: Vec<Result<(u32, IpAddr, [u8; 6])>>) -> Batch {
+        let routes: Vec<_> = routes
+            .into_iter()
+            .map(|r| r.map_err(|e| format!("{e:#}")))
+            .collect();
+        let hops = routes
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|(i, via, _)| ((*i, *via), None)))
+            .collect();
+        Batch { routes, hops }
+    }
+
+    /// Takes the MACs of the next hops `table` (a neighbour dump) has.
+    fn learn(&mut self, table: &HashMap<(u32, IpAddr), [u8; 6]>) {
+        for (key, mac) in self.hops.iter_mut().filter(|(_, m)| m.is_none()) {
+            *mac = table.get(key).copied();
+        }
+    }
+
+    /// The distinct next-hop addresses still without a MAC.
+    fn missing(&self) -> Vec<IpAddr> {
+        let vias: std::collections::BTreeSet<IpAddr> = self
+            .hops
+            .iter()
+            .filter(|(_, m)| m.is_none())
+            .map(|((_, via), _)| *via)
+            .collect();
+        vias.into_iter().collect()
+    }
+
+    /// Every backend's answer, in order: its next hop, or why not (a
+    /// backend whose next hop has no MAC gets `unresolved(via, backend)`).
+    fn finish(
+        self,
+        backends: &[IpAddr],
+        unresolved: impl Fn(IpAddr, IpAddr) -> String,
+    ) -> Vec<(IpAddr, Result<NextHop>)> {
         backends
             .iter()
-            .zip(hops)
-            .map(|(b, h)| (*b, h.unwrap_or_else(|| Err(anyhow::anyhow!("unresolved")))))
+            .zip(self.routes)
+            .map(|(&b, r)| {
+                let hop = match r {
+                    Err(e) => Err(anyhow::anyhow!("{e}")),
+                    Ok((ifindex, via, src_mac)) => match self.hops.get(&(ifindex, via)) {
+                        Some(Some(mac)) => Ok(NextHop {
+                            ifindex,
+                            src_mac,
+                            mac: *mac,
+                            via,
+                        }),
+                        _ => Err(anyhow::anyhow!("{}", unresolved(via, b))),
+                    },
+                };
+                (b, hop)
+            })
             .collect()
     }
 }
@@ -506,25 +580,40 @@ fn neighbour_address(addr: IpAddr) -> NeighbourAddress {
     }
 }
 
-/// Sends one empty datagram to `addr`'s discard port: the kernel resolves
-/// the neighbour to deliver it.
-fn prompt_discovery(addr: IpAddr) {
-    let local: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .expect("literal socket address");
-    if let Ok(sock) = UdpSocket::bind(local) {
-        let _ = sock.send_to(&[], SocketAddr::new(addr, 9));
+/// Sends one empty datagram to each of `addrs`' discard port, from one
+/// socket per family: the kernel resolves each neighbour to deliver it.
+fn prompt_discovery(addrs: &[IpAddr]) {
+    let mut socks: [Option<UdpSocket>; 2] = [None, None];
+    for &addr in addrs {
+        let (slot, local) = if addr.is_ipv4() {
+            (0, "0.0.0.0:0")
+        } else {
+            (1, "[::]:0")
+        };
+        if socks[slot].is_none() {
+            let local: SocketAddr = local.parse().expect("literal socket address");
+            socks[slot] = UdpSocket::bind(local).ok();
+            if let Some(s) = &socks[slot] {
+                // A full send buffer must not block the caller's thread.
+                let _ = s.set_nonblocking(true);
+            }
+        }
+        if let Some(s) = &socks[slot] {
+            let _ = s.send_to(&[], SocketAddr::new(addr, 9));
+        }
     }
 }
 
-/// Watches link, neighbour and route changes; every change marks `dirty`
-/// (the controller re-resolves on its next tick, so a burst of events costs
-/// one refresh).
+/// Watches link, neighbour and route changes; every change that can matter
+/// to a next hop marks `dirty` (the controller re-resolves on its next
+/// tick, so a burst of events costs one refresh). Neighbour notifications
+/// that leave an entry's MAC and managed flag as they were (the kernel's
+/// reachable / stale / delay / probe cycle, which every health check of an
+/// on-link backend drives) are dropped here (see [`Changes`]): with a
+/// thousand backends they would otherwise ask for a refresh every tick.
 pub fn watch(dirty: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    use std::os::fd::AsRawFd;
+
     use rtnetlink::{
         constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH},
         sys::{AsyncSocket, SocketAddr as NlAddr},
@@ -532,17 +621,98 @@ pub fn watch(dirty: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()>
     let (mut conn, _handle, mut messages) =
         rtnetlink::new_connection().context("opening a netlink socket")?;
     let groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
-    conn.socket_mut()
-        .socket_mut()
-        .bind(&NlAddr::new(0, groups))
+    let sock = conn.socket_mut().socket_mut();
+    sock.bind(&NlAddr::new(0, groups))
         .context("subscribing to link, neighbour and route changes")?;
+    // Resolving a thousand next hops at once makes a thousand neighbour
+    // notifications in a few milliseconds: room for them, past rmem_max
+    // where lbd may (CAP_NET_ADMIN), so none is lost to ENOBUFS.
+    let size: libc::c_int = WATCH_RCVBUF;
+    // SAFETY: setsockopt with a valid fd and a c_int it reads.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = sock.set_rx_buf_sz(WATCH_RCVBUF);
+    }
     tokio::spawn(conn);
     tokio::spawn(async move {
-        while messages.next().await.is_some() {
-            dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut changes = Changes::default();
+        while let Some((m, _)) = messages.next().await {
+            let matters = match &m.payload {
+                NetlinkPayload::InnerMessage(msg) => changes.matters(msg),
+                _ => true,
+            };
+            if matters {
+                dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     });
     Ok(())
+}
+
+/// Receive buffer of the change watcher's socket (bytes).
+const WATCH_RCVBUF: libc::c_int = 4 << 20;
+
+/// An entry's usable MAC and managed flag.
+type Seen = (Option<Vec<u8>>, bool);
+
+/// What the change watcher last saw of each neighbour entry: its usable
+/// MAC (none while incomplete or failed, as [`Resolver::neighbours`] reads
+/// it) and its managed flag. A notification matters when either changed,
+/// when an entry with a MAC goes, and always for links and routes.
+#[derive(Default)]
+struct Changes {
+    seen: HashMap<(u32, IpAddr), Seen>,
+}
+
+impl Changes {
+    fn matters(&mut self, msg: &RouteNetlinkMessage) -> bool {
+        match msg {
+            RouteNetlinkMessage::NewNeighbour(n) => match neighbour_key(n) {
+                Some(key) => {
+                    let e = Entry::of(n);
+                    let usable = match e.state {
+                        NeighbourState::Incomplete | NeighbourState::Failed => None,
+                        _ => e.lladdr,
+                    };
+                    let now = (usable, e.managed);
+                    self.seen.get(&key) != Some(&now) && {
+                        self.seen.insert(key, now);
+                        true
+                    }
+                }
+                None => true,
+            },
+            RouteNetlinkMessage::DelNeighbour(n) => match neighbour_key(n) {
+                Some(key) => self
+                    .seen
+                    .remove(&key)
+                    .is_none_or(|(mac, managed)| mac.is_some() || managed),
+                None => true,
+            },
+            _ => true,
+        }
+    }
+}
+
+/// A neighbour message's (interface, address).
+fn neighbour_key(n: &NeighbourMessage) -> Option<(u32, IpAddr)> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+            Some((n.header.ifindex, IpAddr::V4(*a)))
+        }
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+            Some((n.header.ifindex, IpAddr::V6(*a)))
+        }
+        _ => None,
+    })
 }
 
 /// Interface index by name, over `handle`.
@@ -551,5 +721,154 @@ pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<u32> {
     match links.try_next().await {
         Ok(Some(link)) => Ok(link.header.index),
         Ok(None) | Err(_) => bail!("interface {name:?} does not exist"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC_IF: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn backends_behind_one_gateway_share_one_next_hop() {
+        let gw = ip("198.18.0.1");
+        let backends: Vec<IpAddr> = (1..=1000)
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(0xc612_1000u32 + i)))
+            .collect();
+        let mut b = Batch::new(backends.iter().map(|_| Ok((3, gw, MAC_IF))).collect());
+        assert_eq!(b.hops.len(), 1, "one distinct next hop");
+        assert_eq!(b.missing(), vec![gw], "prompted once, not a thousand times");
+        b.learn(&HashMap::from([((3, gw), GW_MAC)]));
+        assert!(b.missing().is_empty());
+        let out = b.finish(&backends, |_, _| unreachable!("all resolved"));
+        assert_eq!(out.len(), 1000);
+        for ((addr, hop), want) in out.into_iter().zip(&backends) {
+            assert_eq!(addr, *want, "answers in the backends' order");
+            let hop = hop.unwrap();
+            assert_eq!(
+                (hop.ifindex, hop.via, hop.mac, hop.src_mac),
+                (3, gw, GW_MAC, MAC_IF)
+            );
+        }
+    }
+
+    #[test]
+    fn an_unresolved_or_unrouted_backend_is_reported_alone() {
+        let (a, b, c) = (ip("198.18.0.20"), ip("198.18.0.21"), ip("fd00:198:18::22"));
+        let routes = vec![
+            Ok((3, a, MAC_IF)),
+            Err(anyhow::anyhow!("no route to {b}")),
+            Ok((3, c, MAC_IF)),
+            // The same backend twice (two VIPs): one next hop.
+            Ok((3, a, MAC_IF)),
+        ];
+        let mut batch = Batch::new(routes);
+        assert_eq!(
+            batch.missing(),
+            vec![a, c],
+            "the unrouted one is not waited for"
+        );
+        // A table entry on another interface is not this next hop.
+        batch.learn(&HashMap::from([((3, a), [7; 6]), ((4, c), [8; 6])]));
+        assert_eq!(batch.missing(), vec![c]);
+        let out = batch.finish(&[a, b, c, a], |via, backend| {
+            format!("none for {via} ({backend})")
+        });
+        assert_eq!(out[0].1.as_ref().unwrap().mac, [7; 6]);
+        assert_eq!(
+            out[1].1.as_ref().unwrap_err().to_string(),
+            format!("no route to {b}")
+        );
+        assert_eq!(
+            out[2].1.as_ref().unwrap_err().to_string(),
+            format!("none for {c} ({c})")
+        );
+        assert_eq!(out[3].1.as_ref().unwrap().mac, [7; 6]);
+    }
+
+    #[test]
+    fn a_mac_learnt_stays_learnt() {
+        let a = ip("198.18.0.20");
+        let mut batch = Batch::new(vec![Ok((3, a, MAC_IF))]);
+        batch.learn(&HashMap::from([((3, a), [7; 6])]));
+        // A later dump without it (the entry failed meanwhile) changes
+        // nothing already resolved in this round.
+        batch.learn(&HashMap::new());
+        assert!(batch.missing().is_empty());
+    }
+
+    fn neighbour(addr: IpAddr, state: NeighbourState, mac: Option<[u8; 6]>) -> NeighbourMessage {
+        let mut n = NeighbourMessage::default();
+        n.header.family = family_of(addr);
+        n.header.ifindex = 3;
+        n.header.state = state;
+        n.attributes
+            .push(NeighbourAttribute::Destination(neighbour_address(addr)));
+        if let Some(m) = mac {
+            n.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(m.to_vec()));
+        }
+        n
+    }
+
+    #[test]
+    fn only_neighbour_changes_that_touch_a_mac_matter() {
+        use RouteNetlinkMessage::{DelNeighbour, NewNeighbour};
+        let a = ip("198.18.0.20");
+        let mut c = Changes::default();
+        let new = |s, m| NewNeighbour(neighbour(a, s, m));
+        assert!(
+            c.matters(&new(NeighbourState::Incomplete, None)),
+            "first sight"
+        );
+        assert!(!c.matters(&new(NeighbourState::Incomplete, None)));
+        assert!(
+            c.matters(&new(NeighbourState::Reachable, Some([1; 6]))),
+            "resolved"
+        );
+        // The kernel's confirmation cycle: same MAC, no refresh.
+        for s in [
+            NeighbourState::Stale,
+            NeighbourState::Delay,
+            NeighbourState::Probe,
+            NeighbourState::Reachable,
+        ] {
+            assert!(!c.matters(&new(s, Some([1; 6]))), "{s:?}");
+        }
+        assert!(
+            c.matters(&new(NeighbourState::Reachable, Some([2; 6]))),
+            "new MAC"
+        );
+        // A failed entry keeps reporting its old MAC: no longer usable.
+        assert!(c.matters(&new(NeighbourState::Failed, Some([2; 6]))));
+        assert!(c.matters(&new(NeighbourState::Reachable, Some([2; 6]))));
+        let mut managed = neighbour(a, NeighbourState::Reachable, Some([2; 6]));
+        managed
+            .attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        assert!(c.matters(&NewNeighbour(managed)), "managed flag set");
+        assert!(c.matters(&DelNeighbour(neighbour(a, NeighbourState::Reachable, None))));
+        assert!(
+            c.matters(&DelNeighbour(neighbour(a, NeighbourState::Reachable, None))),
+            "gone without being seen: asked again"
+        );
+        let b = ip("198.18.0.21");
+        assert!(c.matters(&NewNeighbour(neighbour(
+            b,
+            NeighbourState::Incomplete,
+            None
+        ))));
+        assert!(
+            !c.matters(&DelNeighbour(neighbour(b, NeighbourState::Failed, None))),
+            "an entry that never had a MAC going changes no next hop"
+        );
+        let link = RouteNetlinkMessage::NewLink(Default::default());
+        assert!(c.matters(&link), "links and routes always matter");
     }
 }

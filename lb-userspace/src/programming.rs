@@ -14,12 +14,12 @@ use aya::Ebpf;
 use lb_common::{
     maps::{BackendInfo, LbConfig, Mode, RingState, VipInfo, VipKey},
     ring::{RING_CHUNK, RingChunk, chunks_per_vip, ring_pos},
-    viptable,
+    vipfilter, viptable,
 };
 
 use crate::maps::{
-    BACKENDS, CONFIG, CONNTRACK, CONNTRACK_HEADS, FLOW_CACHE, RING_STATE, RINGS, VIP_TABLE,
-    VIP_TABLE_GEN,
+    BACKENDS, CONFIG, CONNTRACK, CONNTRACK_HEADS, FLOW_CACHE, RING_STATE, RINGS, VIP_FILTER,
+    VIP_TABLE, VIP_TABLE_GEN,
 };
 
 /// Slots per generation of `VIP_TABLE`, from the map's size.
@@ -65,6 +65,13 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
     let built = viptable::build(vips, slots).context("building the VIP table")?;
     let next_epoch = vip_epoch(ebpf)?.wrapping_add(1);
     let idle = next_epoch & 1;
+    // The filter admits the new set before the table names it, and drops
+    // the old set only once the table no longer does (see
+    // `lb_common::vipfilter`).
+    let wanted = vipfilter::build(vips.iter().map(|(k, _)| &k.addr));
+    let current = read_filter(ebpf)?;
+    let union: Vec<u64> = current.iter().zip(&wanted).map(|(c, w)| c | w).collect();
+    write_filter(ebpf, &current, &union)?;
     {
         let mut table = VIP_TABLE.array_mut(ebpf)?;
         for (i, slot) in built.iter().enumerate() {
@@ -77,7 +84,26 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
     VIP_TABLE_GEN
         .array_mut(ebpf)?
         .set(0, next_epoch, 0)
-        .context("flipping VIP_TABLE_GEN")
+        .context("flipping VIP_TABLE_GEN")?;
+    write_filter(ebpf, &union, &wanted)
+}
+
+fn read_filter(ebpf: &mut Ebpf) -> Result<Vec<u64>> {
+    let filter = VIP_FILTER.array(ebpf)?;
+    (0..vipfilter::FILTER_WORDS)
+        .map(|i| filter.get(&i, 0).context("reading VIP_FILTER"))
+        .collect()
+}
+
+/// Writes the words of `to` that differ from `from` (the map's contents).
+fn write_filter(ebpf: &mut Ebpf, from: &[u64], to: &[u64]) -> Result<()> {
+    let mut filter = VIP_FILTER.array_mut(ebpf)?;
+    for (i, (old, new)) in from.iter().zip(to).enumerate() {
+        if old != new {
+            filter.set(i as u32, new, 0).context("writing VIP_FILTER")?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the configuration. `vip_slots`, `flow_cache_slots` and the

@@ -471,7 +471,11 @@ fn forwarding_modes_families_and_protocols() {
             testframe::build(&tcp4([198, 18, 100, 200], 1000, 80)),
             XDP_PASS,
             Box::new(|f| f.to_vec()),
-            &[("parse_tcp", 1), ("lb_not_vip", 1), ("verdict_pass", 1)],
+            &[
+                ("parse_not_vip_address", 1),
+                ("lb_not_vip", 1),
+                ("verdict_pass", 1),
+            ],
         ),
         (
             "VIP address, other port",

@@ -34,7 +34,8 @@ use lb_common::{
 use lb_userspace::{
     dataplane::MapSizes,
     maps::{
-        BACKENDS, CONFIG, CONNTRACK, CONNTRACK_HEADS, FLOW_CACHE, RINGS, VIP_TABLE, VIP_TABLE_GEN,
+        BACKENDS, CONFIG, CONNTRACK, CONNTRACK_HEADS, FLOW_CACHE, RINGS, VIP_FILTER, VIP_TABLE,
+        VIP_TABLE_GEN,
     },
     programming,
 };
@@ -241,6 +242,13 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
     }
     // Cache entries: current, stale, near a refresh, or of another flow.
     m.cache = vec![std::cell::Cell::new(CachedFlow::default()); CACHE_SLOTS as usize];
+    // An entry of the live epoch exists only for an address the live VIP
+    // table holds (entries are made after the VIP lookup, and a table change
+    // starts a new epoch), which the data plane's VIP-address filter relies
+    // on; entries of other addresses get a stale epoch.
+    let slots = m.config.vip_slots as usize;
+    let live_base = (m.epoch & 1) as usize * slots;
+    let live = &m.vip_table[live_base..live_base + slots];
     for f in flows {
         if f.proto != IPPROTO_TCP || !rng.chance(35) {
             continue;
@@ -258,7 +266,15 @@ fn random_state(rng: &mut Rng, m: &mut Model, vips: &[Vip], flows: &[FlowKey], n
             } else {
                 rng.below(40) as u32
             },
-            vip_epoch: if rng.chance(80) { m.epoch } else { m.epoch ^ 2 },
+            vip_epoch: if rng.chance(80)
+                && live
+                    .iter()
+                    .any(|s| s.key.family != 0 && s.key.addr == f.dst)
+            {
+                m.epoch
+            } else {
+                m.epoch ^ 2
+            },
             vip_id: if rng.chance(90) {
                 vip
             } else {
@@ -383,6 +399,16 @@ fn write_kernel(h: &mut Harness, m: &Model) {
         .unwrap()
         .set(0, m.epoch, 0)
         .unwrap();
+    // What lbd keeps: the filter admits every address either generation
+    // names (the model has no filter: its exact lookup decides).
+    {
+        let addrs = m.vip_table.iter().filter(|s| s.key.family != 0);
+        let filter = lb_common::vipfilter::build(addrs.map(|s| &s.key.addr));
+        let mut f = VIP_FILTER.array_mut(&mut h.ebpf).unwrap();
+        for (i, w) in filter.iter().enumerate() {
+            f.set(i as u32, *w, 0).unwrap();
+        }
+    }
     for (id, s) in m.ring_states.iter().enumerate() {
         programming::store_ring_state(&h.ebpf, id as u32, *s).unwrap();
     }

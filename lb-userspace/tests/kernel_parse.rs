@@ -1,6 +1,7 @@
 //! Kernel tier: the parser inside the real XDP program. Every frame must come
 //! back untouched with XDP_PASS (no VIP is configured) and bump exactly one
-//! parse outcome and the pass verdict.
+//! parse outcome and the pass verdict. The parser proper runs behind an open
+//! VIP-address filter; one test checks what the empty filter refuses first.
 
 mod kernel;
 
@@ -172,9 +173,58 @@ fn cases() -> Vec<Case> {
     cases
 }
 
+/// Sets every bit of the VIP-address filter: every address may be a VIP, so
+/// every IP frame gets the full parse (as it does for a VIP's address).
+fn open_filter(h: &mut Harness) {
+    let mut filter = lb_userspace::maps::VIP_FILTER
+        .array_mut(&mut h.ebpf)
+        .expect("VIP_FILTER");
+    for word in 0..lb_common::vipfilter::FILTER_WORDS {
+        filter.set(word, u64::MAX, 0).expect("write VIP_FILTER");
+    }
+}
+
+/// With no VIP (an empty filter), an IP frame leaves after one read of its
+/// destination address: the filter's outcome, not the parser's; what is not
+/// IP, or too short to hold the address, still gets the parser's.
+#[test]
+fn the_empty_filter_refuses_before_the_parse() {
+    let mut h = Harness::load();
+    for case in &cases() {
+        let before = h.counters();
+        let out = h.run(&case.frame);
+        let d = delta(&before, &h.counters());
+        assert_eq!(out.verdict, XDP_PASS, "{}: verdict", case.name);
+        assert_eq!(out.frame, case.frame, "{}: frame untouched", case.name);
+        let refused = d.get("parse_not_vip_address") == Some(&1);
+        if refused {
+            let want: std::collections::BTreeMap<_, _> = [
+                ("parse_not_vip_address", 1u64),
+                ("lb_not_configured", 1),
+                ("verdict_pass", 1),
+            ]
+            .into_iter()
+            .collect();
+            assert_eq!(d, want, "{}: counter deltas", case.name);
+        } else {
+            assert!(
+                matches!(
+                    case.outcome,
+                    "parse_not_ip" | "parse_truncated_l2" | "parse_truncated_l3"
+                ),
+                "{}: {:?} reached the parser past an empty filter",
+                case.name,
+                d
+            );
+            assert_eq!(d.get(case.outcome), Some(&1), "{}: {:?}", case.name, d);
+        }
+    }
+}
+
 #[test]
 fn every_frame_passes_untouched_and_counts_one_outcome() {
     let mut h = Harness::load();
+    open_filter(&mut h);
     let cases = cases();
     for case in &cases {
         let before = h.counters();

@@ -40,7 +40,7 @@ enum Cmd {
         #[arg(long)]
         fleet: bool,
     },
-    /// Benchmarks (not tests), written to bench/RESULTS.md: all seven sections, or `--xdp`, `--rate`, `--service`, `--control`, `--fleet`, `--flood`.
+    /// Benchmarks (not tests), written to bench/RESULTS.md: all eight sections, or `--xdp`, `--rate`, `--service`, `--control`, `--fleet`, `--flood`, `--scale` (1,000 backends checked every second: lbd's time to ready, CPU and memory next to HAProxy's).
     Bench {
         /// Arguments for the benchmark binary (e.g. --xdp, --repeat N, --rounds N).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -19,7 +19,9 @@ use crate::dataplane::MapSizes;
 pub(super) struct RawDataplane {
     max_vips: Option<Spanned<u32>>,
     max_backends: Option<Spanned<u32>>,
-    ring_size: Option<Spanned<u32>>,
+    /// `"auto"` or a prime; checked in [`ring_size`].
+    ring_size: Option<Spanned<toml::Value>>,
+    max_backends_per_vip: Option<Spanned<u32>>,
     conntrack_entries: Option<Spanned<u32>>,
     flow_cache_slots: Option<Spanned<u32>>,
     hash_seed: Option<u32>,
@@ -105,10 +107,10 @@ fn sizes(src: &Source, dp: &RawDataplane, section: Range<usize>) -> Result<MapSi
     let defaults = MapSizes::default();
     let get = |v: &Option<Spanned<u32>>, d: u32| v.as_ref().map_or(d, |s| *s.get_ref());
     let span_of = |v: &Option<Spanned<u32>>| v.as_ref().map_or(section.clone(), |s| s.span());
-    let sizes = MapSizes {
+    let mut sizes = MapSizes {
         max_vips: get(&dp.max_vips, defaults.max_vips),
         max_backends: get(&dp.max_backends, defaults.max_backends),
-        ring_size: get(&dp.ring_size, defaults.ring_size),
+        ring_size: 0,
         conntrack_entries: get(&dp.conntrack_entries, defaults.conntrack_entries),
         flow_cache_slots: get(&dp.flow_cache_slots, defaults.flow_cache_slots),
     };
@@ -119,8 +121,6 @@ fn sizes(src: &Source, dp: &RawDataplane, section: Range<usize>) -> Result<MapSi
             "must be a power of two up to 4194304 (per CPU)",
         ));
     }
-    maglev::check_ring_size(sizes.ring_size)
-        .map_err(|e| src.err(span_of(&dp.ring_size), "dataplane.ring_size", e.to_string()))?;
     if sizes.max_vips == 0 || sizes.max_vips > 4096 {
         return Err(src.err(
             span_of(&dp.max_vips),
@@ -135,6 +135,7 @@ fn sizes(src: &Source, dp: &RawDataplane, section: Range<usize>) -> Result<MapSi
             "must be 2..=1048576 (id 0 is reserved)",
         ));
     }
+    sizes.ring_size = ring_size(src, dp, sizes.max_backends)?;
     if sizes.conntrack_entries == 0 || sizes.conntrack_entries > MAX_CONNTRACK {
         return Err(src.err(
             span_of(&dp.conntrack_entries),
@@ -153,6 +154,58 @@ fn sizes(src: &Source, dp: &RawDataplane, section: Range<usize>) -> Result<MapSi
         ));
     }
     Ok(sizes)
+}
+
+/// `ring_size`: `"auto"` (the default) sizes every VIP's ring for
+/// `max_backends_per_vip` backends, 100 slots each (the smallest prime at
+/// least that, [`maglev::auto_ring_size`]); a VIP cannot hold more than
+/// `max_backends - 1` backends, so a smaller `max_backends` caps it. An
+/// integer is a fixed size, a prime. Either way the size depends on the
+/// configuration alone: backends coming and going never resize a ring.
+fn ring_size(src: &Source, dp: &RawDataplane, max_backends: u32) -> Result<u32, ConfigError> {
+    const FIELD: &str = "dataplane.ring_size";
+    let per_vip = match &dp.max_backends_per_vip {
+        None => maglev::DEFAULT_MAX_BACKENDS_PER_VIP,
+        Some(v) if (1..=maglev::MAX_AUTO_BACKENDS).contains(v.get_ref()) => *v.get_ref(),
+        Some(v) => {
+            return Err(src.err(
+                v.span(),
+                "dataplane.max_backends_per_vip",
+                format!(
+                    "must be 1..={}: an automatic ring holds {} slots per backend, \
+                     at most {} slots",
+                    maglev::MAX_AUTO_BACKENDS,
+                    maglev::SLOTS_PER_BACKEND,
+                    maglev::MAX_RING_SIZE
+                ),
+            ));
+        }
+    };
+    let Some(raw) = &dp.ring_size else {
+        return Ok(maglev::auto_ring_size(per_vip.min(max_backends - 1)));
+    };
+    let span = raw.span();
+    let expected = |what: String| {
+        src.err(
+            span.clone(),
+            FIELD,
+            format!(
+                "expected \"auto\" or a prime number of slots such as {}, not {what}",
+                maglev::CLASSIC_RING_SIZE
+            ),
+        )
+    };
+    let m = match raw.get_ref() {
+        toml::Value::String(s) if s == "auto" => {
+            return Ok(maglev::auto_ring_size(per_vip.min(max_backends - 1)));
+        }
+        toml::Value::String(s) => return Err(expected(format!("{s:?}"))),
+        // Out of u32's range: clamped to a value that gets the same error.
+        toml::Value::Integer(i) => (*i).clamp(0, i64::from(u32::MAX)) as u32,
+        other => return Err(expected(format!("{} {other}", other.type_str()))),
+    };
+    maglev::check_ring_size(m).map_err(|e| src.err(span, FIELD, e.to_string()))?;
+    Ok(m)
 }
 
 fn encap_sources(src: &Source, dp: &RawDataplane) -> Result<EncapSources, ConfigError> {

@@ -31,7 +31,7 @@ fn example_config_is_valid() {
     let c = Config::parse("example.toml", GOOD).unwrap();
     assert_eq!(c.name, "lb0");
     assert_eq!(c.xdp_mode, AttachMode::Auto);
-    assert_eq!(c.sizes.ring_size, 65537);
+    assert_eq!(c.sizes.ring_size, 100_003);
     assert_eq!(c.vips.len(), 2);
     assert_eq!(c.vips[0].spec.to_string(), "198.18.100.1:80/tcp");
     assert_eq!(c.vips[0].backends.len(), 2);
@@ -123,6 +123,34 @@ fn instance_fields() {
         "instance.metrics_listen",
         "ADDRESS:PORT",
     );
+}
+
+/// `ring_size = "auto"` (the default) sizes rings for `max_backends_per_vip`
+/// backends, 100 slots each, capped by what `max_backends` can hold.
+#[test]
+fn automatic_ring_size() {
+    let size = |dataplane: &str| {
+        Config::parse("lb.toml", &format!("{MINIMAL}[dataplane]\n{dataplane}"))
+            .unwrap()
+            .sizes
+            .ring_size
+    };
+    assert_eq!(size(""), 100_003);
+    assert_eq!(size("ring_size = \"auto\"\n"), 100_003);
+    assert_eq!(size("max_backends_per_vip = 10\n"), 1009);
+    assert_eq!(
+        size("ring_size = \"auto\"\nmax_backends_per_vip = 10000\nmax_backends = 20000\n"),
+        1_000_003
+    );
+    // A VIP holds at most max_backends - 1 backends.
+    assert_eq!(size("max_backends = 101\n"), 10007);
+    assert_eq!(size("max_backends = 16\n"), 1511);
+    // A fixed size ignores the capacity.
+    assert_eq!(
+        size("ring_size = 65537\nmax_backends_per_vip = 10\n"),
+        65537
+    );
+    assert_eq!(size("ring_size = 13\n"), 13);
 }
 
 #[test]
@@ -395,7 +423,23 @@ fn messages_in_full() {
         ),
         (
             format!("{MINIMAL}[dataplane]\nring_size = 1\n"),
-            "lb.toml:5:13: dataplane.ring_size: ring size 1 is too small; the minimum is 2 and the default is 65537",
+            "lb.toml:5:13: dataplane.ring_size: ring size 1 is too small; the minimum is 2 and the default is \"auto\"",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nring_size = \"big\"\n"),
+            "lb.toml:5:13: dataplane.ring_size: expected \"auto\" or a prime number of slots such as 65537, not \"big\"",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nring_size = 65537.0\n"),
+            "lb.toml:5:13: dataplane.ring_size: expected \"auto\" or a prime number of slots such as 65537, not float 65537.0",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nring_size = -7\n"),
+            "lb.toml:5:13: dataplane.ring_size: ring size 0 is too small; the minimum is 2 and the default is \"auto\"",
+        ),
+        (
+            format!("{MINIMAL}[dataplane]\nmax_backends_per_vip = 10001\n"),
+            "lb.toml:5:24: dataplane.max_backends_per_vip: must be 1..=10000: an automatic ring holds 100 slots per backend, at most 1000003 slots",
         ),
         (
             format!("{MINIMAL}[dataplane]\nmax_vips = 4097\n"),

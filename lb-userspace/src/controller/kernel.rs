@@ -9,7 +9,7 @@ use lb_common::{
     maps::{self as wire, BackendInfo, Mode},
 };
 
-use super::Controller;
+use super::{BackendRt, Controller};
 use crate::membership::{self, Member};
 use crate::{
     api::BackendState,
@@ -95,7 +95,7 @@ impl Controller {
     /// was.
     pub(super) fn refresh_vip(&mut self, v: usize, now: Instant) -> Result<bool> {
         let rt = &self.vips[v];
-        let members: Vec<Member> = rt.backends.iter().map(|b| b.member(&rt.config)).collect();
+        let members = BackendRt::members(&rt.backends, &rt.config);
         let plan = membership::plan(&members, rt.config.min_healthy_permille, now);
         if plan.panic != rt.panic {
             self.panic_changed(v, plan.panic, &members);
@@ -205,7 +205,7 @@ impl Controller {
         let now = Instant::now();
         for v in 0..self.vips.len() {
             let rt = &self.vips[v];
-            let members: Vec<Member> = rt.backends.iter().map(|b| b.member(&rt.config)).collect();
+            let members = BackendRt::members(&rt.backends, &rt.config);
             let plan = membership::plan(&members, rt.config.min_healthy_permille, now);
             if plan.panic {
                 self.panic_changed(v, true, &members);

@@ -99,15 +99,37 @@ impl BackendRt {
     }
 
     fn member(&self, vip: &VipConfig) -> Member {
+        self.member_with(vip.slowstart_of(self.status.address))
+    }
+
+    fn member_with(&self, slowstart: std::time::Duration) -> Member {
         Member {
             health: self.status.health,
             drained: self.status.drained,
             weight: self.status.weight,
             flap_held: self.flaps.held(),
             member_since: self.member_since,
-            slowstart: vip.slowstart_of(self.status.address),
+            slowstart,
             ramp: self.ramp,
         }
+    }
+
+    /// Every backend's membership: one pass over the VIP's configured
+    /// backends for their slow-start settings (asked per backend, it was a
+    /// scan each, quadratic in a VIP's backends on every refresh tick).
+    fn members(backends: &[BackendRt], vip: &VipConfig) -> Vec<Member> {
+        let own: std::collections::HashMap<std::net::IpAddr, std::time::Duration> = vip
+            .backends
+            .iter()
+            .filter_map(|b| Some((b.addr, b.slowstart?)))
+            .collect();
+        backends
+            .iter()
+            .map(|b| {
+                let slowstart = own.get(&b.status.address).copied();
+                b.member_with(slowstart.unwrap_or(vip.slowstart))
+            })
+            .collect()
     }
 
     /// Stops a weight ramp where it is now: any other change to the backend
@@ -209,17 +231,26 @@ fn plan_ids(config: &Config, saved: &SavedState) -> Result<Ids> {
     let mut used: BTreeSet<u32> = saved.vips.values().flatten().filter_map(|b| b.id).collect();
     let mut fresh = Vec::new();
     let mut backends = Vec::new();
+    // Ids are given lowest first and `used` only grows here, so the next
+    // free one is never below the last one given: a thousand backends
+    // cost a thousand steps, not half a million.
+    let mut next_free = 1;
     for v in &config.vips {
-        let prior = saved.vips.get(&v.spec.to_string());
+        let prior: std::collections::HashMap<IpAddr, u32> = saved
+            .vips
+            .get(&v.spec.to_string())
+            .into_iter()
+            .flatten()
+            .rev()
+            .filter_map(|s| Some((s.address, s.id?)))
+            .collect();
         let mut ids = Vec::new();
         for b in &v.backends {
-            let saved_id = prior
-                .and_then(|l| l.iter().find(|s| s.address == b.addr))
-                .and_then(|s| s.id);
-            ids.push(match saved_id {
-                Some(id) => id,
+            ids.push(match prior.get(&b.addr) {
+                Some(id) => *id,
                 None => {
-                    let id = free_id(&used, config.sizes.max_backends)?;
+                    let id = free_id_from(&used, config.sizes.max_backends, next_free)?;
+                    next_free = id + 1;
                     used.insert(id);
                     fresh.push(id);
                     id
@@ -238,12 +269,19 @@ fn plan_ids(config: &Config, saved: &SavedState) -> Result<Ids> {
 
 /// The lowest free `BACKENDS` slot (0 means "no backend").
 fn free_id(used: &BTreeSet<u32>, max: u32) -> Result<u32> {
-    (1..max).find(|i| !used.contains(i)).with_context(|| {
-        format!(
-            "all {} backend slots are in use (dataplane.max_backends)",
-            max.saturating_sub(1)
-        )
-    })
+    free_id_from(used, max, 1)
+}
+
+/// The lowest free `BACKENDS` slot from `from` on.
+fn free_id_from(used: &BTreeSet<u32>, max: u32, from: u32) -> Result<u32> {
+    (from.max(1)..max)
+        .find(|i| !used.contains(i))
+        .with_context(|| {
+            format!(
+                "all {} backend slots are in use (dataplane.max_backends)",
+                max.saturating_sub(1)
+            )
+        })
 }
 
 /// Every configured backend's next hop, resolved together; the first one
@@ -256,19 +294,27 @@ async fn resolve_all(resolver: &Resolver, config: &Config) -> Result<BTreeMap<Ip
         .flat_map(|v| v.backends.iter().map(|b| b.addr))
         .collect();
     let addrs: Vec<IpAddr> = addrs.into_iter().collect();
+    let started = Instant::now();
     let mut hops = BTreeMap::new();
     for (addr, hop) in resolver.resolve_many(&addrs, RESOLVE_TIMEOUT).await {
-        let vip = config
-            .vips
-            .iter()
-            .find(|v| v.backends.iter().any(|b| b.addr == addr))
-            .map(|v| v.spec.to_string())
-            .unwrap_or_default();
-        hops.insert(
-            addr,
-            hop.with_context(|| format!("vip {vip} backend {addr}"))?,
-        );
+        let hop = hop.with_context(|| {
+            let vip = config
+                .vips
+                .iter()
+                .find(|v| v.backends.iter().any(|b| b.addr == addr))
+                .map(|v| v.spec.to_string())
+                .unwrap_or_default();
+            format!("vip {vip} backend {addr}")
+        })?;
+        hops.insert(addr, hop);
     }
+    let distinct: BTreeSet<(u32, IpAddr)> = hops.values().map(|h| (h.ifindex, h.via)).collect();
+    tracing::info!(
+        backends = hops.len(),
+        next_hops = distinct.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "next hops resolved"
+    );
     Ok(hops)
 }
 

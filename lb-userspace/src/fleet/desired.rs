@@ -495,7 +495,10 @@ mod tests {
         let (vips, drained) = back.vip_configs().unwrap();
         assert_eq!(vips, c.vips, "every setting survives");
         assert!(drained.is_empty());
-        assert_eq!((d.hash_seed, d.ring_size), (7, 65537));
+        assert_eq!(
+            (d.hash_seed, d.ring_size),
+            (7, lb_common::maglev::DEFAULT_RING_SIZE)
+        );
         d.validate(encap(), 64, 4096).unwrap();
     }
 

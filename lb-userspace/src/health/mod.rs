@@ -1,4 +1,11 @@
 //! Active health checks: one task per backend, results to the controller.
+//!
+//! At scale (a thousand backends checked every second) what a check costs
+//! is mostly the kernel's: a TCP check closes with a reset (see
+//! [`probe`]), and the checkers are spread over their interval
+//! ([`first_delay`]) instead of all connecting in the same millisecond.
+//! Only state changes reach the controller (and so the rings); every
+//! result goes to the statistics only.
 
 pub mod probe;
 pub mod state;
@@ -43,6 +50,7 @@ pub async fn run(
     initial: Health,
 ) {
     let mut state = HealthState::starting(check.rise, check.fall, initial);
+    tokio::time::sleep(first_delay(id, initial, state.next_interval(&check))).await;
     loop {
         let started = tokio::time::Instant::now();
         let result = probe::probe(&check.kind, addr, check.timeout).await;
@@ -79,16 +87,64 @@ pub async fn run(
     }
 }
 
-/// One check of every target at once, each bounded by its own timeout:
-/// the states a fresh start publishes its first rings with, so no backend
-/// gets traffic before a check has passed. Returns, per target, whether
-/// its check passed (`CheckKind::None` passes without a probe).
+/// How long a checker waits before its first check. A backend whose health
+/// is known already (the first round just checked it, or an adopted data
+/// plane had it) waits a share of one interval that its id decides, so
+/// that the checkers of a thousand backends, started together, do not
+/// all connect in the same millisecond of every interval (as HAProxy
+/// spreads its servers' checks). One not checked yet is checked at once.
+pub fn first_delay(id: u32, initial: Health, interval: Duration) -> Duration {
+    if initial == Health::Unchecked {
+        return Duration::ZERO;
+    }
+    interval.mul_f64(spread(id))
+}
+
+/// A fraction of [0, 1) for `id`: the golden-ratio (Weyl) sequence, so
+/// consecutive ids, as backends are given, land far apart and any run of
+/// them covers the interval evenly.
+fn spread(id: u32) -> f64 {
+    let x = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Most first-round checks in flight at once: every one holds a socket, and
+/// ten thousand SYNs in the same instant overflow a listener's backlog
+/// (the backend then looks down for a retransmission's second).
+const FIRST_ROUND_IN_FLIGHT: usize = 1024;
+
+/// Checks the first round may have in flight: [`FIRST_ROUND_IN_FLIGHT`],
+/// or fewer when the open-files limit leaves less room (a quarter of it
+/// stays for everything else lbd opens).
+fn first_round_in_flight() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
+    };
+    (soft / 4 * 3).clamp(16, FIRST_ROUND_IN_FLIGHT)
+}
+
+/// One check of every target, each bounded by its own timeout, up to
+/// [`first_round_in_flight`] at a time: the states a fresh start publishes
+/// its first rings with, so no backend gets traffic before a check has
+/// passed. Returns, per target, whether its check passed
+/// (`CheckKind::None` passes without a probe).
 pub async fn first_round<K: Send + 'static>(
     targets: Vec<(K, SocketAddr, HealthCheck)>,
 ) -> Vec<(K, bool)> {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(first_round_in_flight()));
     let mut set = tokio::task::JoinSet::new();
     for (key, addr, check) in targets {
+        let slots = slots.clone();
         set.spawn(async move {
+            // Never closed: a permit always comes.
+            let _slot = slots.acquire_owned().await;
             let ok = probe::probe(&check.kind, addr, check.timeout).await.is_ok();
             (key, ok)
         });
@@ -102,4 +158,51 @@ pub async fn first_round<K: Send + 'static>(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_backends_spread_their_first_check_over_the_interval() {
+        let second = Duration::from_secs(1);
+        assert_eq!(first_delay(7, Health::Unchecked, second), Duration::ZERO);
+        // A thousand consecutive ids: every tenth of the interval gets
+        // about a hundred first checks.
+        let mut tenths = [0u32; 10];
+        for id in 1..=1000 {
+            let d = first_delay(id, Health::Up, second);
+            assert!(d < second, "{d:?}");
+            assert_eq!(d, first_delay(id, Health::Down, second), "by id alone");
+            tenths[(d.as_secs_f64() * 10.0) as usize] += 1;
+        }
+        for (i, n) in tenths.iter().enumerate() {
+            assert!((90..=110).contains(n), "tenth {i}: {n} checks");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_round_checks_more_targets_than_it_keeps_in_flight() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { while l.accept().await.is_ok() {} });
+        let check = HealthCheck {
+            kind: crate::config::CheckKind::Tcp,
+            port: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            rise: 1,
+            fall: 1,
+            fastinter: Duration::from_secs(1),
+            downinter: Duration::from_secs(1),
+            flap: Default::default(),
+        };
+        let n = first_round_in_flight() + 10;
+        let targets = (0..n).map(|i| (i, addr, check.clone())).collect();
+        let mut out = first_round(targets).await;
+        out.sort();
+        assert_eq!(out.len(), n);
+        assert!(out.iter().enumerate().all(|(i, r)| *r == (i, true)));
+    }
 }
