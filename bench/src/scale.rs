@@ -166,7 +166,7 @@ fn flush_neighbours(t: &Topology) -> Result<()> {
 fn lbd_config(t: &Topology, dir: &Path, vips: usize) -> String {
     let lb = t.lb();
     let mut c = format!(
-        "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"generic\"\non_exit = \"detach\"\n\
+        "[instance]\nname = \"{name}\"\ninterface = \"{dev}\"\nxdp_mode = \"native\"\non_exit = \"detach\"\n\
          api_socket = \"{d}/lbd.sock\"\nstate_file = \"{d}/state.json\"\nmetrics_listen = \"{METRICS}\"\n\
          [dataplane]\nmax_vips = 16\nmax_backends = {max}\nconntrack_entries = 65536\nencap_source_v4 = \"{src}\"\n",
         name = t.instance_name(),
