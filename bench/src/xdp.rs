@@ -324,7 +324,8 @@ pub fn run(
             expect: XDP_PASS,
         },
         // A SYN's ring slot is hashed before its VIP lookup (see
-        // lb-ebpf/src/xdp.rs): what that costs a SYN to the host itself.
+        // `policy::decide`), after the VIP-address filter: a SYN to the
+        // host itself should cost what any of its packets does.
         Path {
             name: "not a VIP, SYN (XDP_PASS)",
             frame: frame(other, TCP_SYN, 64),

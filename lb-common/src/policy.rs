@@ -581,11 +581,12 @@ pub fn decide<'a, M: Maps + ?Sized>(
         return d;
     }
     // A SYN's ring slot, hashed before the VIP lookup although a SYN to a
-    // non-VIP address wastes it: the hash is a long dependent chain
-    // (Murmur3: nine rounds, a tail and a finaliser), and started here the
-    // CPU runs it beside the VIP and connection-table hashes instead of
-    // after them. A new flow gains 5-10 ns; a SYN to the host itself pays
-    // about 15 (`cargo xtask bench`).
+    // VIP's address on a port it does not serve wastes it: the hash is a
+    // long dependent chain (Murmur3: nine rounds, a tail and a finaliser),
+    // and started here the CPU runs it beside the VIP and connection-table
+    // hashes instead of after them. A new flow gains 5-10 ns (`cargo xtask
+    // bench`). A SYN to any other address never gets here: the data plane's
+    // VIP-address filter hands it to the kernel first.
     let syn_slot = if syn {
         Some(flow_slot(key, cfg.hash_seed, cfg.ring_size))
     } else {
