@@ -6,7 +6,8 @@
 //!
 //! The backends are 1,000 addresses on the `lo` of one backend namespace
 //! (198.18.16.1 to 198.18.19.250), answered by one listener on
-//! 0.0.0.0:80 in this process (accept, then drop), and routed from the LB
+//! 0.0.0.0:80 in this process (HAProxy's checks and lbd's never complete
+//! the handshake, so it accepts nothing), and routed from the LB
 //! through that namespace's own address: one next hop for all of them, as
 //! for backends behind a router. (On-link backends would each need a
 //! neighbour entry, and the kernel's default `gc_thresh3` of 1,024

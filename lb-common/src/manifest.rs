@@ -159,6 +159,16 @@ const CONSTANTS: &[(&str, u64)] = &[
     ),
     ("ring::RING_CHUNK", crate::ring::RING_CHUNK as u64),
     ("viptable::MAX_PROBES", crate::viptable::MAX_PROBES as u64),
+    (
+        "vipfilter::FILTER_BITS",
+        crate::vipfilter::FILTER_BITS as u64,
+    ),
+    // The filter's hash, by its value for one address: a new hash makes an
+    // adopted filter refuse live VIPs, so it must change the fingerprint.
+    (
+        "vipfilter::addr_bit(198.18.100.1)",
+        crate::vipfilter::addr_bit(&crate::parse::v4_in_16([198, 18, 100, 1])) as u64,
+    ),
 ];
 
 /// FNV-1a, 64 bits: stable across compilers and platforms, which a

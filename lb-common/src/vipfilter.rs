@@ -34,15 +34,22 @@ pub const FILTER_BITS: u32 = 1 << 16;
 /// `u64` words in the filter (the map's entries).
 pub const FILTER_WORDS: u32 = FILTER_BITS / 64;
 
-/// The filter bit of a destination address (IPv4 as `::ffff:a.b.c.d`, as
-/// flow keys hold it).
+/// The filter bit of a destination address (IPv4 as its 4 bytes followed by
+/// zeros, as flow keys hold it).
 #[inline(always)]
-pub fn addr_bit(addr: &[u8; 16]) -> u32 {
-    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+pub const fn addr_bit(addr: &[u8; 16]) -> u32 {
     // One multiply spreads the folded words over the high bits; the
     // addresses of one VIP subnet differ in a few low bits of one word.
-    let folded = w(0) ^ w(4).rotate_left(8) ^ w(8).rotate_left(16) ^ w(12);
+    let folded = word(addr, 0)
+        ^ word(addr, 4).rotate_left(8)
+        ^ word(addr, 8).rotate_left(16)
+        ^ word(addr, 12);
     folded.wrapping_mul(0x9e37_79b1) >> (32 - 16)
+}
+
+#[inline(always)]
+const fn word(a: &[u8; 16], i: usize) -> u32 {
+    u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
 }
 
 /// The word holding `bit` and the mask of `bit` within it.
