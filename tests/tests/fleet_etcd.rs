@@ -241,8 +241,10 @@ fn a_change_on_one_node_reaches_every_node_and_their_rings_agree() {
     let exported = fleet.lbctl(0, &["fleet", "export"]).unwrap();
     assert!(exported.contains("weight = 150"), "{exported}");
     let file = std::env::temp_dir().join(format!("{}-import.toml", fleet.t.id()));
+    // The nodes' ring size is automatic, so from their `max_backends` (16:
+    // rings of 1,511 slots): an import must resolve to the same one.
     let head = "[instance]\nname = \"import\"\ninterface = \"eth0\"\n[dataplane]\n\
-                hash_seed = 7\n";
+                hash_seed = 7\nmax_backends = 16\n";
     let encap = format!(
         "encap_source_v4 = \"{}\"\nencap_source_v6 = \"{}\"\n",
         fleet.t.lb_node(0).ipv4(),
