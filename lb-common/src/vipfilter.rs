@@ -89,17 +89,16 @@ pub fn build<'a>(addrs: impl IntoIterator<Item = &'a [u8; 16]>) -> std::vec::Vec
     words
 }
 
-/// Whether `addr` passes `filter` (a filter built by [`build`]).
-#[cfg(any(test, feature = "std"))]
-pub fn may_hold(filter: &[u64], addr: &[u8; 16]) -> bool {
-    let (w, m) = word_and_mask(addr_bit(addr));
-    filter.get(w as usize).is_some_and(|word| word & m != 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testframe;
+
+    /// Whether `addr` passes `filter`, as the data plane reads it.
+    fn may_hold(filter: &[u64], addr: &[u8; 16]) -> bool {
+        let (w, m) = word_and_mask(addr_bit(addr));
+        filter.get(w as usize).is_some_and(|word| word & m != 0)
+    }
 
     fn v4(n: u32) -> [u8; 16] {
         v4_in_16(n.to_be_bytes())
