@@ -36,6 +36,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub struct ControlResult {
     /// (backends, build ms at M = 65537)
+    /// (backends, fastest build ms at M = 65,537)
     pub builds: Vec<(u32, f64)>,
     /// (backends, fraction of slots moved by removing one at the automatic
     /// size for that many backends, ideal 1/N)
@@ -43,17 +44,19 @@ pub struct ControlResult {
     pub markdown: String,
 }
 
-/// Median build time (ms) of `b` into `m` slots.
-fn build_ms(b: &[MaglevBackend], m: u32) -> f64 {
-    median(
-        (0..9)
-            .map(|_| {
-                let t = Instant::now();
-                let _ = std::hint::black_box(maglev::build(b, m, 0));
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect(),
-    )
+/// Build time (ms) of `b` into `m` slots over 21 builds: (fastest, median).
+/// The fastest is the figure reported, as in section 1: on a shared machine
+/// other tenants only ever add time; the median shows how much they did.
+fn build_ms(b: &[MaglevBackend], m: u32) -> (f64, f64) {
+    let times: Vec<f64> = (0..21)
+        .map(|_| {
+            let t = Instant::now();
+            let _ = std::hint::black_box(maglev::build(b, m, 0));
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let fastest = times.iter().copied().fold(f64::INFINITY, f64::min);
+    (fastest, median(times))
 }
 
 /// Fraction of slots that change when the first of `b` is removed.
@@ -138,17 +141,20 @@ fn health_to_live(m: u32, n: u32) -> Result<(f64, f64, f64)> {
 
 pub fn run() -> Result<ControlResult> {
     let mut builds = Vec::new();
+    let mut build_medians = Vec::new();
     let mut classic_moved = Vec::new();
     let mut disruption = Vec::new();
     let mut auto_rows = Vec::new();
     for n in [10u32, 100, 1000] {
         let b = backends(n);
-        builds.push((n, build_ms(&b, M)));
+        let (fastest, typical) = build_ms(&b, M);
+        builds.push((n, fastest));
+        build_medians.push(typical);
         classic_moved.push(moved(&b, M)?);
         let auto = maglev::auto_ring_size(n);
         let d = moved(&b, auto)?;
         disruption.push((n, d, 1.0 / n as f64));
-        auto_rows.push((n, auto, build_ms(&b, auto), d));
+        auto_rows.push((n, auto, build_ms(&b, auto).0, d));
     }
     let auto_1000 = maglev::auto_ring_size(1000);
     let publish_classic = publish_ms(M, 100)?;
@@ -156,13 +162,15 @@ pub fn run() -> Result<ControlResult> {
     let (h_build, h_publish, h_total) = health_to_live(auto_1000, 1000)?;
     let by_max_vips = publish_by_max_vips()?;
     let mut md = String::from(
-        "| backends | Maglev build, M = 65537 (ms) | slots moved when one is removed | ideal (1/N) |\n|---:|---:|---:|---:|\n",
+        "Build times: the fastest of 21 builds (their median in brackets).\n\n| backends | Maglev build, M = 65537 (ms) | slots moved when one is removed | ideal (1/N) |\n|---:|---:|---:|---:|\n",
     );
-    for ((n, ms), (moved, (_, _, ideal))) in
-        builds.iter().zip(classic_moved.iter().zip(&disruption))
+    for (((n, ms), median), (moved, (_, _, ideal))) in builds
+        .iter()
+        .zip(&build_medians)
+        .zip(classic_moved.iter().zip(&disruption))
     {
         md.push_str(&format!(
-            "| {n} | {ms:.2} | {:.3}% | {:.3}% |\n",
+            "| {n} | {ms:.2} ({median:.2}) | {:.3}% | {:.3}% |\n",
             moved * 100.0,
             ideal * 100.0
         ));

@@ -218,16 +218,32 @@ impl Taken {
         }
     }
 
-    /// Marks `p` taken; false if it already was.
+    /// 1 if slot `p` is taken, else 0.
     #[inline(always)]
-    fn take(&mut self, p: u32) -> bool {
-        let bit = 1u64 << (p & 63);
-        let word = &mut self.words[(p >> 6) as usize];
-        if *word & bit != 0 {
-            return false;
+    fn get(&self, p: u32) -> u64 {
+        (self.words[(p >> 6) as usize] >> (p & 63)) & 1
+    }
+
+    /// The free slots below `m`, in order.
+    fn free(&self, m: u32) -> Vec<u32> {
+        let mut free = Vec::new();
+        for (w, &word) in self.words.iter().enumerate() {
+            let mut open = !word;
+            while open != 0 {
+                let q = (w as u32) << 6 | open.trailing_zeros();
+                if q >= m {
+                    return free;
+                }
+                free.push(q);
+                open &= open - 1;
+            }
         }
-        *word |= bit;
-        true
+        free
+    }
+
+    #[inline(always)]
+    fn set(&mut self, p: u32) {
+        self.words[(p >> 6) as usize] |= 1u64 << (p & 63);
     }
 }
 
@@ -241,31 +257,131 @@ struct Walks {
     skip: Vec<u32>,
     taken: Taken,
     table: Vec<u32>,
+    /// Slots still free.
+    free_count: u32,
+    /// From this many free slots on, claims are found arithmetically
+    /// ([`Walks::claim_late`]) instead of by walking.
+    late_from: u32,
+    /// The free slots, listed once the late phase starts.
+    free: Vec<u32>,
+    /// Each backend's skip inverted modulo `m`, 0 until first needed.
+    skip_inverse: Vec<u32>,
+}
+
+/// `a + b` modulo `m`, for `a, b < m <= MAX_RING_SIZE` (no overflow).
+#[cfg(any(test, feature = "std"))]
+#[inline(always)]
+fn add_mod(a: u32, b: u32, m: u32) -> u32 {
+    let s = a + b;
+    if s >= m { s - m } else { s }
+}
+
+/// The inverse of `s` modulo the prime `m` (`0 < s < m`), by the extended
+/// Euclidean algorithm.
+#[cfg(any(test, feature = "std"))]
+fn inverse_mod(s: u32, m: u32) -> u32 {
+    let (mut r0, mut r1) = (i64::from(m), i64::from(s));
+    let (mut t0, mut t1) = (0i64, 1i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - q * t1);
+    }
+    t0.rem_euclid(i64::from(m)) as u32
 }
 
 #[cfg(any(test, feature = "std"))]
 impl Walks {
+    fn new(m: u32, n: usize) -> Self {
+        Walks {
+            m,
+            ids: Vec::with_capacity(n),
+            pos: Vec::with_capacity(n),
+            skip: Vec::with_capacity(n),
+            taken: Taken::new(m),
+            table: vec![0u32; m as usize],
+            free_count: m,
+            // A walk costs about m / free probes and the late claim one
+            // multiplication per free slot; they cross near sqrt(m), and
+            // half of that measured fastest (128 at 65,537 slots).
+            late_from: m.isqrt() / 2,
+            free: Vec::new(),
+            skip_inverse: vec![0; n],
+        }
+    }
+
     /// Backend `i` takes the next free slot of its permutation.
     #[inline(always)]
     fn claim(&mut self, i: usize) {
+        if self.free_count <= self.late_from {
+            self.claim_late(i);
+        } else {
+            self.claim_walking(i);
+        }
+        self.free_count -= 1;
+    }
+
+    #[inline(always)]
+    fn claim_walking(&mut self, i: usize) {
         let m = self.m;
         let skip = self.skip[i];
         let mut p = self.pos[i];
         // Terminates: m is prime, so the walk visits every slot, and at
-        // least one is still free. p, skip < m <= MAX_RING_SIZE, so the sum
-        // cannot overflow; the incremental step replaces a modulo per probe.
-        while !self.taken.take(p) {
-            p += skip;
-            if p >= m {
-                p -= m;
+        // least one is still free. Two probes per step, one branch: whether
+        // a probe finds its slot free is a coin toss in mid-fill, so
+        // branching on each probe mispredicts about once per claim.
+        let skip2 = add_mod(skip, skip, m);
+        let slot = loop {
+            let next = add_mod(p, skip, m);
+            let here = self.taken.get(p);
+            let there = self.taken.get(next);
+            if here & there == 0 {
+                break if here == 0 { p } else { next };
+            }
+            p = add_mod(p, skip2, m);
+        };
+        self.taken.set(slot);
+        self.table[slot as usize] = self.ids[i];
+        self.pos[i] = add_mod(slot, skip, m);
+    }
+
+    /// The last few claims walk about m / free slots each (most of a
+    /// build's probes at 1,000 backends). Backend `i`'s walk from `p`
+    /// reaches slot `f` after `(f - p) / skip` steps (mod m, prime), so its
+    /// claim is the free slot with the fewest steps: the slot the walk would
+    /// find, found with one multiplication per free slot.
+    fn claim_late(&mut self, i: usize) {
+        let m = self.m;
+        if self.free.is_empty() {
+            self.free = self.taken.free(m);
+        }
+        if self.skip_inverse[i] == 0 {
+            self.skip_inverse[i] = inverse_mod(self.skip[i], m);
+        }
+        let inverse = u64::from(self.skip_inverse[i]);
+        let p = self.pos[i];
+        // The quotient by m through f64 (exact to 2^53, products < 2^40)
+        // is off by at most one; the remainder is corrected into [0, m).
+        let per_m = 1.0 / f64::from(m);
+        let mut best = (u32::MAX, 0usize);
+        for (at, &f) in self.free.iter().enumerate() {
+            let distance = if f >= p { f - p } else { f + m - p };
+            let product = u64::from(distance) * inverse;
+            let quotient = (product as f64 * per_m) as u64;
+            let mut steps = product as i64 - (quotient * u64::from(m)) as i64;
+            if steps < 0 {
+                steps += i64::from(m);
+            } else if steps >= i64::from(m) {
+                steps -= i64::from(m);
+            }
+            if (steps as u32) < best.0 {
+                best = (steps as u32, at);
             }
         }
-        self.table[p as usize] = self.ids[i];
-        p += skip;
-        if p >= m {
-            p -= m;
-        }
-        self.pos[i] = p;
+        let slot = self.free.swap_remove(best.1);
+        self.taken.set(slot);
+        self.table[slot as usize] = self.ids[i];
+        self.pos[i] = add_mod(slot, self.skip[i], m);
     }
 }
 
@@ -309,14 +425,7 @@ pub fn build(backends: &[MaglevBackend], m: u32, seed: u32) -> Result<Vec<u32>, 
 
     // Offset and skip are computed once per backend, never per slot.
     let n = sorted.len();
-    let mut walks = Walks {
-        m,
-        ids: Vec::with_capacity(n),
-        pos: Vec::with_capacity(n),
-        skip: Vec::with_capacity(n),
-        taken: Taken::new(m),
-        table: vec![0u32; m as usize],
-    };
+    let mut walks = Walks::new(m, n);
     for b in &sorted {
         let (offset, skip) = maglev_offset_skip(&b.identity, m, seed);
         walks.ids.push(b.id);
@@ -565,6 +674,59 @@ mod tests {
         0x7ce8_bcfb_2803_ca1e,
         0x5d78_2067_0e8d_de74,
     ];
+
+    #[test]
+    fn skips_invert() {
+        for m in [2u32, 3, 13, 1009, CLASSIC_RING_SIZE, 100_003, MAX_RING_SIZE] {
+            for s in [1, 2, m / 3 + 1, m / 2, m - 2, m - 1] {
+                if (1..m).contains(&s) {
+                    let inv = inverse_mod(s, m);
+                    assert!(inv > 0 && inv < m);
+                    assert_eq!(
+                        u64::from(s) * u64::from(inv) % u64::from(m),
+                        1,
+                        "{s} mod {m}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn free_slots_are_listed_in_order() {
+        let mut taken = Taken::new(130);
+        for p in (0..130).filter(|p| p % 3 != 0) {
+            taken.set(p);
+        }
+        assert_eq!(
+            taken.free(130),
+            (0..130).filter(|p| p % 3 == 0).collect::<Vec<_>>()
+        );
+        // Bits past m in the last word are not slots.
+        assert_eq!(Taken::new(65).free(65), (0..65).collect::<Vec<_>>());
+    }
+
+    /// Late claims (found arithmetically) agree with walking: every size's
+    /// build is compared with the reference builder in `tables_are_unchanged`;
+    /// here the late phase is the whole build.
+    #[test]
+    fn late_claims_find_the_walked_slot() {
+        for (m, n) in [(13u32, 3u32), (1009, 10), (10007, 100)] {
+            let b = equal(n);
+            let mut walks = Walks::new(m, b.len());
+            walks.late_from = m;
+            for x in &b {
+                let (offset, skip) = maglev_offset_skip(&x.identity, m, 0);
+                walks.ids.push(x.id);
+                walks.pos.push(offset);
+                walks.skip.push(skip);
+            }
+            for k in 0..m as usize {
+                walks.claim(k % b.len());
+            }
+            assert_eq!(walks.table, reference_build(&b, m, 0), "m={m} n={n}");
+        }
+    }
 
     #[test]
     fn primes() {
