@@ -164,8 +164,10 @@ fn main() -> Result<()> {
             &rps,
         )?;
         report.push_str(&format!(
-            "## 3. End-to-end service load\n\n`wrk -t2 -c16 -d{}s --latency` from the client namespace, {} interleaved rounds; medians. Balancer CPU: softirq time above the direct run's for kernel paths (xdplb, nftables), the process's own CPU for HAProxy. Each contender's balancing is checked by the request counts the backends themselves report (last column).\n\n{table}\n![requests per second](service-rps.svg)\n\n",
-            args.seconds, args.service_rounds
+            "## 3. End-to-end service load\n\n`wrk -t2 -c16 -d{}s --latency` from the client namespace, {} interleaved rounds (in each, the trivial forwarder and xdplb in {} adjacent pairs per mode, alternating which goes first); medians, and for xdplb against the trivial forwarder the median of the pairs' ratios. Balancer CPU: softirq time above the direct run's for kernel paths (xdplb, nftables), the process's own CPU for HAProxy. Each contender's balancing is checked by the request counts the backends themselves report (last column).\n\n{table}\n![requests per second](service-rps.svg)\n\n",
+            args.seconds,
+            args.service_rounds,
+            service::PAIRS_PER_ROUND
         ));
     }
     if args.control || all {
