@@ -66,6 +66,60 @@ fn moved(b: &[MaglevBackend], m: u32) -> Result<f64> {
     Ok(full.iter().zip(&less).filter(|(a, b)| a != b).count() as f64 / m as f64)
 }
 
+/// Not the product's builder: another fill with the same permutations and
+/// Maglev's balance (every backend `floor(m/N)` or `ceil(m/N)` slots, the
+/// extra ones to the backends whose hash is lowest), kept to measure whether
+/// a different fill order would move fewer slots. Every backend still short
+/// of its quota steps one position of its permutation per round (Maglev
+/// steps to its next free slot) and takes the slot if it is free. Equal
+/// weights only.
+fn quota_fill(b: &[MaglevBackend], m: u32) -> Vec<u32> {
+    let mut sorted: Vec<&MaglevBackend> = b.iter().collect();
+    sorted.sort_by_key(|x| x.identity);
+    let n = sorted.len() as u32;
+    let mut quota = vec![m / n; sorted.len()];
+    let mut by_hash: Vec<(u32, usize)> = sorted
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            (
+                lb_common::hash::maglev_offset_skip(&x.identity, u32::MAX, 0x5eed).0,
+                i,
+            )
+        })
+        .collect();
+    by_hash.sort_unstable();
+    for &(_, i) in by_hash.iter().take((m % n) as usize) {
+        quota[i] += 1;
+    }
+    let mut walk: Vec<(u32, u32)> = sorted
+        .iter()
+        .map(|x| lb_common::hash::maglev_offset_skip(&x.identity, m, 0))
+        .collect();
+    let mut table = vec![0u32; m as usize];
+    let mut active: Vec<usize> = (0..sorted.len()).collect();
+    while !active.is_empty() {
+        active.retain(|&i| {
+            let (p, skip) = walk[i];
+            walk[i].0 = (p + skip) % m;
+            if table[p as usize] == 0 {
+                table[p as usize] = sorted[i].id;
+                quota[i] -= 1;
+            }
+            quota[i] > 0
+        });
+    }
+    table
+}
+
+/// Fraction of slots that change when the first of `b` is removed, with
+/// [`quota_fill`].
+fn quota_fill_moved(b: &[MaglevBackend], m: u32) -> f64 {
+    let full = quota_fill(b, m);
+    let less = quota_fill(&b[1..], m);
+    full.iter().zip(&less).filter(|(a, b)| a != b).count() as f64 / m as f64
+}
+
 /// `RINGS` bytes one VIP takes: two generations of ceil(m / 16) 64-byte
 /// elements.
 fn ring_bytes_per_vip(m: u32) -> u64 {
@@ -185,6 +239,17 @@ pub fn run() -> Result<ControlResult> {
             d * *n as f64,
             100.0 / *n as f64,
             mib(ring_bytes_per_vip(*m))
+        ));
+    }
+    md.push_str(
+        "\nWhether another fill order would do better at these sizes: the same permutations and the same balance (floor or ceil of M/N slots each), but every backend short of its quota steps one position per round instead of to its next free slot (`quota_fill` in `bench/src/control.rs`, not the product's builder):\n\n| backends | ring size | slots moved, Maglev (x ideal) | slots moved, quota fill (x ideal) |\n|---:|---:|---:|---:|\n",
+    );
+    for (n, m, _, d) in &auto_rows {
+        let q = quota_fill_moved(&backends(*n), *m);
+        md.push_str(&format!(
+            "| {n} | {m} | {:.2} | {:.2} |\n",
+            d * *n as f64,
+            q * *n as f64
         ));
     }
     md.push_str(&format!(
@@ -355,4 +420,26 @@ pub fn memory() -> Result<String> {
         ));
     }
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The comparison fill keeps Maglev's balance, so that only its
+    /// disruption differs.
+    #[test]
+    fn quota_fill_balances_like_maglev() {
+        for (n, m) in [(3u32, 13u32), (10, 1009), (100, 10007)] {
+            let counts = maglev::slot_counts(&quota_fill(&backends(n), m));
+            assert!(!counts.contains_key(&0), "every slot filled");
+            assert_eq!(counts.len(), n as usize);
+            assert!(
+                counts
+                    .values()
+                    .all(|&c| c == (m / n) as usize || c == m.div_ceil(n) as usize),
+                "{counts:?}"
+            );
+        }
+    }
 }
