@@ -199,6 +199,7 @@ pub fn run() -> Result<ControlResult> {
     let mut classic_moved = Vec::new();
     let mut disruption = Vec::new();
     let mut auto_rows = Vec::new();
+    let mut default_size_moved = Vec::new();
     for n in [10u32, 100, 1000] {
         let b = backends(n);
         let (fastest, typical) = build_ms(&b, M);
@@ -209,6 +210,7 @@ pub fn run() -> Result<ControlResult> {
         let d = moved(&b, auto)?;
         disruption.push((n, d, 1.0 / n as f64));
         auto_rows.push((n, auto, build_ms(&b, auto).0, d));
+        default_size_moved.push((n, moved(&b, maglev::DEFAULT_RING_SIZE)?));
     }
     let auto_1000 = maglev::auto_ring_size(1000);
     let publish_classic = publish_ms(M, 100)?;
@@ -242,7 +244,7 @@ pub fn run() -> Result<ControlResult> {
         ));
     }
     md.push_str(
-        "\nWhether another fill order would do better at these sizes: the same permutations and the same balance (floor or ceil of M/N slots each), but every backend short of its quota steps one position per round instead of to its next free slot (`quota_fill` in `bench/src/control.rs`, not the product's builder):\n\n| backends | ring size | slots moved, Maglev (x ideal) | slots moved, quota fill (x ideal) |\n|---:|---:|---:|---:|\n",
+        "\nWhether another fill order would do better at the automatic sizes above: the same permutations and the same balance (floor or ceil of M/N slots each), but every backend short of its quota steps one position per round instead of to its next free slot (`quota_fill` in `bench/src/control.rs`, not the product's builder):\n\n| backends | ring size | slots moved, Maglev (x ideal) | slots moved, quota fill (x ideal) |\n|---:|---:|---:|---:|\n",
     );
     for (n, m, _, d) in &auto_rows {
         let q = quota_fill_moved(&backends(*n), *m);
@@ -250,6 +252,19 @@ pub fn run() -> Result<ControlResult> {
             "| {n} | {m} | {:.2} | {:.2} |\n",
             d * *n as f64,
             q * *n as f64
+        ));
+    }
+    md.push_str(&format!(
+        "\nAt the default size ({} slots: `ring_size = \"auto\"` with the default capacity of {} backends per VIP), N backends present:\n\n| backends | slots moved when one is removed | x ideal | ideal (1/N) |\n|---:|---:|---:|---:|\n",
+        maglev::DEFAULT_RING_SIZE,
+        maglev::DEFAULT_MAX_BACKENDS_PER_VIP
+    ));
+    for (n, d) in &default_size_moved {
+        md.push_str(&format!(
+            "| {n} | {:.3}% | {:.2} | {:.3}% |\n",
+            d * 100.0,
+            d * *n as f64,
+            100.0 / *n as f64
         ));
     }
     md.push_str(&format!(
