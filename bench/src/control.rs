@@ -268,7 +268,7 @@ pub fn run() -> Result<ControlResult> {
         ));
     }
     md.push_str(&format!(
-        "\nWriting one ring into the idle generation and flipping the VIP to it (one map update per 16 slots): {publish_classic:.1} ms for 65537 slots, {publish_auto:.1} ms for {auto_1000} slots (the automatic size for 1,000 backends).\n"
+        "\nWriting one ring into the idle generation and flipping the VIP to it (stores through a shared mapping of the generation's part of `RINGS`, then one release store to its `RING_STATE` word): {publish_classic:.1} ms for 65537 slots, {publish_auto:.1} ms for {auto_1000} slots (the automatic size for 1,000 backends).\n"
     ));
     md.push_str(&format!(
         "\nA health change to the new ring being live, in process, 1,000 backends, {auto_1000} slots (what `Controller::refresh_vip` does once the checker's event arrives: rebuild without the backend, write the idle generation, flip `RING_STATE`): {h_total:.1} ms, of which the build {h_build:.1} ms and the publication {h_publish:.1} ms (median of 7). The check's own detection time (fall x interval, below) comes on top.\n"

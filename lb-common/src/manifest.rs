@@ -95,8 +95,9 @@ macro_rules! for_each_map {
             /// deadline, in one word (see `lb_common::maps::RingState`).
             RING_STATE: Array<$crate::maps::RingState>, MaxVips, $crate::manifest::MMAPABLE;
             /// Two generations of M slots per VIP, 16 slots per element
-            /// (see `lb_common::ring`).
-            RINGS: Array<$crate::ring::RingChunk>, Rings, 0;
+            /// (see `lb_common::ring`). Mappable, so that lbd writes a ring
+            /// with stores rather than a map update per element.
+            RINGS: Array<$crate::ring::RingChunk>, Rings, $crate::manifest::MMAPABLE;
             /// Backend slots; id 0 is "no backend".
             BACKENDS: Array<$crate::maps::BackendInfo>, MaxBackends, 0;
             /// The connection table (see `lb_common::conntrack`). Mappable so

@@ -7,16 +7,20 @@
 //! double-buffered (see `lb_common::viptable`): its idle generation is
 //! written whole, then `VIP_TABLE_GEN` flips.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::{
+    os::fd::{AsFd, BorrowedFd},
+    sync::atomic::Ordering,
+};
 
 use anyhow::{Context, Result, bail};
 use aya::Ebpf;
 use lb_common::{
     maps::{BackendInfo, LbConfig, Mode, RingState, VipInfo, VipKey},
-    ring::{RING_CHUNK, RingChunk, chunks_per_vip, ring_pos},
+    ring::{RingChunk, chunks_per_ring, chunks_per_vip, ring_pos},
     vipfilter, viptable,
 };
 
+use crate::mapped::MappedValues;
 use crate::maps::{
     BACKENDS, CONFIG, CONNTRACK, CONNTRACK_HEADS, FLOW_CACHE, RING_STATE, RINGS, VIP_FILTER,
     VIP_TABLE, VIP_TABLE_GEN,
@@ -225,18 +229,49 @@ pub fn write_ring(ebpf: &mut Ebpf, vip_id: u32, generation: u8, table: &[u32]) -
             table.len()
         );
     }
-    let mut rings = RINGS.array_mut(ebpf)?;
-    check_ring_bounds(rings.len(), vip_id, m)?;
-    for (n, ids) in table.chunks(RING_CHUNK as usize).enumerate() {
-        let slot = n as u32 * RING_CHUNK;
-        let mut chunk = RingChunk::default();
-        chunk.ids[..ids.len()].copy_from_slice(ids);
-        let (element, _) = ring_pos(vip_id, generation, m, slot);
-        rings
-            .set(element, chunk, 0)
-            .with_context(|| format!("writing RINGS slots {slot}.. of vip id {vip_id}"))?;
+    let rings = RINGS.data(ebpf)?;
+    let slots = ring_generation(
+        rings.fd().as_fd(),
+        rings_len(ebpf)?,
+        vip_id,
+        generation,
+        m,
+        true,
+    )?;
+    let words = slots.u32s()?;
+    // Relaxed stores: the flip that makes a generation live is a release
+    // store (`store_ring_state`), which orders these before it.
+    for (word, &id) in words.iter().zip(table.iter().chain(std::iter::repeat(&0))) {
+        word.store(id, Ordering::Relaxed);
     }
     Ok(())
+}
+
+fn rings_len(ebpf: &Ebpf) -> Result<u32> {
+    Ok(RINGS.array(ebpf)?.len())
+}
+
+/// One generation of one VIP's ring, mapped: its whole elements, so the
+/// last one's unused lanes too (they stay 0). One mapping and plain stores
+/// instead of a map update per element: 100,003 slots are 6,251 updates.
+fn ring_generation(
+    fd: BorrowedFd<'_>,
+    rings_len: u32,
+    vip_id: u32,
+    generation: u8,
+    m: u32,
+    writable: bool,
+) -> Result<MappedValues> {
+    check_ring_bounds(rings_len, vip_id, m)?;
+    let (first, _) = ring_pos(vip_id, generation, m, 0);
+    let element = std::mem::size_of::<RingChunk>();
+    MappedValues::map(
+        fd,
+        first as usize * element,
+        chunks_per_ring(m) as usize * element,
+        writable,
+        "RINGS",
+    )
 }
 
 /// Adds (or re-adds) a VIP: generation 0 gets `table`, generation 1 is
@@ -296,38 +331,17 @@ pub fn store_ring_state(ebpf: &Ebpf, vip_id: u32, state: RingState) -> Result<()
     }
     // Only the page holding the word is mapped, so a store costs the same
     // whatever `max_vips` is.
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let at = vip_id as usize * std::mem::size_of::<RingState>();
-    let offset = at / page * page;
-    let fd = RING_STATE.data(ebpf)?.fd().as_fd().as_raw_fd();
-    // SAFETY: a shared read-write mapping of one page of the map's value
-    // area (BPF_F_MMAPABLE; the area is a whole number of pages, and
-    // `offset` is below its end since `at` is); unmapped below.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            page,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            offset as libc::off_t,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error()).context("mapping RING_STATE");
-    }
-    // SAFETY: inside the page (`at - offset` < page, 8-byte values never
-    // straddle a page) and 8-byte aligned; the data plane reads the word
-    // concurrently, which an atomic store is for.
-    unsafe {
-        let word = &*(base
-            .cast::<u8>()
-            .add(at - offset)
-            .cast::<std::sync::atomic::AtomicU64>());
-        word.store(state.word, std::sync::atomic::Ordering::Release);
-        libc::munmap(base, page);
-    }
+    let size = std::mem::size_of::<RingState>();
+    let word = MappedValues::map(
+        RING_STATE.data(ebpf)?.fd().as_fd(),
+        vip_id as usize * size,
+        size,
+        true,
+        "RING_STATE",
+    )?;
+    // The data plane reads the word concurrently, which an atomic store is
+    // for; release, so the ring written before is seen before the flip.
+    word.u64s()?[0].store(state.word, Ordering::Release);
     Ok(())
 }
 
@@ -347,17 +361,13 @@ pub fn live_ring(dir: &std::path::Path, vip_id: u32) -> Result<Vec<u32>> {
         .get(&vip_id, 0)
         .with_context(|| format!("reading RING_STATE[{vip_id}]"))?
         .live_generation();
-    let rings = RINGS.pinned(dir)?;
-    let mut table = Vec::with_capacity(m as usize);
-    for slot in (0..m).step_by(RING_CHUNK as usize) {
-        let (element, _) = ring_pos(vip_id, generation, m, slot);
-        let chunk = rings
-            .get(&element, 0)
-            .with_context(|| format!("reading RINGS slots {slot}.. of vip id {vip_id}"))?;
-        let n = (m - slot).min(RING_CHUNK) as usize;
-        table.extend_from_slice(&chunk.ids[..n]);
-    }
-    Ok(table)
+    let rings = RINGS.pinned_data(dir)?;
+    let len = rings.info().context("RINGS")?.max_entries();
+    let slots = ring_generation(rings.fd().as_fd(), len, vip_id, generation, m, false)?;
+    Ok(slots.u32s()?[..m as usize]
+        .iter()
+        .map(|w| w.load(Ordering::Relaxed))
+        .collect())
 }
 
 /// Writes `table` into the idle generation and flips the VIP to it; the old
