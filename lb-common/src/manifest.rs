@@ -89,8 +89,9 @@ macro_rules! for_each_map {
             /// it, which also retires the per-CPU flow caches.
             VIP_TABLE_GEN: Array<u32>, Fixed(1), 0;
             /// One bit per hash of a VIP address, read before anything else
-            /// (see `lb_common::vipfilter`).
-            VIP_FILTER: Array<u64>, Fixed($crate::vipfilter::FILTER_WORDS), 0;
+            /// (see `lb_common::vipfilter`). Mappable: lbd reads and writes
+            /// its words with loads and stores, not a system call each.
+            VIP_FILTER: Array<u64>, Fixed($crate::vipfilter::FILTER_WORDS), $crate::manifest::MMAPABLE;
             /// Per VIP: the live ring generation and the second-chance
             /// deadline, in one word (see `lb_common::maps::RingState`).
             RING_STATE: Array<$crate::maps::RingState>, MaxVips, $crate::manifest::MMAPABLE;

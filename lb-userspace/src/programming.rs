@@ -92,19 +92,35 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
     write_filter(ebpf, &union, &wanted)
 }
 
-fn read_filter(ebpf: &mut Ebpf) -> Result<Vec<u64>> {
-    let filter = VIP_FILTER.array(ebpf)?;
-    (0..vipfilter::FILTER_WORDS)
-        .map(|i| filter.get(&i, 0).context("reading VIP_FILTER"))
-        .collect()
+/// The filter's words, mapped (`VIP_FILTER` is `BPF_F_MMAPABLE`): reading
+/// all 1,024 took as many system calls on every VIP-table change.
+fn mapped_filter(ebpf: &Ebpf) -> Result<MappedValues> {
+    let filter = VIP_FILTER.data(ebpf)?;
+    MappedValues::map(
+        filter.fd().as_fd(),
+        0,
+        vipfilter::FILTER_WORDS as usize * std::mem::size_of::<u64>(),
+        true,
+        "VIP_FILTER",
+    )
 }
 
-/// Writes the words of `to` that differ from `from` (the map's contents).
+fn read_filter(ebpf: &mut Ebpf) -> Result<Vec<u64>> {
+    let filter = mapped_filter(ebpf)?;
+    Ok(filter
+        .u64s()?
+        .iter()
+        .map(|w| w.load(Ordering::Relaxed))
+        .collect())
+}
+
+/// Writes the words of `to` that differ from `from` (the map's contents),
+/// each in one atomic store: the data plane reads them meanwhile.
 fn write_filter(ebpf: &mut Ebpf, from: &[u64], to: &[u64]) -> Result<()> {
-    let mut filter = VIP_FILTER.array_mut(ebpf)?;
-    for (i, (old, new)) in from.iter().zip(to).enumerate() {
+    let filter = mapped_filter(ebpf)?;
+    for ((word, old), new) in filter.u64s()?.iter().zip(from).zip(to) {
         if old != new {
-            filter.set(i as u32, new, 0).context("writing VIP_FILTER")?;
+            word.store(*new, Ordering::Release);
         }
     }
     Ok(())
