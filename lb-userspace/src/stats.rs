@@ -38,7 +38,7 @@ pub struct TableCount {
 /// bucket heads, mapped read-only and scanned in memory (4 bytes per slot:
 /// a few milliseconds per million), not read with a syscall per bucket.
 pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
-    use std::os::fd::{AsFd, AsRawFd};
+    use std::{os::fd::AsFd, sync::atomic::Ordering};
 
     use lb_common::conntrack::{BucketHead, Timeouts, WAYS, WayState, ticks, way_state};
     let config = CONFIG.pinned(dir)?;
@@ -54,31 +54,20 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
         );
     }
     let buckets = info.max_entries() as usize;
-    let len = buckets * head_size;
     // The data plane's clock is CLOCK_MONOTONIC (coarse), in ticks.
     let now = ticks(crate::programming::monotonic_coarse_ns());
-    // SAFETY: a read-only shared mapping of the map's value area, which is
-    // `len` bytes (`BPF_F_MMAPABLE`); unmapped below.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            heads.fd().as_fd().as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error()).context("mapping CONNTRACK_HEADS");
-    }
-    let words = base.cast::<u32>();
+    let mapped = crate::mapped::MappedValues::map(
+        heads.fd().as_fd(),
+        0,
+        buckets * head_size,
+        false,
+        "CONNTRACK_HEADS",
+    )?;
     let (mut entries, mut embryonic) = (0, 0);
-    for i in 0..buckets * WAYS as usize {
-        // SAFETY: in bounds; volatile because the data plane writes heads
-        // concurrently (each word is one aligned store).
-        let word = unsafe { std::ptr::read_volatile(words.add(i)) };
-        match way_state(word, now, timeouts) {
+    // Relaxed loads: the data plane writes heads concurrently, each word in
+    // one aligned store.
+    for word in &mapped.u32s()?[..buckets * WAYS as usize] {
+        match way_state(word.load(Ordering::Relaxed), now, timeouts) {
             WayState::Free => {}
             WayState::Embryonic => {
                 entries += 1;
@@ -87,8 +76,6 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
             WayState::Established => entries += 1,
         }
     }
-    // SAFETY: the mapping made above.
-    unsafe { libc::munmap(base, len) };
     Ok(TableCount {
         entries,
         embryonic,
