@@ -35,7 +35,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub struct ControlResult {
-    /// (backends, build ms at M = 65537)
     /// (backends, fastest build ms at M = 65,537)
     pub builds: Vec<(u32, f64)>,
     /// (backends, fraction of slots moved by removing one at the automatic

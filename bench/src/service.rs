@@ -456,7 +456,7 @@ pub fn run(rounds: usize, seconds: u64) -> Result<Vec<Summary>> {
                 && m == n
             {
                 for pair in 0..PAIRS_PER_ROUND {
-                    let order = if pair % 2 == 0 {
+                    let order = if (round * PAIRS_PER_ROUND + pair).is_multiple_of(2) {
                         [i, i + 1]
                     } else {
                         [i + 1, i]
@@ -484,7 +484,12 @@ fn median(mut v: Vec<f64>) -> f64 {
         return f64::NAN;
     }
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
 }
 
 /// Balancer CPU seconds per request: kernel paths are charged the softirq

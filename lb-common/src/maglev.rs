@@ -276,6 +276,24 @@ fn add_mod(a: u32, b: u32, m: u32) -> u32 {
     if s >= m { s - m } else { s }
 }
 
+/// `a * b mod m` for `a, b < m <= MAX_RING_SIZE` (products < 2^40), with
+/// `per_m = 1 / m`: the quotient through f64 (exact to 2^53) is off by at
+/// most one, and the remainder is corrected into [0, m). A division per
+/// free slot would cost several times as much.
+#[cfg(any(test, feature = "std"))]
+#[inline(always)]
+fn mul_mod(a: u32, b: u64, m: u32, per_m: f64) -> u32 {
+    let product = u64::from(a) * b;
+    let quotient = (product as f64 * per_m) as u64;
+    let mut r = product as i64 - (quotient * u64::from(m)) as i64;
+    if r < 0 {
+        r += i64::from(m);
+    } else if r >= i64::from(m) {
+        r -= i64::from(m);
+    }
+    r as u32
+}
+
 /// The inverse of `s` modulo the prime `m` (`0 < s < m`), by the extended
 /// Euclidean algorithm.
 #[cfg(any(test, feature = "std"))]
@@ -360,22 +378,13 @@ impl Walks {
         }
         let inverse = u64::from(self.skip_inverse[i]);
         let p = self.pos[i];
-        // The quotient by m through f64 (exact to 2^53, products < 2^40)
-        // is off by at most one; the remainder is corrected into [0, m).
         let per_m = 1.0 / f64::from(m);
         let mut best = (u32::MAX, 0usize);
         for (at, &f) in self.free.iter().enumerate() {
             let distance = if f >= p { f - p } else { f + m - p };
-            let product = u64::from(distance) * inverse;
-            let quotient = (product as f64 * per_m) as u64;
-            let mut steps = product as i64 - (quotient * u64::from(m)) as i64;
-            if steps < 0 {
-                steps += i64::from(m);
-            } else if steps >= i64::from(m) {
-                steps -= i64::from(m);
-            }
-            if (steps as u32) < best.0 {
-                best = (steps as u32, at);
+            let steps = mul_mod(distance, inverse, m, per_m);
+            if steps < best.0 {
+                best = (steps, at);
             }
         }
         let slot = self.free.swap_remove(best.1);
@@ -665,6 +674,16 @@ mod tests {
         }
     }
 
+    /// The largest ring, where the late phase's arithmetic is tightest.
+    #[test]
+    fn largest_ring_is_unchanged() {
+        let b = equal(1000);
+        assert_eq!(
+            build(&b, MAX_RING_SIZE, 3).unwrap(),
+            reference_build(&b, MAX_RING_SIZE, 3)
+        );
+    }
+
     /// FNV-1a of five tables built by the builder before this rewrite
     /// (`git show 9c9f97a:lb-common/src/maglev.rs`).
     const GOLDEN: [u64; 5] = [
@@ -686,6 +705,34 @@ mod tests {
                         u64::from(s) * u64::from(inv) % u64::from(m),
                         1,
                         "{s} mod {m}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The f64 shortcut against exact arithmetic, where it is tightest: the
+    /// largest ring and the largest operands.
+    #[test]
+    fn mul_mod_is_exact() {
+        for m in [2u32, 13, CLASSIC_RING_SIZE, 100_003, MAX_RING_SIZE] {
+            let per_m = 1.0 / f64::from(m);
+            let mut values = vec![0u32, 1, 2, m / 2, m - 2, m - 1];
+            let mut x = 0x9e37_79b9u32;
+            for _ in 0..2000 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                values.push(x % m);
+            }
+            values.retain(|&v| v < m);
+            for &a in &values {
+                for &b in values.iter().step_by(37) {
+                    let exact = (u64::from(a) * u64::from(b) % u64::from(m)) as u32;
+                    assert_eq!(
+                        mul_mod(a, u64::from(b), m, per_m),
+                        exact,
+                        "{a} * {b} mod {m}"
                     );
                 }
             }

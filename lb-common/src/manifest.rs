@@ -10,7 +10,8 @@
 use crate::layout::{Field, Layout};
 
 /// `BPF_F_MMAPABLE`: userspace maps the values (reading the connection
-/// table's heads, storing a ring state in one 8-byte store).
+/// table's heads; writing rings, the VIP filter, and a ring state in one
+/// 8-byte store).
 pub const MMAPABLE: u32 = 1 << 10;
 
 /// The two map kinds the balancer uses: both are inlined by the verifier

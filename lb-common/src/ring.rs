@@ -10,8 +10,7 @@ pub const RING_CHUNK: u32 = 16;
 ///
 /// A `u32` array element would take 8 bytes (BPF arrays round values up to
 /// 8), so a 65537-slot generation spanned 512 KiB and a new flow's random
-/// slot mostly missed the CPU's L2; packed, it spans 256 KiB. Userspace also
-/// writes a ring in 4,097 updates instead of 65,537.
+/// slot mostly missed the CPU's L2; packed, it spans 256 KiB.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RingChunk {

@@ -14,7 +14,7 @@ pub mod fleet;
 pub mod graphite;
 pub mod health;
 pub mod instance_lock;
-pub mod mapped;
+mod mapped;
 pub mod maps;
 pub mod membership;
 pub mod metrics;

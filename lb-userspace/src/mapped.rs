@@ -3,28 +3,33 @@
 //! syscall per element.
 
 use std::{
-    os::fd::{AsRawFd, BorrowedFd},
-    sync::atomic::{AtomicU32, AtomicU64},
+    os::fd::{AsFd, AsRawFd},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use anyhow::{Context, Result, bail};
+use aya::maps::MapData;
 
 /// Bytes `[start, start + len)` of a map's value area, mapped shared; the
 /// pages around them are mapped too (mappings start and end on pages) and
-/// unmapped on drop.
-pub struct MappedValues {
+/// unmapped on drop. Only a BPF map can be mapped (a file could shrink
+/// under the mapping), and a read-only mapping offers loads alone.
+pub(crate) struct MappedValues {
     base: *mut libc::c_void,
     mapped_len: usize,
     /// Where `start` is in the mapping.
     skip: usize,
     len: usize,
+    writable: bool,
 }
 
 impl MappedValues {
-    /// `what` names the map in errors. The kernel refuses (`EINVAL`) a
-    /// range past the value area, and a map without `BPF_F_MMAPABLE`.
-    pub fn map(
-        fd: BorrowedFd<'_>,
+    /// `what` names the map in errors. The kernel refuses (`EINVAL`) a map
+    /// without `BPF_F_MMAPABLE` and a range past its value area rounded up
+    /// to a page; within that page, staying inside the values is the
+    /// caller's check.
+    pub(crate) fn map(
+        map: &MapData,
         start: usize,
         len: usize,
         writable: bool,
@@ -33,6 +38,7 @@ impl MappedValues {
         if len == 0 {
             bail!("mapping an empty range of {what}");
         }
+        let fd = map.fd().as_fd();
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let offset = start / page * page;
@@ -64,17 +70,42 @@ impl MappedValues {
             mapped_len,
             skip,
             len,
+            writable,
         })
     }
 
-    /// The range as `u32` words, atomically accessed: the data plane reads
-    /// and writes the same memory concurrently.
-    pub fn u32s(&self) -> Result<&[AtomicU32]> {
-        self.words::<AtomicU32>()
+    /// The range as `u32` words to store to, atomically: the data plane
+    /// reads and writes the same memory concurrently. Writable mappings
+    /// only.
+    pub(crate) fn u32s(&self) -> Result<&[AtomicU32]> {
+        self.writable_words::<AtomicU32>()
     }
 
-    pub fn u64s(&self) -> Result<&[AtomicU64]> {
-        self.words::<AtomicU64>()
+    pub(crate) fn u64s(&self) -> Result<&[AtomicU64]> {
+        self.writable_words::<AtomicU64>()
+    }
+
+    /// The range's `u32` words, each read with a relaxed atomic load (which
+    /// read-only memory allows; a store or a stronger load would not be).
+    pub(crate) fn load_u32s(&self) -> Result<impl Iterator<Item = u32> + '_> {
+        Ok(self
+            .words::<AtomicU32>()?
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed)))
+    }
+
+    pub(crate) fn load_u64s(&self) -> Result<impl Iterator<Item = u64> + '_> {
+        Ok(self
+            .words::<AtomicU64>()?
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed)))
+    }
+
+    fn writable_words<T>(&self) -> Result<&[T]> {
+        if !self.writable {
+            bail!("storing through a read-only mapping");
+        }
+        self.words::<T>()
     }
 
     fn words<T>(&self) -> Result<&[T]> {

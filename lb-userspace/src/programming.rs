@@ -7,13 +7,10 @@
 //! double-buffered (see `lb_common::viptable`): its idle generation is
 //! written whole, then `VIP_TABLE_GEN` flips.
 
-use std::{
-    os::fd::{AsFd, BorrowedFd},
-    sync::atomic::Ordering,
-};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
-use aya::Ebpf;
+use aya::{Ebpf, maps::MapData};
 use lb_common::{
     maps::{BackendInfo, LbConfig, Mode, RingState, VipInfo, VipKey},
     ring::{RingChunk, chunks_per_ring, chunks_per_vip, ring_pos},
@@ -94,30 +91,24 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
 
 /// The filter's words, mapped (`VIP_FILTER` is `BPF_F_MMAPABLE`): reading
 /// all 1,024 took as many system calls on every VIP-table change.
-fn mapped_filter(ebpf: &Ebpf) -> Result<MappedValues> {
-    let filter = VIP_FILTER.data(ebpf)?;
+fn mapped_filter(ebpf: &Ebpf, writable: bool) -> Result<MappedValues> {
     MappedValues::map(
-        filter.fd().as_fd(),
+        VIP_FILTER.data(ebpf)?,
         0,
         vipfilter::FILTER_WORDS as usize * std::mem::size_of::<u64>(),
-        true,
+        writable,
         "VIP_FILTER",
     )
 }
 
 fn read_filter(ebpf: &mut Ebpf) -> Result<Vec<u64>> {
-    let filter = mapped_filter(ebpf)?;
-    Ok(filter
-        .u64s()?
-        .iter()
-        .map(|w| w.load(Ordering::Relaxed))
-        .collect())
+    Ok(mapped_filter(ebpf, false)?.load_u64s()?.collect())
 }
 
 /// Writes the words of `to` that differ from `from` (the map's contents),
 /// each in one atomic store: the data plane reads them meanwhile.
 fn write_filter(ebpf: &mut Ebpf, from: &[u64], to: &[u64]) -> Result<()> {
-    let filter = mapped_filter(ebpf)?;
+    let filter = mapped_filter(ebpf, true)?;
     for ((word, old), new) in filter.u64s()?.iter().zip(from).zip(to) {
         if old != new {
             word.store(*new, Ordering::Release);
@@ -245,9 +236,8 @@ pub fn write_ring(ebpf: &mut Ebpf, vip_id: u32, generation: u8, table: &[u32]) -
             table.len()
         );
     }
-    let rings = RINGS.data(ebpf)?;
     let slots = ring_generation(
-        rings.fd().as_fd(),
+        RINGS.data(ebpf)?,
         rings_len(ebpf)?,
         vip_id,
         generation,
@@ -255,6 +245,11 @@ pub fn write_ring(ebpf: &mut Ebpf, vip_id: u32, generation: u8, table: &[u32]) -
         true,
     )?;
     let words = slots.u32s()?;
+    // `publish_ring` first closes the second chance that reads this
+    // generation (a release store of `RING_STATE`); a release store does
+    // not keep later stores from being seen before it, so this fence does:
+    // no CPU sees the generation change while it may still serve from it.
+    std::sync::atomic::fence(Ordering::SeqCst);
     // Relaxed stores: the flip that makes a generation live is a release
     // store (`store_ring_state`), which orders these before it.
     for (word, &id) in words.iter().zip(table.iter().chain(std::iter::repeat(&0))) {
@@ -271,7 +266,7 @@ fn rings_len(ebpf: &Ebpf) -> Result<u32> {
 /// last one's unused lanes too (they stay 0). One mapping and plain stores
 /// instead of a map update per element: 100,003 slots are 6,251 updates.
 fn ring_generation(
-    fd: BorrowedFd<'_>,
+    rings: &MapData,
     rings_len: u32,
     vip_id: u32,
     generation: u8,
@@ -282,7 +277,7 @@ fn ring_generation(
     let (first, _) = ring_pos(vip_id, generation, m, 0);
     let element = std::mem::size_of::<RingChunk>();
     MappedValues::map(
-        fd,
+        rings,
         first as usize * element,
         chunks_per_ring(m) as usize * element,
         writable,
@@ -349,7 +344,7 @@ pub fn store_ring_state(ebpf: &Ebpf, vip_id: u32, state: RingState) -> Result<()
     // whatever `max_vips` is.
     let size = std::mem::size_of::<RingState>();
     let word = MappedValues::map(
-        RING_STATE.data(ebpf)?.fd().as_fd(),
+        RING_STATE.data(ebpf)?,
         vip_id as usize * size,
         size,
         true,
@@ -379,11 +374,8 @@ pub fn live_ring(dir: &std::path::Path, vip_id: u32) -> Result<Vec<u32>> {
         .live_generation();
     let rings = RINGS.pinned_data(dir)?;
     let len = rings.info().context("RINGS")?.max_entries();
-    let slots = ring_generation(rings.fd().as_fd(), len, vip_id, generation, m, false)?;
-    Ok(slots.u32s()?[..m as usize]
-        .iter()
-        .map(|w| w.load(Ordering::Relaxed))
-        .collect())
+    let slots = ring_generation(&rings, len, vip_id, generation, m, false)?;
+    Ok(slots.load_u32s()?.take(m as usize).collect())
 }
 
 /// Writes `table` into the idle generation and flips the VIP to it; the old

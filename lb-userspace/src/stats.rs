@@ -38,8 +38,6 @@ pub struct TableCount {
 /// bucket heads, mapped read-only and scanned in memory (4 bytes per slot:
 /// a few milliseconds per million), not read with a syscall per bucket.
 pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
-    use std::{os::fd::AsFd, sync::atomic::Ordering};
-
     use lb_common::conntrack::{BucketHead, Timeouts, WAYS, WayState, ticks, way_state};
     let config = CONFIG.pinned(dir)?;
     let config = config.get(&0, 0).context("reading CONFIG")?;
@@ -56,18 +54,13 @@ pub fn conntrack_entries(dir: &std::path::Path) -> Result<TableCount> {
     let buckets = info.max_entries() as usize;
     // The data plane's clock is CLOCK_MONOTONIC (coarse), in ticks.
     let now = ticks(crate::programming::monotonic_coarse_ns());
-    let mapped = crate::mapped::MappedValues::map(
-        heads.fd().as_fd(),
-        0,
-        buckets * head_size,
-        false,
-        "CONNTRACK_HEADS",
-    )?;
+    let mapped =
+        crate::mapped::MappedValues::map(&heads, 0, buckets * head_size, false, "CONNTRACK_HEADS")?;
     let (mut entries, mut embryonic) = (0, 0);
     // Relaxed loads: the data plane writes heads concurrently, each word in
     // one aligned store.
-    for word in &mapped.u32s()?[..buckets * WAYS as usize] {
-        match way_state(word.load(Ordering::Relaxed), now, timeouts) {
+    for word in mapped.load_u32s()?.take(buckets * WAYS as usize) {
+        match way_state(word, now, timeouts) {
             WayState::Free => {}
             WayState::Embryonic => {
                 entries += 1;
