@@ -13,6 +13,8 @@ use lb_userspace::{
     programming,
 };
 
+use crate::summary::{changed_fraction, median};
+
 const M: u32 = 65537;
 
 fn backends(n: u32) -> Vec<MaglevBackend> {
@@ -27,11 +29,6 @@ fn backends(n: u32) -> Vec<MaglevBackend> {
             }
         })
         .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 pub struct ControlResult {
@@ -60,9 +57,10 @@ fn build_ms(b: &[MaglevBackend], m: u32) -> (f64, f64) {
 
 /// Fraction of slots that change when the first of `b` is removed.
 fn moved(b: &[MaglevBackend], m: u32) -> Result<f64> {
-    let full = maglev::build(b, m, 0)?;
-    let less = maglev::build(&b[1..], m, 0)?;
-    Ok(full.iter().zip(&less).filter(|(a, b)| a != b).count() as f64 / m as f64)
+    Ok(changed_fraction(
+        &maglev::build(b, m, 0)?,
+        &maglev::build(&b[1..], m, 0)?,
+    ))
 }
 
 /// Not the product's builder: another fill with the same permutations and
@@ -114,9 +112,7 @@ fn quota_fill(b: &[MaglevBackend], m: u32) -> Vec<u32> {
 /// Fraction of slots that change when the first of `b` is removed, with
 /// [`quota_fill`].
 fn quota_fill_moved(b: &[MaglevBackend], m: u32) -> f64 {
-    let full = quota_fill(b, m);
-    let less = quota_fill(&b[1..], m);
-    full.iter().zip(&less).filter(|(a, b)| a != b).count() as f64 / m as f64
+    changed_fraction(&quota_fill(b, m), &quota_fill(&b[1..], m))
 }
 
 /// `RINGS` bytes one VIP takes: two generations of ceil(m / 16) 64-byte

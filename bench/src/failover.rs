@@ -76,7 +76,7 @@ pub fn run() -> Result<String> {
             "| http, interval {interval} ms, timeout {timeout} ms, fall {fall} | {} ms | {:.0} | {:.0} | {:.0} |\n",
             u64::from(fall) * interval,
             v[0],
-            v[v.len() / 2],
+            crate::summary::median(v.clone()),
             v[v.len() - 1]
         ));
     }

@@ -14,6 +14,7 @@ mod plot;
 mod rate;
 mod scale;
 mod service;
+mod summary;
 mod xdp;
 
 use anyhow::Result;

@@ -207,10 +207,7 @@ pub fn run() -> Result<(String, Vec<(String, f64)>)> {
     let rows: Vec<(String, f64)> = names
         .into_iter()
         .zip(samples)
-        .map(|(n, mut v)| {
-            v.sort_by(f64::total_cmp);
-            (n, v[v.len() / 2])
-        })
+        .map(|(n, v)| (n, crate::summary::median(v)))
         .collect();
     let mut md = format!(
         "{FRAMES} minimum-size (64-byte) UDP frames of one flow, injected at the client's veth with XDP live frames (batch 64), counted as received by the backends' interfaces. Each measurement gets a fresh topology; the median of {ROUNDS} interleaved rounds is shown. The trivial forwarder rewrites both MACs and sends every frame to one backend: the ceiling this path allows. The generator, both veth hops and the forwarder share the machine's 2 cores, so this shows how close the balancer comes to the path's ceiling, not a NIC's line rate (section 1 gives the per-packet cost).\n\n| forwarder at the LB | packets/s delivered | vs trivial |\n|---|---:|---:|\n"

@@ -13,6 +13,8 @@ use anyhow::{Context, Result, bail};
 use lb_tests::{Spawned, Topology, addressing, fabric, in_netns, lbd};
 use lb_userspace::dataplane::AttachMode;
 
+use crate::summary::median;
+
 const PORT: u16 = 80;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -476,20 +478,6 @@ pub fn run(rounds: usize, seconds: u64) -> Result<Vec<Summary>> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let mid = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[mid - 1] + v[mid]) / 2.0
-    } else {
-        v[mid]
-    }
 }
 
 /// Balancer CPU seconds per request: kernel paths are charged the softirq

@@ -261,11 +261,10 @@ pub enum Stat {
 }
 
 impl Stat {
-    fn of(self, mut v: Vec<f64>) -> f64 {
-        v.sort_by(|a, b| a.total_cmp(b));
+    fn of(self, v: Vec<f64>) -> f64 {
         match self {
-            Stat::Min => v[0],
-            Stat::Median => v[v.len() / 2],
+            Stat::Min => v.iter().copied().fold(f64::INFINITY, f64::min),
+            Stat::Median => crate::summary::median(v),
         }
     }
 

@@ -452,12 +452,10 @@ pub fn build(backends: &[MaglevBackend], m: u32, seed: u32) -> Result<Vec<u32>, 
     if weights.iter().all(|&w| w == max_weight) {
         // Equal weights (the common case): every backend claims once per
         // round, which is the paper's algorithm.
-        let mut left = m;
         'rounds: loop {
             for i in 0..n {
                 walks.claim(i);
-                left -= 1;
-                if left == 0 {
+                if walks.free_count == 0 {
                     break 'rounds;
                 }
             }
@@ -467,15 +465,13 @@ pub fn build(backends: &[MaglevBackend], m: u32, seed: u32) -> Result<Vec<u32>, 
         // backend cost about m * max_weight / mean weight steps, less than
         // a priority queue's log N per claim.
         let mut credit = vec![0u64; n];
-        let mut left = m;
         'credit: loop {
             for i in 0..n {
                 credit[i] += weights[i];
                 if credit[i] >= max_weight {
                     credit[i] -= max_weight;
                     walks.claim(i);
-                    left -= 1;
-                    if left == 0 {
+                    if walks.free_count == 0 {
                         break 'credit;
                     }
                 }

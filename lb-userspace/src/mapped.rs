@@ -94,13 +94,6 @@ impl MappedValues {
             .map(|w| w.load(Ordering::Relaxed)))
     }
 
-    pub(crate) fn load_u64s(&self) -> Result<impl Iterator<Item = u64> + '_> {
-        Ok(self
-            .words::<AtomicU64>()?
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed)))
-    }
-
     fn writable_words<T>(&self) -> Result<&[T]> {
         if !self.writable {
             bail!("storing through a read-only mapping");

@@ -69,10 +69,16 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
     // The filter admits the new set before the table names it, and drops
     // the old set only once the table no longer does (see
     // `lb_common::vipfilter`).
+    // Every word changes in one atomic operation: the data plane reads
+    // them meanwhile.
     let wanted = vipfilter::build(vips.iter().map(|(k, _)| &k.addr));
-    let current = read_filter(ebpf)?;
-    let union: Vec<u64> = current.iter().zip(&wanted).map(|(c, w)| c | w).collect();
-    write_filter(ebpf, &current, &union)?;
+    let filter = mapped_filter(ebpf)?;
+    let words = filter.u64s()?;
+    for (word, &want) in words.iter().zip(&wanted) {
+        if want != 0 {
+            word.fetch_or(want, Ordering::Release);
+        }
+    }
     {
         let mut table = VIP_TABLE.array_mut(ebpf)?;
         for (i, slot) in built.iter().enumerate() {
@@ -86,35 +92,24 @@ fn write_vips(ebpf: &mut Ebpf, vips: &[(VipKey, VipInfo)]) -> Result<()> {
         .array_mut(ebpf)?
         .set(0, next_epoch, 0)
         .context("flipping VIP_TABLE_GEN")?;
-    write_filter(ebpf, &union, &wanted)
+    for (word, &want) in words.iter().zip(&wanted) {
+        if word.load(Ordering::Relaxed) != want {
+            word.store(want, Ordering::Release);
+        }
+    }
+    Ok(())
 }
 
 /// The filter's words, mapped (`VIP_FILTER` is `BPF_F_MMAPABLE`): reading
 /// all 1,024 took as many system calls on every VIP-table change.
-fn mapped_filter(ebpf: &Ebpf, writable: bool) -> Result<MappedValues> {
+fn mapped_filter(ebpf: &Ebpf) -> Result<MappedValues> {
     MappedValues::map(
         VIP_FILTER.data(ebpf)?,
         0,
         vipfilter::FILTER_WORDS as usize * std::mem::size_of::<u64>(),
-        writable,
+        true,
         "VIP_FILTER",
     )
-}
-
-fn read_filter(ebpf: &mut Ebpf) -> Result<Vec<u64>> {
-    Ok(mapped_filter(ebpf, false)?.load_u64s()?.collect())
-}
-
-/// Writes the words of `to` that differ from `from` (the map's contents),
-/// each in one atomic store: the data plane reads them meanwhile.
-fn write_filter(ebpf: &mut Ebpf, from: &[u64], to: &[u64]) -> Result<()> {
-    let filter = mapped_filter(ebpf, true)?;
-    for ((word, old), new) in filter.u64s()?.iter().zip(from).zip(to) {
-        if old != new {
-            word.store(*new, Ordering::Release);
-        }
-    }
-    Ok(())
 }
 
 /// Writes the configuration. `vip_slots`, `flow_cache_slots` and the
