@@ -135,6 +135,7 @@ struct Daemon {
     resolver: Resolver,
     checks: HashMap<u32, JoinHandle<()>>,
     check_stats: CheckStats,
+    check_sockets: Arc<health::tcp::CheckSockets>,
     health_tx: mpsc::Sender<HealthEvent>,
     resolved_tx: mpsc::Sender<Resolved>,
     reload_tx: mpsc::Sender<ReloadResolved>,
@@ -340,6 +341,7 @@ async fn start_with(config: Config, undo: &mut Undo) -> Result<(Daemon, Inbox)> 
         resolver,
         checks: HashMap::new(),
         check_stats: CheckStats::default(),
+        check_sockets: health::tcp::CheckSockets::new(),
         health_tx,
         resolved_tx,
         reload_tx,
@@ -520,9 +522,12 @@ impl Daemon {
             t.token,
             t.addr,
             t.check,
-            self.health_tx.clone(),
-            self.check_stats.clone(),
             t.initial,
+            health::Checkers {
+                events: self.health_tx.clone(),
+                stats: self.check_stats.clone(),
+                sockets: self.check_sockets.clone(),
+            },
         ));
         self.checks.insert(t.id, task);
     }

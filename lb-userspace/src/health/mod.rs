@@ -1,14 +1,17 @@
 //! Active health checks: one task per backend, results to the controller.
 //!
-//! At scale (a thousand backends checked every second) what a check costs
-//! is mostly the kernel's: a TCP check closes with a reset (see
-//! [`probe`]), and the checkers are spread over their interval
-//! ([`first_delay`]) instead of all connecting in the same millisecond.
+//! At scale (thousands of backends checked every second) what a check
+//! costs is mostly the kernel's: a TCP check ends with a reset on a socket
+//! that is kept for the next check (see [`tcp`]), the checkers are spread
+//! over their interval ([`first_delay`]) instead of all connecting in the
+//! same millisecond, and those due within the same hundredth of it wake
+//! together ([`wake_grid`]).
 //! Only state changes reach the controller (and so the rings); every
 //! result goes to the statistics only.
 
 pub mod probe;
 pub mod state;
+pub mod tcp;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -38,6 +41,15 @@ pub struct CheckRecord {
 
 pub type CheckStats = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u32, CheckRecord>>>;
 
+/// What every checker of a process shares: where state changes go, where
+/// every result is counted, and the sockets TCP checks reuse.
+#[derive(Clone, Debug)]
+pub struct Checkers {
+    pub events: mpsc::Sender<HealthEvent>,
+    pub stats: CheckStats,
+    pub sockets: std::sync::Arc<tcp::CheckSockets>,
+}
+
 /// Checks `addr` forever, sending an event on every state change and
 /// recording every result in `stats`. Stops when the receiver is gone.
 pub async fn run(
@@ -45,15 +57,25 @@ pub async fn run(
     token: u64,
     addr: SocketAddr,
     check: HealthCheck,
-    events: mpsc::Sender<HealthEvent>,
-    stats: CheckStats,
     initial: Health,
+    shared: Checkers,
 ) {
+    let Checkers {
+        events,
+        stats,
+        sockets,
+    } = shared;
     let mut state = HealthState::starting(check.rise, check.fall, initial);
-    tokio::time::sleep(first_delay(id, initial, state.next_interval(&check))).await;
+    let first = state.next_interval(&check);
+    let grid = wake_grid(check.interval);
+    sleep_on_grid(
+        tokio::time::Instant::now() + first_delay(id, initial, first),
+        grid,
+    )
+    .await;
     loop {
         let started = tokio::time::Instant::now();
-        let result = probe::probe(&check.kind, addr, check.timeout).await;
+        let result = probe::probe(&check.kind, addr, check.timeout, &sockets).await;
         let latency = started.elapsed();
         if let Ok(mut all) = stats.lock() {
             let r = all.entry(id).or_default();
@@ -80,11 +102,33 @@ pub async fn run(
                 return;
             }
         }
-        let wait = state
-            .next_interval(&check)
-            .saturating_sub(started.elapsed());
-        tokio::time::sleep(wait).await;
+        sleep_on_grid(started + state.next_interval(&check), grid).await;
     }
+}
+
+/// How finely the checkers' wake-ups are rounded: a hundredth of the check
+/// interval, between 1 and 10 ms. Checkers due within the same step wake
+/// together, in one return from the poller, instead of one wake-up (a
+/// switch into the process, on a virtual machine an exit from idle too) per
+/// check; a check runs up to 1% of its interval later than it would have.
+fn wake_grid(interval: Duration) -> Duration {
+    (interval / 100).clamp(Duration::from_millis(1), Duration::from_millis(10))
+}
+
+/// The first point of the grid (steps of `grid` from one instant shared by
+/// every checker of the process) at or after `at`.
+fn on_grid(at: tokio::time::Instant, grid: Duration) -> tokio::time::Instant {
+    static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
+    let since = at.saturating_duration_since(origin).as_nanos();
+    let step = grid.as_nanos().max(1);
+    let steps = since.div_ceil(step);
+    let offset = u64::try_from(steps * step).unwrap_or(u64::MAX);
+    origin + Duration::from_nanos(offset)
+}
+
+async fn sleep_on_grid(at: tokio::time::Instant, grid: Duration) {
+    tokio::time::sleep_until(on_grid(at, grid)).await;
 }
 
 /// How long a checker waits before its first check. A backend whose health
@@ -139,13 +183,17 @@ pub async fn first_round<K: Send + 'static>(
     targets: Vec<(K, SocketAddr, HealthCheck)>,
 ) -> Vec<(K, bool)> {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(first_round_in_flight()));
+    let sockets = tcp::CheckSockets::new();
     let mut set = tokio::task::JoinSet::new();
     for (key, addr, check) in targets {
         let slots = slots.clone();
+        let sockets = sockets.clone();
         set.spawn(async move {
             // Never closed: a permit always comes.
             let _slot = slots.acquire_owned().await;
-            let ok = probe::probe(&check.kind, addr, check.timeout).await.is_ok();
+            let ok = probe::probe(&check.kind, addr, check.timeout, &sockets)
+                .await
+                .is_ok();
             (key, ok)
         });
     }
@@ -180,6 +228,38 @@ mod tests {
         for (i, n) in tenths.iter().enumerate() {
             assert!((90..=110).contains(n), "tenth {i}: {n} checks");
         }
+    }
+
+    #[test]
+    fn wake_ups_are_rounded_up_to_a_shared_grid() {
+        assert_eq!(wake_grid(Duration::from_secs(1)), Duration::from_millis(10));
+        assert_eq!(
+            wake_grid(Duration::from_millis(200)),
+            Duration::from_millis(2)
+        );
+        assert_eq!(
+            wake_grid(Duration::from_millis(50)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            wake_grid(Duration::from_secs(60)),
+            Duration::from_millis(10)
+        );
+        let grid = Duration::from_millis(10);
+        let base = tokio::time::Instant::now();
+        let mut wakes = std::collections::BTreeSet::new();
+        for id in 1..=1000 {
+            let at = base + first_delay(id, Health::Up, Duration::from_secs(1));
+            let woken = on_grid(at, grid);
+            assert!(woken >= at, "never early");
+            assert!(woken - at < grid, "at most one step late");
+            assert_eq!(on_grid(woken, grid), woken, "a grid point stays put");
+            wakes.insert(woken);
+        }
+        // A thousand checkers spread over a second wake at no more than a
+        // hundred and one instants (the grid's points in that second).
+        assert!(wakes.len() <= 101, "{} distinct wake-ups", wakes.len());
+        assert!(wakes.len() >= 90, "still spread: {}", wakes.len());
     }
 
     #[tokio::test]

@@ -9,74 +9,37 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use tokio::{
-    net::{TcpSocket, TcpStream, UdpSocket},
+    net::{TcpStream, UdpSocket},
     time::timeout,
 };
 
+use super::tcp::CheckSockets;
 use crate::config::CheckKind;
 
 /// Runs `kind` against `addr` within `limit`; `Err` says why it failed.
-pub async fn probe(kind: &CheckKind, addr: SocketAddr, limit: Duration) -> Result<(), String> {
-    match timeout(limit, run(kind, addr)).await {
+/// TCP checks run on `sockets` (see [`super::tcp`]).
+pub async fn probe(
+    kind: &CheckKind,
+    addr: SocketAddr,
+    limit: Duration,
+    sockets: &CheckSockets,
+) -> Result<(), String> {
+    match timeout(limit, run(kind, addr, sockets)).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {limit:?}")),
     }
 }
 
-async fn run(kind: &CheckKind, addr: SocketAddr) -> Result<(), String> {
+async fn run(kind: &CheckKind, addr: SocketAddr, sockets: &CheckSockets) -> Result<(), String> {
     match kind {
         CheckKind::None => Ok(()),
-        CheckKind::Tcp => tcp(addr).await,
+        CheckKind::Tcp => sockets.check(addr).await,
         CheckKind::Http {
             path,
             expect_status,
             host,
         } => http(addr, path, *expect_status, host.as_deref()).await,
         CheckKind::Udp { payload, expect } => udp(addr, payload, expect).await,
-    }
-}
-
-/// A connection opened, then closed with a reset, as HAProxy's TCP checks
-/// do: no FIN exchange and no TIME_WAIT socket left behind per check (a
-/// thousand backends checked every second would otherwise keep some sixty
-/// thousand of them, and cost both ends the closing handshake).
-async fn tcp(addr: SocketAddr) -> Result<(), String> {
-    let s = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(|e| format!("socket: {e}"))?;
-    s.set_zero_linger().map_err(|e| format!("socket: {e}"))?;
-    hold_handshake_ack(&s);
-    s.connect(addr)
-        .await
-        .map(drop)
-        .map_err(|e| format!("connect: {e}"))
-}
-
-/// Holds back the handshake's final ACK (TCP_QUICKACK off puts the socket
-/// in delayed-ACK mode before the SYN-ACK arrives), so the reset that closes
-/// the check follows the SYN-ACK alone, as HAProxy's TCP checks do: the
-/// backend's kernel drops a half-open request instead of creating a
-/// connection and queueing it for `accept`, and the check costs both ends
-/// less. The SYN-ACK is what the check asks for. Best effort: without it the
-/// check is the same, only dearer.
-fn hold_handshake_ack(s: &TcpSocket) {
-    use std::os::fd::AsRawFd;
-    let off: libc::c_int = 0;
-    // SAFETY: a valid socket and an option value of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&raw const off).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_QUICKACK off refused");
     }
 }
 
@@ -193,20 +156,23 @@ mod tests {
             }
         });
         let t = Duration::from_secs(2);
-        assert_eq!(probe(&CheckKind::Tcp, addr, t).await, Ok(()));
+        assert_eq!(
+            probe(&CheckKind::Tcp, addr, t, &CheckSockets::default()).await,
+            Ok(())
+        );
         let ok = CheckKind::Http {
             path: "/health".into(),
             expect_status: 200,
             host: None,
         };
-        assert_eq!(probe(&ok, addr, t).await, Ok(()));
+        assert_eq!(probe(&ok, addr, t, &CheckSockets::default()).await, Ok(()));
         let bad = CheckKind::Http {
             path: "/other".into(),
             expect_status: 200,
             host: None,
         };
         assert!(
-            probe(&bad, addr, t)
+            probe(&bad, addr, t, &CheckSockets::default())
                 .await
                 .unwrap_err()
                 .contains("status 503")
@@ -245,7 +211,16 @@ mod tests {
             expect_status: 204,
             host: Some("app.example".into()),
         };
-        assert_eq!(probe(&kind, addr, Duration::from_secs(2)).await, Ok(()));
+        assert_eq!(
+            probe(
+                &kind,
+                addr,
+                Duration::from_secs(2),
+                &CheckSockets::default()
+            )
+            .await,
+            Ok(())
+        );
         let head = heads.recv().await.unwrap().to_ascii_lowercase();
         assert!(head.starts_with("get /ready?deep=1 http/1.1\r\n"), "{head}");
         assert!(head.contains("host: app.example\r\n"), "{head}");
@@ -257,7 +232,16 @@ mod tests {
             expect_status: 200,
             host: None,
         };
-        assert_eq!(probe(&kind, addr, Duration::from_secs(2)).await, Ok(()));
+        assert_eq!(
+            probe(
+                &kind,
+                addr,
+                Duration::from_secs(2),
+                &CheckSockets::default()
+            )
+            .await,
+            Ok(())
+        );
     }
 
     #[tokio::test]
@@ -269,10 +253,14 @@ mod tests {
         };
         let t = Duration::from_secs(2);
         let (addr, _h) = answering(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
-        let e = probe(&kind, addr, t).await.unwrap_err();
+        let e = probe(&kind, addr, t, &CheckSockets::default())
+            .await
+            .unwrap_err();
         assert!(e.contains("not an HTTP response"), "{e}");
         let (addr, _h) = answering(b"").await;
-        let e = probe(&kind, addr, t).await.unwrap_err();
+        let e = probe(&kind, addr, t, &CheckSockets::default())
+            .await
+            .unwrap_err();
         assert!(!e.is_empty() && !e.contains("no answer within"), "{e}");
     }
 
@@ -284,7 +272,13 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         assert_eq!(
-            probe(&CheckKind::Tcp, addr, Duration::from_secs(2)).await,
+            probe(
+                &CheckKind::Tcp,
+                addr,
+                Duration::from_secs(2),
+                &CheckSockets::default()
+            )
+            .await,
             Ok(())
         );
         let accepted = tokio::time::timeout(Duration::from_millis(300), l.accept()).await;
@@ -304,19 +298,29 @@ mod tests {
             expect: vec![],
         };
         assert!(
-            probe(&kind, silent, Duration::from_millis(200))
-                .await
-                .is_err()
+            probe(
+                &kind,
+                silent,
+                Duration::from_millis(200),
+                &CheckSockets::default()
+            )
+            .await
+            .is_err()
         );
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
         assert!(
-            probe(&CheckKind::Tcp, closed, Duration::from_secs(1))
-                .await
-                .unwrap_err()
-                .contains("connect")
+            probe(
+                &CheckKind::Tcp,
+                closed,
+                Duration::from_secs(1),
+                &CheckSockets::default()
+            )
+            .await
+            .unwrap_err()
+            .contains("connect")
         );
     }
 
@@ -337,11 +341,15 @@ mod tests {
             payload: b"ping".to_vec(),
             expect: b"ping".to_vec(),
         };
-        assert_eq!(probe(&ok, addr, t).await, Ok(()));
+        assert_eq!(probe(&ok, addr, t, &CheckSockets::default()).await, Ok(()));
         let bad = CheckKind::Udp {
             payload: b"ping".to_vec(),
             expect: b"pong".to_vec(),
         };
-        assert!(probe(&bad, addr, t).await.is_err());
+        assert!(
+            probe(&bad, addr, t, &CheckSockets::default())
+                .await
+                .is_err()
+        );
     }
 }
