@@ -55,12 +55,54 @@ fn build_ms(b: &[MaglevBackend], m: u32) -> (f64, f64) {
     (fastest, median(times))
 }
 
-/// Fraction of slots that change when the first of `b` is removed.
-fn moved(b: &[MaglevBackend], m: u32) -> Result<f64> {
-    Ok(changed_fraction(
-        &maglev::build(b, m, 0)?,
-        &maglev::build(&b[1..], m, 0)?,
-    ))
+/// Removals each disruption figure averages: which backend leaves changes
+/// the figure by up to a tenth, so one removal is not the figure.
+const REMOVALS: usize = 10;
+
+/// Slots that change when one backend leaves, as fractions of the table,
+/// over [`REMOVALS`] removals spread over the backends.
+#[derive(Clone, Copy, Debug)]
+struct Moved {
+    mean: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Moved {
+    fn over(
+        b: &[MaglevBackend],
+        build: impl Fn(&[MaglevBackend]) -> Result<Vec<u32>>,
+    ) -> Result<Self> {
+        let full = build(b)?;
+        let picks = REMOVALS.min(b.len());
+        let mut all = Vec::with_capacity(picks);
+        for k in 0..picks {
+            let mut less = b.to_vec();
+            less.remove(k * b.len() / picks);
+            all.push(changed_fraction(&full, &build(&less)?));
+        }
+        Ok(Moved {
+            mean: all.iter().sum::<f64>() / all.len() as f64,
+            min: all.iter().copied().fold(f64::INFINITY, f64::min),
+            max: all.iter().copied().fold(0.0, f64::max),
+        })
+    }
+
+    /// "mean (min-max)" in multiples of the ideal 1/n.
+    fn times_ideal(&self, n: u32) -> String {
+        let n = f64::from(n);
+        format!(
+            "{:.2} ({:.2}-{:.2})",
+            self.mean * n,
+            self.min * n,
+            self.max * n
+        )
+    }
+}
+
+/// Slots moved by Maglev, building `b` into `m` slots.
+fn moved(b: &[MaglevBackend], m: u32) -> Result<Moved> {
+    Moved::over(b, |x| Ok(maglev::build(x, m, 0)?))
 }
 
 /// Not the product's builder: another fill with the same permutations and
@@ -109,10 +151,9 @@ fn quota_fill(b: &[MaglevBackend], m: u32) -> Vec<u32> {
     table
 }
 
-/// Fraction of slots that change when the first of `b` is removed, with
-/// [`quota_fill`].
-fn quota_fill_moved(b: &[MaglevBackend], m: u32) -> f64 {
-    changed_fraction(&quota_fill(b, m), &quota_fill(&b[1..], m))
+/// Slots moved with [`quota_fill`].
+fn quota_fill_moved(b: &[MaglevBackend], m: u32) -> Result<Moved> {
+    Moved::over(b, |x| Ok(quota_fill(x, m)))
 }
 
 /// `RINGS` bytes one VIP takes: two generations of ceil(m / 16) 64-byte
@@ -203,7 +244,7 @@ pub fn run() -> Result<ControlResult> {
         classic_moved.push(moved(&b, M)?);
         let auto = maglev::auto_ring_size(n);
         let d = moved(&b, auto)?;
-        disruption.push((n, d, 1.0 / n as f64));
+        disruption.push((n, d.mean, 1.0 / n as f64));
         auto_rows.push((n, auto, build_ms(&b, auto).0, d));
         default_size_moved.push((n, moved(&b, maglev::DEFAULT_RING_SIZE)?));
     }
@@ -213,7 +254,7 @@ pub fn run() -> Result<ControlResult> {
     let (h_build, h_publish, h_total) = health_to_live(auto_1000, 1000)?;
     let by_max_vips = publish_by_max_vips()?;
     let mut md = String::from(
-        "Build times: the fastest of 21 builds (their median in brackets).\n\n| backends | Maglev build, M = 65537 (ms) | slots moved when one is removed | ideal (1/N) |\n|---:|---:|---:|---:|\n",
+        "Build times: the fastest of 21 builds (their median in brackets). Slots moved: the mean over 10 removals, each of a different backend; where shown as multiples of the ideal, the range of the 10 in brackets.\n\n| backends | Maglev build, M = 65537 (ms) | slots moved when one is removed | ideal (1/N) |\n|---:|---:|---:|---:|\n",
     );
     for (((n, ms), median), (moved, (_, _, ideal))) in builds
         .iter()
@@ -222,7 +263,7 @@ pub fn run() -> Result<ControlResult> {
     {
         md.push_str(&format!(
             "| {n} | {ms:.2} ({median:.2}) | {:.3}% | {:.3}% |\n",
-            moved * 100.0,
+            moved.mean * 100.0,
             ideal * 100.0
         ));
     }
@@ -231,9 +272,9 @@ pub fn run() -> Result<ControlResult> {
     );
     for (n, m, ms, d) in &auto_rows {
         md.push_str(&format!(
-            "| {n} | {m} | {ms:.2} | {:.3}% | {:.2} | {:.3}% | {} |\n",
-            d * 100.0,
-            d * *n as f64,
+            "| {n} | {m} | {ms:.2} | {:.3}% | {} | {:.3}% | {} |\n",
+            d.mean * 100.0,
+            d.times_ideal(*n),
             100.0 / *n as f64,
             mib(ring_bytes_per_vip(*m))
         ));
@@ -242,11 +283,11 @@ pub fn run() -> Result<ControlResult> {
         "\nWhether another fill order would do better at the automatic sizes above: the same permutations and the same balance (floor or ceil of M/N slots each), but every backend short of its quota steps one position per round instead of to its next free slot (`quota_fill` in `bench/src/control.rs`, not the product's builder):\n\n| backends | ring size | slots moved, Maglev (x ideal) | slots moved, quota fill (x ideal) |\n|---:|---:|---:|---:|\n",
     );
     for (n, m, _, d) in &auto_rows {
-        let q = quota_fill_moved(&backends(*n), *m);
+        let q = quota_fill_moved(&backends(*n), *m)?;
         md.push_str(&format!(
-            "| {n} | {m} | {:.2} | {:.2} |\n",
-            d * *n as f64,
-            q * *n as f64
+            "| {n} | {m} | {} | {} |\n",
+            d.times_ideal(*n),
+            q.times_ideal(*n)
         ));
     }
     md.push_str(&format!(
@@ -256,12 +297,20 @@ pub fn run() -> Result<ControlResult> {
     ));
     for (n, d) in &default_size_moved {
         md.push_str(&format!(
-            "| {n} | {:.3}% | {:.2} | {:.3}% |\n",
-            d * 100.0,
-            d * *n as f64,
+            "| {n} | {:.3}% | {} | {:.3}% |\n",
+            d.mean * 100.0,
+            d.times_ideal(*n),
             100.0 / *n as f64
         ));
     }
+    let largest = moved(&backends(1000), maglev::MAX_RING_SIZE)?;
+    md.push_str(&format!(
+        "\nAt the largest ring lbd accepts ({} slots, 1,000 slots per backend at N = 1,000; `RINGS` {} per VIP), 1,000 backends present: {:.3}% moved, {} x ideal.\n",
+        maglev::MAX_RING_SIZE,
+        mib(ring_bytes_per_vip(maglev::MAX_RING_SIZE)),
+        largest.mean * 100.0,
+        largest.times_ideal(1000)
+    ));
     md.push_str(&format!(
         "\nWriting one ring into the idle generation and flipping the VIP to it (stores through a shared mapping of the generation's part of `RINGS`, then one release store to its `RING_STATE` word): {publish_classic:.1} ms for 65537 slots, {publish_auto:.1} ms for {auto_1000} slots (the automatic size for 1,000 backends).\n"
     ));
