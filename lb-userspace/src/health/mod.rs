@@ -67,12 +67,14 @@ pub async fn run(
     } = shared;
     let mut state = HealthState::starting(check.rise, check.fall, initial);
     let first = state.next_interval(&check);
-    let grid = wake_grid(check.interval);
-    sleep_on_grid(
+    // Each check is due one interval after the last was (not after it
+    // woke: a wake-up comes a little after its grid point, and rounding
+    // that up would add a grid step to every interval).
+    let mut due = on_grid(
         tokio::time::Instant::now() + first_delay(id, initial, first),
-        grid,
-    )
-    .await;
+        wake_grid(first),
+    );
+    tokio::time::sleep_until(due).await;
     loop {
         let started = tokio::time::Instant::now();
         let result = probe::probe(&check.kind, addr, check.timeout, &sockets).await;
@@ -102,12 +104,20 @@ pub async fn run(
                 return;
             }
         }
-        sleep_on_grid(started + state.next_interval(&check), grid).await;
+        let interval = state.next_interval(&check);
+        // A check that overran its interval is followed at once, not by a
+        // burst of the ones it missed.
+        due = on_grid(
+            (due + interval).max(tokio::time::Instant::now()),
+            wake_grid(interval),
+        );
+        tokio::time::sleep_until(due).await;
     }
 }
 
-/// How finely the checkers' wake-ups are rounded: a hundredth of the check
-/// interval, between 1 and 10 ms. Checkers due within the same step wake
+/// How finely the checkers' wake-ups are rounded: a hundredth of the
+/// interval to the next check (`interval`, `fastinter` or `downinter`),
+/// between 1 and 10 ms. Checkers due within the same step wake
 /// together, in one return from the poller, instead of one wake-up (a
 /// switch into the process, on a virtual machine an exit from idle too) per
 /// check; a check runs up to 1% of its interval later than it would have.
@@ -125,10 +135,6 @@ fn on_grid(at: tokio::time::Instant, grid: Duration) -> tokio::time::Instant {
     let steps = since.div_ceil(step);
     let offset = u64::try_from(steps * step).unwrap_or(u64::MAX);
     origin + Duration::from_nanos(offset)
-}
-
-async fn sleep_on_grid(at: tokio::time::Instant, grid: Duration) {
-    tokio::time::sleep_until(on_grid(at, grid)).await;
 }
 
 /// How long a checker waits before its first check. A backend whose health

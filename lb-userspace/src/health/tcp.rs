@@ -6,15 +6,20 @@
 //! request instead of queueing a connection for `accept`, and nobody keeps
 //! a TIME_WAIT socket.
 //!
-//! A socket per check (HAProxy's way, and this one's before) costs eight
-//! system calls and a socket's allocation, poller registration and release
-//! on top of the handshake itself. Here a finished check's socket is
-//! disconnected instead of closed (`connect` to `AF_UNSPEC`, which sends the
-//! same reset) and goes back to an idle list, still registered with the
-//! poller, for the next check of the same address family: a check is then
-//! four calls, `TCP_QUICKACK` off (the disconnect resets it), `connect`, one
-//! read of the socket's state when the poller says it changed, and the
-//! disconnect.
+//! A socket per check (HAProxy's way, and this one's before) costs a
+//! socket's allocation and release and nine system calls on top of the
+//! handshake itself. Here a finished check's socket is disconnected instead
+//! of closed (`connect` to `AF_UNSPEC`, which sends the same reset and
+//! releases the port) and goes back to an idle list for the next check of
+//! the same address family: a check is then `TCP_QUICKACK` off (the
+//! disconnect clears it), `connect`, the poller's add, one read of the
+//! socket's TCP state per wake-up, the poller's delete and the disconnect.
+//!
+//! The socket joins the runtime's poller for one check only, after its
+//! `connect`: the poller's record of a socket keeps "closed" for good once
+//! it has seen one (a disconnected socket reports a hang-up), so a socket
+//! that stayed registered would look ready forever and its next check
+//! would spin instead of waiting for the backend.
 
 use std::{
     io,
@@ -26,13 +31,33 @@ use std::{
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::{Interest, unix::AsyncFd};
 
-/// Idle sockets kept per address family: enough for every check that
+/// Most idle sockets kept per address family: enough for every check that
 /// starts in the same instant at ten thousand checks a second; more than
-/// that are closed as they come back.
+/// that are closed as they come back. Fewer under a low open-files limit
+/// ([`idle_kept`]).
 const IDLE_KEPT: usize = 1024;
 
-/// Reusable check sockets, per address family. One per runtime: a socket is
-/// registered with the poller of the runtime that created it.
+/// Idle sockets kept per family: [`IDLE_KEPT`], or an eighth of the
+/// open-files limit if that is less, so that idle sockets never crowd out
+/// HTTP checks, the API or the maps.
+fn idle_kept() -> usize {
+    static KEPT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KEPT.get_or_init(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct it is given.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+        } else {
+            1024
+        };
+        (soft / 8).min(IDLE_KEPT)
+    })
+}
+
+/// Reusable check sockets, per address family.
 #[derive(Debug, Default)]
 pub struct CheckSockets {
     idle: Mutex<Idle>,
@@ -40,26 +65,26 @@ pub struct CheckSockets {
 
 #[derive(Debug, Default)]
 struct Idle {
-    v4: Vec<AsyncFd<Socket>>,
-    v6: Vec<AsyncFd<Socket>>,
+    v4: Vec<Socket>,
+    v6: Vec<Socket>,
     opened: u64,
 }
 
 impl Idle {
-    fn of(&mut self, v6: bool) -> &mut Vec<AsyncFd<Socket>> {
+    fn of(&mut self, v6: bool) -> &mut Vec<Socket> {
         if v6 { &mut self.v6 } else { &mut self.v4 }
     }
 }
 
 /// Where a check's socket stands, from the kernel's own record of it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Stage {
     /// The SYN-ACK came: the backend answers.
     Answered,
     /// No answer yet.
     Waiting,
-    /// Refused, unreachable, or reset: the socket's error says which.
-    Failed,
+    /// Refused, unreachable, or reset, and why.
+    Failed(io::Error),
 }
 
 impl CheckSockets {
@@ -77,81 +102,95 @@ impl CheckSockets {
     /// it with its timeout (dropping the future disconnects the socket and
     /// returns it all the same).
     pub async fn check(&self, addr: SocketAddr) -> Result<(), String> {
+        // An IPv4-mapped IPv6 address is checked over IPv4: an IPv6 socket
+        // that once connected to one keeps IPv4's handling, which must not
+        // follow it into a later check of a real IPv6 backend.
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let v6 = addr.is_ipv6();
-        let fd = self.take(v6).map_err(|e| format!("socket: {e}"))?;
+        let socket = self.take(v6).map_err(|e| format!("socket: {e}"))?;
         let mut lease = Lease {
             pool: self,
-            fd: Some(fd),
+            held: Held::Idle(socket),
             v6,
         };
         lease.run(addr).await
     }
 
-    fn take(&self, v6: bool) -> io::Result<AsyncFd<Socket>> {
+    fn take(&self, v6: bool) -> io::Result<Socket> {
         if let Ok(mut idle) = self.idle.lock() {
-            if let Some(fd) = idle.of(v6).pop() {
-                return Ok(fd);
+            if let Some(s) = idle.of(v6).pop() {
+                return Ok(s);
             }
             idle.opened += 1;
         }
         let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
-        let s = Socket::new(
+        Socket::new(
             domain,
             Type::STREAM.nonblocking().cloexec(),
             Some(Protocol::TCP),
-        )?;
-        // SAFETY: the socket is owned by the AsyncFd from here on, and a
-        // socket2::Socket's descriptor is the one it was created with.
-        unsafe { AsyncFd::register_with_interest(s, Interest::WRITABLE) }.map_err(io::Error::from)
+        )
     }
 
-    fn give_back(&self, v6: bool, fd: AsyncFd<Socket>) {
+    fn give_back(&self, v6: bool, s: Socket) {
         if let Ok(mut idle) = self.idle.lock() {
             let list = idle.of(v6);
-            if list.len() < IDLE_KEPT {
-                list.push(fd);
+            if list.len() < idle_kept() {
+                list.push(s);
             }
         }
     }
 }
 
+/// A leased socket: idle, or in the poller for the check under way.
+enum Held {
+    Idle(Socket),
+    Polled(AsyncFd<Socket>),
+    Gone,
+}
+
 /// A socket out of the pool for one check. However the check ends (an
-/// answer, a failure, or the caller's timeout dropping it), the socket is
-/// disconnected and goes back, or is closed if it cannot be disconnected.
+/// answer, a failure, or the caller's timeout dropping it), the socket
+/// leaves the poller, is disconnected and goes back, or is closed if it
+/// cannot be disconnected.
 struct Lease<'a> {
     pool: &'a CheckSockets,
-    fd: Option<AsyncFd<Socket>>,
+    held: Held,
     v6: bool,
 }
 
 impl Lease<'_> {
     async fn run(&mut self, addr: SocketAddr) -> Result<(), String> {
-        let Some(fd) = self.fd.as_ref() else {
-            return Err("socket: none".to_owned());
+        let Held::Idle(s) = std::mem::replace(&mut self.held, Held::Gone) else {
+            return Err("socket: not idle".to_owned());
         };
-        forget_stale_readiness(fd);
-        hold_handshake_ack(fd.get_ref());
-        match fd.get_ref().connect(&SockAddr::from(addr)) {
-            Ok(()) => return Ok(()),
+        hold_handshake_ack(&s);
+        match s.connect(&SockAddr::from(addr)) {
+            Ok(()) => {
+                self.held = Held::Idle(s);
+                return Ok(());
+            }
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-            Err(e) => return Err(format!("connect: {e}")),
+            Err(e) => {
+                self.held = Held::Idle(s);
+                return Err(format!("connect: {e}"));
+            }
         }
+        // SAFETY: the AsyncFd owns the socket until `into_inner` hands it
+        // back, and a socket2::Socket's descriptor never changes.
+        let fd = match unsafe { AsyncFd::register_with_interest(s, Interest::WRITABLE) } {
+            Ok(fd) => fd,
+            Err(e) => return Err(format!("connect: {}", io::Error::from(e))),
+        };
+        self.held = Held::Polled(fd);
+        let Held::Polled(fd) = &self.held else {
+            return Err("socket: not polled".to_owned());
+        };
         loop {
-            // Readiness left over from the socket's last check (its
-            // disconnect wakes the poller too) can end this wait early:
-            // the socket's state, not the wake-up, says what happened.
             let mut ready = fd.writable().await.map_err(|e| format!("connect: {e}"))?;
             match stage(fd.get_ref()) {
                 Stage::Answered => return Ok(()),
                 Stage::Waiting => ready.clear_ready(),
-                Stage::Failed => {
-                    let why = match fd.get_ref().take_error() {
-                        Ok(Some(e)) => e,
-                        Ok(None) => io::Error::from_raw_os_error(libc::ECONNRESET),
-                        Err(e) => e,
-                    };
-                    return Err(format!("connect: {why}"));
-                }
+                Stage::Failed(why) => return Err(format!("connect: {why}")),
             }
         }
     }
@@ -159,29 +198,25 @@ impl Lease<'_> {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        if let Some(fd) = self.fd.take()
-            && disconnect(fd.get_ref()).is_ok()
-        {
-            self.pool.give_back(self.v6, fd);
+        let s = match std::mem::replace(&mut self.held, Held::Gone) {
+            Held::Idle(s) => s,
+            Held::Polled(fd) => fd.into_inner(),
+            Held::Gone => return,
+        };
+        if disconnect(&s).is_ok() {
+            self.pool.give_back(self.v6, s);
         }
     }
 }
 
-/// Clears readiness the poller reported for the socket's previous check, so
-/// the first wait of this one is not woken by it (only a saving: [`Lease::run`]
-/// reads the socket's state after every wake-up either way).
-fn forget_stale_readiness(fd: &AsyncFd<Socket>) {
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    if let std::task::Poll::Ready(Ok(mut ready)) = fd.poll_write_ready(&mut cx) {
-        ready.clear_ready();
-    }
-}
-
-/// The kernel's TCP state of `s` (the first byte of `TCP_INFO`).
+/// Where `s` stands: its TCP state (the first byte of `TCP_INFO`), and its
+/// error when it is neither connected nor still connecting. A handshake
+/// that completed counts however far the connection went since (the
+/// backend may have closed its end already), unless it left an error.
 fn stage(s: &Socket) -> Stage {
     const TCP_ESTABLISHED: u8 = 1;
     const TCP_SYN_SENT: u8 = 2;
+    const TCP_CLOSE: u8 = 7;
     let mut state: u8 = 0;
     let mut len = std::mem::size_of::<u8>() as libc::socklen_t;
     // SAFETY: a valid socket; the kernel writes at most `len` bytes of the
@@ -195,10 +230,19 @@ fn stage(s: &Socket) -> Stage {
             &mut len,
         )
     };
-    match (rc, state) {
-        (0, TCP_ESTABLISHED) => Stage::Answered,
-        (0, TCP_SYN_SENT) => Stage::Waiting,
-        _ => Stage::Failed,
+    if rc != 0 {
+        return Stage::Failed(io::Error::last_os_error());
+    }
+    match state {
+        TCP_ESTABLISHED => Stage::Answered,
+        TCP_SYN_SENT => Stage::Waiting,
+        _ => match s.take_error() {
+            Ok(Some(e)) | Err(e) => Stage::Failed(e),
+            Ok(None) if state == TCP_CLOSE => {
+                Stage::Failed(io::Error::from_raw_os_error(libc::ECONNRESET))
+            }
+            Ok(None) => Stage::Answered,
+        },
     }
 }
 
@@ -294,6 +338,78 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         assert_eq!(pool.check(l.local_addr().unwrap()).await, Ok(()));
         assert_eq!(pool.opened(), 1);
+    }
+
+    /// A socket that served checks before (its disconnects woke the poller,
+    /// a refusal left a hang-up) waits for a silent backend like a new
+    /// one: the caller's timeout ends the check, on time, and the runtime
+    /// kept running meanwhile. Run on a thread of its own so that a check
+    /// that spun instead of waiting fails this test rather than hanging it.
+    #[test]
+    fn a_reused_socket_waits_for_a_silent_backend_without_spinning() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let outcome = rt.block_on(async {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let up = l.local_addr().unwrap();
+                let refused = {
+                    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                    l.local_addr().unwrap()
+                };
+                let (_l, _queued, deaf) = deaf_listener();
+                let pool = CheckSockets::new();
+                assert_eq!(pool.check(up).await, Ok(()));
+                assert!(pool.check(refused).await.is_err());
+                // Let the poller see the disconnects' wake-ups.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+                let ticker = {
+                    let ticks = ticks.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    })
+                };
+                let started = std::time::Instant::now();
+                let cut = tokio::time::timeout(Duration::from_millis(300), pool.check(deaf)).await;
+                let waited = started.elapsed();
+                ticker.abort();
+                (
+                    cut.is_err(),
+                    waited,
+                    ticks.load(std::sync::atomic::Ordering::Relaxed),
+                    pool.opened(),
+                )
+            });
+            let _ = tx.send(outcome);
+        });
+        let (timed_out, waited, ticks, opened) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the check spun instead of waiting: its timeout never fired");
+        assert!(timed_out, "a SYN to a full queue was answered");
+        assert!(waited < Duration::from_secs(2), "waited {waited:?}");
+        assert!(
+            ticks >= 10,
+            "the runtime was starved: {ticks} ticks in {waited:?}"
+        );
+        assert_eq!(opened, 1, "the same socket all along");
+    }
+
+    #[tokio::test]
+    async fn ipv4_mapped_addresses_are_checked_over_ipv4() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{port}").parse().unwrap();
+        let pool = CheckSockets::new();
+        assert_eq!(pool.check(mapped).await, Ok(()));
+        let idle = pool.idle.lock().unwrap();
+        assert_eq!((idle.v4.len(), idle.v6.len()), (1, 0));
     }
 
     #[tokio::test]
