@@ -408,7 +408,7 @@ pub struct Summary {
 }
 
 /// Adjacent runs of the trivial forwarder and xdplb per mode and round.
-pub const PAIRS_PER_ROUND: usize = 3;
+pub const PAIRS_PER_ROUND: usize = 5;
 
 /// Runs every contender `rounds` times, interleaved (the trivial forwarder
 /// and xdplb [`PAIRS_PER_ROUND`] times each per round, in pairs).
