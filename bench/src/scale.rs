@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::summary::median;
 use anyhow::{Context, Result, bail};
 use lb_tests::{Spawned, Topology, addressing, lbd, scrape};
 
@@ -340,31 +341,66 @@ pub fn run() -> Result<String> {
         ],
     )?;
     let _listener = Listener::start(&t, b.ns())?;
-    let rows = vec![
-        run_lbd(&t, 1)?,
-        run_haproxy(&t, 1)?,
-        run_lbd(&t, 10)?,
-        run_haproxy(&t, 10)?,
-    ];
     let mut md = format!(
-        "{BACKENDS} backend addresses on one backend namespace (routed from the LB through one next hop), one listener answering them all; every backend checked over TCP every second (lbd: `type = \"tcp\"`, `interval = \"1s\"`; HAProxy: `check inter 1s`, TCP mode). Ready: lbd's `ready` line, from its start (next hops resolved, every backend checked once, rings programmed, program attached). All up: from the start until every backend is up (lbd: `lb_backend_up` 1 for all of them on its metrics; HAProxy: every server `UP` with `L4OK` on its stats socket). CPU: utime + stime of the process (all threads) over {} s, {} s after all were up, in % of one core; RSS from /proc/PID/status.\n\n\
-         | balancer | checks/s | ready (s) | all up (s) | CPU (% of a core) | RSS (MB) |\n|---|---:|---:|---:|---:|---:|\n",
+        "{BACKENDS} backend addresses on one backend namespace (routed from the LB through one next hop), one listener answering them all; every backend checked over TCP every second (lbd: `type = \"tcp\"`, `interval = \"1s\"`; HAProxy: `check inter 1s`, TCP mode). Ready: lbd's `ready` line, from its start (next hops resolved, every backend checked once, rings programmed, program attached). All up: from the start until every backend is up (lbd: `lb_backend_up` 1 for all of them on its metrics; HAProxy: every server `UP` with `L4OK` on its stats socket). CPU: utime + stime of the process (all threads) over {} s, {} s after all were up, in % of one core; RSS from /proc/PID/status. The checking CPU of both drifts by a third from one minute to the next on this shared machine, so each setting runs lbd and HAProxy in {PAIRS} adjacent pairs, alternating which goes first: medians of {PAIRS} runs (CPU: their range in brackets), and lbd's CPU against HAProxy's as the median of the pairs' ratios.\n\n\
+         | balancer | checks/s | ready (s) | all up (s) | CPU (% of a core) | lbd / HAProxy CPU | RSS (MB) |\n|---|---:|---:|---:|---:|---:|---:|\n",
         WINDOW.as_secs(),
         SETTLE.as_secs(),
     );
-    for r in &rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.1} | {:.0} |\n",
-            r.name,
-            r.checks_per_s,
-            r.ready
-                .map_or_else(|| "-".to_owned(), |d| format!("{:.2}", d.as_secs_f64())),
-            r.all_up.as_secs_f64(),
-            r.cpu_pct,
-            r.rss_mb
+    for vips in [1, 10] {
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for pair in 0..PAIRS {
+            if pair % 2 == 0 {
+                ours.push(run_lbd(&t, vips)?);
+                theirs.push(run_haproxy(&t, vips)?);
+            } else {
+                theirs.push(run_haproxy(&t, vips)?);
+                ours.push(run_lbd(&t, vips)?);
+            }
+        }
+        let ratios: Vec<f64> = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(o, h)| o.cpu_pct / h.cpu_pct)
+            .collect();
+        let (lo, hi) = range(&ratios);
+        md.push_str(&row_of(
+            &ours,
+            &format!("{:.2} ({lo:.2}-{hi:.2})", median(ratios.clone())),
         ));
+        md.push_str(&row_of(&theirs, "-"));
     }
     Ok(md)
+}
+
+/// Adjacent runs of lbd and HAProxy per setting.
+const PAIRS: usize = 3;
+
+fn range(xs: &[f64]) -> (f64, f64) {
+    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
+/// One table row: the medians of `runs` of one balancer and setting.
+fn row_of(runs: &[Row], versus: &str) -> String {
+    let med = |f: &dyn Fn(&Row) -> f64| median(runs.iter().map(f).collect());
+    let cpu: Vec<f64> = runs.iter().map(|r| r.cpu_pct).collect();
+    let (lo, hi) = range(&cpu);
+    let ready = if runs.iter().all(|r| r.ready.is_some()) {
+        format!("{:.2}", med(&|r| r.ready.map_or(0.0, |d| d.as_secs_f64())))
+    } else {
+        "-".to_owned()
+    };
+    format!(
+        "| {} | {} | {ready} | {:.2} | {:.1} ({lo:.1}-{hi:.1}) | {versus} | {:.0} |\n",
+        runs[0].name,
+        runs[0].checks_per_s,
+        med(&|r| r.all_up.as_secs_f64()),
+        median(cpu.clone()),
+        med(&|r| r.rss_mb),
+    )
 }
 
 #[cfg(test)]

@@ -67,14 +67,11 @@ pub async fn run(
     } = shared;
     let mut state = HealthState::starting(check.rise, check.fall, initial);
     let first = state.next_interval(&check);
-    // Each check is due one interval after the last was (not after it
-    // woke: a wake-up comes a little after its grid point, and rounding
-    // that up would add a grid step to every interval).
-    let mut due = on_grid(
-        tokio::time::Instant::now() + first_delay(id, initial, first),
-        wake_grid(first),
-    );
-    tokio::time::sleep_until(due).await;
+    // When each check is due, unrounded: one interval after the previous
+    // was due, so the rounding up to the grid delays each check but never
+    // adds up from one to the next.
+    let mut due = tokio::time::Instant::now() + first_delay(id, initial, first);
+    tokio::time::sleep_until(on_grid(due, wake_grid(first))).await;
     loop {
         let started = tokio::time::Instant::now();
         let result = probe::probe(&check.kind, addr, check.timeout, &sockets).await;
@@ -107,11 +104,8 @@ pub async fn run(
         let interval = state.next_interval(&check);
         // A check that overran its interval is followed at once, not by a
         // burst of the ones it missed.
-        due = on_grid(
-            (due + interval).max(tokio::time::Instant::now()),
-            wake_grid(interval),
-        );
-        tokio::time::sleep_until(due).await;
+        due = (due + interval).max(tokio::time::Instant::now());
+        tokio::time::sleep_until(on_grid(due, wake_grid(interval))).await;
     }
 }
 

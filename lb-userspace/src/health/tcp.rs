@@ -179,7 +179,13 @@ impl Lease<'_> {
         // back, and a socket2::Socket's descriptor never changes.
         let fd = match unsafe { AsyncFd::register_with_interest(s, Interest::WRITABLE) } {
             Ok(fd) => fd,
-            Err(e) => return Err(format!("connect: {}", io::Error::from(e))),
+            Err(e) => {
+                // Kept, so that the lease disconnects it (a reset) rather
+                // than closing a connection that may be up already.
+                let (s, why) = e.into_parts();
+                self.held = Held::Idle(s);
+                return Err(format!("poller: {why}"));
+            }
         };
         self.held = Held::Polled(fd);
         let Held::Polled(fd) = &self.held else {
@@ -362,8 +368,10 @@ mod tests {
                 };
                 let (_l, _queued, deaf) = deaf_listener();
                 let pool = CheckSockets::new();
-                assert_eq!(pool.check(up).await, Ok(()));
                 assert!(pool.check(refused).await.is_err());
+                // Last before the silent backend: a check that was answered,
+                // whose disconnect leaves the socket's error set to "reset".
+                assert_eq!(pool.check(up).await, Ok(()));
                 // Let the poller see the disconnects' wake-ups.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
