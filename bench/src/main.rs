@@ -120,7 +120,7 @@ fn main() -> Result<()> {
         .unwrap_or_default();
     std::fs::create_dir_all(&dir)?;
     let mut report = format!(
-        "# Benchmarks\n\nProduced by `cargo xtask bench` (this run: `{}`), every contender in the same invocation on this machine:\n\n{}\n\nOne section alone: `cargo xtask bench --xdp` (1), `--rate` (2), `--service` (3, `--service-rounds N --seconds S`), `--control` (4 and 5), `--fleet` (6), `--flood` (7), `--scale` (8). Traffic stays inside the benchmark's own namespaces; the whole run takes about 5 minutes here.\n\n",
+        "# Benchmarks\n\nProduced by `cargo xtask bench` (this run: `{}`), every contender in the same invocation on this machine:\n\n{}\n\nOne section alone: `cargo xtask bench --xdp` (1), `--rate` (2), `--service` (3, `--service-rounds N --seconds S`), `--control` (4 and 5), `--fleet` (6), `--flood` (7), `--scale` (8). Traffic stays inside the benchmark's own namespaces; the whole run takes about 15 minutes here.\n\n",
         std::env::args().collect::<Vec<_>>().join(" "),
         machine()
     );
