@@ -152,6 +152,20 @@ fn spread(id: u32) -> f64 {
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The soft open-files limit (1,024 if it cannot be read).
+pub(crate) fn open_files_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
+    }
+}
+
 /// Most first-round checks in flight at once: every one holds a socket, and
 /// ten thousand SYNs in the same instant overflow a listener's backlog
 /// (the backend then looks down for a retransmission's second).
@@ -161,16 +175,7 @@ const FIRST_ROUND_IN_FLIGHT: usize = 1024;
 /// or fewer when the open-files limit leaves less room (a quarter of it
 /// stays for everything else lbd opens).
 fn first_round_in_flight() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills the struct it is given.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
-    } else {
-        1024
-    };
+    let soft = open_files_limit();
     (soft / 4 * 3).clamp(16, FIRST_ROUND_IN_FLIGHT)
 }
 

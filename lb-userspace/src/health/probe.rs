@@ -131,6 +131,11 @@ async fn udp(addr: SocketAddr, payload: &[u8], expect: &[u8]) -> Result<(), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One probe on a fresh set of check sockets.
+    async fn probe_once(kind: &CheckKind, addr: SocketAddr, limit: Duration) -> Result<(), String> {
+        probe(kind, addr, limit, &CheckSockets::default()).await
+    }
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -156,23 +161,20 @@ mod tests {
             }
         });
         let t = Duration::from_secs(2);
-        assert_eq!(
-            probe(&CheckKind::Tcp, addr, t, &CheckSockets::default()).await,
-            Ok(())
-        );
+        assert_eq!(probe_once(&CheckKind::Tcp, addr, t).await, Ok(()));
         let ok = CheckKind::Http {
             path: "/health".into(),
             expect_status: 200,
             host: None,
         };
-        assert_eq!(probe(&ok, addr, t, &CheckSockets::default()).await, Ok(()));
+        assert_eq!(probe_once(&ok, addr, t).await, Ok(()));
         let bad = CheckKind::Http {
             path: "/other".into(),
             expect_status: 200,
             host: None,
         };
         assert!(
-            probe(&bad, addr, t, &CheckSockets::default())
+            probe_once(&bad, addr, t)
                 .await
                 .unwrap_err()
                 .contains("status 503")
@@ -212,13 +214,7 @@ mod tests {
             host: Some("app.example".into()),
         };
         assert_eq!(
-            probe(
-                &kind,
-                addr,
-                Duration::from_secs(2),
-                &CheckSockets::default()
-            )
-            .await,
+            probe_once(&kind, addr, Duration::from_secs(2)).await,
             Ok(())
         );
         let head = heads.recv().await.unwrap().to_ascii_lowercase();
@@ -233,13 +229,7 @@ mod tests {
             host: None,
         };
         assert_eq!(
-            probe(
-                &kind,
-                addr,
-                Duration::from_secs(2),
-                &CheckSockets::default()
-            )
-            .await,
+            probe_once(&kind, addr, Duration::from_secs(2)).await,
             Ok(())
         );
     }
@@ -253,14 +243,10 @@ mod tests {
         };
         let t = Duration::from_secs(2);
         let (addr, _h) = answering(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
-        let e = probe(&kind, addr, t, &CheckSockets::default())
-            .await
-            .unwrap_err();
+        let e = probe_once(&kind, addr, t).await.unwrap_err();
         assert!(e.contains("not an HTTP response"), "{e}");
         let (addr, _h) = answering(b"").await;
-        let e = probe(&kind, addr, t, &CheckSockets::default())
-            .await
-            .unwrap_err();
+        let e = probe_once(&kind, addr, t).await.unwrap_err();
         assert!(!e.is_empty() && !e.contains("no answer within"), "{e}");
     }
 
@@ -272,13 +258,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         assert_eq!(
-            probe(
-                &CheckKind::Tcp,
-                addr,
-                Duration::from_secs(2),
-                &CheckSockets::default()
-            )
-            .await,
+            probe_once(&CheckKind::Tcp, addr, Duration::from_secs(2)).await,
             Ok(())
         );
         let accepted = tokio::time::timeout(Duration::from_millis(300), l.accept()).await;
@@ -298,29 +278,19 @@ mod tests {
             expect: vec![],
         };
         assert!(
-            probe(
-                &kind,
-                silent,
-                Duration::from_millis(200),
-                &CheckSockets::default()
-            )
-            .await
-            .is_err()
+            probe_once(&kind, silent, Duration::from_millis(200))
+                .await
+                .is_err()
         );
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
         assert!(
-            probe(
-                &CheckKind::Tcp,
-                closed,
-                Duration::from_secs(1),
-                &CheckSockets::default()
-            )
-            .await
-            .unwrap_err()
-            .contains("connect")
+            probe_once(&CheckKind::Tcp, closed, Duration::from_secs(1))
+                .await
+                .unwrap_err()
+                .contains("connect")
         );
     }
 
@@ -341,15 +311,11 @@ mod tests {
             payload: b"ping".to_vec(),
             expect: b"ping".to_vec(),
         };
-        assert_eq!(probe(&ok, addr, t, &CheckSockets::default()).await, Ok(()));
+        assert_eq!(probe_once(&ok, addr, t).await, Ok(()));
         let bad = CheckKind::Udp {
             payload: b"ping".to_vec(),
             expect: b"pong".to_vec(),
         };
-        assert!(
-            probe(&bad, addr, t, &CheckSockets::default())
-                .await
-                .is_err()
-        );
+        assert!(probe_once(&bad, addr, t).await.is_err());
     }
 }

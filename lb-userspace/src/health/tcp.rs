@@ -42,19 +42,7 @@ const IDLE_KEPT: usize = 1024;
 /// HTTP checks, the API or the maps.
 fn idle_kept() -> usize {
     static KEPT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *KEPT.get_or_init(|| {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills the struct it is given.
-        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
-        } else {
-            1024
-        };
-        (soft / 8).min(IDLE_KEPT)
-    })
+    *KEPT.get_or_init(|| (super::open_files_limit() / 8).min(IDLE_KEPT))
 }
 
 /// Reusable check sockets, per address family.
