@@ -13,7 +13,7 @@ use lb_userspace::{
     programming,
 };
 
-use crate::summary::{changed_fraction, median};
+use crate::summary::{changed_fraction, median, range};
 
 const M: u32 = 65537;
 
@@ -81,10 +81,11 @@ impl Moved {
             less.remove(k * b.len() / picks);
             all.push(changed_fraction(&full, &build(&less)?));
         }
+        let (min, max) = range(&all);
         Ok(Moved {
             mean: all.iter().sum::<f64>() / all.len() as f64,
-            min: all.iter().copied().fold(f64::INFINITY, f64::min),
-            max: all.iter().copied().fold(0.0, f64::max),
+            min,
+            max,
         })
     }
 

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::summary::median;
+use crate::summary::{median, range};
 use anyhow::{Context, Result, bail};
 use lb_tests::{Spawned, Topology, addressing, lbd, scrape};
 
@@ -342,7 +342,7 @@ pub fn run() -> Result<String> {
     )?;
     let _listener = Listener::start(&t, b.ns())?;
     let mut md = format!(
-        "{BACKENDS} backend addresses on one backend namespace (routed from the LB through one next hop), one listener answering them all; every backend checked over TCP every second (lbd: `type = \"tcp\"`, `interval = \"1s\"`; HAProxy: `check inter 1s`, TCP mode). Ready: lbd's `ready` line, from its start (next hops resolved, every backend checked once, rings programmed, program attached). All up: from the start until every backend is up (lbd: `lb_backend_up` 1 for all of them on its metrics; HAProxy: every server `UP` with `L4OK` on its stats socket). CPU: utime + stime of the process (all threads) over {} s, {} s after all were up, in % of one core; RSS from /proc/PID/status. The checking CPU of both drifts by a third from one minute to the next on this shared machine, so each setting runs lbd and HAProxy in {PAIRS} adjacent pairs, alternating which goes first: medians of {PAIRS} runs (CPU: their range in brackets), and lbd's CPU against HAProxy's as the median of the pairs' ratios.\n\n\
+        "{BACKENDS} backend addresses on one backend namespace (routed from the LB through one next hop), one listener answering them all; every backend checked over TCP every second (lbd: `type = \"tcp\"`, `interval = \"1s\"`; HAProxy: `check inter 1s`, TCP mode). Ready: lbd's `ready` line, from its start (next hops resolved, every backend checked once, rings programmed, program attached). All up: from the start until every backend is up (lbd: `lb_backend_up` 1 for all of them on its metrics; HAProxy: every server `UP` with `L4OK` on its stats socket). CPU: utime + stime of the process (all threads) over {} s, {} s after all were up, in % of one core; RSS from /proc/PID/status. The checking CPU of both drifts by half or more from one run to the next on this shared machine, so each setting runs lbd and HAProxy in {PAIRS} adjacent pairs, alternating which goes first: medians of {PAIRS} runs (CPU: their range in brackets), and lbd's CPU against HAProxy's as the median of the pairs' ratios.\n\n\
          | balancer | checks/s | ready (s) | all up (s) | CPU (% of a core) | lbd / HAProxy CPU | RSS (MB) |\n|---|---:|---:|---:|---:|---:|---:|\n",
         WINDOW.as_secs(),
         SETTLE.as_secs(),
@@ -376,12 +376,6 @@ pub fn run() -> Result<String> {
 
 /// Adjacent runs of lbd and HAProxy per setting.
 const PAIRS: usize = 3;
-
-fn range(xs: &[f64]) -> (f64, f64) {
-    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (lo, hi)
-}
 
 /// One table row: the medians of `runs` of one balancer and setting.
 fn row_of(runs: &[Row], versus: &str) -> String {

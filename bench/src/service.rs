@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use lb_tests::{Spawned, Topology, addressing, fabric, in_netns, lbd};
 use lb_userspace::dataplane::AttachMode;
 
-use crate::summary::median;
+use crate::summary::{median, range};
 
 const PORT: u16 = 80;
 
@@ -556,11 +556,8 @@ pub fn report(results: &[Summary]) -> String {
                         .filter(|r| r.is_finite())
                         .collect();
                     let n = paired.len();
-                    match (
-                        paired.iter().copied().reduce(f64::min),
-                        paired.iter().copied().reduce(f64::max),
-                    ) {
-                        (Some(lo), Some(hi)) if n > 1 => format!(
+                    match range(&paired) {
+                        (lo, hi) if n > 1 => format!(
                             "{:.2} (median of {n} adjacent pairs: {lo:.2}-{hi:.2})",
                             median(paired)
                         ),

@@ -21,6 +21,16 @@ pub fn changed_fraction(a: &[u32], b: &[u32]) -> f64 {
     a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len() as f64
 }
 
+/// The smallest and largest of the finite values; NaN for both when there
+/// are none.
+pub fn range(xs: &[f64]) -> (f64, f64) {
+    let finite = || xs.iter().copied().filter(|x| x.is_finite());
+    match (finite().reduce(f64::min), finite().reduce(f64::max)) {
+        (Some(lo), Some(hi)) => (lo, hi),
+        _ => (f64::NAN, f64::NAN),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -31,6 +41,12 @@ mod tests {
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(vec![f64::NAN, 5.0]), 5.0);
         assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(range(&[3.0, f64::NAN, 1.0, 2.0]), (1.0, 3.0));
+        assert!(range(&[]).0.is_nan());
     }
 
     #[test]
