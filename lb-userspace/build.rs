@@ -56,6 +56,10 @@ fn main() -> Result<(), String> {
         .arg("--target-dir")
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", flags)
+        // Incremental builds cut the crate into other codegen units, and
+        // the balancer then verifies differently or not at all (a stack
+        // word LLVM reads misaligned); the object is always built whole.
+        .env("CARGO_INCREMENTAL", "0")
         // The outer cargo's compiler settings are for the host toolchain.
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")

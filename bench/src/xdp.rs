@@ -35,7 +35,19 @@ struct Path {
     /// Runs behind the restoring wrapper (it rewrites the frame).
     wrapped: bool,
     expect: u32,
+    /// The program timed: the balancer, or the bench's floor (then no other
+    /// balancer runs the path).
+    program: &'static str,
 }
+
+/// The bench's floor program (`lb-ebpf/src/bench.rs`).
+const FLOOR_PROGRAM: &str = "bench_floor";
+/// Its row: the same established IPv4 packet as the balancer's ipip row.
+pub const FLOOR_ROW: &str =
+    "floor: parse, flow-cache lookup, ipip (no VIP filter, policy or counters)";
+/// The floor with the VIP-address filter and the counters.
+const FLOOR_COUNTED_PROGRAM: &str = "bench_floor_counted";
+pub const FLOOR_COUNTED_ROW: &str = "floor + VIP filter + counters";
 
 /// Another XDP balancer, loaded and configured by its own tools and pinned on
 /// bpffs, timed on the same frames beside ours.
@@ -92,6 +104,8 @@ fn setup(conntrack_entries: u32) -> Result<Ebpf> {
         dataplane::MAC_SWAP_PROGRAM,
         dataplane::PASS_PROGRAM,
         "bench_restore",
+        FLOOR_PROGRAM,
+        FLOOR_COUNTED_PROGRAM,
     ] {
         dataplane::program_mut(&mut ebpf, name)?
             .load()
@@ -244,7 +258,7 @@ fn time_wrapped(ebpf: &mut Ebpf, p: &Path, repeat: u32) -> Result<(f64, f64)> {
     set_frame(ebpf, &p.frame, p.vary)?;
     set_target(ebpf, dataplane::PASS_PROGRAM)?;
     let overhead = time(ebpf, "bench_restore", &p.frame, repeat, XDP_PASS)?;
-    set_target(ebpf, dataplane::BALANCER_PROGRAM)?;
+    set_target(ebpf, p.program)?;
     let result = time(ebpf, "bench_restore", &p.frame, repeat, p.expect)?;
     Ok((overhead, result))
 }
@@ -321,6 +335,7 @@ pub fn run(
             vary: None,
             wrapped: false,
             expect: XDP_PASS,
+            program: dataplane::BALANCER_PROGRAM,
         },
         // A SYN's ring slot is hashed before its VIP lookup (see
         // `policy::decide`), after the VIP-address filter: a SYN to the
@@ -331,6 +346,7 @@ pub fn run(
             vary: None,
             wrapped: false,
             expect: XDP_PASS,
+            program: dataplane::BALANCER_PROGRAM,
         },
         Path {
             name: "IPv4 ipip, established",
@@ -338,6 +354,25 @@ pub fn run(
             vary: None,
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
+        },
+        // The same packet through the least a balancer does with it, and
+        // through that plus what ours adds for operators.
+        Path {
+            name: FLOOR_ROW,
+            frame: frame(v4.clone(), TCP_ACK, 64),
+            vary: None,
+            wrapped: true,
+            expect: XDP_TX,
+            program: FLOOR_PROGRAM,
+        },
+        Path {
+            name: FLOOR_COUNTED_ROW,
+            frame: frame(v4.clone(), TCP_ACK, 64),
+            vary: None,
+            wrapped: true,
+            expect: XDP_TX,
+            program: FLOOR_COUNTED_PROGRAM,
         },
         Path {
             name: "IPv4 ipip, new flow + conntrack insert",
@@ -345,6 +380,7 @@ pub fn run(
             vary: Some(26),
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
         },
         Path {
             name: "IPv6 ipip, established",
@@ -352,6 +388,7 @@ pub fn run(
             vary: None,
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
         },
         Path {
             name: "IPv6 ipip, new flow + conntrack insert",
@@ -359,6 +396,7 @@ pub fn run(
             vary: Some(34),
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
         },
         Path {
             name: "IPv4 gue, established",
@@ -366,6 +404,7 @@ pub fn run(
             vary: None,
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
         },
         Path {
             name: "IPv4 gue, new flow + conntrack insert",
@@ -373,6 +412,7 @@ pub fn run(
             vary: Some(26),
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
         },
         Path {
             name: "IPv6 gue, established",
@@ -380,6 +420,7 @@ pub fn run(
             vary: None,
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
         },
         // Nothing is recorded for a second-hop packet: every packet of such
         // a flow takes this path while the window is open.
@@ -389,6 +430,7 @@ pub fn run(
             vary: None,
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
         },
         Path {
             name: "IPv4 l2dsr, established",
@@ -396,6 +438,7 @@ pub fn run(
             vary: None,
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
         },
         Path {
             name: "IPv4 l2dsr, new flow + conntrack insert",
@@ -403,6 +446,7 @@ pub fn run(
             vary: Some(26),
             wrapped: true,
             expect: XDP_TX,
+            program: dataplane::BALANCER_PROGRAM,
         },
     ];
     let paths: Vec<Path> = paths
@@ -431,13 +475,7 @@ pub fn run(
                 overhead[i].push(o);
                 results[i].push(r);
             } else {
-                results[i].push(time(
-                    &mut ebpf,
-                    dataplane::BALANCER_PROGRAM,
-                    &p.frame,
-                    repeat,
-                    p.expect,
-                )?);
+                results[i].push(time(&mut ebpf, p.program, &p.frame, repeat, p.expect)?);
             }
             if p.vary.is_some() {
                 let (o, r) = time_wrapped(&mut small, p, repeat)?;
@@ -445,6 +483,9 @@ pub fn run(
                 results_small[i].push(r);
             }
             for (o, other) in others.iter().enumerate() {
+                if p.program != dataplane::BALANCER_PROGRAM {
+                    continue;
+                }
                 if let Some(ns) = time_pinned(&mut ebpf, other, p, repeat)? {
                     results_other[o][i].push(ns);
                 }
@@ -479,6 +520,9 @@ pub fn run(
     for (o, other) in pinned.iter().enumerate() {
         let mut served = 0;
         for (i, p) in paths.iter().enumerate() {
+            if p.program != dataplane::BALANCER_PROGRAM {
+                continue;
+            }
             if results_other[o][i].len() != rounds {
                 unserved.push(format!("{}: {}", other.name, p.name));
                 continue;

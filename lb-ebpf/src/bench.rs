@@ -15,10 +15,20 @@ use aya_ebpf::{
 };
 use lb_common::{
     benchframe::{BENCH_FRAME_MAX, BenchFrame},
+    conntrack::same_flow,
+    flowcache::slot_of,
+    maps::Mode,
     packet::PacketBytes,
+    parse::{parse_l2, parse_l3},
+    stats::Counter,
+    vipfilter,
 };
 
-use crate::ctx::XdpBytes;
+use crate::{
+    ctx::XdpBytes,
+    forward::forward,
+    maps::{BACKENDS, CONFIG, FLOW_CACHE, STATS_BACKEND, STATS_VIP, VIP_FILTER, account, count},
+};
 
 #[map(name = "BENCH_FRAME")]
 static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
@@ -83,4 +93,74 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
     // SAFETY: a tail call either jumps or returns here.
     unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
+}
+
+/// The least an encapsulating balancer that keeps flows on their backends
+/// does for an established packet, built from this balancer's own parts:
+/// the parse, one per-CPU flow-cache lookup with its key check, the
+/// backend's record and the ipip encapsulation. No VIP-address filter, no
+/// policy, no counters: the floor `cargo xtask bench` reports under the
+/// established rows.
+#[xdp]
+pub fn bench_floor(ctx: XdpContext) -> u32 {
+    floor::<false>(&ctx)
+}
+
+/// The floor plus what the balancer adds on the same path for operators
+/// and for traffic to the host: the VIP-address filter and the six counter
+/// updates of a flow-cache hit (parse outcome, connection-table and
+/// flow-cache hits, verdict, the VIP's and the backend's traffic).
+#[xdp]
+pub fn bench_floor_counted(ctx: XdpContext) -> u32 {
+    floor::<true>(&ctx)
+}
+
+#[inline(always)]
+fn floor<const COUNTED: bool>(ctx: &XdpContext) -> u32 {
+    let pkt = XdpBytes::new(ctx);
+    let Ok(parsed) = parse_l2(&pkt).and_then(|l2| {
+        if COUNTED && let Some(bit) = vipfilter::dst_bit(&pkt, l2) {
+            let (word, mask) = vipfilter::word_and_mask(bit);
+            if VIP_FILTER.get(word).is_some_and(|w| w & mask == 0) {
+                return Err(Counter::ParseNotVipAddress);
+            }
+        }
+        parse_l3(&pkt, l2)
+    }) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = parsed.flow_key();
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let slot = slot_of(&key) & cfg.flow_cache_slots.wrapping_sub(1);
+    let Some(cached) = FLOW_CACHE.get(slot) else {
+        return xdp_action::XDP_PASS;
+    };
+    // The whole key is compared either way (`same_flow` has no early exit),
+    // so a miss costs what a hit does: it takes the first backend rather
+    // than failing the run on a CPU whose cache the balancer did not fill.
+    let backend_id = if cached.backend_id != 0 && same_flow(&cached.key, &key) {
+        cached.backend_id
+    } else {
+        1
+    };
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return xdp_action::XDP_PASS;
+    };
+    let bytes = pkt.len() as u64;
+    match forward(&pkt, &parsed, Mode::Ipip, backend, None, cfg) {
+        Ok(action) => {
+            if COUNTED {
+                count(parsed.counter());
+                count(Counter::LbConntrackHit);
+                count(Counter::LbFlowCacheHit);
+                count(Counter::VerdictTx);
+                account(&STATS_VIP, cached.vip_id, bytes, false);
+                account(&STATS_BACKEND, backend_id, bytes, false);
+            }
+            action
+        }
+        Err(_) => xdp_action::XDP_DROP,
+    }
 }
