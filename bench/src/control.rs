@@ -157,6 +157,100 @@ fn quota_fill_moved(b: &[MaglevBackend], m: u32) -> Result<Moved> {
     Moved::over(b, |x| Ok(quota_fill(x, m)))
 }
 
+/// Not the product's builder either: rendezvous (highest random weight)
+/// hashing per slot, every backend capped at `ceil(m / N x (1 + slack))`
+/// slots (`None`: no cap). Each slot goes to the backend that scores it
+/// highest among those with room; a backend over its cap gives up its
+/// lowest-scoring slot, which goes on to its next choice (slot-proposing
+/// deferred acceptance: the same table as handing out all slot and backend
+/// pairs in descending score order). Uncapped it moves exactly the removed
+/// backend's slots, at the price of a binomial balance; the cap buys the
+/// balance back with moves. Kept to measure that trade-off, the one any
+/// fill faces (section 4).
+fn capped_rendezvous(b: &[MaglevBackend], m: u32, slack: Option<f64>) -> Vec<u32> {
+    use std::{cmp::Reverse, collections::BinaryHeap};
+    let n = b.len();
+    let cap = slack.map_or(usize::MAX, |e| {
+        (f64::from(m) / n as f64 * (1.0 + e)).ceil() as usize
+    });
+    let seeds: Vec<u64> = b
+        .iter()
+        .map(|x| {
+            let (head, tail) = x.identity.split_at(8);
+            let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+            splitmix(word(head) ^ word(tail).rotate_left(29))
+        })
+        .collect();
+    let score = |slot: u32, i: usize| {
+        splitmix(seeds[i] ^ u64::from(slot).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    };
+    let mut held: Vec<BinaryHeap<Reverse<(u64, u32)>>> = vec![BinaryHeap::new(); n];
+    // A slot's next choice is the best backend scoring it below this.
+    let mut below = vec![u64::MAX; m as usize];
+    let mut free: Vec<u32> = (0..m).rev().collect();
+    while let Some(slot) = free.pop() {
+        let bound = below[slot as usize];
+        let mut best: Option<(u64, usize)> = None;
+        for i in 0..n {
+            let sc = score(slot, i);
+            if sc < bound && best.is_none_or(|(top, _)| sc > top) {
+                best = Some((sc, i));
+            }
+        }
+        // Every backend refused it: cannot happen, the caps add up to m.
+        let Some((sc, i)) = best else { continue };
+        below[slot as usize] = sc;
+        held[i].push(Reverse((sc, slot)));
+        if held[i].len() > cap
+            && let Some(Reverse((_, out))) = held[i].pop()
+        {
+            free.push(out);
+        }
+    }
+    let mut table = vec![0u32; m as usize];
+    for (i, slots) in held.iter().enumerate() {
+        for Reverse((_, slot)) in slots {
+            table[*slot as usize] = b[i].id;
+        }
+    }
+    table
+}
+
+/// SplitMix64's finaliser.
+fn splitmix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The most slots any backend holds, over the mean share `m / N`.
+fn largest_share(table: &[u32], n: u32) -> f64 {
+    let counts = maglev::slot_counts(table);
+    let most = counts.values().copied().max().unwrap_or(0);
+    most as f64 * f64::from(n) / table.len() as f64
+}
+
+/// The balance and disruption of the fills above at `m` slots for `n`
+/// backends: (fill, largest share, slots moved).
+fn trade_off(n: u32, m: u32) -> Result<Vec<(String, f64, Moved)>> {
+    let b = backends(n);
+    let mut rows = vec![(
+        "Maglev (lbd)".to_owned(),
+        largest_share(&maglev::build(&b, m, 0)?, n),
+        moved(&b, m)?,
+    )];
+    for slack in [Some(0.0), Some(0.05), Some(0.1), Some(0.25), None] {
+        let name = match slack {
+            Some(e) => format!("rendezvous, cap {:.2} x mean", 1.0 + e),
+            None => "rendezvous, no cap".to_owned(),
+        };
+        let share = largest_share(&capped_rendezvous(&b, m, slack), n);
+        let d = Moved::over(&b, |x| Ok(capped_rendezvous(x, m, slack)))?;
+        rows.push((name, share, d));
+    }
+    Ok(rows)
+}
+
 /// `RINGS` bytes one VIP takes: two generations of ceil(m / 16) 64-byte
 /// elements.
 fn ring_bytes_per_vip(m: u32) -> u64 {
@@ -290,6 +384,18 @@ pub fn run() -> Result<ControlResult> {
             d.times_ideal(*n),
             q.times_ideal(*n)
         ));
+    }
+    md.push_str(
+        "\nBalance against disruption, at the automatic sizes: rendezvous hashing per slot moves only the removed backend's slots but shares them out binomially; capping every backend's share buys the balance back with moves (`capped_rendezvous` in `bench/src/control.rs`, not the product's builder). Largest share: the most slots one backend holds over the mean M/N (Maglev's floor-or-ceil balance is 1.01 at 100 slots per backend).\n\n| backends | ring size | fill | largest share (x mean) | slots moved (x ideal) |\n|---:|---:|---|---:|---:|\n",
+    );
+    for n in [100u32, 1000] {
+        let m = maglev::auto_ring_size(n);
+        for (fill, share, d) in trade_off(n, m)? {
+            md.push_str(&format!(
+                "| {n} | {m} | {fill} | {share:.2} | {} |\n",
+                d.times_ideal(n)
+            ));
+        }
     }
     md.push_str(&format!(
         "\nAt the default size ({} slots: `ring_size = \"auto\"` with the default capacity of {} backends per VIP), N backends present:\n\n| backends | slots moved when one is removed | x ideal | ideal (1/N) |\n|---:|---:|---:|---:|\n",
@@ -485,6 +591,28 @@ pub fn memory() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Uncapped, rendezvous moves exactly the removed backend's slots;
+    /// capped, no backend holds more than its cap and every slot is filled.
+    #[test]
+    fn capped_rendezvous_keeps_its_cap_and_uncapped_its_slots() {
+        let (n, m) = (50u32, 5003u32);
+        let b = backends(n);
+        let full = capped_rendezvous(&b, m, None);
+        let mut less = b.clone();
+        let gone = less.remove(7).id;
+        let after = capped_rendezvous(&less, m, None);
+        for (x, y) in full.iter().zip(&after) {
+            assert!(x == y || *x == gone, "slot moved from {x} to {y}");
+        }
+        for slack in [0.0, 0.1] {
+            let t = capped_rendezvous(&b, m, Some(slack));
+            let counts = maglev::slot_counts(&t);
+            assert!(!counts.contains_key(&0), "every slot filled");
+            let cap = (f64::from(m) / f64::from(n) * (1.0 + slack)).ceil() as usize;
+            assert!(counts.values().all(|&c| c <= cap), "{counts:?}");
+        }
+    }
 
     /// The comparison fill keeps Maglev's balance, so that only its
     /// disruption differs.
