@@ -230,23 +230,43 @@ fn largest_share(table: &[u32], n: u32) -> f64 {
     most as f64 * f64::from(n) / table.len() as f64
 }
 
-/// The balance and disruption of the fills above at `m` slots for `n`
-/// backends: (fill, largest share, slots moved).
-fn trade_off(n: u32, m: u32) -> Result<Vec<(String, f64, Moved)>> {
+/// One row of the balance-against-disruption table.
+struct TradeOff {
+    fill: String,
+    /// One build, ms.
+    build_ms: f64,
+    largest_share: f64,
+    moved: Moved,
+}
+
+/// The balance, build time and disruption of the fills above at `m` slots
+/// for `n` backends.
+fn trade_off(n: u32, m: u32) -> Result<Vec<TradeOff>> {
     let b = backends(n);
-    let mut rows = vec![(
-        "Maglev (lbd)".to_owned(),
-        largest_share(&maglev::build(&b, m, 0)?, n),
-        moved(&b, m)?,
-    )];
+    let timed = |build: &dyn Fn() -> Result<Vec<u32>>| -> Result<(f64, Vec<u32>)> {
+        let t = Instant::now();
+        let table = build()?;
+        Ok((t.elapsed().as_secs_f64() * 1e3, table))
+    };
+    let (build_ms, table) = timed(&|| Ok(maglev::build(&b, m, 0)?))?;
+    let mut rows = vec![TradeOff {
+        fill: "Maglev (lbd)".to_owned(),
+        build_ms,
+        largest_share: largest_share(&table, n),
+        moved: moved(&b, m)?,
+    }];
     for slack in [Some(0.0), Some(0.05), Some(0.1), Some(0.25), None] {
-        let name = match slack {
+        let fill = match slack {
             Some(e) => format!("rendezvous, cap {:.2} x mean", 1.0 + e),
             None => "rendezvous, no cap".to_owned(),
         };
-        let share = largest_share(&capped_rendezvous(&b, m, slack), n);
-        let d = Moved::over(&b, |x| Ok(capped_rendezvous(x, m, slack)))?;
-        rows.push((name, share, d));
+        let (build_ms, table) = timed(&|| Ok(capped_rendezvous(&b, m, slack)))?;
+        rows.push(TradeOff {
+            fill,
+            build_ms,
+            largest_share: largest_share(&table, n),
+            moved: Moved::over(&b, |x| Ok(capped_rendezvous(x, m, slack)))?,
+        });
     }
     Ok(rows)
 }
@@ -386,14 +406,17 @@ pub fn run() -> Result<ControlResult> {
         ));
     }
     md.push_str(
-        "\nBalance against disruption, at the automatic sizes: rendezvous hashing per slot moves only the removed backend's slots but shares them out binomially; capping every backend's share buys the balance back with moves (`capped_rendezvous` in `bench/src/control.rs`, not the product's builder). Largest share: the most slots one backend holds over the mean M/N (Maglev's floor-or-ceil balance is 1.01 at 100 slots per backend).\n\n| backends | ring size | fill | largest share (x mean) | slots moved (x ideal) |\n|---:|---:|---|---:|---:|\n",
+        "\nBalance against disruption, at the automatic sizes: rendezvous hashing per slot moves only the removed backend's slots but shares them out binomially; capping every backend's share buys the balance back with moves (`capped_rendezvous` in `bench/src/control.rs`, not the product's builder). Build: one build (rendezvous scores every slot for every backend). Largest share: the most slots one backend holds over the mean M/N (Maglev's floor-or-ceil balance is 1.01 at 100 slots per backend).\n\n| backends | ring size | fill | build (ms) | largest share (x mean) | slots moved (x ideal) |\n|---:|---:|---|---:|---:|---:|\n",
     );
     for n in [100u32, 1000] {
         let m = maglev::auto_ring_size(n);
-        for (fill, share, d) in trade_off(n, m)? {
+        for row in trade_off(n, m)? {
             md.push_str(&format!(
-                "| {n} | {m} | {fill} | {share:.2} | {} |\n",
-                d.times_ideal(n)
+                "| {n} | {m} | {} | {:.2} | {:.2} | {} |\n",
+                row.fill,
+                row.build_ms,
+                row.largest_share,
+                row.moved.times_ideal(n)
             ));
         }
     }
