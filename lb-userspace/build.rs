@@ -56,9 +56,10 @@ fn main() -> Result<(), String> {
         .arg("--target-dir")
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", flags)
-        // Incremental builds cut the crate into other codegen units, and
-        // the balancer then verifies differently or not at all (a stack
-        // word LLVM reads misaligned); the object is always built whole.
+        // An inherited CARGO_INCREMENTAL=1 overrides the release profile's
+        // `codegen-units = 1` for lb-ebpf (Cargo.toml): the crate is cut
+        // into other codegen units and the balancer verifies differently or
+        // not at all (a stack word LLVM reads misaligned).
         .env("CARGO_INCREMENTAL", "0")
         // The outer cargo's compiler settings are for the host toolchain.
         .env_remove("RUSTC")

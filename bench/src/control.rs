@@ -166,24 +166,15 @@ fn quota_fill_moved(b: &[MaglevBackend], m: u32) -> Result<Moved> {
 /// pairs in descending score order). Uncapped it moves exactly the removed
 /// backend's slots, at the price of a binomial balance; the cap buys the
 /// balance back with moves. Kept to measure that trade-off, the one any
-/// fill faces (section 4).
+/// fill faces (section 4). Equal weights only.
 fn capped_rendezvous(b: &[MaglevBackend], m: u32, slack: Option<f64>) -> Vec<u32> {
     use std::{cmp::Reverse, collections::BinaryHeap};
     let n = b.len();
     let cap = slack.map_or(usize::MAX, |e| {
         (f64::from(m) / n as f64 * (1.0 + e)).ceil() as usize
     });
-    let seeds: Vec<u64> = b
-        .iter()
-        .map(|x| {
-            let (head, tail) = x.identity.split_at(8);
-            let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
-            splitmix(word(head) ^ word(tail).rotate_left(29))
-        })
-        .collect();
-    let score = |slot: u32, i: usize| {
-        splitmix(seeds[i] ^ u64::from(slot).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    };
+    let seeds: Vec<u64> = b.iter().map(|x| seed(&x.identity)).collect();
+    let score = |slot: u32, i: usize| rendezvous_score(seeds[i], slot);
     let mut held: Vec<BinaryHeap<Reverse<(u64, u32)>>> = vec![BinaryHeap::new(); n];
     // A slot's next choice is the best backend scoring it below this.
     let mut below = vec![u64::MAX; m as usize];
@@ -197,8 +188,9 @@ fn capped_rendezvous(b: &[MaglevBackend], m: u32, slack: Option<f64>) -> Vec<u32
                 best = Some((sc, i));
             }
         }
-        // Every backend refused it: cannot happen, the caps add up to m.
-        let Some((sc, i)) = best else { continue };
+        let Some((sc, i)) = best else {
+            unreachable!("the caps add up to at least {m} slots");
+        };
         below[slot as usize] = sc;
         held[i].push(Reverse((sc, slot)));
         if held[i].len() > cap
@@ -214,6 +206,18 @@ fn capped_rendezvous(b: &[MaglevBackend], m: u32, slack: Option<f64>) -> Vec<u32
         }
     }
     table
+}
+
+/// A backend's rendezvous seed, from its identity.
+fn seed(identity: &[u8; 16]) -> u64 {
+    let (head, tail) = identity.split_at(8);
+    let word = |w: &[u8]| u64::from_le_bytes(w.try_into().expect("eight of sixteen bytes"));
+    splitmix(word(head) ^ word(tail).rotate_left(29))
+}
+
+/// A backend's score for a slot: the slot goes to the highest.
+fn rendezvous_score(seed: u64, slot: u32) -> u64 {
+    splitmix(seed ^ u64::from(slot).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// SplitMix64's finaliser.
@@ -634,6 +638,34 @@ mod tests {
             assert!(!counts.contains_key(&0), "every slot filled");
             let cap = (f64::from(m) / f64::from(n) * (1.0 + slack)).ceil() as usize;
             assert!(counts.values().all(|&c| c <= cap), "{counts:?}");
+        }
+    }
+
+    /// The deferred acceptance is the greedy table it claims to be: every
+    /// slot and backend pair in descending score order, each taken if the
+    /// slot is free and the backend under its cap.
+    #[test]
+    fn capped_rendezvous_is_the_greedy_table() {
+        for (n, m, slack) in [(7u32, 101u32, 0.0), (7, 101, 0.1), (30, 307, 0.05)] {
+            let b = backends(n);
+            let cap = (f64::from(m) / f64::from(n) * (1.0 + slack)).ceil() as usize;
+            let mut pairs: Vec<(u64, u32, usize)> = (0..m)
+                .flat_map(|s| {
+                    b.iter()
+                        .enumerate()
+                        .map(move |(i, x)| (rendezvous_score(seed(&x.identity), s), s, i))
+                })
+                .collect();
+            pairs.sort_unstable_by(|x, y| y.cmp(x));
+            let mut greedy = vec![0u32; m as usize];
+            let mut held = vec![0usize; b.len()];
+            for (_, s, i) in pairs {
+                if greedy[s as usize] == 0 && held[i] < cap {
+                    greedy[s as usize] = b[i].id;
+                    held[i] += 1;
+                }
+            }
+            assert_eq!(capped_rendezvous(&b, m, Some(slack)), greedy, "n {n} m {m}");
         }
     }
 

@@ -43,11 +43,10 @@ struct Path {
 /// The bench's floor program (`lb-ebpf/src/bench.rs`).
 const FLOOR_PROGRAM: &str = "bench_floor";
 /// Its row: the same established IPv4 packet as the balancer's ipip row.
-pub const FLOOR_ROW: &str =
-    "floor: parse, flow-cache lookup, ipip (no VIP filter, policy or counters)";
+const FLOOR_ROW: &str = "floor: parse, flow-cache lookup, ipip (no VIP filter, policy or counters)";
 /// The floor with the VIP-address filter and the counters.
 const FLOOR_COUNTED_PROGRAM: &str = "bench_floor_counted";
-pub const FLOOR_COUNTED_ROW: &str = "floor + VIP filter + counters";
+const FLOOR_COUNTED_ROW: &str = "floor + VIP filter + counters";
 
 /// Another XDP balancer, loaded and configured by its own tools and pinned on
 /// bpffs, timed on the same frames beside ours.
@@ -536,7 +535,11 @@ pub fn run(
             md.push_str(&format!("| {name} | {ns:.1} | {:.2} |\n", ns / base));
             rows.push((name, ns));
         }
-        if served == 0 && !paths.is_empty() {
+        let balancer_paths = paths
+            .iter()
+            .filter(|p| p.program == dataplane::BALANCER_PROGRAM)
+            .count();
+        if served == 0 && balancer_paths > 0 {
             bail!(
                 "{}: answered none of the bench's paths with the expected verdict; does it serve 198.18.100.1:80 and fd00:198:18:100::1 port 80 (TCP)?",
                 other.name

@@ -137,13 +137,14 @@ fn floor<const COUNTED: bool>(ctx: &XdpContext) -> u32 {
     let Some(cached) = FLOW_CACHE.get(slot) else {
         return xdp_action::XDP_PASS;
     };
-    // The whole key is compared either way (`same_flow` has no early exit),
-    // so a miss costs what a hit does: it takes the first backend rather
-    // than failing the run on a CPU whose cache the balancer did not fill.
-    let backend_id = if cached.backend_id != 0 && same_flow(&cached.key, &key) {
-        cached.backend_id
+    // The whole key is compared whatever the slot holds (`same_flow` has no
+    // early exit, and an empty slot's zero key never matches a parsed one),
+    // so a miss costs what a hit does: on a CPU whose cache the balancer did
+    // not fill, the floor takes the first backend rather than failing.
+    let (backend_id, vip_id) = if same_flow(&cached.key, &key) {
+        (cached.backend_id, cached.vip_id)
     } else {
-        1
+        (1, 0)
     };
     let Some(backend) = BACKENDS.get(backend_id) else {
         return xdp_action::XDP_PASS;
@@ -156,7 +157,7 @@ fn floor<const COUNTED: bool>(ctx: &XdpContext) -> u32 {
                 count(Counter::LbConntrackHit);
                 count(Counter::LbFlowCacheHit);
                 count(Counter::VerdictTx);
-                account(&STATS_VIP, cached.vip_id, bytes, false);
+                account(&STATS_VIP, vip_id, bytes, false);
                 account(&STATS_BACKEND, backend_id, bytes, false);
             }
             action

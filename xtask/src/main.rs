@@ -158,7 +158,10 @@ fn build_ebpf(release: bool) -> Result<()> {
         .map(|l| l.replace("{arch}", std::env::consts::ARCH))
         .collect::<Vec<_>>()
         .join("\x1f");
+    // Whole-crate builds only, as lb-userspace/build.rs does: incremental
+    // codegen units verify differently, or not at all.
     cmd.env("CARGO_ENCODED_RUSTFLAGS", flags)
+        .env("CARGO_INCREMENTAL", "0")
         .env_remove("RUSTFLAGS");
     if release {
         cmd.arg("--release");
