@@ -170,9 +170,7 @@ fn quota_fill_moved(b: &[MaglevBackend], m: u32) -> Result<Moved> {
 fn capped_rendezvous(b: &[MaglevBackend], m: u32, slack: Option<f64>) -> Vec<u32> {
     use std::{cmp::Reverse, collections::BinaryHeap};
     let n = b.len();
-    let cap = slack.map_or(usize::MAX, |e| {
-        (f64::from(m) / n as f64 * (1.0 + e)).ceil() as usize
-    });
+    let cap = slack.map_or(usize::MAX, |e| rendezvous_cap(m, n, e));
     let seeds: Vec<u64> = b.iter().map(|x| seed(&x.identity)).collect();
     let score = |slot: u32, i: usize| rendezvous_score(seeds[i], slot);
     let mut held: Vec<BinaryHeap<Reverse<(u64, u32)>>> = vec![BinaryHeap::new(); n];
@@ -206,6 +204,11 @@ fn capped_rendezvous(b: &[MaglevBackend], m: u32, slack: Option<f64>) -> Vec<u32
         }
     }
     table
+}
+
+/// The most slots one of `n` backends may hold in [`capped_rendezvous`].
+fn rendezvous_cap(m: u32, n: usize, slack: f64) -> usize {
+    (f64::from(m) / n as f64 * (1.0 + slack)).ceil() as usize
 }
 
 /// A backend's rendezvous seed, from its identity.
@@ -636,7 +639,7 @@ mod tests {
             let t = capped_rendezvous(&b, m, Some(slack));
             let counts = maglev::slot_counts(&t);
             assert!(!counts.contains_key(&0), "every slot filled");
-            let cap = (f64::from(m) / f64::from(n) * (1.0 + slack)).ceil() as usize;
+            let cap = rendezvous_cap(m, n as usize, slack);
             assert!(counts.values().all(|&c| c <= cap), "{counts:?}");
         }
     }
@@ -648,7 +651,7 @@ mod tests {
     fn capped_rendezvous_is_the_greedy_table() {
         for (n, m, slack) in [(7u32, 101u32, 0.0), (7, 101, 0.1), (30, 307, 0.05)] {
             let b = backends(n);
-            let cap = (f64::from(m) / f64::from(n) * (1.0 + slack)).ceil() as usize;
+            let cap = rendezvous_cap(m, b.len(), slack);
             let mut pairs: Vec<(u64, u32, usize)> = (0..m)
                 .flat_map(|s| {
                     b.iter()

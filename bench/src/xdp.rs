@@ -40,6 +40,14 @@ struct Path {
     program: &'static str,
 }
 
+impl Path {
+    /// Whether the other (pinned) balancers run this path too: only the
+    /// balancer's own paths, not the floor's.
+    fn compared(&self) -> bool {
+        self.program == dataplane::BALANCER_PROGRAM
+    }
+}
+
 /// The bench's floor program (`lb-ebpf/src/bench.rs`).
 const FLOOR_PROGRAM: &str = "bench_floor";
 /// Its row: the same established IPv4 packet as the balancer's ipip row.
@@ -482,7 +490,7 @@ pub fn run(
                 results_small[i].push(r);
             }
             for (o, other) in others.iter().enumerate() {
-                if p.program != dataplane::BALANCER_PROGRAM {
+                if !p.compared() {
                     continue;
                 }
                 if let Some(ns) = time_pinned(&mut ebpf, other, p, repeat)? {
@@ -519,7 +527,7 @@ pub fn run(
     for (o, other) in pinned.iter().enumerate() {
         let mut served = 0;
         for (i, p) in paths.iter().enumerate() {
-            if p.program != dataplane::BALANCER_PROGRAM {
+            if !p.compared() {
                 continue;
             }
             if results_other[o][i].len() != rounds {
@@ -535,10 +543,7 @@ pub fn run(
             md.push_str(&format!("| {name} | {ns:.1} | {:.2} |\n", ns / base));
             rows.push((name, ns));
         }
-        let balancer_paths = paths
-            .iter()
-            .filter(|p| p.program == dataplane::BALANCER_PROGRAM)
-            .count();
+        let balancer_paths = paths.iter().filter(|p| p.compared()).count();
         if served == 0 && balancer_paths > 0 {
             bail!(
                 "{}: answered none of the bench's paths with the expected verdict; does it serve 198.18.100.1:80 and fd00:198:18:100::1 port 80 (TCP)?",
